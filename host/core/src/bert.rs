@@ -1,0 +1,276 @@
+//! A BERT-family encoder (BERT, MiniLM, …) built from differentiable candle ops.
+//!
+//! Shapes: `ids`, `type_ids`: `[batch, seq]` u32; `mask`: `[batch, seq]` (1 = token, 0 = pad);
+//! output: `[batch, seq, hidden]`. Parameter names follow Hugging Face's `BertModel`
+//! (`embeddings.word_embeddings.weight`, `encoder.layer.{i}.attention.self.query.weight`, …),
+//! so the same code loads published weights and trains from a seeded random start.
+
+use candle_core::{Module, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::layers::{ForwardCtx, LayerNorm, Linear, layer_norm, linear, softmax_last};
+use crate::{CoreError, Init, ParamBuilder, Result};
+
+/// The activation of the feed-forward block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Activation {
+    /// GELU with the exact erf form (BERT's `gelu`).
+    #[serde(rename = "gelu")]
+    Gelu,
+    /// GELU with the tanh approximation.
+    #[serde(rename = "gelu_new", alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
+    GeluTanh,
+    #[serde(rename = "relu")]
+    Relu,
+}
+
+fn default_dropout() -> f64 {
+    0.1
+}
+fn default_max_positions() -> usize {
+    512
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+fn default_act() -> Activation {
+    Activation::Gelu
+}
+
+/// `config.json` of a BERT-family model; fields tuneforge does not use are kept as they are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: Activation,
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub pad_token_id: u32,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl BertConfig {
+    /// Checks the numbers that the layers rely on.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                self.hidden_size, self.num_attention_heads
+            ));
+        }
+        if self.num_hidden_layers == 0 || self.vocab_size == 0 || self.intermediate_size == 0 {
+            return Err("num_hidden_layers, vocab_size and intermediate_size must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// A tiny configuration for tests.
+    pub fn tiny(vocab_size: usize) -> Self {
+        Self {
+            vocab_size,
+            hidden_size: 16,
+            num_hidden_layers: 2,
+            num_attention_heads: 2,
+            intermediate_size: 32,
+            hidden_act: Activation::Gelu,
+            hidden_dropout_prob: 0.1,
+            attention_probs_dropout_prob: 0.1,
+            max_position_embeddings: 64,
+            type_vocab_size: 2,
+            layer_norm_eps: 1e-12,
+            pad_token_id: 0,
+            extra: serde_json::Map::new(),
+        }
+    }
+}
+
+const INIT_STD: f64 = 0.02;
+
+struct Embeddings {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    norm: LayerNorm,
+    dropout: f64,
+}
+
+impl Embeddings {
+    fn new(cfg: &BertConfig, pb: &ParamBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        Ok(Self {
+            word: pb.pp("word_embeddings").get(&[cfg.vocab_size, h], "weight", Init::Normal(INIT_STD))?,
+            position: pb.pp("position_embeddings").get(&[cfg.max_position_embeddings, h], "weight", Init::Normal(INIT_STD))?,
+            token_type: pb.pp("token_type_embeddings").get(&[cfg.type_vocab_size, h], "weight", Init::Normal(INIT_STD))?,
+            norm: layer_norm(h, cfg.layer_norm_eps, &pb.pp("LayerNorm"))?,
+            dropout: cfg.hidden_dropout_prob,
+        })
+    }
+
+    fn forward(&self, ids: &Tensor, type_ids: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let max_pos = self.position.dim(0)?;
+        if l > max_pos {
+            return Err(CoreError::Param {
+                name: "embeddings.position_embeddings.weight".into(),
+                message: format!("sequence of {l} tokens is longer than the model's {max_pos} positions"),
+            });
+        }
+        let h = self.word.dim(1)?;
+        let words = self.word.embedding_rows(&ids.flatten_all()?)?.reshape((b, l, h))?;
+        let types = self.token_type.embedding_rows(&type_ids.flatten_all()?)?.reshape((b, l, h))?;
+        let positions = self.position.narrow(0, 0, l)?.unsqueeze(0)?;
+        let x = words.add(&types)?.broadcast_add(&positions)?;
+        let x = self.norm.forward(&x)?;
+        ctx.dropout(&x, self.dropout)
+    }
+}
+
+/// `index_select` on rows, as an extension so embedding lookups read clearly.
+trait EmbeddingRows {
+    fn embedding_rows(&self, ids: &Tensor) -> candle_core::Result<Tensor>;
+}
+
+impl EmbeddingRows for Tensor {
+    fn embedding_rows(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.index_select(ids, 0)
+    }
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+    n_heads: usize,
+    act: Activation,
+    hidden_dropout: f64,
+    attn_dropout: f64,
+}
+
+impl Layer {
+    fn new(cfg: &BertConfig, pb: &ParamBuilder) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let att = pb.pp("attention");
+        let sa = att.pp("self");
+        Ok(Self {
+            query: linear(h, h, INIT_STD, &sa.pp("query"))?,
+            key: linear(h, h, INIT_STD, &sa.pp("key"))?,
+            value: linear(h, h, INIT_STD, &sa.pp("value"))?,
+            attn_out: linear(h, h, INIT_STD, &att.pp("output").pp("dense"))?,
+            attn_norm: layer_norm(h, cfg.layer_norm_eps, &att.pp("output").pp("LayerNorm"))?,
+            intermediate: linear(h, cfg.intermediate_size, INIT_STD, &pb.pp("intermediate").pp("dense"))?,
+            output: linear(cfg.intermediate_size, h, INIT_STD, &pb.pp("output").pp("dense"))?,
+            out_norm: layer_norm(h, cfg.layer_norm_eps, &pb.pp("output").pp("LayerNorm"))?,
+            n_heads: cfg.num_attention_heads,
+            act: cfg.hidden_act,
+            hidden_dropout: cfg.hidden_dropout_prob,
+            attn_dropout: cfg.attention_probs_dropout_prob,
+        })
+    }
+
+    /// `x: [b, l, h]`, `mask_bias: [b, 1, 1, l]` (0 for tokens, a large negative for pads).
+    fn forward(&self, x: &Tensor, mask_bias: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (b, l, h) = x.dims3()?;
+        let d = h / self.n_heads;
+        let heads = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((b, l, self.n_heads, d))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(self.query.forward(x)?)?;
+        let k = heads(self.key.forward(x)?)?;
+        let v = heads(self.value.forward(x)?)?;
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(mask_bias)?;
+        let probs = ctx.dropout(&softmax_last(&scores)?, self.attn_dropout)?;
+        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
+        let attn = ctx.dropout(&self.attn_out.forward(&context)?, self.hidden_dropout)?;
+        let x = self.attn_norm.forward(&attn.add(x)?)?;
+        let inter = self.intermediate.forward(&x)?;
+        let inter = match self.act {
+            Activation::Gelu => inter.gelu_erf()?,
+            Activation::GeluTanh => inter.gelu()?,
+            Activation::Relu => inter.relu()?,
+        };
+        let out = ctx.dropout(&self.output.forward(&inter)?, self.hidden_dropout)?;
+        Ok(self.out_norm.forward(&out.add(&x)?)?)
+    }
+}
+
+/// The encoder: embeddings and `num_hidden_layers` transformer layers.
+pub struct BertEncoder {
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    config: BertConfig,
+}
+
+impl std::fmt::Debug for BertEncoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BertEncoder").field("config", &self.config).finish()
+    }
+}
+
+impl BertEncoder {
+    /// Builds the encoder from parameters under `pb` (`embeddings.*`, `encoder.layer.*`).
+    pub fn new(config: &BertConfig, pb: &ParamBuilder) -> Result<Self> {
+        config.validate().map_err(|message| CoreError::Param { name: "config.json".into(), message })?;
+        let embeddings = Embeddings::new(config, &pb.pp("embeddings"))?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| Layer::new(config, &pb.pp("encoder").pp("layer").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { embeddings, layers, config: config.clone() })
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let dtype = self.embeddings.word.dtype();
+        let mut x = self.embeddings.forward(ids, type_ids, ctx)?;
+        // 0 where attended, -10000 at padding; broadcast over heads and query positions.
+        let mask_bias = ((mask.to_dtype(dtype)? - 1.0)? * 10_000.0)?.unsqueeze(1)?.unsqueeze(1)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &mask_bias, ctx)?;
+        }
+        Ok(x)
+    }
+
+    /// The index of the layer a parameter name belongs to (`encoder.layer.{i}.…`), if any.
+    pub fn layer_of(name: &str) -> Option<usize> {
+        let rest = name.strip_prefix("encoder.layer.")?;
+        rest.split('.').next()?.parse().ok()
+    }
+}
+
+/// Renames keys of published checkpoints to `BertModel` names: drops a leading `bert.` and
+/// maps old `gamma`/`beta` LayerNorm names to `weight`/`bias`.
+pub fn normalize_weight_name(name: &str) -> String {
+    let name = name.strip_prefix("bert.").unwrap_or(name);
+    if let Some(stem) = name.strip_suffix(".gamma") {
+        format!("{stem}.weight")
+    } else if let Some(stem) = name.strip_suffix(".beta") {
+        format!("{stem}.bias")
+    } else {
+        name.to_owned()
+    }
+}
+

@@ -1,0 +1,326 @@
+//! Sequence classification: an encoder, pooling over tokens, and a linear head.
+//!
+//! `logits = head(dropout(pool(encoder(ids, mask))))` with `pool` the masked mean over tokens
+//! (sentence-transformers' pooling) or the first token. A saved model is a directory in
+//! Hugging Face layout — `config.json`, `model.safetensors` (encoder and `classifier.*`),
+//! `tokenizer.json` — plus `tuneforge.json` with the labels, pooling and maximum length.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use serde::{Deserialize, Serialize};
+use tuneforge_data::{EncodedBatch, TextEncoder};
+
+use crate::bert::{BertConfig, BertEncoder, normalize_weight_name};
+use crate::fs_atomic::{replace_dir, write_synced};
+use crate::layers::{ForwardCtx, Linear, masked_mean, softmax_last};
+use crate::weights::{load_safetensors, to_safetensors_bytes};
+use crate::{CoreError, Init, ParamBuilder, ParamStore, Result};
+
+/// How token vectors become one sentence vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooling {
+    /// Mean over real tokens.
+    #[default]
+    Mean,
+    /// The first token (`[CLS]`).
+    Cls,
+}
+
+pub const META_FILE: &str = "tuneforge.json";
+const FORMAT_VERSION: u32 = 1;
+
+/// What `tuneforge.json` records about a fine-tuned model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelMeta {
+    pub format_version: u32,
+    pub task: String,
+    pub architecture: String,
+    pub labels: Vec<String>,
+    pub pooling: Pooling,
+    pub max_len: usize,
+    pub classifier_dropout: f64,
+    /// Where the encoder came from (a model source string).
+    pub base_model: String,
+}
+
+/// Which parameters train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Trainability {
+    /// Train only the last K encoder layers (and the head); `None`: all layers.
+    pub train_last_layers: Option<usize>,
+    /// Train the embeddings even when layers are frozen.
+    pub train_embeddings: bool,
+}
+
+impl Trainability {
+    fn predicate(self, n_layers: usize) -> impl Fn(&str) -> bool + Send + Sync + 'static {
+        move |name: &str| match self.train_last_layers {
+            None => true,
+            Some(k) => {
+                if name.starts_with("embeddings.") {
+                    self.train_embeddings
+                } else if let Some(i) = BertEncoder::layer_of(name) {
+                    i + k >= n_layers
+                } else {
+                    true
+                }
+            }
+        }
+    }
+}
+
+/// Options for a classifier over a base encoder.
+#[derive(Debug, Clone)]
+pub struct ClassifierOptions {
+    pub labels: Vec<String>,
+    pub pooling: Pooling,
+    pub max_len: usize,
+    pub classifier_dropout: f64,
+    pub seed: u64,
+    pub trainability: Trainability,
+    pub base_model: String,
+    pub dtype: DType,
+}
+
+/// One prediction: the best label and every label's probability (in label order).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Prediction {
+    pub label: String,
+    pub score: f32,
+    pub probabilities: Vec<(String, f32)>,
+}
+
+/// An encoder with a classification head and its tokenizer.
+pub struct ClassifierModel {
+    encoder: BertEncoder,
+    head: Linear,
+    params: ParamStore,
+    text: TextEncoder,
+    meta: ModelMeta,
+    device: Device,
+    dtype: DType,
+}
+
+impl std::fmt::Debug for ClassifierModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClassifierModel").field("meta", &self.meta).field("params", &self.params).finish()
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(CoreError::io(path))?;
+    serde_json::from_str(&text).map_err(|e| CoreError::file(path, format!("line {}: {e}", e.line())))
+}
+
+fn load_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
+    let path = dir.join("model.safetensors");
+    if !path.exists() {
+        return Err(CoreError::file(&path, "not found (tuneforge reads safetensors weights)"));
+    }
+    Ok(load_safetensors(&path)?.into_iter().map(|(k, v)| (normalize_weight_name(&k), v)).collect())
+}
+
+impl ClassifierModel {
+    /// A classifier with a new head over the pretrained encoder in `dir`
+    /// (`config.json`, `model.safetensors`, `tokenizer.json`).
+    pub fn from_base(dir: &Path, options: &ClassifierOptions) -> Result<Self> {
+        let config: BertConfig = read_json(&dir.join("config.json"))?;
+        let weights = load_weights(dir)?;
+        let text = TextEncoder::from_file(&dir.join("tokenizer.json"), options.max_len)?;
+        Self::check_sizes(&config, &text, options.max_len, dir)?;
+        let meta = ModelMeta {
+            format_version: FORMAT_VERSION,
+            task: "sequence-classification".into(),
+            architecture: "bert".into(),
+            labels: options.labels.clone(),
+            pooling: options.pooling,
+            max_len: options.max_len,
+            classifier_dropout: options.classifier_dropout,
+            base_model: options.base_model.clone(),
+        };
+        let pb = ParamBuilder::with_loaded(weights, true, options.seed, options.dtype, &Device::Cpu);
+        Self::build(config, pb, text, meta, options.trainability)
+    }
+
+    /// A classifier with random weights (tests and benchmarks).
+    pub fn random(config: BertConfig, text: TextEncoder, options: &ClassifierOptions) -> Result<Self> {
+        let meta = ModelMeta {
+            format_version: FORMAT_VERSION,
+            task: "sequence-classification".into(),
+            architecture: "bert".into(),
+            labels: options.labels.clone(),
+            pooling: options.pooling,
+            max_len: options.max_len,
+            classifier_dropout: options.classifier_dropout,
+            base_model: options.base_model.clone(),
+        };
+        let pb = ParamBuilder::random(options.seed, options.dtype, &Device::Cpu);
+        Self::build(config, pb, text, meta, options.trainability)
+    }
+
+    /// A fine-tuned model saved by [`ClassifierModel::save`], for inference.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let meta_path = dir.join(META_FILE);
+        if !meta_path.exists() {
+            return Err(CoreError::file(
+                dir,
+                format!("not a tuneforge model directory ({META_FILE} is missing); train one with `tuneforge train`"),
+            ));
+        }
+        let meta: ModelMeta = read_json(&meta_path)?;
+        if meta.format_version != FORMAT_VERSION {
+            return Err(CoreError::file(&meta_path, format!("format_version {} is not supported", meta.format_version)));
+        }
+        let config: BertConfig = read_json(&dir.join("config.json"))?;
+        let text = TextEncoder::from_file(&dir.join("tokenizer.json"), meta.max_len)?;
+        let weights = load_weights(dir)?;
+        let pb = ParamBuilder::with_loaded(weights, true, 0, DType::F32, &Device::Cpu);
+        pb.set_trainable(|_| false);
+        let model = Self::build_inner(config, pb, text, meta, true)?;
+        Ok(model)
+    }
+
+    fn check_sizes(config: &BertConfig, text: &TextEncoder, max_len: usize, dir: &Path) -> Result<()> {
+        if max_len > config.max_position_embeddings {
+            return Err(CoreError::file(
+                dir,
+                format!("max_len {max_len} exceeds the model's max_position_embeddings {}", config.max_position_embeddings),
+            ));
+        }
+        if text.vocab_size() > config.vocab_size {
+            return Err(CoreError::file(
+                dir,
+                format!("tokenizer has {} tokens, the model's vocab_size is {}", text.vocab_size(), config.vocab_size),
+            ));
+        }
+        Ok(())
+    }
+
+    fn build(config: BertConfig, pb: ParamBuilder, text: TextEncoder, meta: ModelMeta, t: Trainability) -> Result<Self> {
+        if let Some(k) = t.train_last_layers
+            && k > config.num_hidden_layers
+        {
+            return Err(CoreError::Config {
+                file: "experiment".into(),
+                field: "peft.train_last_layers".into(),
+                message: format!("is {k}, but the model has only {} layers", config.num_hidden_layers),
+            });
+        }
+        pb.set_trainable(t.predicate(config.num_hidden_layers));
+        Self::build_inner(config, pb, text, meta, false)
+    }
+
+    fn build_inner(config: BertConfig, pb: ParamBuilder, text: TextEncoder, meta: ModelMeta, head_required: bool) -> Result<Self> {
+        if meta.labels.len() < 2 {
+            return Err(CoreError::Config {
+                file: "data".into(),
+                field: "label".into(),
+                message: format!("a classifier needs at least 2 labels, found {}", meta.labels.len()),
+            });
+        }
+        let dtype = pb.dtype();
+        let encoder = BertEncoder::new(&config, &pb)?;
+        let h = config.hidden_size;
+        let n = meta.labels.len();
+        let hp = pb.pp("classifier");
+        let (w, b) = if head_required {
+            (hp.get(&[n, h], "weight", Init::Zeros)?, hp.get(&[n], "bias", Init::Zeros)?)
+        } else {
+            (hp.get_new(&[n, h], "weight", Init::Normal(0.02))?, hp.get_new(&[n], "bias", Init::Zeros)?)
+        };
+        let head = Linear::new(w, Some(b));
+        let (params, unused) = pb.finish();
+        if !unused.is_empty() {
+            tracing::debug!(?unused, "weights not used by the model");
+        }
+        Ok(Self { encoder, head, params, text, meta, device: Device::Cpu, dtype })
+    }
+
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    pub fn meta(&self) -> &ModelMeta {
+        &self.meta
+    }
+
+    pub fn text_encoder(&self) -> &TextEncoder {
+        &self.text
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        self.encoder.config()
+    }
+
+    pub fn labels(&self) -> &[String] {
+        &self.meta.labels
+    }
+
+    /// Logits `[batch, n_labels]` for a padded batch.
+    pub fn logits(&self, batch: &EncodedBatch, ctx: &ForwardCtx) -> Result<Tensor> {
+        let shape = (batch.batch_size, batch.seq_len);
+        let ids = Tensor::from_slice(&batch.ids, shape, &self.device)?;
+        let type_ids = Tensor::from_slice(&batch.type_ids, shape, &self.device)?;
+        let mask = Tensor::from_slice(&batch.mask, shape, &self.device)?.to_dtype(self.dtype)?;
+        let hidden = self.encoder.forward(&ids, &type_ids, &mask, ctx)?;
+        let pooled = match self.meta.pooling {
+            Pooling::Mean => masked_mean(&hidden, &mask)?,
+            Pooling::Cls => hidden.i((.., 0))?,
+        };
+        let pooled = ctx.dropout(&pooled, self.meta.classifier_dropout)?;
+        Ok(self.head.forward(&pooled)?)
+    }
+
+    /// Mean cross-entropy of a labelled batch, and the logits.
+    pub fn loss(&self, batch: &EncodedBatch, ctx: &ForwardCtx) -> Result<(Tensor, Tensor)> {
+        let logits = self.logits(batch, ctx)?;
+        let labels = Tensor::from_slice(&batch.labels, batch.labels.len(), &self.device)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        Ok((loss, logits))
+    }
+
+    /// Predictions for texts, in their order.
+    pub fn predict<S: AsRef<str>>(&self, texts: &[S], batch_size: usize) -> Result<Vec<Prediction>> {
+        let encoded = self.text.encode(texts)?;
+        let mut out = Vec::with_capacity(texts.len());
+        let ctx = ForwardCtx::eval();
+        let all: Vec<usize> = (0..encoded.len()).collect();
+        for chunk in all.chunks(batch_size.max(1)) {
+            let batch = EncodedBatch::collate(&encoded, chunk, None, self.text.pad_id());
+            let probs = softmax_last(&self.logits(&batch, &ctx)?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            for row in probs {
+                let (best, score) = row
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |acc, (i, &p)| if p > acc.1 { (i, p) } else { acc });
+                out.push(Prediction {
+                    label: self.meta.labels[best].clone(),
+                    score,
+                    probabilities: self.meta.labels.iter().cloned().zip(row).collect(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Saves the whole model into `dir` atomically (staged next to it, then renamed in).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+        let staging = dir.with_file_name(format!(".{name}.staging-{}", std::process::id()));
+        if staging.exists() {
+            std::fs::remove_dir_all(&staging).map_err(CoreError::io(&staging))?;
+        }
+        std::fs::create_dir_all(&staging).map_err(CoreError::io(&staging))?;
+        let config = serde_json::to_vec_pretty(self.encoder.config()).map_err(|e| CoreError::file(dir, e.to_string()))?;
+        write_synced(&staging.join("config.json"), &config)?;
+        let meta = serde_json::to_vec_pretty(&self.meta).map_err(|e| CoreError::file(dir, e.to_string()))?;
+        write_synced(&staging.join(META_FILE), &meta)?;
+        write_synced(&staging.join("model.safetensors"), &to_safetensors_bytes(&self.params.tensors())?)?;
+        write_synced(&staging.join("tokenizer.json"), self.text.to_json()?.as_bytes())?;
+        replace_dir(&staging, dir)
+    }
+}

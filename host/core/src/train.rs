@@ -1,0 +1,378 @@
+//! The training pipeline: from an experiment to a run directory with checkpoints, metrics,
+//! a best model and a summary — and back again with `resume`.
+//!
+//! Determinism: the data order of epoch `e` derives from `(seed, e)` and the dropout masks of
+//! step `s` from `(seed, s)`, so a run resumed from a checkpoint (which records the step, the
+//! data cursor, the trainable weights and the optimizer moments) follows the same trajectory
+//! as one that was never interrupted.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use tuneforge_data::{
+    BatchPlan, BatchPlanConfig, EncodedBatch, Example, LabelVocab, ReadOptions, dataset_hash, read_examples,
+    stratified_split,
+};
+
+use crate::checkpoint::{CheckpointState, Checkpoints};
+use crate::classifier::{ClassifierOptions, Trainability};
+use crate::experiment::{BestMetric, ExperimentConfig, PeftMethod};
+use crate::layers::ForwardCtx;
+use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
+use crate::run::{MetricsLog, create_run_dir};
+use crate::{
+    ClassifierModel, CoreError, EvalReport, GateResult, LrSchedule, ModelSource, Result, RunDir, check_gates,
+    evaluate, new_run_id,
+};
+
+/// How `train` starts and stops.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue the run in this directory from its latest checkpoint.
+    pub resume: Option<PathBuf>,
+    /// Stop (with a checkpoint) after this many optimizer steps in total; the schedule still
+    /// spans the whole run, so a resumed run continues the same trajectory.
+    pub stop_after_steps: Option<u64>,
+}
+
+/// Progress reported while training.
+#[derive(Debug)]
+pub enum TrainEvent<'a> {
+    Started { run: &'a RunDir, start_step: u64, total_steps: u64, n_train: usize, n_validation: usize, n_trainable: usize, n_params: usize },
+    Step { step: u64, total_steps: u64, loss: f64, lr: f64, tokens_per_s: f64 },
+    Evaluated { step: u64, report: &'a EvalReport, improved: bool },
+    Checkpointed { step: u64, dir: &'a Path },
+}
+
+/// What a run reports in `summary.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub run_id: String,
+    /// `completed`, or `stopped` (by `--stop-after-steps`; resume with `--resume`).
+    pub status: String,
+    pub model_source: String,
+    pub method: PeftMethod,
+    pub labels: Vec<String>,
+    pub dataset_hash: String,
+    pub validation_hash: String,
+    pub train_examples: usize,
+    pub validation_examples: usize,
+    pub skipped_lines: usize,
+    pub steps: u64,
+    pub total_steps: u64,
+    pub params_total: usize,
+    pub params_trainable: usize,
+    pub trainable_ratio: f64,
+    pub weight_decay: f64,
+    pub train_seconds: f64,
+    pub train_tokens: u64,
+    pub train_tokens_per_s: f64,
+    pub best_metric: BestMetric,
+    pub best_value: Option<f64>,
+    pub best_step: Option<u64>,
+    pub best_model_dir: Option<PathBuf>,
+    /// The best model on the validation set.
+    pub validation: Option<EvalReport>,
+    pub gates: Vec<GateResult>,
+    pub gates_passed: bool,
+}
+
+/// The result of [`train_experiment`].
+#[derive(Debug)]
+pub struct TrainOutcome {
+    pub run: RunDir,
+    pub summary: RunSummary,
+}
+
+/// Reads the experiment's data: (train, validation, skipped lines), deterministic by seed.
+pub fn load_experiment_data(cfg: &ExperimentConfig) -> Result<(Vec<Example>, Vec<Example>, usize)> {
+    let d = &cfg.data;
+    let options = ReadOptions {
+        format: d.format,
+        text_field: d.text_column.clone(),
+        label_field: d.label_column.clone(),
+        on_error: d.on_error,
+        encoding: d.encoding,
+    };
+    let report = read_examples(&d.train, &options)?;
+    let mut skipped = report.skipped.len();
+    for e in report.skipped.iter().take(5) {
+        tracing::warn!("skipped {e}");
+    }
+    let seed = cfg.experiment.seed;
+    let mut all = report.examples;
+    if let Some(max) = d.max_train_examples
+        && max < all.len()
+    {
+        let keep = max as f64 / all.len() as f64;
+        all = stratified_split(all, keep, seed ^ 0x5eed)?.1;
+    }
+    let (train, validation) = match &d.validation {
+        Some(path) => {
+            let v = read_examples(path, &options)?;
+            skipped += v.skipped.len();
+            (all, v.examples)
+        }
+        None => stratified_split(all, d.validation_split, seed)?,
+    };
+    Ok((train, validation, skipped))
+}
+
+fn trainability(cfg: &ExperimentConfig) -> Trainability {
+    match cfg.peft.method {
+        PeftMethod::Full => Trainability::default(),
+        PeftMethod::Freeze => Trainability {
+            train_last_layers: cfg.peft.train_last_layers,
+            train_embeddings: cfg.peft.train_embeddings,
+        },
+    }
+}
+
+fn metric_value(metric: BestMetric, r: &EvalReport) -> f64 {
+    match metric {
+        BestMetric::Accuracy => r.accuracy,
+        BestMetric::MacroF1 => r.macro_f1,
+        BestMetric::Loss => -r.loss,
+    }
+}
+
+fn step_seed(seed: u64, step: u64, micro: usize) -> u64 {
+    seed.wrapping_mul(0xA24B_AED4_963E_E407) ^ step.wrapping_mul(0x9FB2_1C65_1E98_DF25) ^ micro as u64
+}
+
+fn scalar(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+}
+
+/// Runs (or resumes) an experiment.
+pub fn train_experiment(
+    cfg: ExperimentConfig,
+    options: &RunOptions,
+    on_event: &mut dyn FnMut(TrainEvent<'_>),
+) -> Result<TrainOutcome> {
+    let (cfg, run) = match &options.resume {
+        Some(dir) => {
+            let run = RunDir::new(dir);
+            if !run.config().is_file() {
+                return Err(CoreError::file(dir, "is not a run directory (config.toml is missing)"));
+            }
+            (ExperimentConfig::from_file(&run.config(), &[])?, run)
+        }
+        None => {
+            let mut cfg = cfg;
+            let cwd = std::env::current_dir().map_err(CoreError::io("."))?;
+            cfg.absolutize(&cwd);
+            let run = create_run_dir(&cfg.experiment.output_dir, &new_run_id(cfg.experiment.name.as_deref()))?;
+            crate::fs_atomic::write_atomic(&run.config(), cfg.to_toml().as_bytes())?;
+            (cfg, run)
+        }
+    };
+    let t = &cfg.train;
+    let seed = cfg.experiment.seed;
+    let source = ModelSource::parse(&cfg.model.source)?;
+    let base_dir = source.resolve()?;
+    let (train, validation, skipped) = load_experiment_data(&cfg)?;
+    let vocab = LabelVocab::from_examples(&train);
+    let model = ClassifierModel::from_base(
+        &base_dir,
+        &ClassifierOptions {
+            labels: vocab.labels().to_vec(),
+            pooling: cfg.model.pooling,
+            max_len: cfg.model.max_len,
+            classifier_dropout: cfg.model.classifier_dropout,
+            seed,
+            trainability: trainability(&cfg),
+            base_model: source.spec(),
+            dtype: DType::F32,
+        },
+    )?;
+    let texts: Vec<&str> = train.iter().map(|e| e.text.as_str()).collect();
+    let encoded = model.text_encoder().encode(&texts)?;
+    let label_ids: Vec<u32> = train.iter().map(|e| vocab.require_id(&e.label).map(|i| i as u32)).collect::<Result<_, _>>()?;
+    let plan = BatchPlan::new(
+        encoded.iter().map(|e| e.len()).collect(),
+        BatchPlanConfig { batch_size: t.batch_size, shuffle: true, group_by_length: t.group_by_length, seed },
+    );
+    let batches_per_epoch = plan.batches_per_epoch();
+    let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum) as u64;
+    let total_steps = steps_per_epoch * t.epochs;
+    let warmup = t.warmup_steps.unwrap_or((t.warmup_ratio * total_steps as f64).round() as u64);
+    let schedule = LrSchedule { kind: t.schedule, peak_lr: t.lr, warmup_steps: warmup, total_steps };
+    let trainable = model.params().trainable();
+    let mut optimizer = AdamW::new(trainable.clone(), AdamWConfig { weight_decay: t.weight_decay, ..Default::default() })?;
+    let checkpoints = Checkpoints::new(run.checkpoints(), t.keep_checkpoints);
+
+    let mut state = CheckpointState {
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        seed,
+        best_metric: None,
+        best_step: None,
+        tokens_seen: 0,
+        train_seconds: 0.0,
+        files: Default::default(),
+    };
+    if options.resume.is_some() {
+        crate::fs_atomic::recover_dir(&run.best())?;
+        let loaded = checkpoints
+            .latest()?
+            .ok_or_else(|| CoreError::file(run.root(), "has no checkpoint to resume from"))?;
+        model.params().load_trainable(&loaded.trainable)?;
+        optimizer.load_state(&loaded.optimizer, loaded.state.step)?;
+        state = loaded.state;
+        tracing::info!(step = state.step, dir = %loaded.dir.display(), "resuming");
+    }
+    let mut log = MetricsLog::open(&run.metrics(), options.resume.as_ref().map(|_| state.step))?;
+    on_event(TrainEvent::Started {
+        run: &run,
+        start_step: state.step,
+        total_steps,
+        n_train: train.len(),
+        n_validation: validation.len(),
+        n_trainable: model.params().n_trainable(),
+        n_params: model.params().n_params(),
+    });
+
+    let eval_bs = t.eval_batch_size.unwrap_or(t.batch_size * 2);
+    let pad = model.text_encoder().pad_id();
+    let mut stopped = false;
+    let mut last_checkpoint_step = if options.resume.is_some() { Some(state.step) } else { None };
+    'epochs: while state.epoch < t.epochs {
+        let batches = plan.epoch(state.epoch);
+        while state.batch_in_epoch < batches.len() {
+            if options.stop_after_steps.is_some_and(|s| state.step >= s) {
+                stopped = true;
+                break 'epochs;
+            }
+            let started = Instant::now();
+            let end = (state.batch_in_epoch + t.grad_accum).min(batches.len());
+            let micro = &batches[state.batch_in_epoch..end];
+            let mut grads: HashMap<String, Tensor> = HashMap::new();
+            let (mut loss_sum, mut tokens) = (0.0f64, 0u64);
+            for (mi, indices) in micro.iter().enumerate() {
+                let batch = EncodedBatch::collate(&encoded, indices, Some(&label_ids), pad);
+                tokens += batch.n_tokens as u64;
+                let ctx = ForwardCtx::train(step_seed(seed, state.step, mi));
+                let (loss, _) = model.loss(&batch, &ctx)?;
+                let value = scalar(&loss)?;
+                if !value.is_finite() {
+                    return Err(CoreError::Diverged { step: state.step + 1, loss: value as f32 });
+                }
+                loss_sum += value;
+                let store = (loss / micro.len() as f64)?.backward()?;
+                for (name, var) in &trainable {
+                    if let Some(g) = store.get(var.as_tensor()) {
+                        let sum = match grads.remove(name) {
+                            Some(acc) => (acc + g)?,
+                            None => g.clone(),
+                        };
+                        grads.insert(name.clone(), sum);
+                    }
+                }
+            }
+            let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+            let lr = schedule.lr(state.step);
+            optimizer.step(&grads, lr)?;
+            let seconds = started.elapsed().as_secs_f64();
+            state.step += 1;
+            state.batch_in_epoch = end;
+            state.tokens_seen += tokens;
+            state.train_seconds += seconds;
+            let loss = loss_sum / micro.len() as f64;
+            log.append(&serde_json::json!({
+                "kind": "train", "step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
+                "grad_norm": grad_norm, "tokens": tokens, "seconds": seconds,
+            }))?;
+            on_event(TrainEvent::Step {
+                step: state.step,
+                total_steps,
+                loss,
+                lr,
+                tokens_per_s: tokens as f64 / seconds.max(1e-9),
+            });
+            let epoch_done = state.batch_in_epoch >= batches.len();
+            let eval_due = if t.eval_every_steps > 0 { state.step % t.eval_every_steps == 0 || state.step == total_steps } else { epoch_done };
+            if eval_due {
+                if epoch_done {
+                    state.epoch += 1;
+                    state.batch_in_epoch = 0;
+                }
+                let report = evaluate(&model, &validation, eval_bs)?;
+                let value = metric_value(t.metric_for_best, &report);
+                let improved = state.best_metric.is_none_or(|b| value > b);
+                if improved {
+                    state.best_metric = Some(value);
+                    state.best_step = Some(state.step);
+                    model.save(&run.best())?;
+                }
+                log.append(&serde_json::json!({
+                    "kind": "eval", "step": state.step, "epoch": state.epoch, "val_loss": report.loss,
+                    "accuracy": report.accuracy, "macro_f1": report.macro_f1, "improved": improved,
+                }))?;
+                on_event(TrainEvent::Evaluated { step: state.step, report: &report, improved });
+                let dir = checkpoints.save(&state, &trainable_tensors(&trainable), &optimizer.state_tensors())?;
+                last_checkpoint_step = Some(state.step);
+                on_event(TrainEvent::Checkpointed { step: state.step, dir: &dir });
+                if epoch_done {
+                    continue 'epochs;
+                }
+            }
+        }
+        state.epoch += 1;
+        state.batch_in_epoch = 0;
+    }
+    if last_checkpoint_step != Some(state.step) {
+        let dir = checkpoints.save(&state, &trainable_tensors(&trainable), &optimizer.state_tensors())?;
+        on_event(TrainEvent::Checkpointed { step: state.step, dir: &dir });
+    }
+
+    let (validation_report, gates) = if !stopped && run.best().exists() {
+        let best = ClassifierModel::load(&run.best())?;
+        let mut report = evaluate(&best, &validation, eval_bs)?;
+        // The saved model has nothing trainable; report the ratio the run trained with.
+        report.trainable_ratio = model.params().trainable_ratio();
+        let gates = check_gates(&cfg.gates, &report);
+        (Some(report), gates)
+    } else {
+        (None, Vec::new())
+    };
+    let summary = RunSummary {
+        run_id: run.id(),
+        status: if stopped { "stopped" } else { "completed" }.into(),
+        model_source: source.spec(),
+        method: cfg.peft.method,
+        labels: vocab.labels().to_vec(),
+        dataset_hash: dataset_hash(&train),
+        validation_hash: dataset_hash(&validation),
+        train_examples: train.len(),
+        validation_examples: validation.len(),
+        skipped_lines: skipped,
+        steps: state.step,
+        total_steps,
+        params_total: model.params().n_params(),
+        params_trainable: model.params().n_trainable(),
+        trainable_ratio: model.params().trainable_ratio(),
+        weight_decay: t.weight_decay,
+        train_seconds: state.train_seconds,
+        train_tokens: state.tokens_seen,
+        train_tokens_per_s: state.tokens_seen as f64 / state.train_seconds.max(1e-9),
+        best_metric: t.metric_for_best,
+        best_value: state.best_metric.map(|v| if t.metric_for_best == BestMetric::Loss { -v } else { v }),
+        best_step: state.best_step,
+        best_model_dir: run.best().exists().then(|| run.best()),
+        gates_passed: gates.iter().all(|g| g.passed),
+        validation: validation_report,
+        gates,
+    };
+    let json = serde_json::to_vec_pretty(&summary).map_err(|e| CoreError::file(run.summary(), e.to_string()))?;
+    crate::fs_atomic::write_atomic(&run.summary(), &json)?;
+    Ok(TrainOutcome { run, summary })
+}
+
+fn trainable_tensors(vars: &[(String, candle_core::Var)]) -> Vec<(String, Tensor)> {
+    vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+}

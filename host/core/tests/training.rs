@@ -1,0 +1,240 @@
+//! The training core end to end on tiny random models: gradients against finite
+//! differences, every trainable tensor moving, overfitting, freezing, and kill-and-resume.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use tuneforge_core::bert::BertConfig;
+use tuneforge_core::testing::{tiny_tokenizer, write_tiny_model_dir};
+use tuneforge_core::{
+    AdamW, AdamWConfig, ClassifierModel, ClassifierOptions, ExperimentConfig, ForwardCtx, Pooling, Result,
+    RunOptions, Trainability, train_experiment,
+};
+use tuneforge_data::{EncodedBatch, TextEncoder};
+
+const WORDS: &[&str] = &[
+    "fever", "cough", "rash", "itch", "pain", "chest", "head", "sneeze", "red", "skin", "hot", "tired",
+];
+
+fn tiny_model(dtype: DType, pooling: Pooling, trainability: Trainability) -> Result<ClassifierModel> {
+    let tokenizer = tiny_tokenizer(WORDS)?;
+    let text = TextEncoder::new(tokenizer, 16)?;
+    let mut config = BertConfig::tiny(text.vocab_size());
+    config.hidden_dropout_prob = 0.0;
+    config.attention_probs_dropout_prob = 0.0;
+    ClassifierModel::random(
+        config,
+        text,
+        &ClassifierOptions {
+            labels: vec!["a".into(), "b".into(), "c".into()],
+            pooling,
+            max_len: 16,
+            classifier_dropout: 0.0,
+            seed: 7,
+            trainability,
+            base_model: "tiny".into(),
+            dtype,
+        },
+    )
+}
+
+fn batch(model: &ClassifierModel) -> Result<EncodedBatch> {
+    let texts = ["fever cough hot", "rash itch red skin", "chest pain", "head pain tired sneeze"];
+    let encoded = model.text_encoder().encode(&texts)?;
+    Ok(EncodedBatch::collate(&encoded, &[0, 1, 2, 3], Some(&[0, 1, 2, 0]), 0))
+}
+
+fn loss_of(model: &ClassifierModel, b: &EncodedBatch) -> Result<f64> {
+    let (loss, _) = model.loss(b, &ForwardCtx::eval())?;
+    Ok(loss.to_scalar::<f64>()?)
+}
+
+/// Analytic gradients of the whole model (embeddings, every layer norm, attention, head)
+/// match central finite differences in f64. Fused candle ops without a backward would make
+/// the analytic gradient of everything below them zero, and this test fail.
+#[test]
+fn gradients_match_finite_differences() -> Result<()> {
+    for pooling in [Pooling::Mean, Pooling::Cls] {
+        let model = tiny_model(DType::F64, pooling, Trainability::default())?;
+        let b = batch(&model)?;
+        let (loss, _) = model.loss(&b, &ForwardCtx::eval())?;
+        let grads = loss.backward()?;
+        let eps = 1e-6;
+        let vars = model.params().trainable();
+        assert_eq!(vars.len(), 5 + 16 * 2 + 2, "every parameter trains in full fine-tuning");
+        for (name, var) in vars {
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} has no gradient"));
+            let g_flat = g.flatten_all()?.to_vec1::<f64>()?;
+            let norm: f64 = g_flat.iter().map(|v| v * v).sum::<f64>().sqrt();
+            // Position rows past the batch's length and unused word rows legitimately get no
+            // gradient; every other tensor must.
+            assert!(norm > 0.0, "{name}: gradient is zero");
+            // Check the largest-gradient element and one more.
+            let largest = g_flat.iter().enumerate().fold((0, 0.0f64), |a, (i, v)| if v.abs() > a.1 { (i, v.abs()) } else { a }).0;
+            for idx in [largest, (largest * 7 + 3) % g_flat.len()] {
+                let original = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
+                let mut plus = original.clone();
+                plus[idx] += eps;
+                var.set(&Tensor::from_vec(plus, var.shape(), var.device())?)?;
+                let lp = loss_of(&model, &b)?;
+                let mut minus = original.clone();
+                minus[idx] -= eps;
+                var.set(&Tensor::from_vec(minus, var.shape(), var.device())?)?;
+                let lm = loss_of(&model, &b)?;
+                var.set(&Tensor::from_vec(original, var.shape(), var.device())?)?;
+                let numeric = (lp - lm) / (2.0 * eps);
+                let analytic = g_flat[idx];
+                let tol = 1e-6 + 1e-4 * analytic.abs().max(numeric.abs());
+                assert!((numeric - analytic).abs() < tol, "{name}[{idx}] ({pooling:?}): analytic {analytic:e} vs numeric {numeric:e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn one_step_moves_every_trainable_tensor_and_no_frozen_one() -> Result<()> {
+    let model = tiny_model(DType::F32, Pooling::Mean, Trainability { train_last_layers: Some(1), train_embeddings: false })?;
+    let before: HashMap<String, Vec<f32>> =
+        model.params().tensors().into_iter().map(|(n, t)| Ok((n, t.flatten_all()?.to_vec1::<f32>()?))).collect::<Result<_>>()?;
+    let vars = model.params().trainable();
+    let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
+    let (loss, _) = model.loss(&batch(&model)?, &ForwardCtx::train(1))?;
+    let store = loss.backward()?;
+    let grads: HashMap<String, Tensor> =
+        vars.iter().filter_map(|(n, v)| store.get(v.as_tensor()).map(|g| (n.clone(), g.clone()))).collect();
+    opt.step(&grads, 1e-3)?;
+    for (name, t) in model.params().tensors() {
+        let after = t.flatten_all()?.to_vec1::<f32>()?;
+        let moved = after != before[&name];
+        let trainable = name.starts_with("encoder.layer.1.") || name.starts_with("classifier.");
+        assert_eq!(moved, trainable, "{name}: moved={moved}, trainable={trainable}");
+    }
+    Ok(())
+}
+
+// ---- the pipeline on files ----
+
+const CSV: &str = "label,text\n\
+flu,fever cough hot\nflu,fever hot tired\nflu,cough sneeze fever\nflu,hot cough tired\n\
+flu,fever sneeze\nflu,cough hot\nflu,tired fever cough\nflu,sneeze hot fever\n\
+acne,rash itch red\nacne,red skin rash\nacne,itch skin red\nacne,rash skin\n\
+acne,skin itch rash\nacne,red rash\nacne,itch red skin\nacne,rash itch skin\n\
+angina,chest pain\nangina,pain chest tired\nangina,chest pain hot\nangina,pain chest\n\
+angina,chest tired pain\nangina,pain in chest\nangina,chest pain pain\nangina,tired chest pain\n";
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Result<Self> {
+        let dir = tempfile::tempdir().map_err(|e| tuneforge_core::CoreError::Io { path: "tmp".into(), source: e })?;
+        let root = dir.path().to_path_buf();
+        write_tiny_model_dir(&root.join("model"), WORDS, 3)?;
+        std::fs::write(root.join("train.csv"), CSV).map_err(|e| tuneforge_core::CoreError::Io { path: "csv".into(), source: e })?;
+        Ok(Self { _dir: dir, root })
+    }
+
+    fn config(&self, extra: &str, overrides: &[&str]) -> Result<ExperimentConfig> {
+        let text = format!(
+            "[experiment]\noutput_dir = \"{out}\"\nseed = 11\n[model]\nsource = \"{model}\"\nmax_len = 16\nclassifier_dropout = 0.0\n\
+             [data]\ntrain = \"{train}\"\nvalidation = \"{train}\"\n[train]\nepochs = 30\nbatch_size = 8\nlr = 3e-3\nwarmup_steps = 2\n{extra}",
+            out = self.root.join("runs").display(),
+            model = self.root.join("model").display(),
+            train = self.root.join("train.csv").display(),
+        );
+        let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        ExperimentConfig::from_toml(&text, "test.toml", &ov)
+    }
+}
+
+fn train_losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|v| v["kind"] == "train")
+        .map(|v| v["loss"].as_f64().expect("loss"))
+        .collect()
+}
+
+#[test]
+fn a_tiny_model_overfits_a_tiny_dataset_and_the_best_model_reloads() -> Result<()> {
+    let fx = Fixture::new()?;
+    let out = train_experiment(fx.config("", &["train.lr=1e-2"])?, &RunOptions::default(), &mut |_| {})?;
+    let losses = train_losses(out.run.root());
+    assert_eq!(losses.len(), 30 * 3);
+    assert!(losses[0] > 0.9, "starts near ln(3): {}", losses[0]);
+    let tail = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
+    assert!(tail < 0.1, "final loss {tail}");
+    let s = &out.summary;
+    assert_eq!(s.status, "completed");
+    let v = s.validation.as_ref().expect("validation report");
+    assert_eq!(v.accuracy, 1.0);
+    assert!(s.gates_passed);
+    let reloaded = ClassifierModel::load(&out.run.best())?;
+    let p = reloaded.predict(&["rash itch red skin", "chest pain"], 8)?;
+    assert_eq!((p[0].label.as_str(), p[1].label.as_str()), ("acne", "angina"));
+    for name in ["config.toml", "metrics.jsonl", "summary.json", "best/model.safetensors", "best/tokenizer.json", "checkpoints/LATEST"] {
+        assert!(out.run.root().join(name).exists(), "{name}");
+    }
+    Ok(())
+}
+
+#[test]
+fn freezing_leaves_frozen_weights_bit_identical_and_reports_the_ratio() -> Result<()> {
+    let fx = Fixture::new()?;
+    let cfg = fx.config("", &["peft.method=freeze", "peft.train_last_layers=1", "train.epochs=3"])?;
+    let out = train_experiment(cfg, &RunOptions::default(), &mut |_| {})?;
+    let base = candle_core::safetensors::load(fx.root.join("model/model.safetensors"), &candle_core::Device::Cpu)?;
+    let tuned = candle_core::safetensors::load(out.run.best().join("model.safetensors"), &candle_core::Device::Cpu)?;
+    let bits = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+    for (name, t) in &base {
+        let same = bits(t)? == bits(&tuned[name])?;
+        let frozen = !name.starts_with("encoder.layer.1.");
+        assert_eq!(same, frozen, "{name}");
+    }
+    // Layer 1 of the tiny config (h=16, ffn=32) plus a 3-label head, over everything.
+    let h = 16usize;
+    let layer = 4 * (h * h + h) + 2 * 2 * h + (h * 32 + 32) + (32 * h + h);
+    let head = 3 * h + 3;
+    let total: usize = base.values().map(|t| t.elem_count()).sum::<usize>() + head;
+    let expected = (layer + head) as f64 / total as f64;
+    assert!((out.summary.trainable_ratio - expected).abs() < 1e-12, "{} vs {expected}", out.summary.trainable_ratio);
+    assert_eq!(out.summary.params_trainable, layer + head);
+    Ok(())
+}
+
+#[test]
+fn a_stopped_and_resumed_run_follows_the_uninterrupted_trajectory() -> Result<()> {
+    let fx = Fixture::new()?;
+    // Dropout on, gradient accumulation and mid-epoch evaluation: all must resume exactly.
+    let extra = "grad_accum = 2\neval_every_steps = 2\n";
+    let ov = ["train.epochs=4", "model.classifier_dropout=0.2"];
+    let full = train_experiment(fx.config(extra, &ov)?, &RunOptions::default(), &mut |_| {})?;
+    let stopped = train_experiment(
+        fx.config(extra, &ov)?,
+        &RunOptions { resume: None, stop_after_steps: Some(3) },
+        &mut |_| {},
+    )?;
+    assert_eq!(stopped.summary.status, "stopped");
+    assert_eq!(train_losses(stopped.run.root()).len(), 3);
+    let resumed = train_experiment(
+        fx.config(extra, &ov)?,
+        &RunOptions { resume: Some(stopped.run.root().to_path_buf()), stop_after_steps: None },
+        &mut |_| {},
+    )?;
+    assert_eq!(resumed.run.root(), stopped.run.root());
+    let a = train_losses(full.run.root());
+    let b = train_losses(resumed.run.root());
+    assert_eq!(a.len(), b.len());
+    assert_eq!(a.len(), 4 * 2);
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() < 1e-5, "step {}: {x} vs {y}", i + 1);
+    }
+    assert_eq!(full.summary.best_value, resumed.summary.best_value);
+    Ok(())
+}
