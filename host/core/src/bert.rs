@@ -69,7 +69,7 @@ pub struct BertConfig {
 impl BertConfig {
     /// Checks the numbers that the layers rely on.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
@@ -116,8 +116,16 @@ impl Embeddings {
         let h = cfg.hidden_size;
         Ok(Self {
             word: pb.pp("word_embeddings").get(&[cfg.vocab_size, h], "weight", Init::Normal(INIT_STD))?,
-            position: pb.pp("position_embeddings").get(&[cfg.max_position_embeddings, h], "weight", Init::Normal(INIT_STD))?,
-            token_type: pb.pp("token_type_embeddings").get(&[cfg.type_vocab_size, h], "weight", Init::Normal(INIT_STD))?,
+            position: pb.pp("position_embeddings").get(
+                &[cfg.max_position_embeddings, h],
+                "weight",
+                Init::Normal(INIT_STD),
+            )?,
+            token_type: pb.pp("token_type_embeddings").get(
+                &[cfg.type_vocab_size, h],
+                "weight",
+                Init::Normal(INIT_STD),
+            )?,
             norm: layer_norm(h, cfg.layer_norm_eps, &pb.pp("LayerNorm"))?,
             dropout: cfg.hidden_dropout_prob,
         })
@@ -273,4 +281,3 @@ pub fn normalize_weight_name(name: &str) -> String {
         name.to_owned()
     }
 }
-

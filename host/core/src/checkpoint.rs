@@ -93,7 +93,8 @@ impl Checkpoints {
             fs::remove_dir_all(&staging).map_err(CoreError::io(&staging))?;
         }
         fs::create_dir(&staging).map_err(CoreError::io(&staging))?;
-        let crashed = |file: &str| CoreError::Checkpoint { path: staging.join(file), message: "simulated crash".into() };
+        let crashed =
+            |file: &str| CoreError::Checkpoint { path: staging.join(file), message: "simulated crash".into() };
         let mut state = state.clone();
         for (file, tensors) in [(TRAINABLE, trainable), (OPTIMIZER, optimizer)] {
             let bytes = to_safetensors_bytes(tensors)?;
@@ -157,8 +158,7 @@ impl Checkpoints {
         let bad = |message: String| CoreError::Checkpoint { path: dir.to_owned(), message };
         let state_path = dir.join(STATE);
         let text = fs::read_to_string(&state_path).map_err(CoreError::io(&state_path))?;
-        let state: CheckpointState =
-            serde_json::from_str(&text).map_err(|e| bad(format!("{STATE}: {e}")))?;
+        let state: CheckpointState = serde_json::from_str(&text).map_err(|e| bad(format!("{STATE}: {e}")))?;
         let read = |file: &str| -> Result<HashMap<String, Tensor>> {
             let path = dir.join(file);
             let bytes = fs::read(&path).map_err(CoreError::io(&path))?;

@@ -173,7 +173,10 @@ impl ClassifierModel {
         }
         let meta: ModelMeta = read_json(&meta_path)?;
         if meta.format_version != FORMAT_VERSION {
-            return Err(CoreError::file(&meta_path, format!("format_version {} is not supported", meta.format_version)));
+            return Err(CoreError::file(
+                &meta_path,
+                format!("format_version {} is not supported", meta.format_version),
+            ));
         }
         let config: BertConfig = read_json(&dir.join("config.json"))?;
         let text = TextEncoder::from_file(&dir.join("tokenizer.json"), meta.max_len)?;
@@ -188,7 +191,10 @@ impl ClassifierModel {
         if max_len > config.max_position_embeddings {
             return Err(CoreError::file(
                 dir,
-                format!("max_len {max_len} exceeds the model's max_position_embeddings {}", config.max_position_embeddings),
+                format!(
+                    "max_len {max_len} exceeds the model's max_position_embeddings {}",
+                    config.max_position_embeddings
+                ),
             ));
         }
         if text.vocab_size() > config.vocab_size {
@@ -200,7 +206,13 @@ impl ClassifierModel {
         Ok(())
     }
 
-    fn build(config: BertConfig, pb: ParamBuilder, text: TextEncoder, meta: ModelMeta, t: Trainability) -> Result<Self> {
+    fn build(
+        config: BertConfig,
+        pb: ParamBuilder,
+        text: TextEncoder,
+        meta: ModelMeta,
+        t: Trainability,
+    ) -> Result<Self> {
         if let Some(k) = t.train_last_layers
             && k > config.num_hidden_layers
         {
@@ -214,7 +226,13 @@ impl ClassifierModel {
         Self::build_inner(config, pb, text, meta, false)
     }
 
-    fn build_inner(config: BertConfig, pb: ParamBuilder, text: TextEncoder, meta: ModelMeta, head_required: bool) -> Result<Self> {
+    fn build_inner(
+        config: BertConfig,
+        pb: ParamBuilder,
+        text: TextEncoder,
+        meta: ModelMeta,
+        head_required: bool,
+    ) -> Result<Self> {
         if meta.labels.len() < 2 {
             return Err(CoreError::Config {
                 file: "data".into(),
@@ -260,18 +278,34 @@ impl ClassifierModel {
         &self.meta.labels
     }
 
-    /// Logits `[batch, n_labels]` for a padded batch.
-    pub fn logits(&self, batch: &EncodedBatch, ctx: &ForwardCtx) -> Result<Tensor> {
+    /// Pooled sentence vectors `[batch, hidden]` (before the head's dropout).
+    fn pooled(&self, batch: &EncodedBatch, ctx: &ForwardCtx) -> Result<Tensor> {
         let shape = (batch.batch_size, batch.seq_len);
         let ids = Tensor::from_slice(&batch.ids, shape, &self.device)?;
         let type_ids = Tensor::from_slice(&batch.type_ids, shape, &self.device)?;
         let mask = Tensor::from_slice(&batch.mask, shape, &self.device)?.to_dtype(self.dtype)?;
         let hidden = self.encoder.forward(&ids, &type_ids, &mask, ctx)?;
-        let pooled = match self.meta.pooling {
-            Pooling::Mean => masked_mean(&hidden, &mask)?,
-            Pooling::Cls => hidden.i((.., 0))?,
-        };
-        let pooled = ctx.dropout(&pooled, self.meta.classifier_dropout)?;
+        match self.meta.pooling {
+            Pooling::Mean => masked_mean(&hidden, &mask),
+            Pooling::Cls => Ok(hidden.i((.., 0))?),
+        }
+    }
+
+    /// Sentence embeddings (the pooled encoder output) of texts, in their order.
+    pub fn embeddings<S: AsRef<str>>(&self, texts: &[S], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+        let encoded = self.text.encode(texts)?;
+        let all: Vec<usize> = (0..encoded.len()).collect();
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in all.chunks(batch_size.max(1)) {
+            let batch = EncodedBatch::collate(&encoded, chunk, None, self.text.pad_id());
+            out.extend(self.pooled(&batch, &ForwardCtx::eval())?.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+        }
+        Ok(out)
+    }
+
+    /// Logits `[batch, n_labels]` for a padded batch.
+    pub fn logits(&self, batch: &EncodedBatch, ctx: &ForwardCtx) -> Result<Tensor> {
+        let pooled = ctx.dropout(&self.pooled(batch, ctx)?, self.meta.classifier_dropout)?;
         Ok(self.head.forward(&pooled)?)
     }
 
@@ -315,7 +349,8 @@ impl ClassifierModel {
             std::fs::remove_dir_all(&staging).map_err(CoreError::io(&staging))?;
         }
         std::fs::create_dir_all(&staging).map_err(CoreError::io(&staging))?;
-        let config = serde_json::to_vec_pretty(self.encoder.config()).map_err(|e| CoreError::file(dir, e.to_string()))?;
+        let config =
+            serde_json::to_vec_pretty(self.encoder.config()).map_err(|e| CoreError::file(dir, e.to_string()))?;
         write_synced(&staging.join("config.json"), &config)?;
         let meta = serde_json::to_vec_pretty(&self.meta).map_err(|e| CoreError::file(dir, e.to_string()))?;
         write_synced(&staging.join(META_FILE), &meta)?;

@@ -48,7 +48,8 @@ pub fn evaluate(model: &ClassifierModel, examples: &[Example], batch_size: usize
         let logits = model.logits(&batch, &ctx)?.to_dtype(DType::F32)?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
         for (row, &i) in log_probs.iter().zip(&indices) {
-            let best = row.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (j, &v)| if v > a.1 { (j, v) } else { a }).0;
+            let best =
+                row.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (j, &v)| if v > a.1 { (j, v) } else { a }).0;
             predicted[i] = best;
             if let Some(g) = gold[i] {
                 loss_sum -= row[g] as f64;

@@ -239,7 +239,8 @@ impl ExperimentConfig {
     pub fn from_toml(text: &str, file: &str, overrides: &[String]) -> Result<Self> {
         let config_err = |field: String, message: String| CoreError::Config { file: file.to_owned(), field, message };
         let cfg: Self = if overrides.is_empty() {
-            let de = toml::de::Deserializer::parse(text).map_err(|e| config_err("<toml>".into(), one_line(&e.to_string())))?;
+            let de = toml::de::Deserializer::parse(text)
+                .map_err(|e| config_err("<toml>".into(), one_line(&e.to_string())))?;
             serde_path_to_error::deserialize(de).map_err(|e| {
                 let field = e.path().to_string();
                 config_err(field, one_line(&e.into_inner().to_string()))
@@ -320,7 +321,10 @@ impl ExperimentConfig {
             return Err(("data.validation_split", format!("must be in [0, 1), got {}", d.validation_split)));
         }
         if d.validation.is_none() && d.validation_split == 0.0 {
-            return Err(("data.validation_split", "is 0 and no data.validation file is given: nothing to validate on".into()));
+            return Err((
+                "data.validation_split",
+                "is 0 and no data.validation file is given: nothing to validate on".into(),
+            ));
         }
         if d.max_train_examples == Some(0) {
             return Err(("data.max_train_examples", "must be at least 1".into()));
@@ -340,7 +344,10 @@ impl ExperimentConfig {
                 return Err(("peft.train_last_layers", "is required with method = \"freeze\"".into()));
             }
             (PeftMethod::Full, Some(_)) => {
-                return Err(("peft.train_last_layers", "applies to method = \"freeze\"; with \"full\" every layer trains".into()));
+                return Err((
+                    "peft.train_last_layers",
+                    "applies to method = \"freeze\"; with \"full\" every layer trains".into(),
+                ));
             }
             _ => {}
         }
@@ -418,7 +425,10 @@ lr = 1e-3
     #[test]
     fn unknown_keys_and_bad_values_name_file_and_key() {
         let e = err(&GOOD.replace("epochs = 2", "epochz = 2"), &[]);
-        assert!(e.starts_with("exp.toml: train.epochz: TOML parse error at line 9, column 1: unknown field `epochz`"), "{e}");
+        assert!(
+            e.starts_with("exp.toml: train.epochz: TOML parse error at line 9, column 1: unknown field `epochz`"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("lr = 1e-3", "lr = \"fast\""), &[]);
         assert!(e.starts_with("exp.toml: train.lr: "), "{e}");
         assert_eq!(err(GOOD, &["train.lr=-1"]), "exp.toml: train.lr: must be a positive number, got -1");

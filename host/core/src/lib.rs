@@ -37,7 +37,9 @@ pub use params::{Init, ParamBuilder, ParamStore};
 pub use run::{RunDir, new_run_id};
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use source::{ModelSource, cache_dir};
-pub use train::{RunOptions, RunSummary, TrainEvent, TrainOutcome, load_experiment_data, train_experiment};
+pub use train::{
+    RunOptions, RunSummary, StepStats, TrainEvent, TrainOutcome, load_experiment_data, train_experiment, train_step,
+};
 
 /// Result type of this crate.
 pub type Result<T, E = CoreError> = std::result::Result<T, E>;

@@ -74,7 +74,8 @@ mod tests {
     #[test]
     fn metrics_of_a_small_confusion() {
         let labels: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
-        let m = ClassificationMetrics::compute(&labels, &[Some(0), Some(0), Some(1), Some(1), Some(2)], &[0, 1, 1, 1, 0]);
+        let m =
+            ClassificationMetrics::compute(&labels, &[Some(0), Some(0), Some(1), Some(1), Some(2)], &[0, 1, 1, 1, 0]);
         assert!((m.accuracy - 0.6).abs() < 1e-12);
         assert!((m.macro_f1 - (0.5 + 0.8 + 0.0) / 3.0).abs() < 1e-12);
         assert_eq!(m.confusion, vec![vec![1, 1, 0], vec![0, 2, 0], vec![1, 0, 0]]);

@@ -119,7 +119,10 @@ impl AdamW {
                     message: "is missing from the optimizer state".into(),
                 })?;
                 if t.dims() != slot.dims() {
-                    return Err(CoreError::Param { name: key, message: "has the wrong shape in the optimizer state".into() });
+                    return Err(CoreError::Param {
+                        name: key,
+                        message: "has the wrong shape in the optimizer state".into(),
+                    });
                 }
                 *slot = t.to_dtype(slot.dtype())?;
             }
@@ -160,7 +163,8 @@ mod tests {
     #[test]
     fn adamw_matches_the_reference_update() -> Result<()> {
         let w = Var::new(&[1.0f64, -2.0, 3.0], &Device::Cpu)?;
-        let mut opt = AdamW::new(vec![("w".into(), w.clone())], AdamWConfig { weight_decay: 0.1, ..Default::default() })?;
+        let mut opt =
+            AdamW::new(vec![("w".into(), w.clone())], AdamWConfig { weight_decay: 0.1, ..Default::default() })?;
         for g in [[0.5f64, -1.0, 2.0], [0.1, 0.2, -0.3]] {
             let mut grads = HashMap::new();
             grads.insert("w".to_owned(), Tensor::new(&g, &Device::Cpu)?);

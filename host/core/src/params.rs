@@ -150,8 +150,7 @@ impl ParamBuilder {
     /// that no layer used.
     pub fn finish(self) -> (ParamStore, Vec<String>) {
         let state = self.lock();
-        let mut unused: Vec<String> =
-            state.loaded.keys().filter(|k| !state.params.contains_key(*k)).cloned().collect();
+        let mut unused: Vec<String> = state.loaded.keys().filter(|k| !state.params.contains_key(*k)).cloned().collect();
         unused.sort();
         (ParamStore { params: state.params.clone() }, unused)
     }

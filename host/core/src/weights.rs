@@ -9,10 +9,8 @@ use crate::{CoreError, Result};
 
 /// Serialises named tensors (made contiguous) into safetensors bytes.
 pub(crate) fn to_safetensors_bytes(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
-    let contiguous = tensors
-        .iter()
-        .map(|(n, t)| Ok((n.clone(), t.contiguous()?)))
-        .collect::<Result<Vec<(String, Tensor)>>>()?;
+    let contiguous =
+        tensors.iter().map(|(n, t)| Ok((n.clone(), t.contiguous()?))).collect::<Result<Vec<(String, Tensor)>>>()?;
     safetensors::tensor::serialize(contiguous.iter().map(|(n, t)| (n.as_str(), t)), None)
         .map_err(|e| CoreError::Candle(candle_core::Error::Msg(e.to_string())))
 }

@@ -8,14 +8,13 @@ use candle_core::{DType, Tensor};
 use tuneforge_core::bert::BertConfig;
 use tuneforge_core::testing::{tiny_tokenizer, write_tiny_model_dir};
 use tuneforge_core::{
-    AdamW, AdamWConfig, ClassifierModel, ClassifierOptions, ExperimentConfig, ForwardCtx, Pooling, Result,
-    RunOptions, Trainability, train_experiment,
+    AdamW, AdamWConfig, ClassifierModel, ClassifierOptions, ExperimentConfig, ForwardCtx, Pooling, Result, RunOptions,
+    Trainability, train_experiment,
 };
 use tuneforge_data::{EncodedBatch, TextEncoder};
 
-const WORDS: &[&str] = &[
-    "fever", "cough", "rash", "itch", "pain", "chest", "head", "sneeze", "red", "skin", "hot", "tired",
-];
+const WORDS: &[&str] =
+    &["fever", "cough", "rash", "itch", "pain", "chest", "head", "sneeze", "red", "skin", "hot", "tired"];
 
 fn tiny_model(dtype: DType, pooling: Pooling, trainability: Trainability) -> Result<ClassifierModel> {
     let tokenizer = tiny_tokenizer(WORDS)?;
@@ -71,7 +70,8 @@ fn gradients_match_finite_differences() -> Result<()> {
             // gradient; every other tensor must.
             assert!(norm > 0.0, "{name}: gradient is zero");
             // Check the largest-gradient element and one more.
-            let largest = g_flat.iter().enumerate().fold((0, 0.0f64), |a, (i, v)| if v.abs() > a.1 { (i, v.abs()) } else { a }).0;
+            let largest =
+                g_flat.iter().enumerate().fold((0, 0.0f64), |a, (i, v)| if v.abs() > a.1 { (i, v.abs()) } else { a }).0;
             for idx in [largest, (largest * 7 + 3) % g_flat.len()] {
                 let original = var.as_tensor().flatten_all()?.to_vec1::<f64>()?;
                 let mut plus = original.clone();
@@ -86,7 +86,10 @@ fn gradients_match_finite_differences() -> Result<()> {
                 let numeric = (lp - lm) / (2.0 * eps);
                 let analytic = g_flat[idx];
                 let tol = 1e-6 + 1e-4 * analytic.abs().max(numeric.abs());
-                assert!((numeric - analytic).abs() < tol, "{name}[{idx}] ({pooling:?}): analytic {analytic:e} vs numeric {numeric:e}");
+                assert!(
+                    (numeric - analytic).abs() < tol,
+                    "{name}[{idx}] ({pooling:?}): analytic {analytic:e} vs numeric {numeric:e}"
+                );
             }
         }
     }
@@ -95,9 +98,14 @@ fn gradients_match_finite_differences() -> Result<()> {
 
 #[test]
 fn one_step_moves_every_trainable_tensor_and_no_frozen_one() -> Result<()> {
-    let model = tiny_model(DType::F32, Pooling::Mean, Trainability { train_last_layers: Some(1), train_embeddings: false })?;
-    let before: HashMap<String, Vec<f32>> =
-        model.params().tensors().into_iter().map(|(n, t)| Ok((n, t.flatten_all()?.to_vec1::<f32>()?))).collect::<Result<_>>()?;
+    let model =
+        tiny_model(DType::F32, Pooling::Mean, Trainability { train_last_layers: Some(1), train_embeddings: false })?;
+    let before: HashMap<String, Vec<f32>> = model
+        .params()
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.flatten_all()?.to_vec1::<f32>()?)))
+        .collect::<Result<_>>()?;
     let vars = model.params().trainable();
     let mut opt = AdamW::new(vars.clone(), AdamWConfig::default())?;
     let (loss, _) = model.loss(&batch(&model)?, &ForwardCtx::train(1))?;
@@ -134,7 +142,8 @@ impl Fixture {
         let dir = tempfile::tempdir().map_err(|e| tuneforge_core::CoreError::Io { path: "tmp".into(), source: e })?;
         let root = dir.path().to_path_buf();
         write_tiny_model_dir(&root.join("model"), WORDS, 3)?;
-        std::fs::write(root.join("train.csv"), CSV).map_err(|e| tuneforge_core::CoreError::Io { path: "csv".into(), source: e })?;
+        std::fs::write(root.join("train.csv"), CSV)
+            .map_err(|e| tuneforge_core::CoreError::Io { path: "csv".into(), source: e })?;
         Ok(Self { _dir: dir, root })
     }
 
@@ -178,7 +187,14 @@ fn a_tiny_model_overfits_a_tiny_dataset_and_the_best_model_reloads() -> Result<(
     let reloaded = ClassifierModel::load(&out.run.best())?;
     let p = reloaded.predict(&["rash itch red skin", "chest pain"], 8)?;
     assert_eq!((p[0].label.as_str(), p[1].label.as_str()), ("acne", "angina"));
-    for name in ["config.toml", "metrics.jsonl", "summary.json", "best/model.safetensors", "best/tokenizer.json", "checkpoints/LATEST"] {
+    for name in [
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+        "best/model.safetensors",
+        "best/tokenizer.json",
+        "checkpoints/LATEST",
+    ] {
         assert!(out.run.root().join(name).exists(), "{name}");
     }
     Ok(())
@@ -191,7 +207,9 @@ fn freezing_leaves_frozen_weights_bit_identical_and_reports_the_ratio() -> Resul
     let out = train_experiment(cfg, &RunOptions::default(), &mut |_| {})?;
     let base = candle_core::safetensors::load(fx.root.join("model/model.safetensors"), &candle_core::Device::Cpu)?;
     let tuned = candle_core::safetensors::load(out.run.best().join("model.safetensors"), &candle_core::Device::Cpu)?;
-    let bits = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+    let bits = |t: &Tensor| {
+        t.flatten_all().and_then(|t| t.to_vec1::<f32>()).map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>())
+    };
     for (name, t) in &base {
         let same = bits(t)? == bits(&tuned[name])?;
         let frozen = !name.starts_with("encoder.layer.1.");
@@ -215,11 +233,8 @@ fn a_stopped_and_resumed_run_follows_the_uninterrupted_trajectory() -> Result<()
     let extra = "grad_accum = 2\neval_every_steps = 2\n";
     let ov = ["train.epochs=4", "model.classifier_dropout=0.2"];
     let full = train_experiment(fx.config(extra, &ov)?, &RunOptions::default(), &mut |_| {})?;
-    let stopped = train_experiment(
-        fx.config(extra, &ov)?,
-        &RunOptions { resume: None, stop_after_steps: Some(3) },
-        &mut |_| {},
-    )?;
+    let stopped =
+        train_experiment(fx.config(extra, &ov)?, &RunOptions { resume: None, stop_after_steps: Some(3) }, &mut |_| {})?;
     assert_eq!(stopped.summary.status, "stopped");
     assert_eq!(train_losses(stopped.run.root()).len(), 3);
     let resumed = train_experiment(

@@ -129,10 +129,13 @@ mod tests {
         assert_ne!(e0, plan.epoch(1));
         // Grouping by length cuts padding compared with a random order.
         let padding = |batches: &[Vec<usize>]| -> usize {
-            batches.iter().map(|b| {
-                let max = b.iter().map(|&i| lengths[i]).max().unwrap_or(0);
-                b.iter().map(|&i| max - lengths[i]).sum::<usize>()
-            }).sum()
+            batches
+                .iter()
+                .map(|b| {
+                    let max = b.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+                    b.iter().map(|&i| max - lengths[i]).sum::<usize>()
+                })
+                .sum()
         };
         let random = BatchPlan::new(lengths.clone(), BatchPlanConfig { group_by_length: false, ..cfg }).epoch(0);
         assert!(padding(&e0) * 4 < padding(&random), "{} vs {}", padding(&e0), padding(&random));
@@ -140,7 +143,10 @@ mod tests {
 
     #[test]
     fn unshuffled_plan_keeps_file_order() {
-        let plan = BatchPlan::new(vec![1; 5], BatchPlanConfig { batch_size: 2, shuffle: false, group_by_length: false, seed: 0 });
+        let plan = BatchPlan::new(
+            vec![1; 5],
+            BatchPlanConfig { batch_size: 2, shuffle: false, group_by_length: false, seed: 0 },
+        );
         assert_eq!(plan.epoch(0), vec![vec![0, 1], vec![2, 3], vec![4]]);
     }
 }

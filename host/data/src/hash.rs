@@ -30,9 +30,6 @@ mod tests {
         assert_eq!(h1, dataset_hash(&[a.clone(), b.clone()]));
         assert_ne!(h1, dataset_hash(&[b.clone(), a.clone()]));
         // The separator keeps "ab"+"c" apart from "a"+"bc".
-        assert_ne!(
-            dataset_hash(&[Example::new("c", "ab")]),
-            dataset_hash(&[Example::new("bc", "a")])
-        );
+        assert_ne!(dataset_hash(&[Example::new("c", "ab")]), dataset_hash(&[Example::new("bc", "a")]));
     }
 }

@@ -45,10 +45,7 @@ impl LabelVocab {
 
     /// The class id of `label`, or an error naming it.
     pub fn require_id(&self, label: &str) -> Result<usize, DataError> {
-        self.id(label).ok_or_else(|| DataError::UnknownLabel {
-            label: label.to_owned(),
-            n_labels: self.labels.len(),
-        })
+        self.id(label).ok_or_else(|| DataError::UnknownLabel { label: label.to_owned(), n_labels: self.labels.len() })
     }
 }
 

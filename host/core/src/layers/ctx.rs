@@ -48,7 +48,6 @@ impl ForwardCtx {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

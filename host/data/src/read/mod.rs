@@ -115,12 +115,7 @@ impl<'a> Sink<'a> {
     }
 
     fn error(&self, line: u64, field: &str, message: impl Into<String>) -> LineError {
-        LineError {
-            path: self.path.to_owned(),
-            line,
-            field: field.to_owned(),
-            message: message.into(),
-        }
+        LineError { path: self.path.to_owned(), line, field: field.to_owned(), message: message.into() }
     }
 
     /// Validates and keeps one example, or records/raises the error.
@@ -162,8 +157,7 @@ impl<'a> Sink<'a> {
 pub fn read_examples(path: &Path, options: &ReadOptions) -> Result<ReadReport, DataError> {
     let format = match options.format {
         Some(f) => f,
-        None => DataFormat::from_path(path)
-            .ok_or_else(|| DataError::UnknownFormat { path: path.to_owned() })?,
+        None => DataFormat::from_path(path).ok_or_else(|| DataError::UnknownFormat { path: path.to_owned() })?,
     };
     let bytes = std::fs::read(path).map_err(|source| DataError::Io { path: path.to_owned(), source })?;
     let (text, decoded_latin1) = decode(&bytes, options.encoding, path)?;
@@ -205,7 +199,6 @@ fn decode(bytes: &[u8], encoding: TextEncoding, path: &Path) -> Result<(String, 
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,8 +221,10 @@ mod tests {
 
     #[test]
     fn csv_reads_quoted_fields_and_other_column_names() {
-        let (_dir, path) = file("d.csv", b"id,disease,description\n1,Acne,\"rash, pimples\"\n2,Flu,\"fever\nand cough\"\n");
-        let opts = ReadOptions { text_field: "description".into(), label_field: "disease".into(), ..Default::default() };
+        let (_dir, path) =
+            file("d.csv", b"id,disease,description\n1,Acne,\"rash, pimples\"\n2,Flu,\"fever\nand cough\"\n");
+        let opts =
+            ReadOptions { text_field: "description".into(), label_field: "disease".into(), ..Default::default() };
         let r = read_examples(&path, &opts).expect("read");
         assert_eq!(r.examples.len(), 2);
         assert_eq!(r.examples[0].text, "rash, pimples");
@@ -240,13 +235,22 @@ mod tests {
     #[test]
     fn csv_errors_name_file_line_and_field() {
         assert_eq!(err_of("d.csv", b"label,text\nA,ok\nB,\n"), "FILE:3: field `text`: is empty");
-        assert_eq!(err_of("d.csv", b"label,body\nA,ok\n"), "FILE:1: field `text`: no such column in the header (columns: label, body)");
-        assert_eq!(err_of("d.csv", b"label,text\nA,ok\nB,x,extra\n"), "FILE:3: field `<record>`: has 3 fields, the header has 2");
+        assert_eq!(
+            err_of("d.csv", b"label,body\nA,ok\n"),
+            "FILE:1: field `text`: no such column in the header (columns: label, body)"
+        );
+        assert_eq!(
+            err_of("d.csv", b"label,text\nA,ok\nB,x,extra\n"),
+            "FILE:3: field `<record>`: has 3 fields, the header has 2"
+        );
     }
 
     #[test]
     fn jsonl_errors_name_file_line_and_field() {
-        assert_eq!(err_of("d.jsonl", b"{\"text\":\"a\",\"label\":\"x\"}\n\n{\"text\":3,\"label\":\"y\"}\n"), "FILE:3: field `text`: expected a string, found 3");
+        assert_eq!(
+            err_of("d.jsonl", b"{\"text\":\"a\",\"label\":\"x\"}\n\n{\"text\":3,\"label\":\"y\"}\n"),
+            "FILE:3: field `text`: expected a string, found 3"
+        );
         assert_eq!(err_of("d.jsonl", b"{\"text\":\"a\"}\n"), "FILE:1: field `label`: is missing");
         let e = err_of("d.jsonl", b"{\"text\":\"a\",\"label\":\"x\"}\n{\"text\": \"b\",\n");
         assert!(e.starts_with("FILE:2: field `<json>`: "), "{e}");
@@ -268,7 +272,10 @@ mod tests {
         assert_eq!(r.examples[0].text, "Sales rose 5 % @ year end .");
         assert_eq!(r.examples[1].text, "Profit fell \u{e4} bit .");
         assert_eq!(r.examples[1].label, "negative");
-        assert_eq!(err_of("s.txt", b"good line@positive\nno label here\n"), "FILE:2: field `label`: no `@label` at the end of the line");
+        assert_eq!(
+            err_of("s.txt", b"good line@positive\nno label here\n"),
+            "FILE:2: field `label`: no `@label` at the end of the line"
+        );
     }
 
     #[test]
@@ -285,7 +292,10 @@ mod tests {
         let (_dir, path) = file("s.txt", b"a@pos\nb\xff@neg\n");
         let opts = ReadOptions { encoding: TextEncoding::Utf8, ..Default::default() };
         let e = read_examples(&path, &opts).expect_err("invalid utf-8").to_string();
-        assert!(e.ends_with(":2: field `<encoding>`: is not valid UTF-8 (set encoding = \"latin-1\" or \"auto\")"), "{e}");
+        assert!(
+            e.ends_with(":2: field `<encoding>`: is not valid UTF-8 (set encoding = \"latin-1\" or \"auto\")"),
+            "{e}"
+        );
     }
 
     #[test]

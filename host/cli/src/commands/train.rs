@@ -1,0 +1,79 @@
+//! `tuneforge train`: run or resume an experiment.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use tuneforge_core::{ExperimentConfig, RunOptions, train_experiment};
+
+use super::{Outcome, report_gates};
+use crate::progress::TrainProgress;
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The experiment file (TOML).
+    #[arg(long, short, value_name = "EXP.toml", required_unless_present = "resume")]
+    config: Option<PathBuf>,
+    /// Override a key of the experiment file, e.g. `--set train.lr=3e-5` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE", conflicts_with = "resume")]
+    overrides: Vec<String>,
+    /// Continue the run in RUN_DIR from its latest checkpoint, with its own config.toml.
+    #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
+    resume: Option<PathBuf>,
+    /// Stop with a checkpoint after this many optimizer steps in total (resume later).
+    #[arg(long, value_name = "N")]
+    stop_after_steps: Option<u64>,
+    /// Print the run summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// No progress output.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
+    let config = match (&args.config, &args.resume) {
+        (Some(path), _) => ExperimentConfig::from_file(path, &args.overrides)?,
+        (None, Some(dir)) => ExperimentConfig::from_file(&dir.join("config.toml"), &[])
+            .with_context(|| format!("{} is not a run directory to resume", dir.display()))?,
+        (None, None) => anyhow::bail!("give --config EXP.toml or --resume RUN_DIR"),
+    };
+    let options = RunOptions { resume: args.resume.clone(), stop_after_steps: args.stop_after_steps };
+    let mut progress = TrainProgress::new(args.quiet);
+    let outcome = train_experiment(config, &options, &mut |e| progress.on_event(e));
+    progress.finish();
+    let outcome = outcome?;
+    let s = &outcome.summary;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+    } else {
+        println!("run:        {}", outcome.run.root().display());
+        println!("status:     {} after {} of {} steps", s.status, s.steps, s.total_steps);
+        if s.status == "stopped" {
+            println!("resume:     tuneforge train --resume {}", outcome.run.root().display());
+        }
+        println!(
+            "parameters: {} trainable of {} ({:.2}%), weight decay {}",
+            s.params_trainable,
+            s.params_total,
+            100.0 * s.trainable_ratio,
+            s.weight_decay
+        );
+        println!("training:   {:.1} s, {:.0} tokens/s", s.train_seconds, s.train_tokens_per_s);
+        if let Some(v) = &s.validation {
+            println!(
+                "validation: accuracy {:.4}, macro-F1 {:.4}, loss {:.4} on {} examples (best at step {})",
+                v.accuracy,
+                v.macro_f1,
+                v.loss,
+                v.n,
+                s.best_step.unwrap_or(0)
+            );
+            println!("inference:  {:.4} s per 1k tokens ({:.0} tokens/s)", v.s_per_1k_tokens, v.tokens_per_s);
+        }
+        if let Some(best) = &s.best_model_dir {
+            println!("model:      {}", best.display());
+        }
+    }
+    Ok(report_gates(&s.gates))
+}

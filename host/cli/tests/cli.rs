@@ -1,0 +1,219 @@
+//! The `tuneforge` binary as a user runs it: train, resume, eval, predict, gates, and the
+//! errors for bad configs, data and models — on a tiny random model so it runs in seconds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tuneforge_core::testing::write_tiny_model_dir;
+
+const WORDS: &[&str] = &["fever", "cough", "hot", "rash", "itch", "red", "chest", "pain", "tired"];
+
+const CSV: &str = "label,text\n\
+flu,fever cough hot\nflu,fever hot tired\nflu,cough fever\nflu,hot cough tired\nflu,fever hot\nflu,cough hot\n\
+acne,rash itch red\nacne,red rash\nacne,itch red\nacne,rash itch\nacne,red itch rash\nacne,itch rash\n\
+angina,chest pain\nangina,pain chest tired\nangina,chest pain hot\nangina,pain chest\nangina,chest tired\nangina,tired chest pain\n";
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_tiny_model_dir(&dir.path().join("model"), WORDS, 5).expect("tiny model");
+        std::fs::write(dir.path().join("train.csv"), CSV).expect("csv");
+        Self { dir }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// Writes an experiment file (relative paths: run from the temp dir) with `extra` appended.
+    fn experiment(&self, extra: &str) -> PathBuf {
+        let text = format!(
+            "[experiment]\nname = \"t\"\n[model]\nsource = \"model\"\nmax_len = 16\n\
+             [data]\ntrain = \"train.csv\"\nvalidation = \"train.csv\"\n\
+             [train]\nepochs = 20\nbatch_size = 6\nlr = 1e-2\n{extra}"
+        );
+        let p = self.path("exp.toml");
+        std::fs::write(&p, text).expect("write exp");
+        p
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_tuneforge"))
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("run tuneforge")
+    }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn assert_no_panic(o: &Output) {
+    let e = stderr(o);
+    assert!(!e.contains("panicked") && !e.contains("RUST_BACKTRACE"), "panic in: {e}");
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {}\n{}", stdout(o), stderr(o)))
+}
+
+#[test]
+fn train_eval_predict_round_trip() {
+    let env = Env::new();
+    let exp = env.experiment("[gates]\nmin_accuracy = 0.9\n");
+    let o = env.run(&["train", "--config", exp.to_str().expect("utf8"), "--json", "--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = json(&o);
+    assert_eq!(summary["status"], "completed");
+    assert_eq!(summary["gates_passed"], true);
+    let best = summary["best_model_dir"].as_str().expect("best dir").to_owned();
+    let run_dir = Path::new(&best).parent().expect("run dir");
+    for f in ["config.toml", "metrics.jsonl", "summary.json"] {
+        assert!(run_dir.join(f).is_file(), "{f}");
+    }
+    assert!(run_dir.starts_with(env.path("runs")), "output_dir defaults to ./runs");
+
+    let o = env.run(&["eval", "--model", &best, "--data", "train.csv", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report = json(&o);
+    for key in ["accuracy", "macro_f1", "n", "s_per_1k_tokens"] {
+        assert!(report[key].is_number(), "{key} in {report}");
+    }
+    assert_eq!(report["n"], 18);
+    assert!(report["accuracy"].as_f64().expect("acc") >= 0.9);
+
+    let o = env.run(&["eval", "--model", &best, "--data", "train.csv"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("confusion matrix"), "{}", stdout(&o));
+
+    let o = env.run(&["predict", "--model", &best, "--json", "rash itch red", "chest pain"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p = json(&o);
+    assert_eq!(p[0]["label"], "acne");
+    assert_eq!(p[1]["label"], "angina");
+    let sum: f64 = p[0]["probabilities"].as_object().expect("probs").values().map(|v| v.as_f64().expect("p")).sum();
+    assert!((sum - 1.0).abs() < 1e-4);
+}
+
+#[test]
+fn a_failed_gate_exits_non_zero_with_a_message() {
+    let env = Env::new();
+    let exp = env.experiment("[gates]\nmin_accuracy = 0.99\nmax_trainable_ratio = 0.5\n");
+    let o = env.run(&[
+        "train",
+        "--config",
+        exp.to_str().expect("utf8"),
+        "--quiet",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.lr=1e-5",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("gate min_accuracy FAILED"), "{e}");
+    assert!(e.contains("gate max_trainable_ratio FAILED"), "{e}");
+    assert_no_panic(&o);
+
+    let summary: serde_json::Value = {
+        let runs = std::fs::read_dir(env.path("runs")).expect("runs").next().expect("a run").expect("entry").path();
+        serde_json::from_str(&std::fs::read_to_string(runs.join("summary.json")).expect("summary")).expect("json")
+    };
+    assert_eq!(summary["gates_passed"], false);
+    let best = summary["best_model_dir"].as_str().expect("best");
+    let o = env.run(&["eval", "--model", best, "--data", "train.csv", "--min-accuracy", "1.01"]);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(stderr(&o).contains("gate min_accuracy FAILED"));
+}
+
+#[test]
+fn stop_and_resume_through_the_command_line() {
+    let env = Env::new();
+    let exp = env.experiment("");
+    let o =
+        env.run(&["train", "--config", exp.to_str().expect("utf8"), "--quiet", "--json", "--stop-after-steps", "5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = json(&o);
+    assert_eq!((s["status"].as_str(), s["steps"].as_u64()), (Some("stopped"), Some(5)));
+    let run_dir = env.path("runs").join(s["run_id"].as_str().expect("id"));
+    let o = env.run(&["train", "--resume", run_dir.to_str().expect("utf8"), "--quiet", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = json(&o);
+    assert_eq!(s["status"], "completed");
+    assert_eq!(s["steps"], s["total_steps"]);
+    let lines = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics");
+    let steps: Vec<u64> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|v| v["kind"] == "train")
+        .map(|v| v["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(steps, (1..=s["total_steps"].as_u64().expect("total")).collect::<Vec<_>>());
+}
+
+#[test]
+fn bad_configs_name_the_file_and_key() {
+    let env = Env::new();
+    let exp = env.experiment("warmup_stepz = 3\n");
+    let o = env.run(&["train", "--config", exp.to_str().expect("utf8")]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("exp.toml: train.warmup_stepz:")
+            && e.contains("unknown field `warmup_stepz`")
+            && e.contains("line 13"),
+        "{e}"
+    );
+    assert_no_panic(&o);
+
+    let exp = env.experiment("");
+    let o = env.run(&["train", "--config", exp.to_str().expect("utf8"), "--set", "train.batch_size=0"]);
+    assert!(stderr(&o).contains("train.batch_size: must be at least 1"), "{}", stderr(&o));
+
+    let o = env.run(&["train", "--config", "missing.toml"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("missing.toml: No such file"), "{}", stderr(&o));
+    assert_no_panic(&o);
+}
+
+#[test]
+fn bad_data_and_models_get_clear_errors() {
+    let env = Env::new();
+    std::fs::write(env.path("empty-text.csv"), "label,text\nflu,fever\nacne,\n").expect("write");
+    let exp = env.experiment("");
+    let o = env.run(&["train", "--config", exp.to_str().expect("utf8"), "--set", "data.train=empty-text.csv"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("empty-text.csv:3: field `text`: is empty"), "{e}");
+    assert_no_panic(&o);
+
+    let o = env.run(&["eval", "--model", "model", "--data", "train.csv"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not a tuneforge model directory"), "{}", stderr(&o));
+    let o = env.run(&["predict", "--model", "nowhere", "text"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_no_panic(&o);
+
+    let o = env.run(&["train", "--config", exp.to_str().expect("utf8"), "--set", "model.source=pypi:unpinned"]);
+    assert!(stderr(&o).contains("pin the version"), "{}", stderr(&o));
+}
+
+#[test]
+fn every_command_has_help() {
+    let env = Env::new();
+    for cmd in [&["--help"][..], &["train", "--help"], &["eval", "--help"], &["predict", "--help"]] {
+        let o = env.run(cmd);
+        assert!(o.status.success());
+        assert!(stdout(&o).contains("Usage: tuneforge"), "{}", stdout(&o));
+    }
+}

