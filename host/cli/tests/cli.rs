@@ -217,3 +217,61 @@ fn every_command_has_help() {
         assert!(stdout(&o).contains("Usage: tuneforge"), "{}", stdout(&o));
     }
 }
+
+fn train_losses(run_dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .expect("metrics")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|v| v["kind"] == "train")
+        .map(|v| (v["step"].as_u64().expect("step"), v["loss"].as_f64().expect("loss")))
+        .collect()
+}
+
+/// A run killed with SIGKILL at an arbitrary moment and resumed gives the losses of a run
+/// that was never interrupted.
+#[test]
+fn a_killed_run_resumes_on_the_same_trajectory() {
+    let env = Env::new();
+    let exp = env.experiment("eval_every_steps = 7\n");
+    let exp = exp.to_str().expect("utf8");
+    let args = ["train", "--config", exp, "--quiet", "--set", "train.epochs=150", "--set", "experiment.name=full"];
+    let o = env.run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let full_dir = std::fs::read_dir(env.path("runs")).expect("runs").next().expect("run").expect("entry").path();
+    let full = train_losses(&full_dir);
+    assert_eq!(full.len(), 450);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tuneforge"))
+        .args(["train", "--config", exp, "--quiet", "--set", "train.epochs=150", "--set", "experiment.name=killed"])
+        .current_dir(env.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let killed_dir = loop {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let dir = std::fs::read_dir(env.path("runs"))
+            .expect("runs")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("killed")));
+        if let Some(dir) = dir
+            && std::fs::read_to_string(dir.join("metrics.jsonl")).is_ok_and(|m| m.lines().count() >= 60)
+        {
+            child.kill().expect("kill");
+            child.wait().expect("wait");
+            break dir;
+        }
+        assert!(child.try_wait().expect("try_wait").is_none(), "the run ended before it could be killed");
+    };
+    let before = train_losses(&killed_dir).len();
+    assert!(before < 450, "killed after {before} steps");
+    let o = env.run(&["train", "--resume", killed_dir.to_str().expect("utf8"), "--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let resumed = train_losses(&killed_dir);
+    assert_eq!(resumed.len(), full.len());
+    for ((s1, a), (s2, b)) in full.iter().zip(&resumed) {
+        assert_eq!(s1, s2);
+        assert!((a - b).abs() < 1e-5, "step {s1}: {a} vs {b}");
+    }
+}

@@ -8,7 +8,7 @@
 use candle_core::{Module, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{ForwardCtx, LayerNorm, Linear, layer_norm, linear, softmax_last};
+use crate::layers::{ForwardCtx, LayerNorm, Linear, layer_norm, linear};
 use crate::{CoreError, Init, ParamBuilder, Result};
 
 /// The activation of the feed-forward block.
@@ -145,7 +145,7 @@ impl Embeddings {
         let types = self.token_type.embedding_rows(&type_ids.flatten_all()?)?.reshape((b, l, h))?;
         let positions = self.position.narrow(0, 0, l)?.unsqueeze(0)?;
         let x = words.add(&types)?.broadcast_add(&positions)?;
-        let x = self.norm.forward(&x)?;
+        let x = self.norm.forward(&x, ctx)?;
         ctx.dropout(&x, self.dropout)
     }
 }
@@ -208,10 +208,10 @@ impl Layer {
         let k = heads(self.key.forward(x)?)?;
         let v = heads(self.value.forward(x)?)?;
         let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(mask_bias)?;
-        let probs = ctx.dropout(&softmax_last(&scores)?, self.attn_dropout)?;
+        let probs = ctx.dropout(&ctx.softmax_last(&scores)?, self.attn_dropout)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
         let attn = ctx.dropout(&self.attn_out.forward(&context)?, self.hidden_dropout)?;
-        let x = self.attn_norm.forward(&attn.add(x)?)?;
+        let x = self.attn_norm.forward(&attn.add(x)?, ctx)?;
         let inter = self.intermediate.forward(&x)?;
         let inter = match self.act {
             Activation::Gelu => inter.gelu_erf()?,
@@ -219,7 +219,7 @@ impl Layer {
             Activation::Relu => inter.relu()?,
         };
         let out = ctx.dropout(&self.output.forward(&inter)?, self.hidden_dropout)?;
-        Ok(self.out_norm.forward(&out.add(&x)?)?)
+        self.out_norm.forward(&out.add(&x)?, ctx)
     }
 }
 

@@ -14,7 +14,7 @@ use tuneforge_data::{EncodedBatch, TextEncoder};
 
 use crate::bert::{BertConfig, BertEncoder, normalize_weight_name};
 use crate::fs_atomic::{replace_dir, write_synced};
-use crate::layers::{ForwardCtx, Linear, masked_mean, softmax_last};
+use crate::layers::{ForwardCtx, Linear, masked_mean};
 use crate::weights::{load_safetensors, to_safetensors_bytes};
 use crate::{CoreError, Init, ParamBuilder, ParamStore, Result};
 
@@ -325,7 +325,7 @@ impl ClassifierModel {
         let all: Vec<usize> = (0..encoded.len()).collect();
         for chunk in all.chunks(batch_size.max(1)) {
             let batch = EncodedBatch::collate(&encoded, chunk, None, self.text.pad_id());
-            let probs = softmax_last(&self.logits(&batch, &ctx)?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let probs = ctx.softmax_last(&self.logits(&batch, &ctx)?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             for row in probs {
                 let (best, score) = row
                     .iter()

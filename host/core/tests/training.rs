@@ -45,7 +45,7 @@ fn batch(model: &ClassifierModel) -> Result<EncodedBatch> {
 }
 
 fn loss_of(model: &ClassifierModel, b: &EncodedBatch) -> Result<f64> {
-    let (loss, _) = model.loss(b, &ForwardCtx::eval())?;
+    let (loss, _) = model.loss(b, &ForwardCtx::eval_differentiable())?;
     Ok(loss.to_scalar::<f64>()?)
 }
 
@@ -57,7 +57,7 @@ fn gradients_match_finite_differences() -> Result<()> {
     for pooling in [Pooling::Mean, Pooling::Cls] {
         let model = tiny_model(DType::F64, pooling, Trainability::default())?;
         let b = batch(&model)?;
-        let (loss, _) = model.loss(&b, &ForwardCtx::eval())?;
+        let (loss, _) = model.loss(&b, &ForwardCtx::eval_differentiable())?;
         let grads = loss.backward()?;
         let eps = 1e-6;
         let vars = model.params().trainable();
@@ -92,6 +92,19 @@ fn gradients_match_finite_differences() -> Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+/// Inference uses candle's fused kernels; they must give the training path's logits.
+#[test]
+fn fused_inference_matches_the_differentiable_forward() -> Result<()> {
+    let model = tiny_model(DType::F32, Pooling::Mean, Trainability::default())?;
+    let b = batch(&model)?;
+    let fused = model.logits(&b, &ForwardCtx::eval())?.flatten_all()?.to_vec1::<f32>()?;
+    let composed = model.logits(&b, &ForwardCtx::eval_differentiable())?.flatten_all()?.to_vec1::<f32>()?;
+    for (a, c) in fused.iter().zip(&composed) {
+        assert!((a - c).abs() < 1e-5, "{a} vs {c}");
     }
     Ok(())
 }

@@ -1,5 +1,9 @@
-//! The context of one forward pass: training or inference, and the seeded generator that
-//! draws dropout masks (so a step's masks depend only on the seed and the step).
+//! The context of one forward pass: whether it will be differentiated, whether dropout is on,
+//! and the seeded generator that draws dropout masks (so a step's masks depend only on the
+//! seed and the step).
+//!
+//! A pass that will not be differentiated uses candle's fused kernels (softmax, layer norm),
+//! which are faster but have no backward; one that will be uses the composed ops.
 
 use std::sync::Mutex;
 
@@ -8,25 +12,46 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::Result;
 
-/// Whether a forward pass trains (dropout on) and where its randomness comes from.
+/// Whether a forward pass trains (dropout on, differentiable) and where its randomness
+/// comes from.
 #[derive(Debug)]
 pub struct ForwardCtx {
     rng: Option<Mutex<StdRng>>,
+    differentiable: bool,
 }
 
 impl ForwardCtx {
-    /// Inference: dropout off.
+    /// Inference: dropout off, fused kernels.
     pub fn eval() -> Self {
-        Self { rng: None }
+        Self { rng: None, differentiable: false }
+    }
+
+    /// Dropout off but differentiable ops (gradient checks, deterministic training steps).
+    pub fn eval_differentiable() -> Self {
+        Self { rng: None, differentiable: true }
     }
 
     /// Training with dropout masks drawn from `seed`.
     pub fn train(seed: u64) -> Self {
-        Self { rng: Some(Mutex::new(StdRng::seed_from_u64(seed))) }
+        Self { rng: Some(Mutex::new(StdRng::seed_from_u64(seed))), differentiable: true }
     }
 
     pub fn is_train(&self) -> bool {
         self.rng.is_some()
+    }
+
+    /// True when the pass may be differentiated, so only ops with a backward may be used.
+    pub fn is_differentiable(&self) -> bool {
+        self.differentiable
+    }
+
+    /// Softmax over the last dimension: fused when the pass is not differentiated.
+    pub fn softmax_last(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.differentiable {
+            super::softmax_last(xs)
+        } else {
+            Ok(candle_nn::ops::softmax_last_dim(&xs.contiguous()?)?)
+        }
     }
 
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by
@@ -63,6 +88,7 @@ mod tests {
         assert!((200..300).contains(&zeros), "{zeros} zeros of 1000");
         assert!(a.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
         assert_eq!(ForwardCtx::eval().dropout(&x, 0.25)?.to_vec1::<f32>()?, vec![1.0; 1000]);
+        assert_eq!(ForwardCtx::eval_differentiable().dropout(&x, 0.25)?.to_vec1::<f32>()?, vec![1.0; 1000]);
         Ok(())
     }
 }

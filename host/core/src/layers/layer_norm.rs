@@ -1,8 +1,10 @@
-//! Layer normalisation over the last dimension, from differentiable ops:
-//! `y = (x - mean) / sqrt(var + eps) * weight + bias`.
+//! Layer normalisation over the last dimension:
+//! `y = (x - mean) / sqrt(var + eps) * weight + bias`, from differentiable ops when the pass
+//! may be differentiated and with candle's fused kernel otherwise.
 
-use candle_core::{D, Module, Tensor};
+use candle_core::{D, Tensor};
 
+use crate::layers::ForwardCtx;
 use crate::{Init, ParamBuilder, Result};
 
 #[derive(Debug, Clone)]
@@ -18,8 +20,15 @@ impl LayerNorm {
     }
 }
 
-impl Module for LayerNorm {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+impl LayerNorm {
+    pub fn forward(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        if !ctx.is_differentiable() {
+            return Ok(candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps as f32)?);
+        }
+        Ok(self.forward_differentiable(xs)?)
+    }
+
+    fn forward_differentiable(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let hidden = xs.dim(D::Minus1)? as f64;
         let mean = (xs.sum_keepdim(D::Minus1)? / hidden)?;
         let centred = xs.broadcast_sub(&mean)?;
@@ -34,4 +43,23 @@ pub fn layer_norm(size: usize, eps: f64, pb: &ParamBuilder) -> Result<LayerNorm>
     let weight = pb.get(&[size], "weight", Init::Ones)?;
     let bias = pb.get(&[size], "bias", Init::Zeros)?;
     Ok(LayerNorm::new(weight, bias, eps))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn fused_and_composed_layer_norm_agree() -> Result<()> {
+        let pb = ParamBuilder::random(3, DType::F32, &Device::Cpu);
+        let ln = LayerNorm::new(pb.get(&[8], "w", Init::Normal(1.0))?, pb.get(&[8], "b", Init::Normal(1.0))?, 1e-12);
+        let x = pb.get(&[2, 3, 8], "x", Init::Normal(2.0))?;
+        let fused = ln.forward(&x, &ForwardCtx::eval())?.flatten_all()?.to_vec1::<f32>()?;
+        let composed = ln.forward(&x, &ForwardCtx::eval_differentiable())?.flatten_all()?.to_vec1::<f32>()?;
+        for (a, b) in fused.iter().zip(&composed) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        Ok(())
+    }
 }
