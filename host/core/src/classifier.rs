@@ -47,6 +47,22 @@ pub struct ModelMeta {
     pub base_model: String,
 }
 
+impl ModelMeta {
+    /// The metadata of a BERT classifier with a new head, as `options` describe it.
+    fn for_new_head(options: &ClassifierOptions) -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            task: "sequence-classification".into(),
+            architecture: "bert".into(),
+            labels: options.labels.clone(),
+            pooling: options.pooling,
+            max_len: options.max_len,
+            classifier_dropout: options.classifier_dropout,
+            base_model: options.base_model.clone(),
+        }
+    }
+}
+
 /// Which parameters train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Trainability {
@@ -132,34 +148,14 @@ impl ClassifierModel {
         let weights = load_weights(dir)?;
         let text = TextEncoder::from_file(&dir.join("tokenizer.json"), options.max_len)?;
         Self::check_sizes(&config, &text, options.max_len, dir)?;
-        let meta = ModelMeta {
-            format_version: FORMAT_VERSION,
-            task: "sequence-classification".into(),
-            architecture: "bert".into(),
-            labels: options.labels.clone(),
-            pooling: options.pooling,
-            max_len: options.max_len,
-            classifier_dropout: options.classifier_dropout,
-            base_model: options.base_model.clone(),
-        };
         let pb = ParamBuilder::with_loaded(weights, true, options.seed, options.dtype, &Device::Cpu);
-        Self::build(config, pb, text, meta, options.trainability)
+        Self::build(config, pb, text, ModelMeta::for_new_head(options), options.trainability)
     }
 
     /// A classifier with random weights (tests and benchmarks).
     pub fn random(config: BertConfig, text: TextEncoder, options: &ClassifierOptions) -> Result<Self> {
-        let meta = ModelMeta {
-            format_version: FORMAT_VERSION,
-            task: "sequence-classification".into(),
-            architecture: "bert".into(),
-            labels: options.labels.clone(),
-            pooling: options.pooling,
-            max_len: options.max_len,
-            classifier_dropout: options.classifier_dropout,
-            base_model: options.base_model.clone(),
-        };
         let pb = ParamBuilder::random(options.seed, options.dtype, &Device::Cpu);
-        Self::build(config, pb, text, meta, options.trainability)
+        Self::build(config, pb, text, ModelMeta::for_new_head(options), options.trainability)
     }
 
     /// A fine-tuned model saved by [`ClassifierModel::save`], for inference.
