@@ -323,7 +323,7 @@ pub fn train_experiment(
                     "accuracy": report.accuracy, "macro_f1": report.macro_f1, "improved": improved,
                 }))?;
                 on_event(TrainEvent::Evaluated { step: state.step, report: &report, improved });
-                let dir = checkpoints.save(&state, &trainable_tensors(&trainable), &optimizer.state_tensors())?;
+                let dir = checkpoints.save(&state, &trainable_tensors(&trainable), &optimizer.state_tensors()?)?;
                 last_checkpoint_step = Some(state.step);
                 on_event(TrainEvent::Checkpointed { step: state.step, dir: &dir });
                 if epoch_done {
@@ -335,7 +335,7 @@ pub fn train_experiment(
         state.batch_in_epoch = 0;
     }
     if last_checkpoint_step != Some(state.step) {
-        let dir = checkpoints.save(&state, &trainable_tensors(&trainable), &optimizer.state_tensors())?;
+        let dir = checkpoints.save(&state, &trainable_tensors(&trainable), &optimizer.state_tensors()?)?;
         on_event(TrainEvent::Checkpointed { step: state.step, dir: &dir });
     }
 
