@@ -1,4 +1,5 @@
-//! `cargo xtask bench train`: speed of fine-tuning and inference for all-MiniLM-L6-v2 on a
+//! `cargo xtask bench train`: speed of fine-tuning (full, freeze-last-2, adapters with
+//! reduction 8, LoRA r=8 on query/value) and inference for all-MiniLM-L6-v2 on a
 //! labelled file, measured the way the reference PyTorch figures were: tokenizer padding off
 //! and each batch padded to its longest row, batches of 32 rows in file order, real
 //! (non-pad) tokens counted with [CLS]/[SEP], 2 warm-up then N timed steps of forward + cross
@@ -10,7 +11,8 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use tuneforge_core::{
-    AdamW, AdamWConfig, ClassifierModel, ClassifierOptions, ForwardCtx, ModelSource, Pooling, Trainability, train_step,
+    AdamW, AdamWConfig, AdapterPlacement, ClassifierModel, ClassifierOptions, ForwardCtx, ModelSource, PeftSpec,
+    Pooling, Trainability, train_step,
 };
 use tuneforge_data::{EncodedBatch, LabelVocab, ReadOptions, read_examples};
 
@@ -58,7 +60,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     println!("model:   {MODEL}; {} warm-up + {} timed steps\n", o.warmup, o.steps);
     println!("{:<22} {:>12} {:>12} {:>12} {:>14}", "workload", "tokens/s", "s/step", "s/1k tok", "peak RSS MiB");
     let exe = std::env::current_exe()?;
-    for mode in ["full", "freeze-last-2", "inference", "inference-batch1"] {
+    for mode in ["full", "freeze-last-2", "adapter-rf8", "lora-r8", "inference", "inference-batch1"] {
         let out = Command::new(&exe)
             .args(["bench-one", mode, "--data"])
             .arg(&o.data)
@@ -110,9 +112,30 @@ pub fn run_one(args: &[String]) -> anyhow::Result<()> {
     let dir = ModelSource::parse(MODEL)?.resolve()?;
     let data = read_examples(&o.data, &ReadOptions::default())?.examples;
     let vocab = LabelVocab::from_examples(&data);
-    let trainability = match mode.as_str() {
-        "freeze-last-2" => Trainability { train_last_layers: Some(2), train_embeddings: false },
-        _ => Trainability::default(),
+    let peft_only = Trainability { train_last_layers: None, train_embeddings: false, peft_only: true };
+    let (trainability, peft) = match mode.as_str() {
+        "freeze-last-2" => {
+            (Trainability { train_last_layers: Some(2), train_embeddings: false, peft_only: false }, PeftSpec::None)
+        }
+        "adapter-rf8" => (
+            peft_only,
+            PeftSpec::Adapter {
+                reduction_factor: 8,
+                placement: vec![AdapterPlacement::Attention, AdapterPlacement::Ffn],
+                first_layer: 0,
+            },
+        ),
+        "lora-r8" => (
+            peft_only,
+            PeftSpec::Lora {
+                rank: 8,
+                alpha: 16.0,
+                dropout: 0.1,
+                target_modules: vec!["query".into(), "value".into()],
+                first_layer: 0,
+            },
+        ),
+        _ => (Trainability::default(), PeftSpec::None),
     };
     let model = ClassifierModel::from_base(
         &dir,
@@ -125,6 +148,7 @@ pub fn run_one(args: &[String]) -> anyhow::Result<()> {
             trainability,
             base_model: MODEL.into(),
             dtype: candle_core::DType::F32,
+            peft,
         },
     )?;
     let texts: Vec<&str> = data.iter().map(|e| e.text.as_str()).collect();
@@ -142,7 +166,7 @@ pub fn run_one(args: &[String]) -> anyhow::Result<()> {
         .collect();
     let (mut tokens, mut seconds) = (0u64, 0.0f64);
     match mode.as_str() {
-        "full" | "freeze-last-2" => {
+        "full" | "freeze-last-2" | "adapter-rf8" | "lora-r8" => {
             let trainable = model.params().trainable();
             let mut opt = AdamW::new(trainable.clone(), AdamWConfig { weight_decay: 0.01, ..Default::default() })?;
             for (i, b) in batches.iter().enumerate() {

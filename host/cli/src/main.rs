@@ -27,6 +27,8 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Classify texts with a trained model.
     Predict(commands::predict::PredictArgs),
+    /// Export a LoRA model for Hugging Face PEFT, or with LoRA merged into the weights.
+    Export(commands::export::ExportArgs),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Predict(args) => commands::predict::run(args),
+        Command::Export(args) => commands::export::run(args),
     };
     match result {
         Ok(commands::Outcome::Success) => ExitCode::SUCCESS,

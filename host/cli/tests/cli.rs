@@ -275,3 +275,32 @@ fn a_killed_run_resumes_on_the_same_trajectory() {
         assert!((a - b).abs() < 1e-5, "step {s1}: {a} vs {b}");
     }
 }
+
+#[test]
+fn lora_runs_export_for_peft_and_merged() {
+    let env = Env::new();
+    let exp =
+        env.experiment("[peft]\nmethod = \"lora\"\nrank = 2\ntarget_modules = [\"query\", \"value\", \"dense\"]\n");
+    let o = env.run(&["train", "--config", exp.to_str().expect("utf8"), "--json", "--quiet", "--set", "train.lr=3e-2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = json(&o);
+    assert!(s["trainable_ratio"].as_f64().expect("ratio") < 0.3);
+    let run = env.path("runs").join(s["run_id"].as_str().expect("id"));
+    let run = run.to_str().expect("utf8");
+    let o = env.run(&["export", "--peft", run, "peft-out"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        env.path("peft-out/adapter_config.json").is_file() && env.path("peft-out/adapter_model.safetensors").is_file()
+    );
+    let o = env.run(&["export", "--merged", run, "merged"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let a = env.run(&["predict", "--model", &format!("{run}/best"), "--json", "rash itch red", "chest pain"]);
+    let b = env.run(&["predict", "--model", "merged", "--json", "rash itch red", "chest pain"]);
+    let (a, b) = (json(&a), json(&b));
+    for i in 0..2 {
+        assert_eq!(a[i]["label"], b[i]["label"]);
+        assert!((a[i]["score"].as_f64().expect("p") - b[i]["score"].as_f64().expect("p")).abs() < 1e-4);
+    }
+    let o = env.run(&["export", run, "x"]);
+    assert_eq!(o.status.code(), Some(2), "--peft or --merged is required");
+}

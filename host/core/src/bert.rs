@@ -5,10 +5,11 @@
 //! (`embeddings.word_embeddings.weight`, `encoder.layer.{i}.attention.self.query.weight`, …),
 //! so the same code loads published weights and trains from a seeded random start.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{ForwardCtx, LayerNorm, Linear, layer_norm, linear};
+use crate::layers::{Adapter, ForwardCtx, LayerNorm, Linear, Lora, layer_norm, linear};
+use crate::peft::{AdapterPlacement, PeftSpec};
 use crate::{CoreError, Init, ParamBuilder, Result};
 
 /// The activation of the feed-forward block.
@@ -162,6 +163,8 @@ impl EmbeddingRows for Tensor {
 }
 
 struct Layer {
+    attn_adapter: Option<Adapter>,
+    ffn_adapter: Option<Adapter>,
     query: Linear,
     key: Linear,
     value: Linear,
@@ -177,18 +180,30 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(cfg: &BertConfig, pb: &ParamBuilder) -> Result<Self> {
+    fn new(cfg: &BertConfig, pb: &ParamBuilder, peft: &PeftSpec, index: usize) -> Result<Self> {
         let h = cfg.hidden_size;
-        let att = pb.pp("attention");
-        let sa = att.pp("self");
+        // A linear module at `path` inside the layer, with LoRA when the spec targets it.
+        let module = |path: &str, in_dim: usize, out_dim: usize| -> Result<Linear> {
+            let mpb = path.split('.').fold(pb.clone(), |b, part| b.pp(part));
+            let l = linear(in_dim, out_dim, INIT_STD, &mpb)?;
+            match peft.lora_for(index, path) {
+                Some(cfg) => Ok(l.with_lora(Lora::new(in_dim, out_dim, cfg, &mpb)?)),
+                None => Ok(l),
+            }
+        };
+        let adapter = |place: AdapterPlacement, at: ParamBuilder| -> Result<Option<Adapter>> {
+            peft.adapter_for(index, place).map(|rf| Adapter::new(h, rf, &at.pp("adapter"))).transpose()
+        };
         Ok(Self {
-            query: linear(h, h, INIT_STD, &sa.pp("query"))?,
-            key: linear(h, h, INIT_STD, &sa.pp("key"))?,
-            value: linear(h, h, INIT_STD, &sa.pp("value"))?,
-            attn_out: linear(h, h, INIT_STD, &att.pp("output").pp("dense"))?,
-            attn_norm: layer_norm(h, cfg.layer_norm_eps, &att.pp("output").pp("LayerNorm"))?,
-            intermediate: linear(h, cfg.intermediate_size, INIT_STD, &pb.pp("intermediate").pp("dense"))?,
-            output: linear(cfg.intermediate_size, h, INIT_STD, &pb.pp("output").pp("dense"))?,
+            attn_adapter: adapter(AdapterPlacement::Attention, pb.pp("attention").pp("output"))?,
+            ffn_adapter: adapter(AdapterPlacement::Ffn, pb.pp("output"))?,
+            query: module("attention.self.query", h, h)?,
+            key: module("attention.self.key", h, h)?,
+            value: module("attention.self.value", h, h)?,
+            attn_out: module("attention.output.dense", h, h)?,
+            attn_norm: layer_norm(h, cfg.layer_norm_eps, &pb.pp("attention").pp("output").pp("LayerNorm"))?,
+            intermediate: module("intermediate.dense", h, cfg.intermediate_size)?,
+            output: module("output.dense", cfg.intermediate_size, h)?,
             out_norm: layer_norm(h, cfg.layer_norm_eps, &pb.pp("output").pp("LayerNorm"))?,
             n_heads: cfg.num_attention_heads,
             act: cfg.hidden_act,
@@ -204,21 +219,27 @@ impl Layer {
         let heads = |t: Tensor| -> candle_core::Result<Tensor> {
             t.reshape((b, l, self.n_heads, d))?.transpose(1, 2)?.contiguous()
         };
-        let q = heads(self.query.forward(x)?)?;
-        let k = heads(self.key.forward(x)?)?;
-        let v = heads(self.value.forward(x)?)?;
+        let q = heads(self.query.forward_t(x, ctx)?)?;
+        let k = heads(self.key.forward_t(x, ctx)?)?;
+        let v = heads(self.value.forward_t(x, ctx)?)?;
         let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(mask_bias)?;
         let probs = ctx.dropout(&ctx.softmax_last(&scores)?, self.attn_dropout)?;
         let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
-        let attn = ctx.dropout(&self.attn_out.forward(&context)?, self.hidden_dropout)?;
+        let mut attn = ctx.dropout(&self.attn_out.forward_t(&context, ctx)?, self.hidden_dropout)?;
+        if let Some(a) = &self.attn_adapter {
+            attn = a.forward(&attn, ctx)?;
+        }
         let x = self.attn_norm.forward(&attn.add(x)?, ctx)?;
-        let inter = self.intermediate.forward(&x)?;
+        let inter = self.intermediate.forward_t(&x, ctx)?;
         let inter = match self.act {
             Activation::Gelu => inter.gelu_erf()?,
             Activation::GeluTanh => inter.gelu()?,
             Activation::Relu => inter.relu()?,
         };
-        let out = ctx.dropout(&self.output.forward(&inter)?, self.hidden_dropout)?;
+        let mut out = ctx.dropout(&self.output.forward_t(&inter, ctx)?, self.hidden_dropout)?;
+        if let Some(a) = &self.ffn_adapter {
+            out = a.forward(&out, ctx)?;
+        }
         self.out_norm.forward(&out.add(&x)?, ctx)
     }
 }
@@ -237,12 +258,13 @@ impl std::fmt::Debug for BertEncoder {
 }
 
 impl BertEncoder {
-    /// Builds the encoder from parameters under `pb` (`embeddings.*`, `encoder.layer.*`).
-    pub fn new(config: &BertConfig, pb: &ParamBuilder) -> Result<Self> {
+    /// Builds the encoder from parameters under `pb` (`embeddings.*`, `encoder.layer.*`),
+    /// with the adapters or LoRA updates that `peft` asks for.
+    pub fn new(config: &BertConfig, pb: &ParamBuilder, peft: &PeftSpec) -> Result<Self> {
         config.validate().map_err(|message| CoreError::Param { name: "config.json".into(), message })?;
         let embeddings = Embeddings::new(config, &pb.pp("embeddings"))?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| Layer::new(config, &pb.pp("encoder").pp("layer").pp(i)))
+            .map(|i| Layer::new(config, &pb.pp("encoder").pp("layer").pp(i), peft, i))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { embeddings, layers, config: config.clone() })
     }

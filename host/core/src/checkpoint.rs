@@ -38,6 +38,12 @@ pub struct CheckpointState {
     pub best_step: Option<u64>,
     pub tokens_seen: u64,
     pub train_seconds: f64,
+    /// Evaluations since the metric last improved by at least the early-stopping delta.
+    #[serde(default)]
+    pub evals_without_improvement: u64,
+    /// Set when early stopping ended the run at this step.
+    #[serde(default)]
+    pub early_stopped_at: Option<u64>,
     /// SHA-256 of each file of the checkpoint.
     #[serde(default)]
     pub files: BTreeMap<String, String>,
@@ -189,6 +195,8 @@ mod tests {
             best_step: None,
             tokens_seen: 0,
             train_seconds: 0.0,
+            evals_without_improvement: 0,
+            early_stopped_at: None,
             files: BTreeMap::new(),
         }
     }

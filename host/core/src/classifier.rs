@@ -15,6 +15,7 @@ use tuneforge_data::{EncodedBatch, TextEncoder};
 use crate::bert::{BertConfig, BertEncoder, normalize_weight_name};
 use crate::fs_atomic::{replace_dir, write_synced};
 use crate::layers::{ForwardCtx, Linear, masked_mean};
+use crate::peft::PeftSpec;
 use crate::weights::{load_safetensors, to_safetensors_bytes};
 use crate::{CoreError, Init, ParamBuilder, ParamStore, Result};
 
@@ -45,6 +46,9 @@ pub struct ModelMeta {
     pub classifier_dropout: f64,
     /// Where the encoder came from (a model source string).
     pub base_model: String,
+    /// Adapters or LoRA the model carries.
+    #[serde(default)]
+    pub peft: PeftSpec,
 }
 
 impl ModelMeta {
@@ -59,6 +63,7 @@ impl ModelMeta {
             max_len: options.max_len,
             classifier_dropout: options.classifier_dropout,
             base_model: options.base_model.clone(),
+            peft: options.peft.clone(),
         }
     }
 }
@@ -70,11 +75,18 @@ pub struct Trainability {
     pub train_last_layers: Option<usize>,
     /// Train the embeddings even when layers are frozen.
     pub train_embeddings: bool,
+    /// Train only the adapter or LoRA parameters and the head (the base model is frozen).
+    pub peft_only: bool,
 }
 
 impl Trainability {
     fn predicate(self, n_layers: usize) -> impl Fn(&str) -> bool + Send + Sync + 'static {
         move |name: &str| match self.train_last_layers {
+            _ if self.peft_only => {
+                name.starts_with("classifier.")
+                    || PeftSpec::is_peft_param(name)
+                    || (self.train_embeddings && name.starts_with("embeddings."))
+            }
             None => true,
             Some(k) => {
                 if name.starts_with("embeddings.") {
@@ -100,6 +112,8 @@ pub struct ClassifierOptions {
     pub trainability: Trainability,
     pub base_model: String,
     pub dtype: DType,
+    /// Adapters or LoRA to add to the base model.
+    pub peft: PeftSpec,
 }
 
 /// One prediction: the best label and every label's probability (in label order).
@@ -141,6 +155,11 @@ fn load_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
 }
 
 impl ClassifierModel {
+    /// The `config.json` of a base model directory.
+    pub fn base_config(dir: &Path) -> Result<BertConfig> {
+        read_json(&dir.join("config.json"))
+    }
+
     /// A classifier with a new head over the pretrained encoder in `dir`
     /// (`config.json`, `model.safetensors`, `tokenizer.json`).
     pub fn from_base(dir: &Path, options: &ClassifierOptions) -> Result<Self> {
@@ -179,8 +198,8 @@ impl ClassifierModel {
         let weights = load_weights(dir)?;
         let pb = ParamBuilder::with_loaded(weights, true, 0, DType::F32, &Device::Cpu);
         pb.set_trainable(|_| false);
-        let model = Self::build_inner(config, pb, text, meta, true)?;
-        Ok(model)
+        pb.set_strict();
+        Self::build_inner(config, pb, text, meta)
     }
 
     fn check_sizes(config: &BertConfig, text: &TextEncoder, max_len: usize, dir: &Path) -> Result<()> {
@@ -219,16 +238,10 @@ impl ClassifierModel {
             });
         }
         pb.set_trainable(t.predicate(config.num_hidden_layers));
-        Self::build_inner(config, pb, text, meta, false)
+        Self::build_inner(config, pb, text, meta)
     }
 
-    fn build_inner(
-        config: BertConfig,
-        pb: ParamBuilder,
-        text: TextEncoder,
-        meta: ModelMeta,
-        head_required: bool,
-    ) -> Result<Self> {
+    fn build_inner(config: BertConfig, pb: ParamBuilder, text: TextEncoder, meta: ModelMeta) -> Result<Self> {
         if meta.labels.len() < 2 {
             return Err(CoreError::Config {
                 file: "data".into(),
@@ -237,16 +250,14 @@ impl ClassifierModel {
             });
         }
         let dtype = pb.dtype();
-        let encoder = BertEncoder::new(&config, &pb)?;
+        let encoder = BertEncoder::new(&config, &pb, &meta.peft)?;
         let h = config.hidden_size;
         let n = meta.labels.len();
         let hp = pb.pp("classifier");
-        let (w, b) = if head_required {
-            (hp.get(&[n, h], "weight", Init::Zeros)?, hp.get(&[n], "bias", Init::Zeros)?)
-        } else {
-            (hp.get_new(&[n, h], "weight", Init::Normal(0.02))?, hp.get_new(&[n], "bias", Init::Zeros)?)
-        };
-        let head = Linear::new(w, Some(b));
+        let head = Linear::new(
+            hp.get_new(&[n, h], "weight", Init::Normal(0.02))?,
+            Some(hp.get_new(&[n], "bias", Init::Zeros)?),
+        );
         let (params, unused) = pb.finish();
         if !unused.is_empty() {
             tracing::debug!(?unused, "weights not used by the model");

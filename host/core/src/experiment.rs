@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tuneforge_data::{DataFormat, OnError, TextEncoding};
 
-use crate::{CoreError, Pooling, Result, ScheduleKind};
+use crate::{AdapterPlacement, CoreError, PeftSpec, Pooling, Result, ScheduleKind};
 
 fn default_output_dir() -> PathBuf {
     PathBuf::from("runs")
@@ -134,6 +134,10 @@ pub enum PeftMethod {
     Full,
     /// Only the last `train_last_layers` layers and the head train.
     Freeze,
+    /// Bottleneck adapters and the head train; the base model is frozen.
+    Adapter,
+    /// LoRA updates and the head train; the base model is frozen.
+    Lora,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -141,10 +145,51 @@ pub enum PeftMethod {
 pub struct PeftSection {
     #[serde(default)]
     pub method: PeftMethod,
+    /// `freeze`: train the last K layers. `adapter`/`lora`: put them only in the last K layers.
     #[serde(default)]
     pub train_last_layers: Option<usize>,
     #[serde(default)]
     pub train_embeddings: bool,
+    /// `adapter`: bottleneck size = hidden / reduction_factor (default 16).
+    #[serde(default)]
+    pub reduction_factor: Option<usize>,
+    /// `adapter`: after `attention` and/or `ffn` (default both).
+    #[serde(default)]
+    pub placement: Option<Vec<AdapterPlacement>>,
+    /// `lora`: rank r (default 8).
+    #[serde(default)]
+    pub rank: Option<usize>,
+    /// `lora`: scale α (the update is multiplied by α/r; default 16).
+    #[serde(default)]
+    pub alpha: Option<f64>,
+    /// `lora`: dropout on the LoRA input (default 0.1).
+    #[serde(default)]
+    pub lora_dropout: Option<f64>,
+    /// `lora`: module names to adapt, e.g. query, key, value, dense (default query, value).
+    #[serde(default)]
+    pub target_modules: Option<Vec<String>>,
+}
+
+impl PeftSection {
+    /// The modules to add to a model of `n_layers` layers.
+    pub fn spec(&self, n_layers: usize) -> PeftSpec {
+        let first_layer = self.train_last_layers.map_or(0, |k| n_layers.saturating_sub(k));
+        match self.method {
+            PeftMethod::Full | PeftMethod::Freeze => PeftSpec::None,
+            PeftMethod::Adapter => PeftSpec::Adapter {
+                reduction_factor: self.reduction_factor.unwrap_or(16),
+                placement: self.placement.clone().unwrap_or(vec![AdapterPlacement::Attention, AdapterPlacement::Ffn]),
+                first_layer,
+            },
+            PeftMethod::Lora => PeftSpec::Lora {
+                rank: self.rank.unwrap_or(8),
+                alpha: self.alpha.unwrap_or(16.0),
+                dropout: self.lora_dropout.unwrap_or(0.1),
+                target_modules: self.target_modules.clone().unwrap_or(vec!["query".into(), "value".into()]),
+                first_layer,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,6 +226,12 @@ pub struct TrainSection {
     pub keep_checkpoints: usize,
     #[serde(default = "default_true")]
     pub group_by_length: bool,
+    /// Stop after this many evaluations without an improvement of at least
+    /// `early_stopping_min_delta` in `metric_for_best`; absent: never stop early.
+    #[serde(default)]
+    pub early_stopping_patience: Option<u64>,
+    #[serde(default)]
+    pub early_stopping_min_delta: f64,
 }
 
 impl Default for TrainSection {
@@ -200,6 +251,8 @@ impl Default for TrainSection {
             metric_for_best: BestMetric::default(),
             keep_checkpoints: default_keep_checkpoints(),
             group_by_length: true,
+            early_stopping_patience: None,
+            early_stopping_min_delta: 0.0,
         }
     }
 }
@@ -313,6 +366,15 @@ impl ExperimentConfig {
         if !(0.0..1.0).contains(&t.warmup_ratio) {
             return Err(("train.warmup_ratio", format!("must be in [0, 1), got {}", t.warmup_ratio)));
         }
+        if t.early_stopping_patience == Some(0) {
+            return Err(("train.early_stopping_patience", "must be at least 1".into()));
+        }
+        if !(t.early_stopping_min_delta.is_finite() && t.early_stopping_min_delta >= 0.0) {
+            return Err((
+                "train.early_stopping_min_delta",
+                format!("must be a number >= 0, got {}", t.early_stopping_min_delta),
+            ));
+        }
         if t.keep_checkpoints == 0 {
             return Err(("train.keep_checkpoints", "must be at least 1".into()));
         }
@@ -339,22 +401,63 @@ impl ExperimentConfig {
         if m.source.trim().is_empty() {
             return Err(("model.source", "is empty".into()));
         }
-        match (self.peft.method, self.peft.train_last_layers) {
+        self.validate_peft()?;
+        if let Some(r) = self.gates.max_trainable_ratio
+            && !(0.0..=1.0).contains(&r)
+        {
+            return Err(("gates.max_trainable_ratio", format!("must be in [0, 1], got {r}")));
+        }
+        Ok(())
+    }
+}
+
+impl ExperimentConfig {
+    fn validate_peft(&self) -> std::result::Result<(), (&'static str, String)> {
+        let p = &self.peft;
+        let m = p.method;
+        match (m, p.train_last_layers) {
             (PeftMethod::Freeze, None) => {
                 return Err(("peft.train_last_layers", "is required with method = \"freeze\"".into()));
             }
             (PeftMethod::Full, Some(_)) => {
                 return Err((
                     "peft.train_last_layers",
-                    "applies to method = \"freeze\"; with \"full\" every layer trains".into(),
+                    "does not apply to method = \"full\" (every layer trains)".into(),
                 ));
             }
+            (_, Some(0)) => return Err(("peft.train_last_layers", "must be at least 1".into())),
             _ => {}
         }
-        if let Some(r) = self.gates.max_trainable_ratio
-            && !(0.0..=1.0).contains(&r)
+        let only = |key: &'static str, set: bool, method: PeftMethod, name: &str| {
+            if set && m != method { Err((key, format!("applies to method = \"{name}\" only"))) } else { Ok(()) }
+        };
+        only("peft.reduction_factor", p.reduction_factor.is_some(), PeftMethod::Adapter, "adapter")?;
+        only("peft.placement", p.placement.is_some(), PeftMethod::Adapter, "adapter")?;
+        only("peft.rank", p.rank.is_some(), PeftMethod::Lora, "lora")?;
+        only("peft.alpha", p.alpha.is_some(), PeftMethod::Lora, "lora")?;
+        only("peft.lora_dropout", p.lora_dropout.is_some(), PeftMethod::Lora, "lora")?;
+        only("peft.target_modules", p.target_modules.is_some(), PeftMethod::Lora, "lora")?;
+        if p.reduction_factor == Some(0) {
+            return Err(("peft.reduction_factor", "must be at least 1".into()));
+        }
+        if p.placement.as_ref().is_some_and(Vec::is_empty) {
+            return Err(("peft.placement", "names no place (use \"attention\" and/or \"ffn\")".into()));
+        }
+        if p.rank == Some(0) {
+            return Err(("peft.rank", "must be at least 1".into()));
+        }
+        if let Some(a) = p.alpha
+            && !(a.is_finite() && a > 0.0)
         {
-            return Err(("gates.max_trainable_ratio", format!("must be in [0, 1], got {r}")));
+            return Err(("peft.alpha", format!("must be a positive number, got {a}")));
+        }
+        if let Some(d) = p.lora_dropout
+            && !(0.0..1.0).contains(&d)
+        {
+            return Err(("peft.lora_dropout", format!("must be in [0, 1), got {d}")));
+        }
+        if p.target_modules.as_ref().is_some_and(|t| t.is_empty() || t.iter().any(|s| s.trim().is_empty())) {
+            return Err(("peft.target_modules", "must name at least one module, e.g. [\"query\", \"value\"]".into()));
         }
         Ok(())
     }
@@ -445,8 +548,20 @@ lr = 1e-3
     fn peft_needs_consistent_keys() {
         let e = err(GOOD, &["peft.method=freeze"]);
         assert_eq!(e, "exp.toml: peft.train_last_layers: is required with method = \"freeze\"");
-        let e = err(GOOD, &["peft.method=lora"]);
-        assert!(e.starts_with("exp.toml: peft.method: unknown variant `lora`"), "{e}");
+        let e = err(GOOD, &["peft.method=prefix"]);
+        assert!(e.starts_with("exp.toml: peft.method: unknown variant `prefix`"), "{e}");
+        assert_eq!(err(GOOD, &["peft.rank=4"]), "exp.toml: peft.rank: applies to method = \"lora\" only");
+        assert_eq!(
+            err(GOOD, &["peft.method=adapter", "peft.placement=[]"]),
+            "exp.toml: peft.placement: names no place (use \"attention\" and/or \"ffn\")"
+        );
+        let c = ExperimentConfig::from_toml(
+            GOOD,
+            "exp.toml",
+            &["peft.method=lora".into(), "peft.train_last_layers=2".into()],
+        )
+        .expect("lora in the last 2 layers");
+        assert!(matches!(c.peft.spec(6), PeftSpec::Lora { rank: 8, first_layer: 4, .. }));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::{CoreError, Result};
 
 /// Writes `bytes` to `path` atomically.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = parent_dir(path);
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let mut f = File::create(&tmp).map_err(CoreError::io(&tmp))?;
@@ -18,6 +18,11 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     drop(f);
     fs::rename(&tmp, path).map_err(CoreError::io(path))?;
     sync_dir(dir)
+}
+
+/// The directory holding `path` (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
 }
 
 /// Writes `bytes` to a new file and fsyncs it (for files inside a directory that is renamed
@@ -45,9 +50,7 @@ pub(crate) fn replace_dir(staged: &Path, target: &Path) -> Result<()> {
         fs::rename(target, &old).map_err(CoreError::io(target))?;
     }
     fs::rename(staged, target).map_err(CoreError::io(target))?;
-    if let Some(parent) = target.parent() {
-        sync_dir(parent)?;
-    }
+    sync_dir(parent_dir(target))?;
     if old.exists() {
         fs::remove_dir_all(&old).map_err(CoreError::io(&old))?;
     }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{SeedableRng, rngs::StdRng};
+use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr_lite::normal;
 
 use crate::{CoreError, Result};
@@ -22,6 +22,8 @@ pub enum Init {
     Ones,
     /// Normal with mean 0 and this standard deviation.
     Normal(f64),
+    /// Uniform on `[-bound, bound]`.
+    Uniform(f64),
 }
 
 type TrainablePredicate = Box<dyn Fn(&str) -> bool + Send + Sync>;
@@ -31,6 +33,8 @@ struct BuilderState {
     /// When true, every parameter except those asked for with [`ParamBuilder::get_new`] must
     /// be in `loaded`.
     require_loaded: bool,
+    /// When true, even parameters asked for with [`ParamBuilder::get_new`] must be loaded.
+    strict: bool,
     params: BTreeMap<String, Param>,
     rng: StdRng,
     trainable: TrainablePredicate,
@@ -75,6 +79,7 @@ impl ParamBuilder {
         let state = BuilderState {
             loaded,
             require_loaded,
+            strict: false,
             params: BTreeMap::new(),
             rng: StdRng::seed_from_u64(seed),
             trainable: Box::new(|_| true),
@@ -85,6 +90,14 @@ impl ParamBuilder {
     /// Sets which full parameter names are trainable (default: all).
     pub fn set_trainable(&self, predicate: impl Fn(&str) -> bool + Send + Sync + 'static) {
         self.lock().trainable = Box::new(predicate);
+    }
+
+    /// Requires every parameter, new ones included, to be in the loaded weights (for loading
+    /// a saved model, where a missing tensor means a damaged or mismatched file).
+    pub fn set_strict(&self) {
+        let mut state = self.lock();
+        state.strict = true;
+        state.require_loaded = true;
     }
 
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
@@ -130,7 +143,7 @@ impl ParamBuilder {
                 }
                 t.to_dtype(self.dtype)?.to_device(&self.device)?
             }
-            None if state.require_loaded && !is_new => {
+            None if state.require_loaded && (!is_new || state.strict) => {
                 return Err(CoreError::Param { name: full, message: "is missing from the weights file".into() });
             }
             None => init_tensor(&mut state.rng, shape, init, self.dtype, &self.device)?,
@@ -169,6 +182,10 @@ fn init_tensor(rng: &mut StdRng, shape: &[usize], init: Init, dtype: DType, devi
         Init::Ones => Tensor::ones(shape, dtype, device)?,
         Init::Normal(std) => {
             let values: Vec<f64> = (0..n).map(|_| normal(rng) * std).collect();
+            Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?
+        }
+        Init::Uniform(bound) => {
+            let values: Vec<f64> = (0..n).map(|_| (rng.random::<f64>() * 2.0 - 1.0) * bound).collect();
             Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?
         }
     };

@@ -99,6 +99,10 @@ pub struct RunSummary {
     pub validation: Option<EvalReport>,
     pub gates: Vec<GateResult>,
     pub gates_passed: bool,
+    /// The step at which early stopping ended the run, if it did.
+    pub early_stopped_at: Option<u64>,
+    /// The adapters or LoRA the model carries.
+    pub peft: crate::PeftSpec,
 }
 
 /// The result of [`train_experiment`].
@@ -143,10 +147,16 @@ pub fn load_experiment_data(cfg: &ExperimentConfig) -> Result<(Vec<Example>, Vec
 }
 
 fn trainability(cfg: &ExperimentConfig) -> Trainability {
-    match cfg.peft.method {
+    let p = &cfg.peft;
+    match p.method {
         PeftMethod::Full => Trainability::default(),
-        PeftMethod::Freeze => {
-            Trainability { train_last_layers: cfg.peft.train_last_layers, train_embeddings: cfg.peft.train_embeddings }
+        PeftMethod::Freeze => Trainability {
+            train_last_layers: p.train_last_layers,
+            train_embeddings: p.train_embeddings,
+            peft_only: false,
+        },
+        PeftMethod::Adapter | PeftMethod::Lora => {
+            Trainability { train_last_layers: None, train_embeddings: p.train_embeddings, peft_only: true }
         }
     }
 }
@@ -207,6 +217,7 @@ pub fn train_experiment(
             trainability: trainability(&cfg),
             base_model: source.spec(),
             dtype: DType::F32,
+            peft: cfg.peft.spec(ClassifierModel::base_config(&base_dir)?.num_hidden_layers),
         },
     )?;
     let texts: Vec<&str> = train.iter().map(|e| e.text.as_str()).collect();
@@ -236,6 +247,8 @@ pub fn train_experiment(
         best_step: None,
         tokens_seen: 0,
         train_seconds: 0.0,
+        evals_without_improvement: 0,
+        early_stopped_at: None,
         files: Default::default(),
     };
     if options.resume.is_some() {
@@ -262,7 +275,7 @@ pub fn train_experiment(
     let pad = model.text_encoder().pad_id();
     let mut stopped = false;
     let mut last_checkpoint_step = if options.resume.is_some() { Some(state.step) } else { None };
-    'epochs: while state.epoch < t.epochs {
+    'epochs: while state.epoch < t.epochs && state.early_stopped_at.is_none() {
         let batches = plan.epoch(state.epoch);
         while state.batch_in_epoch < batches.len() {
             if options.stop_after_steps.is_some_and(|s| state.step >= s) {
@@ -313,6 +326,14 @@ pub fn train_experiment(
                 let report = evaluate(&model, &validation, eval_bs)?;
                 let value = metric_value(t.metric_for_best, &report);
                 let improved = state.best_metric.is_none_or(|b| value > b);
+                if state.best_metric.is_none_or(|b| value > b + t.early_stopping_min_delta) {
+                    state.evals_without_improvement = 0;
+                } else {
+                    state.evals_without_improvement += 1;
+                }
+                if t.early_stopping_patience.is_some_and(|p| state.evals_without_improvement >= p) {
+                    state.early_stopped_at = Some(state.step);
+                }
                 if improved {
                     state.best_metric = Some(value);
                     state.best_step = Some(state.step);
@@ -326,6 +347,9 @@ pub fn train_experiment(
                 let dir = checkpoints.save(&state, &trainable_tensors(&trainable), &optimizer.state_tensors()?)?;
                 last_checkpoint_step = Some(state.step);
                 on_event(TrainEvent::Checkpointed { step: state.step, dir: &dir });
+                if state.early_stopped_at.is_some() {
+                    break 'epochs;
+                }
                 if epoch_done {
                     continue 'epochs;
                 }
@@ -376,6 +400,8 @@ pub fn train_experiment(
         gates_passed: gates.iter().all(|g| g.passed),
         validation: validation_report,
         gates,
+        early_stopped_at: state.early_stopped_at,
+        peft: model.meta().peft.clone(),
     };
     let json = serde_json::to_vec_pretty(&summary).map_err(|e| CoreError::file(run.summary(), e.to_string()))?;
     crate::fs_atomic::write_atomic(&run.summary(), &json)?;

@@ -8,8 +8,8 @@ use candle_core::{DType, Tensor};
 use tuneforge_core::bert::BertConfig;
 use tuneforge_core::testing::{tiny_tokenizer, write_tiny_model_dir};
 use tuneforge_core::{
-    AdamW, AdamWConfig, ClassifierModel, ClassifierOptions, ExperimentConfig, ForwardCtx, Pooling, Result, RunOptions,
-    Trainability, train_experiment,
+    AdamW, AdamWConfig, ClassifierModel, ClassifierOptions, ExperimentConfig, ForwardCtx, PeftSpec, Pooling, Result,
+    RunOptions, Trainability, train_experiment,
 };
 use tuneforge_data::{EncodedBatch, TextEncoder};
 
@@ -34,6 +34,7 @@ fn tiny_model(dtype: DType, pooling: Pooling, trainability: Trainability) -> Res
             trainability,
             base_model: "tiny".into(),
             dtype,
+            peft: PeftSpec::None,
         },
     )
 }
@@ -111,8 +112,11 @@ fn fused_inference_matches_the_differentiable_forward() -> Result<()> {
 
 #[test]
 fn one_step_moves_every_trainable_tensor_and_no_frozen_one() -> Result<()> {
-    let model =
-        tiny_model(DType::F32, Pooling::Mean, Trainability { train_last_layers: Some(1), train_embeddings: false })?;
+    let model = tiny_model(
+        DType::F32,
+        Pooling::Mean,
+        Trainability { train_last_layers: Some(1), train_embeddings: false, peft_only: false },
+    )?;
     let before: HashMap<String, Vec<f32>> = model
         .params()
         .tensors()
@@ -264,5 +268,175 @@ fn a_stopped_and_resumed_run_follows_the_uninterrupted_trajectory() -> Result<()
         assert!((x - y).abs() < 1e-5, "step {}: {x} vs {y}", i + 1);
     }
     assert_eq!(full.summary.best_value, resumed.summary.best_value);
+    Ok(())
+}
+
+// ---- parameter-efficient methods ----
+
+fn peft_model(dir: &Path, peft: PeftSpec, trainability: Trainability) -> Result<ClassifierModel> {
+    ClassifierModel::from_base(
+        dir,
+        &ClassifierOptions {
+            labels: vec!["acne".into(), "angina".into(), "flu".into()],
+            pooling: Pooling::Mean,
+            max_len: 16,
+            classifier_dropout: 0.0,
+            seed: 1,
+            trainability,
+            base_model: "tiny".into(),
+            dtype: DType::F32,
+            peft,
+        },
+    )
+}
+
+fn lora(first_layer: usize) -> PeftSpec {
+    PeftSpec::Lora {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: vec!["query".into(), "value".into(), "dense".into()],
+        first_layer,
+    }
+}
+
+fn adapter(first_layer: usize) -> PeftSpec {
+    PeftSpec::Adapter {
+        reduction_factor: 4,
+        placement: vec![tuneforge_core::AdapterPlacement::Attention, tuneforge_core::AdapterPlacement::Ffn],
+        first_layer,
+    }
+}
+
+const PEFT_ONLY: Trainability = Trainability { train_last_layers: None, train_embeddings: false, peft_only: true };
+
+#[test]
+fn fresh_adapters_and_lora_compute_the_base_model() -> Result<()> {
+    let fx = Fixture::new()?;
+    let dir = fx.root.join("model");
+    let texts = ["fever cough hot", "rash itch red skin", "chest pain tired"];
+    let base = peft_model(&dir, PeftSpec::None, Trainability::default())?.embeddings(&texts, 8)?;
+    for spec in [lora(0), adapter(0), adapter(1)] {
+        let model = peft_model(&dir, spec.clone(), PEFT_ONLY)?;
+        let got = model.embeddings(&texts, 8)?;
+        for (a, b) in base.iter().flatten().zip(got.iter().flatten()) {
+            assert!((a - b).abs() < 1e-6, "{spec:?}: {a} vs {b}");
+        }
+        let names: Vec<String> = model.params().trainable().into_iter().map(|(n, _)| n).collect();
+        assert!(names.iter().all(|n| n.starts_with("classifier.") || PeftSpec::is_peft_param(n)), "{names:?}");
+    }
+    Ok(())
+}
+
+/// With weight decay off, two AdamW steps move every LoRA and adapter tensor (A only gets a
+/// gradient once B has left zero) and no base tensor.
+#[test]
+fn two_steps_move_every_peft_tensor_and_no_base_tensor() -> Result<()> {
+    let fx = Fixture::new()?;
+    for spec in [lora(0), adapter(0)] {
+        let model = peft_model(&fx.root.join("model"), spec.clone(), PEFT_ONLY)?;
+        let snapshot = |m: &ClassifierModel| -> Result<HashMap<String, Vec<f32>>> {
+            m.params().tensors().into_iter().map(|(n, t)| Ok((n, t.flatten_all()?.to_vec1::<f32>()?))).collect()
+        };
+        let before = snapshot(&model)?;
+        let vars = model.params().trainable();
+        let mut opt = AdamW::new(vars.clone(), AdamWConfig { weight_decay: 0.0, ..Default::default() })?;
+        let b = batch(&model)?;
+        for step in 0..2 {
+            tuneforge_core::train_step(&model, &vars, &mut opt, std::slice::from_ref(&b), &[step], 0.0, 1e-2)?;
+        }
+        let after = snapshot(&model)?;
+        for (name, v) in &after {
+            let moved = *v != before[name];
+            let trainable = name.starts_with("classifier.") || PeftSpec::is_peft_param(name);
+            assert_eq!(moved, trainable, "{spec:?}: {name}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn lora_trains_with_a_frozen_base_merges_and_exports() -> Result<()> {
+    let fx = Fixture::new()?;
+    let cfg = fx.config(
+        "",
+        &[
+            "peft.method=lora",
+            "peft.rank=4",
+            "peft.alpha=8",
+            "peft.target_modules=[\"query\",\"value\"]",
+            "train.lr=2e-2",
+        ],
+    )?;
+    let out = train_experiment(cfg, &RunOptions::default(), &mut |_| {})?;
+    assert!(matches!(out.summary.peft, PeftSpec::Lora { rank: 4, .. }));
+    assert!(out.summary.validation.as_ref().expect("report").accuracy >= 0.9);
+    let base = candle_core::safetensors::load(fx.root.join("model/model.safetensors"), &candle_core::Device::Cpu)?;
+    let tuned = candle_core::safetensors::load(out.run.best().join("model.safetensors"), &candle_core::Device::Cpu)?;
+    for (name, t) in &base {
+        let same = t.flatten_all()?.to_vec1::<f32>()? == tuned[name].flatten_all()?.to_vec1::<f32>()?;
+        assert!(same, "{name} changed");
+    }
+    // LoRA on query and value of both layers (A: 4x16, B: 16x4) and a 3-label head.
+    let trainable = 2 * 2 * (4 * 16 + 16 * 4) + 3 * 16 + 3;
+    assert_eq!(out.summary.params_trainable, trainable);
+
+    let model = ClassifierModel::load(&out.run.best())?;
+    let merged_dir = fx.root.join("merged");
+    tuneforge_core::export::export_merged(&out.run.best(), &merged_dir)?;
+    let merged = ClassifierModel::load(&merged_dir)?;
+    assert!(merged.params().tensors().iter().all(|(n, _)| !PeftSpec::is_peft_param(n)));
+    let b = batch(&model)?;
+    let x = model.logits(&b, &ForwardCtx::eval())?.flatten_all()?.to_vec1::<f32>()?;
+    let y = merged.logits(&b, &ForwardCtx::eval())?.flatten_all()?.to_vec1::<f32>()?;
+    for (a, c) in x.iter().zip(&y) {
+        assert!((a - c).abs() < 1e-4, "merged {c} vs unmerged {a}");
+    }
+
+    let peft_dir = fx.root.join("peft");
+    tuneforge_core::export::export_peft(out.run.root(), &peft_dir)?;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft_dir.join("adapter_config.json")).expect("config"))
+            .expect("json");
+    assert_eq!((cfg["peft_type"].as_str(), cfg["r"].as_u64()), (Some("LORA"), Some(4)));
+    let adapter =
+        candle_core::safetensors::load(peft_dir.join("adapter_model.safetensors"), &candle_core::Device::Cpu)?;
+    let mut keys: Vec<&String> = adapter.keys().collect();
+    keys.sort();
+    assert_eq!(keys.len(), 8);
+    assert_eq!(keys[0], "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight");
+    assert_eq!(adapter[keys[0]].dims(), [4, 16]);
+    // Adapters are not LoRA: merging them is refused with a clear message.
+    let e = tuneforge_core::export::export_merged(&merged_dir, &fx.root.join("again")).expect_err("no LoRA");
+    assert!(e.to_string().contains("not LoRA"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn adapters_in_the_last_layer_train_and_reload() -> Result<()> {
+    let fx = Fixture::new()?;
+    let cfg = fx
+        .config("", &["peft.method=adapter", "peft.reduction_factor=4", "peft.train_last_layers=1", "train.lr=2e-2"])?;
+    let out = train_experiment(cfg, &RunOptions::default(), &mut |_| {})?;
+    let model = ClassifierModel::load(&out.run.best())?;
+    let names: Vec<String> = model.params().tensors().into_iter().map(|(n, _)| n).collect();
+    assert!(names.iter().any(|n| n.starts_with("encoder.layer.1.attention.output.adapter.down")));
+    assert!(!names.iter().any(|n| n.starts_with("encoder.layer.0.") && n.contains(".adapter.")));
+    // Two adapters (16->4->16) in layer 1 and the head.
+    assert_eq!(out.summary.params_trainable, 2 * (16 * 4 + 4 + 4 * 16 + 16) + 3 * 16 + 3);
+    assert!(out.summary.validation.as_ref().expect("report").accuracy >= 0.9);
+    Ok(())
+}
+
+#[test]
+fn early_stopping_ends_the_run_when_the_metric_stalls() -> Result<()> {
+    let fx = Fixture::new()?;
+    // No evaluation can improve accuracy by a whole point, so the second one stops the run.
+    let cfg = fx.config("early_stopping_patience = 1\nearly_stopping_min_delta = 1.0\n", &["train.epochs=10"])?;
+    let out = train_experiment(cfg, &RunOptions::default(), &mut |_| {})?;
+    assert_eq!(out.summary.early_stopped_at, Some(6));
+    assert_eq!(out.summary.steps, 6);
+    assert_eq!(out.summary.total_steps, 30);
+    assert_eq!(out.summary.status, "completed");
     Ok(())
 }

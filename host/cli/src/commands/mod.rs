@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod eval;
+pub mod export;
 pub mod predict;
 pub mod train;
 

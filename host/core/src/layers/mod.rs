@@ -4,12 +4,14 @@
 //! gradients silently stop at them. Everything here that training touches is composed of
 //! differentiable primitives, and the gradient tests check it against finite differences.
 
+mod adapter;
 mod ctx;
 mod layer_norm;
 mod linear;
 mod ops;
 
+pub use adapter::Adapter;
 pub use ctx::ForwardCtx;
 pub use layer_norm::{LayerNorm, layer_norm};
-pub use linear::{Linear, linear};
+pub use linear::{Linear, Lora, LoraConfig, linear};
 pub use ops::{masked_mean, softmax_last};

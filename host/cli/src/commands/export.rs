@@ -1,0 +1,39 @@
+//! `tuneforge export`: a LoRA model in Hugging Face PEFT's layout, or with LoRA merged.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use tuneforge_core::export::{export_merged, export_peft};
+
+use super::Outcome;
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("kind").required(true).args(["peft", "merged"]))]
+pub struct ExportArgs {
+    /// Write adapter_config.json + adapter_model.safetensors (Hugging Face PEFT layout).
+    #[arg(long)]
+    peft: bool,
+    /// Write a tuneforge model directory with the LoRA updates folded into the base weights.
+    #[arg(long)]
+    merged: bool,
+    /// A run directory (its best/ model) or a model directory.
+    #[arg(value_name = "RUN_DIR")]
+    model: PathBuf,
+    /// The directory to write (replaced if it exists).
+    #[arg(value_name = "OUT")]
+    out: PathBuf,
+}
+
+pub fn run(args: ExportArgs) -> anyhow::Result<Outcome> {
+    if args.peft {
+        export_peft(&args.model, &args.out)?;
+        println!(
+            "wrote {} (adapter_config.json, adapter_model.safetensors, classifier_head.safetensors)",
+            args.out.display()
+        );
+    } else {
+        export_merged(&args.model, &args.out)?;
+        println!("wrote {} (a model directory with LoRA merged)", args.out.display());
+    }
+    Ok(Outcome::Success)
+}
