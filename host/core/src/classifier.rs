@@ -49,6 +49,9 @@ pub struct ModelMeta {
     /// Adapters or LoRA the model carries.
     #[serde(default)]
     pub peft: PeftSpec,
+    /// The base layers that trained besides the adapters or LoRA (the last K), if any.
+    #[serde(default)]
+    pub trained_last_layers: Option<usize>,
 }
 
 impl ModelMeta {
@@ -64,6 +67,7 @@ impl ModelMeta {
             classifier_dropout: options.classifier_dropout,
             base_model: options.base_model.clone(),
             peft: options.peft.clone(),
+            trained_last_layers: options.trainability.train_last_layers,
         }
     }
 }
@@ -75,7 +79,8 @@ pub struct Trainability {
     pub train_last_layers: Option<usize>,
     /// Train the embeddings even when layers are frozen.
     pub train_embeddings: bool,
-    /// Train only the adapter or LoRA parameters and the head (the base model is frozen).
+    /// Train the adapter or LoRA parameters and the head; the base model is frozen except
+    /// for the last `train_last_layers` layers, when given.
     pub peft_only: bool,
 }
 
@@ -83,8 +88,13 @@ impl Trainability {
     fn predicate(self, n_layers: usize) -> impl Fn(&str) -> bool + Send + Sync + 'static {
         move |name: &str| match self.train_last_layers {
             _ if self.peft_only => {
+                let in_trained_layer = match (self.train_last_layers, BertEncoder::layer_of(name)) {
+                    (Some(k), Some(i)) => i + k >= n_layers,
+                    _ => false,
+                };
                 name.starts_with("classifier.")
                     || PeftSpec::is_peft_param(name)
+                    || in_trained_layer
                     || (self.train_embeddings && name.starts_with("embeddings."))
             }
             None => true,

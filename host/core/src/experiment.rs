@@ -145,7 +145,8 @@ pub enum PeftMethod {
 pub struct PeftSection {
     #[serde(default)]
     pub method: PeftMethod,
-    /// `freeze`: train the last K layers. `adapter`/`lora`: put them only in the last K layers.
+    /// `freeze`: train the last K layers. `adapter`/`lora`: also train the last K layers'
+    /// base weights (the adapters or LoRA updates sit in every layer).
     #[serde(default)]
     pub train_last_layers: Option<usize>,
     #[serde(default)]
@@ -171,9 +172,9 @@ pub struct PeftSection {
 }
 
 impl PeftSection {
-    /// The modules to add to a model of `n_layers` layers.
-    pub fn spec(&self, n_layers: usize) -> PeftSpec {
-        let first_layer = self.train_last_layers.map_or(0, |k| n_layers.saturating_sub(k));
+    /// The modules to add to a model (in every layer).
+    pub fn spec(&self) -> PeftSpec {
+        let first_layer = 0;
         match self.method {
             PeftMethod::Full | PeftMethod::Freeze => PeftSpec::None,
             PeftMethod::Adapter => PeftSpec::Adapter {
@@ -561,7 +562,7 @@ lr = 1e-3
             &["peft.method=lora".into(), "peft.train_last_layers=2".into()],
         )
         .expect("lora in the last 2 layers");
-        assert!(matches!(c.peft.spec(6), PeftSpec::Lora { rank: 8, first_layer: 4, .. }));
+        assert!(matches!(c.peft.spec(), PeftSpec::Lora { rank: 8, first_layer: 0, .. }));
     }
 
     #[test]

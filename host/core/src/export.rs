@@ -64,6 +64,15 @@ pub fn export_peft(model: &Path, out: &Path) -> Result<()> {
     let model_dir = &model_dir_of(model);
     let (meta, tensors) = read_model(model_dir)?;
     let (rank, alpha, dropout, targets, first_layer) = lora_params(&meta, model_dir)?;
+    if let Some(k) = meta.trained_last_layers {
+        return Err(CoreError::file(
+            model_dir,
+            format!(
+                "the run also trained the base weights of the last {k} layers, which PEFT's LoRA files cannot \
+                 carry; use `tuneforge export --merged`"
+            ),
+        ));
+    }
     let n_layers = tensors.keys().filter_map(|k| crate::bert::BertEncoder::layer_of(k)).max().map_or(0, |m| m + 1);
     let mut config = serde_json::json!({
         "peft_type": "LORA",

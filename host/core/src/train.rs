@@ -155,9 +155,11 @@ fn trainability(cfg: &ExperimentConfig) -> Trainability {
             train_embeddings: p.train_embeddings,
             peft_only: false,
         },
-        PeftMethod::Adapter | PeftMethod::Lora => {
-            Trainability { train_last_layers: None, train_embeddings: p.train_embeddings, peft_only: true }
-        }
+        PeftMethod::Adapter | PeftMethod::Lora => Trainability {
+            train_last_layers: p.train_last_layers,
+            train_embeddings: p.train_embeddings,
+            peft_only: true,
+        },
     }
 }
 
@@ -217,7 +219,7 @@ pub fn train_experiment(
             trainability: trainability(&cfg),
             base_model: source.spec(),
             dtype: DType::F32,
-            peft: cfg.peft.spec(ClassifierModel::base_config(&base_dir)?.num_hidden_layers),
+            peft: cfg.peft.spec(),
         },
     )?;
     let texts: Vec<&str> = train.iter().map(|e| e.text.as_str()).collect();

@@ -316,7 +316,7 @@ fn fresh_adapters_and_lora_compute_the_base_model() -> Result<()> {
     let dir = fx.root.join("model");
     let texts = ["fever cough hot", "rash itch red skin", "chest pain tired"];
     let base = peft_model(&dir, PeftSpec::None, Trainability::default())?.embeddings(&texts, 8)?;
-    for spec in [lora(0), adapter(0), adapter(1)] {
+    for spec in [lora(0), lora(1), adapter(0), adapter(1)] {
         let model = peft_model(&dir, spec.clone(), PEFT_ONLY)?;
         let got = model.embeddings(&texts, 8)?;
         for (a, b) in base.iter().flatten().zip(got.iter().flatten()) {
@@ -412,19 +412,31 @@ fn lora_trains_with_a_frozen_base_merges_and_exports() -> Result<()> {
     Ok(())
 }
 
+/// Adapters everywhere plus the last layer's base weights train; layer 0 and the
+/// embeddings stay bit-identical.
 #[test]
-fn adapters_in_the_last_layer_train_and_reload() -> Result<()> {
+fn adapters_combine_with_training_the_last_layer() -> Result<()> {
     let fx = Fixture::new()?;
     let cfg = fx
         .config("", &["peft.method=adapter", "peft.reduction_factor=4", "peft.train_last_layers=1", "train.lr=2e-2"])?;
     let out = train_experiment(cfg, &RunOptions::default(), &mut |_| {})?;
     let model = ClassifierModel::load(&out.run.best())?;
     let names: Vec<String> = model.params().tensors().into_iter().map(|(n, _)| n).collect();
-    assert!(names.iter().any(|n| n.starts_with("encoder.layer.1.attention.output.adapter.down")));
-    assert!(!names.iter().any(|n| n.starts_with("encoder.layer.0.") && n.contains(".adapter.")));
-    // Two adapters (16->4->16) in layer 1 and the head.
-    assert_eq!(out.summary.params_trainable, 2 * (16 * 4 + 4 + 4 * 16 + 16) + 3 * 16 + 3);
+    for layer in 0..2 {
+        assert!(names.iter().any(|n| n.starts_with(&format!("encoder.layer.{layer}.attention.output.adapter.down"))));
+        assert!(names.iter().any(|n| n.starts_with(&format!("encoder.layer.{layer}.output.adapter.up"))));
+    }
+    // Four adapters (16->4->16), layer 1 (h=16, ffn=32) and the head.
+    let adapters = 4 * (16 * 4 + 4 + 4 * 16 + 16);
+    let layer = 4 * (16 * 16 + 16) + 2 * 2 * 16 + (16 * 32 + 32) + (32 * 16 + 16);
+    assert_eq!(out.summary.params_trainable, adapters + layer + 3 * 16 + 3);
     assert!(out.summary.validation.as_ref().expect("report").accuracy >= 0.9);
+    let base = candle_core::safetensors::load(fx.root.join("model/model.safetensors"), &candle_core::Device::Cpu)?;
+    let tuned = candle_core::safetensors::load(out.run.best().join("model.safetensors"), &candle_core::Device::Cpu)?;
+    for (name, t) in &base {
+        let same = t.flatten_all()?.to_vec1::<f32>()? == tuned[name].flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(same, !name.starts_with("encoder.layer.1."), "{name}");
+    }
     Ok(())
 }
 
