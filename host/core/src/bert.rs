@@ -274,14 +274,41 @@ impl BertEncoder {
     }
 
     pub fn forward(&self, ids: &Tensor, type_ids: &Tensor, mask: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.forward_layers(ids, type_ids, mask, self.layers.len(), ctx)
+    }
+
+    /// The hidden states after the embeddings and the first `n_layers` layers.
+    pub fn forward_layers(
+        &self,
+        ids: &Tensor,
+        type_ids: &Tensor,
+        mask: &Tensor,
+        n_layers: usize,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let x = self.embeddings.forward(ids, type_ids, ctx)?;
+        self.forward_from(x, mask, 0..n_layers.min(self.layers.len()), ctx)
+    }
+
+    /// Runs `layers` on hidden states `x: [batch, seq, hidden]`.
+    pub fn forward_from(
+        &self,
+        mut x: Tensor,
+        mask: &Tensor,
+        layers: std::ops::Range<usize>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
         let dtype = self.embeddings.word.dtype();
-        let mut x = self.embeddings.forward(ids, type_ids, ctx)?;
         // 0 where attended, -10000 at padding; broadcast over heads and query positions.
         let mask_bias = ((mask.to_dtype(dtype)? - 1.0)? * 10_000.0)?.unsqueeze(1)?.unsqueeze(1)?;
-        for layer in &self.layers {
+        for layer in &self.layers[layers.start.min(self.layers.len())..layers.end.min(self.layers.len())] {
             x = layer.forward(&x, &mask_bias, ctx)?;
         }
         Ok(x)
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
     }
 
     /// The index of the layer a parameter name belongs to (`encoder.layer.{i}.…`), if any.

@@ -126,6 +126,14 @@ pub struct ClassifierOptions {
     pub peft: PeftSpec,
 }
 
+/// Hidden states `[batch, seq, hidden]` after the first `layers` layers, computed once by
+/// [`ClassifierModel::prefix_hidden`] and reused.
+#[derive(Debug, Clone)]
+pub struct FrozenPrefix {
+    pub layers: usize,
+    pub hidden: Tensor,
+}
+
 /// One prediction: the best label and every label's probability (in label order).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Prediction {
@@ -297,15 +305,53 @@ impl ClassifierModel {
 
     /// Pooled sentence vectors `[batch, hidden]` (before the head's dropout).
     fn pooled(&self, batch: &EncodedBatch, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.pooled_from(batch, None, ctx)
+    }
+
+    fn batch_tensors(&self, batch: &EncodedBatch) -> Result<(Tensor, Tensor, Tensor)> {
         let shape = (batch.batch_size, batch.seq_len);
         let ids = Tensor::from_slice(&batch.ids, shape, &self.device)?;
         let type_ids = Tensor::from_slice(&batch.type_ids, shape, &self.device)?;
         let mask = Tensor::from_slice(&batch.mask, shape, &self.device)?.to_dtype(self.dtype)?;
-        let hidden = self.encoder.forward(&ids, &type_ids, &mask, ctx)?;
+        Ok((ids, type_ids, mask))
+    }
+
+    /// Pooled vectors; with `prefix = (k, hidden)`, starts from the hidden states after the
+    /// first `k` layers instead of the tokens.
+    fn pooled_from(&self, batch: &EncodedBatch, prefix: Option<&FrozenPrefix>, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (ids, type_ids, mask) = self.batch_tensors(batch)?;
+        let hidden = match prefix {
+            None => self.encoder.forward(&ids, &type_ids, &mask, ctx)?,
+            Some(p) => self.encoder.forward_from(
+                p.hidden.to_dtype(self.dtype)?,
+                &mask,
+                p.layers..self.encoder.n_layers(),
+                ctx,
+            )?,
+        };
         match self.meta.pooling {
             Pooling::Mean => masked_mean(&hidden, &mask),
             Pooling::Cls => Ok(hidden.i((.., 0))?),
         }
+    }
+
+    /// How many leading layers (with the embeddings) have nothing to train: their outputs
+    /// can be computed once per example and reused every epoch.
+    pub fn frozen_prefix_layers(&self) -> usize {
+        let trainable: Vec<String> = self.params.trainable().into_iter().map(|(n, _)| n).collect();
+        if trainable.iter().any(|n| n.starts_with("embeddings.")) {
+            return 0;
+        }
+        let first_trainable_layer =
+            trainable.iter().filter_map(|n| BertEncoder::layer_of(n)).min().unwrap_or(self.encoder.n_layers());
+        first_trainable_layer.min(self.encoder.n_layers())
+    }
+
+    /// The hidden states `[batch, seq, hidden]` after the first `n_layers` layers, in
+    /// inference mode (no dropout, no gradient).
+    pub fn prefix_hidden(&self, batch: &EncodedBatch, n_layers: usize) -> Result<Tensor> {
+        let (ids, type_ids, mask) = self.batch_tensors(batch)?;
+        Ok(self.encoder.forward_layers(&ids, &type_ids, &mask, n_layers, &ForwardCtx::eval())?.detach())
     }
 
     /// Sentence embeddings (the pooled encoder output) of texts, in their order.
@@ -322,13 +368,28 @@ impl ClassifierModel {
 
     /// Logits `[batch, n_labels]` for a padded batch.
     pub fn logits(&self, batch: &EncodedBatch, ctx: &ForwardCtx) -> Result<Tensor> {
-        let pooled = ctx.dropout(&self.pooled(batch, ctx)?, self.meta.classifier_dropout)?;
+        self.logits_from(batch, None, ctx)
+    }
+
+    /// Logits, starting from cached hidden states of a frozen prefix when given.
+    pub fn logits_from(&self, batch: &EncodedBatch, prefix: Option<&FrozenPrefix>, ctx: &ForwardCtx) -> Result<Tensor> {
+        let pooled = ctx.dropout(&self.pooled_from(batch, prefix, ctx)?, self.meta.classifier_dropout)?;
         Ok(self.head.forward(&pooled)?)
     }
 
     /// Mean cross-entropy of a labelled batch, and the logits.
     pub fn loss(&self, batch: &EncodedBatch, ctx: &ForwardCtx) -> Result<(Tensor, Tensor)> {
-        let logits = self.logits(batch, ctx)?;
+        self.loss_from(batch, None, ctx)
+    }
+
+    /// [`ClassifierModel::loss`], starting from a frozen prefix's hidden states when given.
+    pub fn loss_from(
+        &self,
+        batch: &EncodedBatch,
+        prefix: Option<&FrozenPrefix>,
+        ctx: &ForwardCtx,
+    ) -> Result<(Tensor, Tensor)> {
+        let logits = self.logits_from(batch, prefix, ctx)?;
         let labels = Tensor::from_slice(&batch.labels, batch.labels.len(), &self.device)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         Ok((loss, logits))

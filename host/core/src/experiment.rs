@@ -233,6 +233,17 @@ pub struct TrainSection {
     pub early_stopping_patience: Option<u64>,
     #[serde(default)]
     pub early_stopping_min_delta: f64,
+    /// When the embeddings and the first layers are frozen, compute their output once per
+    /// example (without dropout) and train the rest from it.
+    #[serde(default = "default_true")]
+    pub cache_frozen_prefix: bool,
+    /// The most memory the frozen-prefix cache may take.
+    #[serde(default = "default_cache_max_mib")]
+    pub cache_max_mib: usize,
+}
+
+fn default_cache_max_mib() -> usize {
+    4096
 }
 
 impl Default for TrainSection {
@@ -254,6 +265,8 @@ impl Default for TrainSection {
             group_by_length: true,
             early_stopping_patience: None,
             early_stopping_min_delta: 0.0,
+            cache_frozen_prefix: true,
+            cache_max_mib: default_cache_max_mib(),
         }
     }
 }

@@ -19,6 +19,7 @@ mod metrics;
 mod optim;
 mod params;
 mod peft;
+mod prefix_cache;
 mod run;
 mod schedule;
 mod source;
@@ -27,7 +28,7 @@ mod train;
 mod weights;
 
 pub use checkpoint::{CheckpointState, Checkpoints, LoadedCheckpoint};
-pub use classifier::{ClassifierModel, ClassifierOptions, ModelMeta, Pooling, Prediction, Trainability};
+pub use classifier::{ClassifierModel, ClassifierOptions, FrozenPrefix, ModelMeta, Pooling, Prediction, Trainability};
 pub use error::CoreError;
 pub use eval::{EvalReport, evaluate};
 pub use experiment::ExperimentConfig;
@@ -37,11 +38,13 @@ pub use metrics::{ClassMetrics, ClassificationMetrics};
 pub use optim::{AdamW, AdamWConfig};
 pub use params::{Init, ParamBuilder, ParamStore};
 pub use peft::{AdapterPlacement, PeftSpec};
+pub use prefix_cache::PrefixCache;
 pub use run::{RunDir, new_run_id};
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use source::{ModelSource, cache_dir};
 pub use train::{
-    RunOptions, RunSummary, StepStats, TrainEvent, TrainOutcome, load_experiment_data, train_experiment, train_step,
+    RunOptions, RunSummary, StepStats, TrainBatch, TrainEvent, TrainOutcome, load_experiment_data, train_experiment,
+    train_step,
 };
 
 /// Result type of this crate.

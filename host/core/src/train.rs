@@ -18,10 +18,11 @@ use tuneforge_data::{
 };
 
 use crate::checkpoint::{CheckpointState, Checkpoints};
-use crate::classifier::{ClassifierOptions, Trainability};
+use crate::classifier::{ClassifierOptions, FrozenPrefix, Trainability};
 use crate::experiment::{BestMetric, ExperimentConfig, PeftMethod};
 use crate::layers::ForwardCtx;
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
+use crate::prefix_cache::PrefixCache;
 use crate::run::{MetricsLog, create_run_dir};
 use crate::{
     ClassifierModel, CoreError, EvalReport, GateResult, LrSchedule, ModelSource, Result, RunDir, check_gates, evaluate,
@@ -262,6 +263,7 @@ pub fn train_experiment(
         state = loaded.state;
         tracing::info!(step = state.step, dir = %loaded.dir.display(), "resuming");
     }
+    let cache = build_prefix_cache(&cfg, &model, &encoded)?;
     let mut log = MetricsLog::open(&run.metrics(), options.resume.as_ref().map(|_| state.step))?;
     on_event(TrainEvent::Started {
         run: &run,
@@ -287,8 +289,14 @@ pub fn train_experiment(
             let started = Instant::now();
             let end = (state.batch_in_epoch + t.grad_accum).min(batches.len());
             let micro = &batches[state.batch_in_epoch..end];
-            let step_batches: Vec<EncodedBatch> =
-                micro.iter().map(|indices| EncodedBatch::collate(&encoded, indices, Some(&label_ids), pad)).collect();
+            let step_batches = micro
+                .iter()
+                .map(|indices| {
+                    let tokens = EncodedBatch::collate(&encoded, indices, Some(&label_ids), pad);
+                    let prefix = cache.as_ref().map(|c| c.collate(&tokens)).transpose()?;
+                    Ok(TrainBatch { tokens, prefix })
+                })
+                .collect::<Result<Vec<_>>>()?;
             let lr = schedule.lr(state.step);
             let seeds: Vec<u64> = (0..step_batches.len()).map(|mi| step_seed(seed, state.step, mi)).collect();
             let stats = train_step(&model, &trainable, &mut optimizer, &step_batches, &seeds, t.max_grad_norm, lr)
@@ -424,6 +432,20 @@ pub struct StepStats {
     pub optimizer_s: f64,
 }
 
+/// A batch for [`train_step`]: its tokens and, with a frozen-prefix cache, the cached hidden
+/// states to start from.
+#[derive(Debug, Clone)]
+pub struct TrainBatch {
+    pub tokens: EncodedBatch,
+    pub prefix: Option<FrozenPrefix>,
+}
+
+impl From<EncodedBatch> for TrainBatch {
+    fn from(tokens: EncodedBatch) -> Self {
+        Self { tokens, prefix: None }
+    }
+}
+
 /// One optimizer step over `batches` (gradient accumulation: the mean of their losses),
 /// with dropout masks drawn from `seeds[i]` for batch `i`, clipping at `max_grad_norm`
 /// (0: off) and learning rate `lr`.
@@ -431,7 +453,7 @@ pub fn train_step(
     model: &ClassifierModel,
     trainable: &[(String, candle_core::Var)],
     optimizer: &mut AdamW,
-    batches: &[EncodedBatch],
+    batches: &[TrainBatch],
     seeds: &[u64],
     max_grad_norm: f64,
     lr: f64,
@@ -440,10 +462,10 @@ pub fn train_step(
     let (mut loss_sum, mut tokens) = (0.0f64, 0u64);
     let (mut forward_s, mut backward_s) = (0.0f64, 0.0f64);
     for (batch, &seed) in batches.iter().zip(seeds) {
-        tokens += batch.n_tokens as u64;
+        tokens += batch.tokens.n_tokens as u64;
         let ctx = ForwardCtx::train(seed);
         let phase = Instant::now();
-        let (loss, _) = model.loss(batch, &ctx)?;
+        let (loss, _) = model.loss_from(&batch.tokens, batch.prefix.as_ref(), &ctx)?;
         let value = scalar(&loss)?;
         forward_s += phase.elapsed().as_secs_f64();
         if !value.is_finite() {
@@ -474,6 +496,38 @@ pub fn train_step(
         backward_s,
         optimizer_s: phase.elapsed().as_secs_f64(),
     })
+}
+
+/// The frozen-prefix cache, when the run has a frozen prefix, the experiment allows it and
+/// it fits the memory budget.
+fn build_prefix_cache(
+    cfg: &ExperimentConfig,
+    model: &ClassifierModel,
+    encoded: &[tuneforge_data::Encoded],
+) -> Result<Option<PrefixCache>> {
+    let layers = model.frozen_prefix_layers();
+    if !cfg.train.cache_frozen_prefix || layers == 0 {
+        return Ok(None);
+    }
+    let bytes = PrefixCache::estimate_bytes(encoded, model.config().hidden_size);
+    let budget = cfg.train.cache_max_mib * 1024 * 1024;
+    if bytes > budget {
+        tracing::warn!(
+            mib = bytes / (1024 * 1024),
+            budget_mib = cfg.train.cache_max_mib,
+            "the frozen-prefix cache would exceed train.cache_max_mib; training without it"
+        );
+        return Ok(None);
+    }
+    let started = Instant::now();
+    let cache = PrefixCache::build(model, encoded, layers, cfg.train.batch_size.max(32))?;
+    tracing::info!(
+        layers,
+        mib = bytes / (1024 * 1024),
+        seconds = started.elapsed().as_secs_f64(),
+        "cached the frozen prefix (embeddings and the first layers run once, without dropout)"
+    );
+    Ok(Some(cache))
 }
 
 fn trainable_tensors(vars: &[(String, candle_core::Var)]) -> Vec<(String, Tensor)> {

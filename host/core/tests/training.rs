@@ -343,7 +343,7 @@ fn two_steps_move_every_peft_tensor_and_no_base_tensor() -> Result<()> {
         let mut opt = AdamW::new(vars.clone(), AdamWConfig { weight_decay: 0.0, ..Default::default() })?;
         let b = batch(&model)?;
         for step in 0..2 {
-            tuneforge_core::train_step(&model, &vars, &mut opt, std::slice::from_ref(&b), &[step], 0.0, 1e-2)?;
+            tuneforge_core::train_step(&model, &vars, &mut opt, &[b.clone().into()], &[step], 0.0, 1e-2)?;
         }
         let after = snapshot(&model)?;
         for (name, v) in &after {
@@ -450,5 +450,34 @@ fn early_stopping_ends_the_run_when_the_metric_stalls() -> Result<()> {
     assert_eq!(out.summary.steps, 6);
     assert_eq!(out.summary.total_steps, 30);
     assert_eq!(out.summary.status, "completed");
+    Ok(())
+}
+
+/// Training from the frozen-prefix cache gives the loss and gradients of the full forward
+/// pass (dropout off, so the frozen part computes the same either way).
+#[test]
+fn the_prefix_cache_gives_the_same_loss_and_gradients() -> Result<()> {
+    let fx = Fixture::new()?;
+    let frozen = Trainability { train_last_layers: Some(1), train_embeddings: false, peft_only: false };
+    let model = peft_model(&fx.root.join("model"), PeftSpec::None, frozen)?;
+    assert_eq!(model.frozen_prefix_layers(), 1);
+    let texts = ["fever cough hot", "rash itch red skin", "chest pain", "pain chest tired sneeze"];
+    let encoded = model.text_encoder().encode(&texts)?;
+    let cache = tuneforge_core::PrefixCache::build(&model, &encoded, 1, 3)?;
+    let b = EncodedBatch::collate(&encoded, &[3, 0, 2], Some(&[0, 1, 2, 0]), 0);
+    let ctx = ForwardCtx::eval_differentiable();
+    let (full, _) = model.loss(&b, &ctx)?;
+    let prefix = cache.collate(&b)?;
+    let (cached, _) = model.loss_from(&b, Some(&prefix), &ctx)?;
+    let (x, y) = (full.to_scalar::<f32>()?, cached.to_scalar::<f32>()?);
+    assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+    let (g1, g2) = (full.backward()?, cached.backward()?);
+    for (name, var) in model.params().trainable() {
+        let a = g1.get(var.as_tensor()).expect("grad").flatten_all()?.to_vec1::<f32>()?;
+        let c = g2.get(var.as_tensor()).expect("grad").flatten_all()?.to_vec1::<f32>()?;
+        for (u, v) in a.iter().zip(&c) {
+            assert!((u - v).abs() < 1e-4, "{name}: {u} vs {v}");
+        }
+    }
     Ok(())
 }
