@@ -152,6 +152,7 @@ pub fn run_one(args: &[String]) -> anyhow::Result<()> {
             base_model: MODEL.into(),
             dtype: candle_core::DType::F32,
             peft,
+            extra_tokens: Vec::new(),
         },
     )?;
     let texts: Vec<&str> = data.iter().map(|e| e.text.as_str()).collect();

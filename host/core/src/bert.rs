@@ -106,6 +106,9 @@ const INIT_STD: f64 = 0.02;
 
 struct Embeddings {
     word: Tensor,
+    /// Rows of tokens added by vocabulary extension (ids from `word.dim(0)` on), kept apart
+    /// so that they can train while the original rows stay frozen.
+    word_extra: Option<Tensor>,
     position: Tensor,
     token_type: Tensor,
     norm: LayerNorm,
@@ -113,10 +116,15 @@ struct Embeddings {
 }
 
 impl Embeddings {
-    fn new(cfg: &BertConfig, pb: &ParamBuilder) -> Result<Self> {
+    fn new(cfg: &BertConfig, pb: &ParamBuilder, n_extra_tokens: usize) -> Result<Self> {
         let h = cfg.hidden_size;
+        let word_pb = pb.pp("word_embeddings");
         Ok(Self {
-            word: pb.pp("word_embeddings").get(&[cfg.vocab_size, h], "weight", Init::Normal(INIT_STD))?,
+            word: word_pb.get(&[cfg.vocab_size, h], "weight", Init::Normal(INIT_STD))?,
+            word_extra: match n_extra_tokens {
+                0 => None,
+                n => Some(word_pb.get_new(&[n, h], "extra", Init::Normal(INIT_STD))?),
+            },
             position: pb.pp("position_embeddings").get(
                 &[cfg.max_position_embeddings, h],
                 "weight",
@@ -142,12 +150,30 @@ impl Embeddings {
             });
         }
         let h = self.word.dim(1)?;
-        let words = self.word.embedding_rows(&ids.flatten_all()?)?.reshape((b, l, h))?;
+        let words = self.word_rows(&ids.flatten_all()?)?.reshape((b, l, h))?;
         let types = self.token_type.embedding_rows(&type_ids.flatten_all()?)?.reshape((b, l, h))?;
         let positions = self.position.narrow(0, 0, l)?.unsqueeze(0)?;
         let x = words.add(&types)?.broadcast_add(&positions)?;
         let x = self.norm.forward(&x, ctx)?;
         ctx.dropout(&x, self.dropout)
+    }
+}
+
+impl Embeddings {
+    /// Word vectors `[n, hidden]` for flat ids, from the original or the added rows.
+    fn word_rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let Some(extra) = &self.word_extra else { return Ok(self.word.embedding_rows(ids)?) };
+        let v = self.word.dim(0)? as u32;
+        let ids = ids.to_vec1::<u32>()?;
+        let n = ids.len();
+        let base: Vec<u32> = ids.iter().map(|&i| if i < v { i } else { 0 }).collect();
+        let added: Vec<u32> = ids.iter().map(|&i| i.saturating_sub(v)).collect();
+        let is_added: Vec<f32> = ids.iter().map(|&i| if i >= v { 1.0 } else { 0.0 }).collect();
+        let device = self.word.device();
+        let m = Tensor::from_vec(is_added, (n, 1), device)?.to_dtype(self.word.dtype())?;
+        let from_base = self.word.embedding_rows(&Tensor::from_vec(base, n, device)?)?;
+        let from_added = extra.embedding_rows(&Tensor::from_vec(added, n, device)?)?;
+        Ok((from_base.broadcast_mul(&(1.0 - &m)?)? + from_added.broadcast_mul(&m)?)?)
     }
 }
 
@@ -260,9 +286,10 @@ impl std::fmt::Debug for BertEncoder {
 impl BertEncoder {
     /// Builds the encoder from parameters under `pb` (`embeddings.*`, `encoder.layer.*`),
     /// with the adapters or LoRA updates that `peft` asks for.
-    pub fn new(config: &BertConfig, pb: &ParamBuilder, peft: &PeftSpec) -> Result<Self> {
+    /// `n_extra_tokens` rows follow the vocabulary for tokens added by vocabulary extension.
+    pub fn new(config: &BertConfig, pb: &ParamBuilder, peft: &PeftSpec, n_extra_tokens: usize) -> Result<Self> {
         config.validate().map_err(|message| CoreError::Param { name: "config.json".into(), message })?;
-        let embeddings = Embeddings::new(config, &pb.pp("embeddings"))?;
+        let embeddings = Embeddings::new(config, &pb.pp("embeddings"), n_extra_tokens)?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| Layer::new(config, &pb.pp("encoder").pp("layer").pp(i), peft, i))
             .collect::<Result<Vec<_>>>()?;

@@ -31,6 +31,8 @@ pub enum Pooling {
 }
 
 pub const META_FILE: &str = "tuneforge.json";
+/// The parameter holding the embedding rows of added tokens.
+const EXTRA_ROWS: &str = "embeddings.word_embeddings.extra";
 const FORMAT_VERSION: u32 = 1;
 
 /// What `tuneforge.json` records about a fine-tuned model.
@@ -52,6 +54,9 @@ pub struct ModelMeta {
     /// The base layers that trained besides the adapters or LoRA (the last K), if any.
     #[serde(default)]
     pub trained_last_layers: Option<usize>,
+    /// Terms added to the vocabulary as whole tokens, in id order after the base vocabulary.
+    #[serde(default)]
+    pub extra_tokens: Vec<String>,
 }
 
 impl ModelMeta {
@@ -68,6 +73,7 @@ impl ModelMeta {
             base_model: options.base_model.clone(),
             peft: options.peft.clone(),
             trained_last_layers: options.trainability.train_last_layers,
+            extra_tokens: options.extra_tokens.clone(),
         }
     }
 }
@@ -87,6 +93,7 @@ pub struct Trainability {
 impl Trainability {
     fn predicate(self, n_layers: usize) -> impl Fn(&str) -> bool + Send + Sync + 'static {
         move |name: &str| match self.train_last_layers {
+            _ if name == EXTRA_ROWS => true,
             _ if self.peft_only => {
                 let in_trained_layer = match (self.train_last_layers, BertEncoder::layer_of(name)) {
                     (Some(k), Some(i)) => i + k >= n_layers,
@@ -124,6 +131,9 @@ pub struct ClassifierOptions {
     pub dtype: DType,
     /// Adapters or LoRA to add to the base model.
     pub peft: PeftSpec,
+    /// Domain terms to add to the vocabulary as whole tokens; their embedding rows start
+    /// as the mean of the rows of the pieces they split into, and always train.
+    pub extra_tokens: Vec<String>,
 }
 
 /// Hidden states `[batch, seq, hidden]` after the first `layers` layers, computed once by
@@ -182,15 +192,40 @@ impl ClassifierModel {
     /// (`config.json`, `model.safetensors`, `tokenizer.json`).
     pub fn from_base(dir: &Path, options: &ClassifierOptions) -> Result<Self> {
         let config: BertConfig = read_json(&dir.join("config.json"))?;
-        let weights = load_weights(dir)?;
-        let text = TextEncoder::from_file(&dir.join("tokenizer.json"), options.max_len)?;
-        Self::check_sizes(&config, &text, options.max_len, dir)?;
+        let mut weights = load_weights(dir)?;
+        let mut text = TextEncoder::from_file(&dir.join("tokenizer.json"), options.max_len)?;
+        Self::check_sizes(&config, &text, options.max_len, dir, 0)?;
+        if !options.extra_tokens.is_empty() {
+            let pieces = text.add_terms(&options.extra_tokens)?;
+            let word = weights.get("embeddings.word_embeddings.weight").ok_or_else(|| CoreError::Param {
+                name: "embeddings.word_embeddings.weight".into(),
+                message: "is missing from the weights file".into(),
+            })?;
+            let rows = pieces
+                .iter()
+                .zip(&options.extra_tokens)
+                .map(|(ids, term)| {
+                    if ids.is_empty() {
+                        return Err(CoreError::Param {
+                            name: EXTRA_ROWS.into(),
+                            message: format!("term `{term}` tokenizes to nothing"),
+                        });
+                    }
+                    let idx = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
+                    Ok(word.index_select(&idx, 0)?.mean_keepdim(0)?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            weights.insert(EXTRA_ROWS.into(), Tensor::cat(&rows, 0)?);
+        }
         let pb = ParamBuilder::with_loaded(weights, true, options.seed, options.dtype, &Device::Cpu);
         Self::build(config, pb, text, ModelMeta::for_new_head(options), options.trainability)
     }
 
     /// A classifier with random weights (tests and benchmarks).
-    pub fn random(config: BertConfig, text: TextEncoder, options: &ClassifierOptions) -> Result<Self> {
+    pub fn random(config: BertConfig, mut text: TextEncoder, options: &ClassifierOptions) -> Result<Self> {
+        if !options.extra_tokens.is_empty() {
+            text.add_terms(&options.extra_tokens)?;
+        }
         let pb = ParamBuilder::random(options.seed, options.dtype, &Device::Cpu);
         Self::build(config, pb, text, ModelMeta::for_new_head(options), options.trainability)
     }
@@ -213,6 +248,7 @@ impl ClassifierModel {
         }
         let config: BertConfig = read_json(&dir.join("config.json"))?;
         let text = TextEncoder::from_file(&dir.join("tokenizer.json"), meta.max_len)?;
+        Self::check_sizes(&config, &text, meta.max_len, dir, meta.extra_tokens.len())?;
         let weights = load_weights(dir)?;
         let pb = ParamBuilder::with_loaded(weights, true, 0, DType::F32, &Device::Cpu);
         pb.set_trainable(|_| false);
@@ -220,7 +256,7 @@ impl ClassifierModel {
         Self::build_inner(config, pb, text, meta)
     }
 
-    fn check_sizes(config: &BertConfig, text: &TextEncoder, max_len: usize, dir: &Path) -> Result<()> {
+    fn check_sizes(config: &BertConfig, text: &TextEncoder, max_len: usize, dir: &Path, n_extra: usize) -> Result<()> {
         if max_len > config.max_position_embeddings {
             return Err(CoreError::file(
                 dir,
@@ -230,10 +266,14 @@ impl ClassifierModel {
                 ),
             ));
         }
-        if text.vocab_size() > config.vocab_size {
+        if text.vocab_size() > config.vocab_size + n_extra {
             return Err(CoreError::file(
                 dir,
-                format!("tokenizer has {} tokens, the model's vocab_size is {}", text.vocab_size(), config.vocab_size),
+                format!(
+                    "tokenizer has {} tokens, the model has {} embedding rows",
+                    text.vocab_size(),
+                    config.vocab_size + n_extra
+                ),
             ));
         }
         Ok(())
@@ -268,7 +308,7 @@ impl ClassifierModel {
             });
         }
         let dtype = pb.dtype();
-        let encoder = BertEncoder::new(&config, &pb, &meta.peft)?;
+        let encoder = BertEncoder::new(&config, &pb, &meta.peft, meta.extra_tokens.len())?;
         let h = config.hidden_size;
         let n = meta.labels.len();
         let hp = pb.pp("classifier");

@@ -124,6 +124,26 @@ pub struct DataSection {
     /// Use at most this many training examples (a stratified subsample), e.g. for a demo.
     #[serde(default)]
     pub max_train_examples: Option<usize>,
+    /// A file of domain terms (one a line; `#` comments) to add to the vocabulary as whole
+    /// tokens.
+    #[serde(default)]
+    pub extra_tokens: Option<PathBuf>,
+}
+
+impl DataSection {
+    /// The terms of `extra_tokens`, trimmed, without blank lines, comments or duplicates.
+    pub fn read_extra_tokens(&self) -> Result<Vec<String>> {
+        let Some(path) = &self.extra_tokens else { return Ok(Vec::new()) };
+        let text = std::fs::read_to_string(path).map_err(CoreError::io(path))?;
+        let mut terms: Vec<String> = Vec::new();
+        for line in text.lines() {
+            let term = line.split('#').next().unwrap_or("").trim();
+            if !term.is_empty() && !terms.iter().any(|t| t == term) {
+                terms.push(term.to_owned());
+            }
+        }
+        Ok(terms)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -342,6 +362,9 @@ impl ExperimentConfig {
         };
         abs(&mut self.data.train);
         if let Some(v) = &mut self.data.validation {
+            abs(v);
+        }
+        if let Some(v) = &mut self.data.extra_tokens {
             abs(v);
         }
         abs(&mut self.experiment.output_dir);

@@ -43,7 +43,7 @@ pub fn write_tiny_model_dir(dir: &Path, words: &[&str], seed: u64) -> Result<Ber
     let tokenizer = tiny_tokenizer(words)?;
     let config = BertConfig::tiny(tokenizer.get_vocab_size(true));
     let pb = ParamBuilder::random(seed, DType::F32, &Device::Cpu);
-    BertEncoder::new(&config, &pb, &crate::PeftSpec::None)?;
+    BertEncoder::new(&config, &pb, &crate::PeftSpec::None, 0)?;
     let (store, _) = pb.finish();
     let write = |name: &str, bytes: &[u8]| {
         let p = dir.join(name);

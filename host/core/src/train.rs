@@ -221,6 +221,7 @@ pub fn train_experiment(
             base_model: source.spec(),
             dtype: DType::F32,
             peft: cfg.peft.spec(),
+            extra_tokens: cfg.data.read_extra_tokens()?,
         },
     )?;
     let texts: Vec<&str> = train.iter().map(|e| e.text.as_str()).collect();

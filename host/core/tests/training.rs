@@ -35,6 +35,7 @@ fn tiny_model(dtype: DType, pooling: Pooling, trainability: Trainability) -> Res
             base_model: "tiny".into(),
             dtype,
             peft: PeftSpec::None,
+            extra_tokens: Vec::new(),
         },
     )
 }
@@ -286,6 +287,7 @@ fn peft_model(dir: &Path, peft: PeftSpec, trainability: Trainability) -> Result<
             base_model: "tiny".into(),
             dtype: DType::F32,
             peft,
+            extra_tokens: Vec::new(),
         },
     )
 }
@@ -479,5 +481,37 @@ fn the_prefix_cache_gives_the_same_loss_and_gradients() -> Result<()> {
             assert!((u - v).abs() < 1e-4, "{name}: {u} vs {v}");
         }
     }
+    Ok(())
+}
+
+/// Added terms become single tokens whose rows start as the mean of their pieces, train while
+/// the original rows stay frozen, and survive saving and reloading.
+#[test]
+fn vocabulary_extension_round_trips_through_save_and_load() -> Result<()> {
+    let fx = Fixture::new()?;
+    std::fs::write(fx.root.join("terms.txt"), "# medical terms\nfever cough\nrash itch\n\nfever cough\n")
+        .map_err(|e| tuneforge_core::CoreError::Io { path: "terms".into(), source: e })?;
+    let extra = format!("data.extra_tokens=\"{}\"", fx.root.join("terms.txt").display());
+    let cfg = fx.config("", &[&extra, "peft.method=freeze", "peft.train_last_layers=1", "train.epochs=5"])?;
+    let out = train_experiment(cfg, &RunOptions::default(), &mut |_| {})?;
+    let model = ClassifierModel::load(&out.run.best())?;
+    assert_eq!(model.meta().extra_tokens, ["fever cough", "rash itch"]);
+    let v = model.config().vocab_size as u32;
+    let enc = model.text_encoder().encode(&["fever cough hot", "red rash itch"])?;
+    assert_eq!(enc[0].ids, [1, v, 3 + 11, 2], "[CLS] <fever cough> hot [SEP]");
+    assert_eq!(enc[1].ids[2], v + 1);
+    let tuned = candle_core::safetensors::load(out.run.best().join("model.safetensors"), &candle_core::Device::Cpu)?;
+    let base = candle_core::safetensors::load(fx.root.join("model/model.safetensors"), &candle_core::Device::Cpu)?;
+    let word = "embeddings.word_embeddings.weight";
+    assert_eq!(tuned[word].flatten_all()?.to_vec1::<f32>()?, base[word].flatten_all()?.to_vec1::<f32>()?);
+    // Initialised from the mean of `fever` and `cough`, then trained away from it.
+    let rows = base[word].to_vec2::<f32>()?;
+    let mean: Vec<f32> = rows[4].iter().zip(&rows[5]).map(|(a, b)| (a + b) / 2.0).collect();
+    let added = tuned["embeddings.word_embeddings.extra"].to_vec2::<f32>()?;
+    assert_ne!(added[0], mean);
+    let drift: f32 = added[0].iter().zip(&mean).map(|(a, b)| (a - b).abs()).sum::<f32>() / mean.len() as f32;
+    assert!(drift < 0.5, "the added row starts from the mean ({drift})");
+    let p = model.predict(&["fever cough hot", "red rash itch"], 4)?;
+    assert_eq!((p[0].label.as_str(), p[1].label.as_str()), ("flu", "acne"));
     Ok(())
 }

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use tokenizers::{PaddingParams, Tokenizer, TruncationParams};
+use tokenizers::{AddedToken, PaddingParams, Tokenizer, TruncationParams};
 
 use crate::DataError;
 
@@ -84,6 +84,35 @@ impl TextEncoder {
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// Adds domain terms as whole tokens (after the existing vocabulary, in order) and returns,
+    /// for each, the ids it split into before: the rows to initialise its embedding from.
+    /// A term the tokenizer already has as one token is an error.
+    pub fn add_terms(&mut self, terms: &[String]) -> Result<Vec<Vec<u32>>, DataError> {
+        let mut pieces = Vec::with_capacity(terms.len());
+        for term in terms {
+            let enc = self.tokenizer.encode(term.as_str(), false).map_err(|e| DataError::Encode(e.to_string()))?;
+            let ids = enc.get_ids().to_vec();
+            if ids.len() <= 1 && self.tokenizer.token_to_id(term).is_some() {
+                return Err(DataError::Encode(format!("`{term}` is already a single token")));
+            }
+            pieces.push(ids);
+        }
+        let before = self.tokenizer.get_vocab_size(true);
+        let added = self
+            .tokenizer
+            .add_tokens(terms.iter().map(|t| AddedToken::from(t.clone(), false)))
+            .map_err(|e| DataError::Encode(e.to_string()))?;
+        if added != terms.len() || self.tokenizer.get_vocab_size(true) != before + terms.len() {
+            return Err(DataError::Encode(format!("added {added} of {} terms (duplicates?)", terms.len())));
+        }
+        Ok(pieces)
+    }
+
+    /// The id of a token, if the vocabulary has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
     }
 
     /// Encodes texts with special tokens, truncated to `max_len`, unpadded.
