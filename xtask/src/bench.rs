@@ -25,20 +25,23 @@ struct Options {
     data: std::path::PathBuf,
     steps: usize,
     warmup: usize,
+    with_pytorch: bool,
 }
 
 fn parse(args: &[String]) -> anyhow::Result<Options> {
-    let mut o =
-        Options { data: workspace_root().join("../shared/data/symptom2disease/train.csv"), steps: 10, warmup: 2 };
+    let mut o = Options {
+        data: workspace_root().join("../shared/data/symptom2disease/train.csv"),
+        steps: 10,
+        warmup: 2,
+        with_pytorch: false,
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--data" => o.data = it.next().context("--data needs a file")?.into(),
             "--steps" => o.steps = it.next().context("--steps needs a number")?.parse()?,
             "--warmup" => o.warmup = it.next().context("--warmup needs a number")?.parse()?,
-            "--with-pytorch" => bail!(
-                "--with-pytorch is not available yet: the PyTorch side-by-side run comes with the PEFT and speed work"
-            ),
+            "--with-pytorch" => o.with_pytorch = true,
             other => bail!("unknown option `{other}`"),
         }
     }
@@ -48,7 +51,7 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("train") => {}
-        _ => bail!("usage: cargo xtask bench train [--data FILE] [--steps N] [--warmup N]"),
+        _ => bail!("usage: cargo xtask bench train [--data FILE] [--steps N] [--warmup N] [--with-pytorch]"),
     }
     let o = parse(&args[1..])?;
     if !o.data.exists() {
@@ -58,7 +61,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     println!("load:    {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
     println!("data:    {} (batches of {BATCH} rows in file order)", o.data.display());
     println!("model:   {MODEL}; {} warm-up + {} timed steps\n", o.warmup, o.steps);
-    println!("{:<22} {:>12} {:>12} {:>12} {:>14}", "workload", "tokens/s", "s/step", "s/1k tok", "peak RSS MiB");
+    let python = if o.with_pytorch { Some(pytorch_python()?) } else { None };
+    let model_dir = ModelSource::parse(MODEL)?.resolve()?;
+    println!(
+        "{:<22} {:>10} {:>9} {:>10} {:>10}   {:>10} {:>8} {:>10}",
+        "workload", "tokens/s", "s/step", "s/1k tok", "RSS MiB", "PyTorch/s", "ratio", "PT RSS MiB"
+    );
     let exe = std::env::current_exe()?;
     for mode in
         ["full", "freeze-last-2", "freeze-last-2-cached", "adapter-rf8", "lora-r8", "inference", "inference-batch1"]
@@ -74,13 +82,41 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         let r: serde_json::Value =
             serde_json::from_slice(&out.stdout).with_context(|| format!("{mode}: bad output"))?;
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        // The same workload in PyTorch (the cached row compares with PyTorch's frozen run;
+        // PyTorch has no bottleneck adapters).
+        let pt_mode = match mode {
+            "freeze-last-2-cached" => Some("freeze-last-2"),
+            "adapter-rf8" => None,
+            m => Some(m),
+        };
+        let pt = match (&python, pt_mode) {
+            (Some(py), Some(m)) => {
+                let out = Command::new(py)
+                    .arg(workspace_root().join("bench/pytorch_bench.py"))
+                    .arg(&model_dir)
+                    .arg(&o.data)
+                    .args([m, &o.steps.to_string(), &o.warmup.to_string()])
+                    .output()?;
+                if !out.status.success() {
+                    bail!("PyTorch {m}: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                Some(serde_json::from_slice::<serde_json::Value>(&out.stdout).context("PyTorch bad output")?)
+            }
+            _ => None,
+        };
+        let pt_tps = pt.as_ref().and_then(|p| p["tokens_per_s"].as_f64());
+        let pt_rss = pt.as_ref().and_then(|p| p["peak_rss_mib"].as_f64());
+        let cell = |v: Option<f64>, prec: usize| v.map_or("-".to_owned(), |v| format!("{v:.prec$}"));
         println!(
-            "{:<22} {:>12.0} {:>12.3} {:>12.4} {:>14.0}{}",
+            "{:<22} {:>10.0} {:>9.3} {:>10.4} {:>10.0}   {:>10} {:>8} {:>10}{}",
             mode,
             f("tokens_per_s"),
             f("s_per_step"),
             1000.0 / f("tokens_per_s"),
             f("peak_rss_mib"),
+            cell(pt_tps, 0),
+            cell(pt_tps.map(|p| f("tokens_per_s") / p), 2),
+            cell(pt_rss, 0),
             if f("cache_s") > 0.0 { format!("   (cache built once in {:.2} s)", f("cache_s")) } else { String::new() }
         );
     }
@@ -88,6 +124,39 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         "\nreference (issue text, PyTorch 2.15 on this kind of machine): full ≈ 1,400–1,550 tokens/s, inference ≈ 6,100–6,800 tokens/s, batch-1 forward ≈ 11–13 ms"
     );
     Ok(())
+}
+
+/// A Python with torch, transformers and peft: `$TUNEFORGE_BENCH_PYTHON`, or a virtual
+/// environment under the target directory, created on first use (it downloads PyTorch and
+/// its CUDA libraries from PyPI, several GB).
+fn pytorch_python() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(py) = std::env::var_os("TUNEFORGE_BENCH_PYTHON") {
+        return Ok(py.into());
+    }
+    let venv = crate::target_dir().join("bench-venv");
+    let python = venv.join("bin").join("python");
+    let ready = |py: &std::path::Path| {
+        Command::new(py).args(["-c", "import torch, transformers, peft"]).output().is_ok_and(|o| o.status.success())
+    };
+    if python.exists() && ready(&python) {
+        return Ok(python);
+    }
+    eprintln!("creating {} with torch, transformers and peft from PyPI (several GB, once)", venv.display());
+    crate::process::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    crate::process::run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "torch==2.15.0",
+        "transformers",
+        "peft",
+        "safetensors",
+    ]))?;
+    if !ready(&python) {
+        bail!("{} cannot import torch, transformers and peft", python.display());
+    }
+    Ok(python)
 }
 
 fn cpu_model() -> String {
