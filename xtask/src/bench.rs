@@ -50,6 +50,7 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
+        Some("peft") => return peft_check(&args[1..]),
         Some("train") => {}
         _ => bail!("usage: cargo xtask bench train [--data FILE] [--steps N] [--warmup N] [--with-pytorch]"),
     }
@@ -123,6 +124,53 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     println!(
         "\nreference (issue text, PyTorch 2.15 on this kind of machine): full ≈ 1,400–1,550 tokens/s, inference ≈ 6,100–6,800 tokens/s, batch-1 forward ≈ 11–13 ms"
     );
+    Ok(())
+}
+
+/// `cargo xtask bench peft RUN_DIR`: exports the run's LoRA model for Hugging Face PEFT,
+/// loads it there, and compares PEFT's probabilities with tuneforge's on sample texts.
+fn peft_check(args: &[String]) -> anyhow::Result<()> {
+    let run = args.first().context("usage: cargo xtask bench peft RUN_DIR")?;
+    let python = pytorch_python()?;
+    let bin = crate::process::build_tuneforge()?;
+    let out = crate::target_dir().join("peft-check");
+    crate::process::run(Command::new(&bin).args(["export", "--peft", run]).arg(&out))?;
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("tuneforge.json"))?)?;
+    let base =
+        ModelSource::parse(meta["base_model"].as_str().context("tuneforge.json without base_model")?)?.resolve()?;
+    let texts = [
+        "Operating profit rose to EUR 13.1 mn from EUR 8.7 mn in the corresponding period in 2007.",
+        "The company said that it does not expect a material impact on its results.",
+        "Net sales fell by 5 % and the company swung to a loss.",
+        "I have a rash and itchy skin",
+    ];
+    let ours = crate::process::output(
+        Command::new(&bin)
+            .args(["predict", "--json", "--model"])
+            .arg(tuneforge_core::export::model_dir_of(std::path::Path::new(run)))
+            .args(texts),
+    )?;
+    let ours: serde_json::Value = serde_json::from_str(&ours)?;
+    let theirs = crate::process::output(
+        Command::new(&python).arg(workspace_root().join("bench/peft_check.py")).arg(&base).arg(&out).args(texts),
+    )?;
+    let theirs: serde_json::Value = serde_json::from_str(&theirs)?;
+    let mut max_diff = 0.0f64;
+    for (i, text) in texts.iter().enumerate() {
+        let probs = ours[i]["probabilities"].as_object().context("tuneforge output")?;
+        let mut diff = 0.0f64;
+        for (label, p) in probs {
+            let q = theirs[i][label.as_str()].as_f64().with_context(|| format!("PEFT has no label {label}"))?;
+            diff = diff.max((p.as_f64().unwrap_or(f64::NAN) - q).abs());
+        }
+        max_diff = max_diff.max(diff);
+        let short: String = text.chars().take(50).collect();
+        println!("{short:<52} {:<10} max |Δp| {diff:.2e}", ours[i]["label"].as_str().unwrap_or("?"));
+    }
+    println!("largest probability difference between tuneforge and Hugging Face PEFT: {max_diff:.2e}");
+    if max_diff.is_nan() || max_diff > 1e-4 {
+        bail!("tuneforge and PEFT disagree by {max_diff:e} (> 1e-4)");
+    }
     Ok(())
 }
 

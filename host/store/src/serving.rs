@@ -1,0 +1,140 @@
+//! Predictions made by served models and the feedback people give on them.
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+
+use crate::store::{new_id, now_ms};
+use crate::{Result, Store, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct NewPrediction {
+    pub model_name: String,
+    pub model_version: i64,
+    pub input: String,
+    pub output: String,
+    pub probabilities: serde_json::Value,
+    pub latency_ms: f64,
+    pub arm: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictionRow {
+    pub id: String,
+    pub model_name: String,
+    pub model_version: i64,
+    pub input: String,
+    pub output: String,
+    pub latency_ms: f64,
+    pub arm: Option<String>,
+    pub time_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewFeedback {
+    pub prediction_id: String,
+    /// `correct` or `wrong`.
+    pub rating: String,
+    pub corrected_label: Option<String>,
+    pub comment: Option<String>,
+    pub author: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackRow {
+    pub id: String,
+    pub prediction_id: String,
+    pub rating: String,
+    pub corrected_label: Option<String>,
+    pub comment: Option<String>,
+    pub author: Option<String>,
+    pub reviewed: bool,
+    pub time_ms: i64,
+    /// The text the prediction was made on and what the model answered.
+    pub input: String,
+    pub output: String,
+    pub model_name: String,
+}
+
+impl Store {
+    pub async fn record_prediction(&self, p: &NewPrediction) -> Result<String> {
+        let id = new_id();
+        sqlx::query(
+            "INSERT INTO predictions (id, model_name, model_version, input, output, probabilities, latency_ms, arm, time_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&id)
+        .bind(&p.model_name)
+        .bind(p.model_version)
+        .bind(&p.input)
+        .bind(&p.output)
+        .bind(p.probabilities.to_string())
+        .bind(p.latency_ms)
+        .bind(&p.arm)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// Stores feedback on a prediction that exists.
+    pub async fn record_feedback(&self, f: &NewFeedback) -> Result<String> {
+        if f.rating != "correct" && f.rating != "wrong" {
+            return Err(StoreError::Invalid(format!("rating must be `correct` or `wrong`, got `{}`", f.rating)));
+        }
+        let exists = sqlx::query("SELECT 1 AS one FROM predictions WHERE id = $1")
+            .bind(&f.prediction_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some();
+        if !exists {
+            return Err(StoreError::NotFound { kind: "prediction", id: f.prediction_id.clone() });
+        }
+        let id = new_id();
+        sqlx::query(
+            "INSERT INTO feedback (id, prediction_id, rating, corrected_label, comment, author, reviewed, time_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, FALSE, $7)",
+        )
+        .bind(&id)
+        .bind(&f.prediction_id)
+        .bind(&f.rating)
+        .bind(&f.corrected_label)
+        .bind(&f.comment)
+        .bind(&f.author)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// Feedback, newest first, optionally for one model only.
+    pub async fn list_feedback(&self, model_name: Option<&str>, limit: i64) -> Result<Vec<FeedbackRow>> {
+        let rows = sqlx::query(
+            "SELECT f.id, f.prediction_id, f.rating, f.corrected_label, f.comment, f.author, \
+             CAST(CASE WHEN f.reviewed THEN 1 ELSE 0 END AS BIGINT) AS reviewed, f.time_ms, \
+             p.input, p.output, p.model_name FROM feedback f JOIN predictions p ON p.id = f.prediction_id \
+             WHERE ($1 IS NULL OR p.model_name = $1) ORDER BY f.time_ms DESC, f.id DESC LIMIT $2",
+        )
+        .bind(model_name)
+        .bind(limit.clamp(1, 100_000))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(FeedbackRow {
+                    id: r.try_get("id")?,
+                    prediction_id: r.try_get("prediction_id")?,
+                    rating: r.try_get("rating")?,
+                    corrected_label: r.try_get("corrected_label")?,
+                    comment: r.try_get("comment")?,
+                    author: r.try_get("author")?,
+                    // Booleans decode differently per backend through `Any`; read an integer.
+                    reviewed: r.try_get::<i64, _>("reviewed")? != 0,
+                    time_ms: r.try_get("time_ms")?,
+                    input: r.try_get("input")?,
+                    output: r.try_get("output")?,
+                    model_name: r.try_get("model_name")?,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,153 @@
+//! The store on a fresh SQLite file per test: runs, metric series, the registry, predictions,
+//! feedback and events, and reopening a database.
+
+use tuneforge_store::{
+    MetricPoint, NewFeedback, NewPrediction, NewRun, RunFilter, RunSort, RunStatus, Stage, Store, StoreError,
+};
+
+async fn store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sub").join("t.db");
+    let store = Store::open(path.to_str().expect("utf8")).await.expect("open");
+    (dir, store)
+}
+
+fn run(id: &str, name: &str) -> NewRun {
+    NewRun {
+        id: id.into(),
+        name: name.into(),
+        config: "[model]\nsource = \"x\"\n".into(),
+        run_dir: format!("/runs/{id}"),
+        model_source: "pypi:x==1".into(),
+        method: "full".into(),
+        device: "cpu".into(),
+        git_revision: None,
+        host: "h".into(),
+        pid: 1,
+        total_steps: 100,
+    }
+}
+
+#[tokio::test]
+async fn runs_are_listed_filtered_sorted_and_paged() {
+    let (_d, s) = store().await;
+    for (i, name) in ["alpha", "beta", "gamma"].iter().enumerate() {
+        s.start_run(&run(&format!("r{i}"), name)).await.expect("start");
+        let acc = 0.5 + i as f64 / 10.0;
+        let summary = serde_json::json!({"accuracy": acc});
+        s.finish_run(&format!("r{i}"), RunStatus::Succeeded, Some(&summary), Some("hash"), Some(acc), Some(acc), None)
+            .await
+            .expect("finish");
+    }
+    s.start_run(&run("r3", "delta")).await.expect("start");
+    let (page, total) =
+        s.list_runs(&RunFilter { sort: RunSort::Accuracy, limit: 2, ..Default::default() }).await.expect("list");
+    assert_eq!(total, 4);
+    assert_eq!(page.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["r2", "r1"]);
+    let (running, n) = s
+        .list_runs(&RunFilter { status: Some(RunStatus::Running), limit: 10, ..Default::default() })
+        .await
+        .expect("list");
+    assert_eq!((n, running[0].name.as_str()), (1, "delta"));
+    let (named, _) =
+        s.list_runs(&RunFilter { name: Some("amm".into()), limit: 10, ..Default::default() }).await.expect("list");
+    assert_eq!(named.len(), 1);
+    let r = s.get_run("r1").await.expect("get");
+    assert_eq!(r.summary.expect("summary")["accuracy"], 0.6);
+    assert!(r.config.expect("config").contains("[model]"));
+    assert!(matches!(s.get_run("nope").await, Err(StoreError::NotFound { .. })));
+}
+
+#[tokio::test]
+async fn metric_series_come_back_whole_or_downsampled() {
+    let (_d, s) = store().await;
+    s.start_run(&run("r", "m")).await.expect("start");
+    let points: Vec<MetricPoint> = (1..=1000)
+        .map(|step| MetricPoint { run_id: "r".into(), key: "loss".into(), step, value: step as f64, time_ms: 0 })
+        .collect();
+    s.append_metrics(&points).await.expect("append");
+    // Writing a step again keeps the last value.
+    s.append_metrics(&[MetricPoint { run_id: "r".into(), key: "loss".into(), step: 1, value: 7.0, time_ms: 1 }])
+        .await
+        .expect("append");
+    let all = s.metric_series("r", "loss", 5000).await.expect("series");
+    assert_eq!(all.len(), 1000);
+    assert_eq!(all[0].value, 7.0);
+    let few = s.metric_series("r", "loss", 100).await.expect("series");
+    assert!(few.len() <= 100 && few.len() >= 90, "{}", few.len());
+    assert_eq!(few[1].step, 11);
+    assert!((few[1].value - 15.5).abs() < 1e-9, "mean of steps 11..=20: {}", few[1].value);
+    assert_eq!(s.metric_keys("r").await.expect("keys"), ["loss"]);
+    assert!(s.metric_series("r", "nothing", 10).await.expect("series").is_empty());
+}
+
+#[tokio::test]
+async fn promote_and_rollback_keep_one_production_version_and_audit() {
+    let (_d, s) = store().await;
+    s.start_run(&run("r", "m")).await.expect("start");
+    let v1 = s.register_model("clf", "r", "/runs/r/best", None, "ann").await.expect("register");
+    let v2 = s.register_model("clf", "r", "/runs/r/best", None, "ann").await.expect("register");
+    assert_eq!((v1.version, v2.version, v2.stage), (1, 2, Stage::Candidate));
+    s.promote("clf", 1, "ann").await.expect("promote");
+    s.promote("clf", 2, "bob").await.expect("promote");
+    let stages: Vec<(i64, Stage)> =
+        s.list_models(Some("clf")).await.expect("list").iter().map(|m| (m.version, m.stage)).collect();
+    assert_eq!(stages, [(2, Stage::Production), (1, Stage::Archived)]);
+    let back = s.rollback("clf", "bob").await.expect("rollback");
+    assert_eq!((back.version, back.stage), (1, Stage::Production));
+    assert!(matches!(s.rollback("clf", "bob").await, Err(StoreError::Invalid(_))), "nothing earlier than v1");
+    let kinds: Vec<String> = s.events(None, 10).await.expect("events").into_iter().map(|e| e.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "promote").count(), 2);
+    assert!(kinds.contains(&"rollback".to_owned()) && kinds.contains(&"register".to_owned()));
+    assert!(matches!(s.register_model("clf", "missing", "/x", None, "ann").await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(s.promote("clf", 9, "ann").await, Err(StoreError::NotFound { .. })));
+}
+
+#[tokio::test]
+async fn feedback_needs_an_existing_prediction_and_a_valid_rating() {
+    let (_d, s) = store().await;
+    let id = s
+        .record_prediction(&NewPrediction {
+            model_name: "clf".into(),
+            model_version: 1,
+            input: "fever and cough".into(),
+            output: "flu".into(),
+            probabilities: serde_json::json!({"flu": 0.9}),
+            latency_ms: 3.0,
+            arm: None,
+        })
+        .await
+        .expect("prediction");
+    let fb = |pid: &str, rating: &str| NewFeedback {
+        prediction_id: pid.into(),
+        rating: rating.into(),
+        corrected_label: Some("cold".into()),
+        comment: None,
+        author: Some("dr".into()),
+    };
+    s.record_feedback(&fb(&id, "wrong")).await.expect("feedback");
+    assert!(matches!(s.record_feedback(&fb("nope", "wrong")).await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(s.record_feedback(&fb(&id, "meh")).await, Err(StoreError::Invalid(_))));
+    let rows = s.list_feedback(Some("clf"), 10).await.expect("list");
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].input.as_str(), rows[0].corrected_label.as_deref()), ("fever and cough", Some("cold")));
+}
+
+#[tokio::test]
+async fn killed_runs_are_marked_interrupted_and_data_survives_reopening() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.db");
+    let path = path.to_str().expect("utf8");
+    {
+        let s = Store::open(path).await.expect("open");
+        s.start_run(&NewRun { pid: 4242, ..run("dead", "x") }).await.expect("start");
+        s.start_run(&NewRun { pid: 1, ..run("alive", "y") }).await.expect("start");
+        s.close().await;
+    }
+    let s = Store::open(path).await.expect("reopen");
+    let marked = s.mark_interrupted("h", |pid| pid == 1).await.expect("mark");
+    assert_eq!(marked, ["dead"]);
+    assert_eq!(s.get_run("dead").await.expect("get").status, RunStatus::Interrupted);
+    assert_eq!(s.get_run("alive").await.expect("get").status, RunStatus::Running);
+    assert_eq!(s.events(Some("dead"), 5).await.expect("events")[0].kind, "interrupted");
+}
