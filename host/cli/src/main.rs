@@ -3,6 +3,7 @@
 
 mod commands;
 mod progress;
+mod recorder;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,12 @@ enum Command {
     Predict(commands::predict::PredictArgs),
     /// Export a LoRA model for Hugging Face PEFT, or with LoRA merged into the weights.
     Export(commands::export::ExportArgs),
+    /// Runs recorded in the experiment store: list, show, compare.
+    #[command(subcommand)]
+    Runs(commands::runs::RunsCommand),
+    /// The model registry: register a run's model, promote, roll back, list, audit trail.
+    #[command(subcommand)]
+    Models(commands::models::ModelsCommand),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +48,8 @@ fn main() -> ExitCode {
         Command::Eval(args) => commands::eval::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Export(args) => commands::export::run(args),
+        Command::Runs(cmd) => commands::runs::run(cmd),
+        Command::Models(cmd) => commands::models::run(cmd),
     };
     match result {
         Ok(commands::Outcome::Success) => ExitCode::SUCCESS,
@@ -49,5 +58,17 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// clap checks the whole command tree (duplicate names, conflicts) only when a command is
+    /// used; check every subcommand up front.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        super::Cli::command().debug_assert();
     }
 }

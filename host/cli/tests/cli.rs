@@ -42,11 +42,14 @@ impl Env {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_tuneforge"))
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .expect("run tuneforge")
+        self.command().args(args).output().expect("run tuneforge")
+    }
+
+    /// `tuneforge` in the temp dir, with its own experiment store.
+    fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tuneforge"));
+        c.current_dir(self.dir.path()).env("TUNEFORGE_DB", self.path("store.db"));
+        c
     }
 }
 
@@ -242,9 +245,9 @@ fn a_killed_run_resumes_on_the_same_trajectory() {
     let full = train_losses(&full_dir);
     assert_eq!(full.len(), 450);
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tuneforge"))
+    let mut child = env
+        .command()
         .args(["train", "--config", exp, "--quiet", "--set", "train.epochs=150", "--set", "experiment.name=killed"])
-        .current_dir(env.dir.path())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -266,6 +269,12 @@ fn a_killed_run_resumes_on_the_same_trajectory() {
     };
     let before = train_losses(&killed_dir).len();
     assert!(before < 450, "killed after {before} steps");
+    // The store still says `running`; the next command notices the process is gone.
+    let killed_id = killed_dir.file_name().expect("name").to_string_lossy().into_owned();
+    let o = env.run(&["runs", "show", &killed_id, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(json(&o)["run"]["status"], "interrupted");
+    assert!(json(&o)["last_metrics"]["train/loss"].is_number(), "metrics up to the last flush are there");
     let o = env.run(&["train", "--resume", killed_dir.to_str().expect("utf8"), "--quiet"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let resumed = train_losses(&killed_dir);
@@ -303,4 +312,50 @@ fn lora_runs_export_for_peft_and_merged() {
     }
     let o = env.run(&["export", run, "x"]);
     assert_eq!(o.status.code(), Some(2), "--peft or --merged is required");
+}
+
+/// Runs land in the experiment store; the registry promotes and rolls back with an audit trail.
+#[test]
+fn runs_are_recorded_and_models_promoted_and_rolled_back() {
+    let env = Env::new();
+    let exp = env.experiment("");
+    let exp = exp.to_str().expect("utf8");
+    let mut ids = Vec::new();
+    for lr in ["1e-2", "3e-3"] {
+        let o = env.run(&["train", "--config", exp, "--quiet", "--json", "--set", &format!("train.lr={lr}")]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        ids.push(json(&o)["run_id"].as_str().expect("id").to_owned());
+    }
+    let o = env.run(&["runs", "ls", "--json"]);
+    let listed = json(&o);
+    assert_eq!(listed["total"], 2);
+    assert!(listed["runs"].as_array().expect("runs").iter().all(|r| r["status"] == "succeeded"));
+    let o = env.run(&["runs", "show", &ids[0], "--json"]);
+    let shown = json(&o);
+    assert!(shown["run"]["accuracy"].is_number());
+    assert!(shown["last_metrics"]["val/accuracy"].is_number());
+    let o = env.run(&["runs", "compare", &ids[0], &ids[1]]);
+    assert!(stdout(&o).contains("train.lr"), "{}", stdout(&o));
+
+    for id in &ids {
+        let o = env.run(&["models", "register", id, "--name", "triage"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    for v in ["1", "2"] {
+        assert!(env.run(&["models", "promote", "triage", v]).status.success());
+    }
+    let o = env.run(&["models", "rollback", "triage"]);
+    assert!(stdout(&o).contains("triage@1 is in production"), "{}", stdout(&o));
+    let o = env.run(&["models", "ls", "triage", "--json"]);
+    let stages: Vec<String> =
+        json(&o).as_array().expect("models").iter().map(|m| m["stage"].as_str().expect("stage").to_owned()).collect();
+    assert_eq!(stages, ["archived", "production"]);
+    let o = env.run(&["models", "events", "--json"]);
+    let kinds: Vec<String> =
+        json(&o).as_array().expect("events").iter().map(|e| e["kind"].as_str().expect("kind").to_owned()).collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "promote").count(), 2);
+    assert!(kinds.contains(&"rollback".to_owned()));
+    let o = env.run(&["models", "rollback", "nothing"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no production version"), "{}", stderr(&o));
 }

@@ -2,10 +2,27 @@
 
 pub mod eval;
 pub mod export;
+pub mod models;
 pub mod predict;
+pub mod runs;
 pub mod train;
 
 use tuneforge_core::GateResult;
+
+/// Where the experiment store is.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DbArgs {
+    /// The experiment store: a SQLite file or URL (default: $TUNEFORGE_DB, else
+    /// tuneforge.db in the user's data directory).
+    #[arg(long, value_name = "PATH|URL")]
+    db: Option<String>,
+}
+
+impl DbArgs {
+    pub fn url(&self) -> String {
+        self.db.clone().unwrap_or_else(|| tuneforge_store::default_db_path().display().to_string())
+    }
+}
 
 /// How a command ended when it did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

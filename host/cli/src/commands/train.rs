@@ -6,8 +6,9 @@ use anyhow::Context;
 use clap::Args;
 use tuneforge_core::{ExperimentConfig, RunOptions, train_experiment};
 
-use super::{Outcome, report_gates};
+use super::{DbArgs, Outcome, report_gates};
 use crate::progress::TrainProgress;
+use crate::recorder::Recorder;
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -29,6 +30,11 @@ pub struct TrainArgs {
     /// No progress output.
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    db: DbArgs,
+    /// Do not record the run in the experiment store.
+    #[arg(long, conflicts_with = "db")]
+    no_db: bool,
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
@@ -39,9 +45,22 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
         (None, None) => anyhow::bail!("give --config EXP.toml or --resume RUN_DIR"),
     };
     let options = RunOptions { resume: args.resume.clone(), stop_after_steps: args.stop_after_steps };
+    let mut recorder =
+        if args.no_db { None } else { Some(Recorder::new(&args.db.url(), &config, args.resume.is_some())?) };
     let mut progress = TrainProgress::new(args.quiet);
-    let outcome = train_experiment(config, &options, &mut |e| progress.on_event(e));
+    let outcome = train_experiment(config, &options, &mut |e| {
+        if let Some(r) = recorder.as_mut() {
+            r.on_event(&e);
+        }
+        progress.on_event(e);
+    });
     progress.finish();
+    if let Some(r) = recorder.as_mut() {
+        match &outcome {
+            Ok(o) => r.finish(Ok(&o.summary)),
+            Err(e) => r.finish(Err(&format!("{e:#}"))),
+        }
+    }
     let outcome = outcome?;
     let s = &outcome.summary;
     if args.json {

@@ -1,0 +1,110 @@
+//! `tuneforge models register|promote|rollback|ls|events`: the model registry.
+
+use clap::Subcommand;
+
+use super::{DbArgs, Outcome};
+use crate::recorder::{open_store, runtime};
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Register a run's best model as the next version of NAME (a candidate).
+    Register {
+        /// The run id (see `tuneforge runs ls`).
+        run: String,
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Make VERSION the production version of NAME (the previous one is archived).
+    Promote {
+        name: String,
+        #[arg(value_name = "VERSION")]
+        model_version: i64,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Put back the version of NAME that was in production before the current one.
+    Rollback {
+        name: String,
+        #[command(flatten)]
+        db: DbArgs,
+    },
+    /// Versions and stages, for one model or all.
+    Ls {
+        name: Option<String>,
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The audit trail, newest first.
+    Events {
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn actor() -> String {
+    std::env::var("USER").unwrap_or_else(|_| "cli".into())
+}
+
+pub fn run(cmd: ModelsCommand) -> anyhow::Result<Outcome> {
+    let rt = runtime()?;
+    match cmd {
+        ModelsCommand::Register { run, name, db } => {
+            let store = open_store(&rt, &db.url())?;
+            let r = rt.block_on(store.get_run(&run))?;
+            let best = std::path::Path::new(&r.run_dir).join("best");
+            if !best.join("tuneforge.json").exists() {
+                anyhow::bail!("run {run} has no best model in {}", best.display());
+            }
+            let metrics = r.summary.as_ref().and_then(|s| s.get("validation").cloned());
+            let v = rt.block_on(store.register_model(
+                &name,
+                &run,
+                &best.display().to_string(),
+                metrics.as_ref(),
+                &actor(),
+            ))?;
+            println!("registered {}@{} ({})", v.name, v.version, v.stage.as_str());
+        }
+        ModelsCommand::Promote { name, model_version, db } => {
+            let store = open_store(&rt, &db.url())?;
+            let v = rt.block_on(store.promote(&name, model_version, &actor()))?;
+            println!("{}@{} is in production", v.name, v.version);
+        }
+        ModelsCommand::Rollback { name, db } => {
+            let store = open_store(&rt, &db.url())?;
+            let v = rt.block_on(store.rollback(&name, &actor()))?;
+            println!("rolled back: {}@{} is in production", v.name, v.version);
+        }
+        ModelsCommand::Ls { name, db, json } => {
+            let store = open_store(&rt, &db.url())?;
+            let models = rt.block_on(store.list_models(name.as_deref()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&models)?);
+            } else {
+                for m in &models {
+                    println!("{}@{}  {:<10}  run {}  {}", m.name, m.version, m.stage.as_str(), m.run_id, m.path);
+                }
+            }
+        }
+        ModelsCommand::Events { limit, db, json } => {
+            let store = open_store(&rt, &db.url())?;
+            let events = rt.block_on(store.events(None, limit))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&events)?);
+            } else {
+                for e in &events {
+                    println!("{}  {:<11} {:<24} {}  ({})", e.time_ms, e.kind, e.subject, e.detail, e.actor);
+                }
+            }
+        }
+    }
+    Ok(Outcome::Success)
+}
