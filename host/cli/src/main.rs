@@ -36,6 +36,8 @@ enum Command {
     /// The model registry: register a run's model, promote, roll back, list, audit trail.
     #[command(subcommand)]
     Models(commands::models::ModelsCommand),
+    /// Serve the REST API and Prometheus metrics over the experiment store.
+    Serve(commands::serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         Command::Export(args) => commands::export::run(args),
         Command::Runs(cmd) => commands::runs::run(cmd),
         Command::Models(cmd) => commands::models::run(cmd),
+        Command::Serve(args) => commands::serve::run(args),
     };
     match result {
         Ok(commands::Outcome::Success) => ExitCode::SUCCESS,

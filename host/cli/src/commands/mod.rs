@@ -5,6 +5,7 @@ pub mod export;
 pub mod models;
 pub mod predict;
 pub mod runs;
+pub mod serve;
 pub mod train;
 
 use tuneforge_core::GateResult;

@@ -1,0 +1,47 @@
+//! `tuneforge serve`: the REST API and Prometheus metrics over the experiment store.
+
+use clap::Args;
+use tuneforge_server::{Application, ServerConfig, load_or_create_token, token_file};
+
+use super::{DbArgs, Outcome};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Where to listen; the default answers only this machine.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: String,
+    /// The bearer token that writes need (default: $TUNEFORGE_TOKEN, else a token file in the
+    /// user's data directory, created at first start).
+    #[arg(long, env = "TUNEFORGE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
+    let token = match args.token {
+        Some(t) => t,
+        None => {
+            let file = token_file();
+            let t = load_or_create_token(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            eprintln!("writes need `Authorization: Bearer <token>`; the token is in {}", file.display());
+            t
+        }
+    };
+    let db = args.db.url();
+    actix_web::rt::System::new().block_on(async move {
+        let app = Application::build(ServerConfig { addr: args.addr.clone(), db: db.clone(), token }).await?;
+        eprintln!(
+            "tuneforge serves http://{}:{}/ (store {db}); API under /api/v1, metrics at /metrics",
+            host_of(&args.addr),
+            app.port()
+        );
+        app.run_until_stopped().await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    Ok(Outcome::Success)
+}
+
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}

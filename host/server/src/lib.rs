@@ -1,0 +1,78 @@
+//! The tuneforge server: actix-web over the experiment store. JSON endpoints under
+//! `/api/v1` (runs, metric series, comparison, the model registry, prediction, feedback, the
+//! audit trail), `/metrics` in Prometheus' text format and `/healthz`.
+//!
+//! It binds 127.0.0.1 by default; every write needs `Authorization: Bearer <token>`.
+//! It knows HTTP; SQL stays in `tuneforge-store`, models in `tuneforge-core`.
+
+mod auth;
+mod error;
+mod prometheus;
+mod routes;
+mod state;
+
+use std::net::TcpListener;
+
+use actix_web::dev::Server;
+use actix_web::{App, HttpServer, web};
+
+pub use auth::{load_or_create_token, token_file};
+pub use error::ApiError;
+use state::AppState;
+use tuneforge_store::Store;
+
+/// How to start the server.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// `host:port`; port 0 picks a free one.
+    pub addr: String,
+    /// The experiment store (a SQLite path or URL).
+    pub db: String,
+    /// The bearer token that writes need.
+    pub token: String,
+}
+
+/// A bound, not yet running server.
+pub struct Application {
+    port: u16,
+    server: Server,
+}
+
+impl std::fmt::Debug for Application {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Application").field("port", &self.port).finish()
+    }
+}
+
+impl Application {
+    /// Opens the store, binds the address and prepares the server.
+    pub async fn build(config: ServerConfig) -> Result<Self, ApiError> {
+        if config.token.trim().len() < 16 {
+            return Err(ApiError::BadRequest("the token must have at least 16 characters".into()));
+        }
+        let store = Store::open(&config.db).await?;
+        let listener = TcpListener::bind(&config.addr)
+            .map_err(|e| ApiError::Internal(format!("cannot bind {}: {e}", config.addr)))?;
+        let port = listener.local_addr().map_err(|e| ApiError::Internal(e.to_string()))?.port();
+        let state = web::Data::new(AppState::new(store, config.token));
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .app_data(error::query_config())
+                .wrap(actix_web::middleware::from_fn(prometheus::track))
+                .configure(routes::configure)
+        })
+        .listen(listener)
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .run();
+        Ok(Self { port, server })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}

@@ -1,0 +1,54 @@
+//! `POST /api/v1/feedback` (rate or correct a prediction) and `GET /api/v1/feedback`.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use tuneforge_store::NewFeedback;
+
+use super::State;
+use crate::ApiError;
+use crate::auth::require_token;
+use crate::error::parse_json;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackBody {
+    prediction_id: String,
+    rating: String,
+    #[serde(default)]
+    corrected_label: Option<String>,
+    #[serde(default)]
+    comment: Option<String>,
+    #[serde(default)]
+    author: Option<String>,
+}
+
+pub async fn create(req: HttpRequest, state: State, body: web::Bytes) -> Result<HttpResponse, ApiError> {
+    require_token(&req, &state)?;
+    let b: FeedbackBody = parse_json(&body)?;
+    if b.comment.as_ref().is_some_and(|c| c.len() > 10_000) {
+        return Err(ApiError::BadRequest("comment: at most 10000 bytes".into()));
+    }
+    let id = state
+        .store
+        .record_feedback(&NewFeedback {
+            prediction_id: b.prediction_id,
+            rating: b.rating.clone(),
+            corrected_label: b.corrected_label,
+            comment: b.comment,
+            author: b.author,
+        })
+        .await?;
+    state.counters.feedback(&b.rating);
+    Ok(HttpResponse::Created().json(serde_json::json!({ "id": id })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    model: Option<String>,
+    limit: Option<i64>,
+}
+
+pub async fn list(state: State, q: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(state.store.list_feedback(q.model.as_deref(), q.limit.unwrap_or(100)).await?))
+}

@@ -1,0 +1,42 @@
+//! One module per resource; `configure` mounts them.
+
+mod feedback;
+mod health;
+mod models;
+mod openapi;
+mod predict;
+mod runs;
+
+use actix_web::{HttpResponse, web};
+
+use crate::ApiError;
+use crate::state::AppState;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(health::healthz))
+        .route("/metrics", web::get().to(health::metrics))
+        .service(
+            web::scope("/api/v1")
+                .route("/openapi.json", web::get().to(openapi::document))
+                .route("/runs", web::get().to(runs::list))
+                .route("/runs/{id}", web::get().to(runs::get))
+                .route("/runs/{id}/series", web::get().to(runs::series))
+                .route("/compare", web::get().to(runs::compare))
+                .route("/models", web::get().to(models::list))
+                .route("/models", web::post().to(models::register))
+                .route("/models/{name}/promote", web::post().to(models::promote))
+                .route("/models/{name}/rollback", web::post().to(models::rollback))
+                .route("/events", web::get().to(models::events))
+                .route("/predict", web::post().to(predict::predict))
+                .route("/feedback", web::post().to(feedback::create))
+                .route("/feedback", web::get().to(feedback::list)),
+        )
+        .default_service(web::to(not_found));
+}
+
+async fn not_found(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!("no such endpoint: {} {}", req.method(), req.path())))
+}
+
+/// The shared state (registered by `Application::build`).
+pub(crate) type State = web::Data<AppState>;

@@ -1,0 +1,95 @@
+//! `POST /api/v1/predict`: classify texts with a registered model (its production version
+//! unless a version is given), loaded once and kept warm; every prediction is recorded.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+use tuneforge_core::ClassifierModel;
+use tuneforge_store::NewPrediction;
+
+use super::State;
+use crate::ApiError;
+use crate::auth::require_token;
+use crate::error::parse_json;
+
+/// The most texts one request may carry.
+const MAX_TEXTS: usize = 256;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PredictBody {
+    model: String,
+    #[serde(default)]
+    version: Option<i64>,
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    texts: Option<Vec<String>>,
+    /// Reserved for A/B assignment.
+    #[serde(default)]
+    session: Option<String>,
+}
+
+async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, Arc<ClassifierModel>), ApiError> {
+    let v = match version {
+        Some(v) => state.store.model_version(name, v).await?,
+        None => state.store.production(name).await?.ok_or_else(|| {
+            ApiError::NotFound(format!("model `{name}` has no production version (promote one, or give `version`)"))
+        })?,
+    };
+    let key = (v.name.clone(), v.version);
+    if let Some(m) = state.models.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok((v.version, m.clone()));
+    }
+    let path = std::path::PathBuf::from(&v.path);
+    let model =
+        web::block(move || ClassifierModel::load(&path)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    let model = Arc::new(model);
+    state.models.lock().unwrap_or_else(|e| e.into_inner()).insert(key, model.clone());
+    Ok((v.version, model))
+}
+
+pub async fn predict(req: HttpRequest, state: State, body: web::Bytes) -> Result<HttpResponse, ApiError> {
+    require_token(&req, &state)?;
+    let body: PredictBody = parse_json(&body)?;
+    let texts = match (body.text, body.texts) {
+        (Some(t), None) => vec![t],
+        (None, Some(ts)) => ts,
+        _ => return Err(ApiError::BadRequest("give exactly one of `text` and `texts`".into())),
+    };
+    if texts.is_empty() || texts.len() > MAX_TEXTS {
+        return Err(ApiError::BadRequest(format!("texts: give 1 to {MAX_TEXTS} texts, got {}", texts.len())));
+    }
+    if texts.iter().any(|t| t.trim().is_empty()) {
+        return Err(ApiError::BadRequest("texts: a text is empty".into()));
+    }
+    let (version, model) = load(&state, &body.model, body.version).await?;
+    let started = Instant::now();
+    let inputs = texts.clone();
+    let predictions =
+        web::block(move || model.predict(&inputs, 32)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0 / texts.len() as f64;
+    let mut out = Vec::with_capacity(texts.len());
+    for (text, p) in texts.iter().zip(&predictions) {
+        let probabilities: serde_json::Map<String, serde_json::Value> =
+            p.probabilities.iter().map(|(l, v)| (l.clone(), serde_json::json!(v))).collect();
+        let probabilities = serde_json::Value::Object(probabilities);
+        let id = state
+            .store
+            .record_prediction(&NewPrediction {
+                model_name: body.model.clone(),
+                model_version: version,
+                input: text.clone(),
+                output: p.label.clone(),
+                probabilities: probabilities.clone(),
+                latency_ms,
+                arm: body.session.as_ref().map(|_| "production".to_owned()),
+            })
+            .await?;
+        out.push(serde_json::json!({ "id": id, "text": text, "label": p.label, "score": p.score, "probabilities": probabilities }));
+    }
+    state.counters.prediction(&body.model, texts.len() as u64);
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "model": body.model, "version": version, "predictions": out })))
+}

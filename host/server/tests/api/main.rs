@@ -1,0 +1,5 @@
+//! The REST API over real HTTP on a random port with a fresh database per test.
+
+mod helpers;
+mod models;
+mod runs;

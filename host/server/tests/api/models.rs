@@ -1,0 +1,128 @@
+//! The registry, prediction and feedback with a real (tiny) trained model, and auth on every
+//! write.
+
+use serde_json::json;
+use tuneforge_core::testing::write_tiny_model_dir;
+use tuneforge_core::{ExperimentConfig, RunOptions, train_experiment};
+use tuneforge_store::{NewRun, RunStatus};
+
+use crate::helpers::{TestApp, spawn_app};
+
+const WORDS: &[&str] = &["fever", "cough", "rash", "itch", "red", "hot"];
+
+/// Trains a tiny model and records its run; returns the run id.
+async fn trained_run(app: &TestApp, id_hint: &str) -> String {
+    let root = app.dir.path().join(id_hint);
+    write_tiny_model_dir(&root.join("model"), WORDS, 1).expect("tiny model");
+    let csv =
+        "label,text\nflu,fever cough\nflu,cough hot\nflu,fever hot\nacne,rash itch\nacne,red rash\nacne,itch red\n";
+    std::fs::write(root.join("train.csv"), csv).expect("csv");
+    let text = format!(
+        "[experiment]\noutput_dir = \"{0}/runs\"\n[model]\nsource = \"{0}/model\"\nmax_len = 8\n[data]\ntrain = \"{0}/train.csv\"\nvalidation = \"{0}/train.csv\"\n[train]\nepochs = 15\nbatch_size = 6\nlr = 1e-2\n",
+        root.display()
+    );
+    let cfg = ExperimentConfig::from_toml(&text, "t.toml", &[]).expect("config");
+    let out = tokio::task::spawn_blocking(move || train_experiment(cfg, &RunOptions::default(), &mut |_| {}))
+        .await
+        .expect("task")
+        .expect("train");
+    let id = out.run.id();
+    let run = NewRun {
+        id: id.clone(),
+        name: "tiny".into(),
+        config: text,
+        run_dir: out.run.root().display().to_string(),
+        model_source: "tiny".into(),
+        method: "full".into(),
+        device: "cpu".into(),
+        git_revision: None,
+        host: "h".into(),
+        pid: 1,
+        total_steps: 15,
+    };
+    app.store.start_run(&run).await.expect("start");
+    let summary = serde_json::to_value(&out.summary).expect("summary");
+    app.store
+        .finish_run(&id, RunStatus::Succeeded, Some(&summary), None, Some(1.0), Some(1.0), None)
+        .await
+        .expect("finish");
+    id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_needs_the_token() {
+    let app = spawn_app().await;
+    let writes = [
+        ("/api/v1/models", json!({"name": "m", "run_id": "r"})),
+        ("/api/v1/models/m/promote", json!({"version": 1})),
+        ("/api/v1/models/m/rollback", json!({})),
+        ("/api/v1/predict", json!({"model": "m", "text": "x"})),
+        ("/api/v1/feedback", json!({"prediction_id": "p", "rating": "wrong"})),
+    ];
+    for (path, body) in &writes {
+        for token in [None, Some("wrong-token-0123456789abcdef")] {
+            let r = app.request("POST", path, Some(&body.to_string()), token).await;
+            assert_eq!(r.status, 401, "{path} with {token:?}");
+            assert!(r.json()["error"].as_str().expect("error").contains("Bearer"));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_promote_predict_feedback_and_rollback() {
+    let app = spawn_app().await;
+    let first = trained_run(&app, "one").await;
+    let second = trained_run(&app, "two").await;
+
+    let r = app.post("/api/v1/predict", &json!({"model": "triage", "text": "fever"})).await;
+    assert_eq!(r.status, 404, "nothing registered yet: {}", r.body);
+    for run in [&first, &second] {
+        let r = app.post("/api/v1/models", &json!({"name": "triage", "run_id": run})).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let r = app.post("/api/v1/models", &json!({"name": "triage", "run_id": "missing"})).await;
+    assert_eq!(r.status, 404);
+    let r = app.post("/api/v1/predict", &json!({"model": "triage", "text": "fever"})).await;
+    assert_eq!(r.status, 404, "no production version yet");
+    assert_eq!(app.post("/api/v1/models/triage/promote", &json!({"version": 1})).await.status, 200);
+    assert_eq!(app.post("/api/v1/models/triage/promote", &json!({"version": 2, "actor": "ann"})).await.status, 200);
+
+    let r =
+        app.post("/api/v1/predict", &json!({"model": "triage", "texts": ["rash itch red", "fever cough hot"]})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = r.json();
+    assert_eq!(p["version"], 2);
+    assert_eq!(p["predictions"][0]["label"], "acne");
+    assert_eq!(p["predictions"][1]["label"], "flu");
+    let pid = p["predictions"][0]["id"].as_str().expect("id").to_owned();
+    let r = app.post("/api/v1/predict", &json!({"model": "triage", "text": "x", "texts": ["y"]})).await;
+    assert_eq!(r.status, 400);
+
+    let r = app
+        .post(
+            "/api/v1/feedback",
+            &json!({"prediction_id": pid, "rating": "wrong", "corrected_label": "flu", "comment": "<b>no</b>"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = app.post("/api/v1/feedback", &json!({"prediction_id": "unknown", "rating": "wrong"})).await;
+    assert_eq!(r.status, 404);
+    let r = app.post("/api/v1/feedback", &json!({"prediction_id": pid, "rating": "meh"})).await;
+    assert_eq!(r.status, 400);
+    let fb = app.get("/api/v1/feedback?model=triage").await.json();
+    assert_eq!(fb[0]["corrected_label"], "flu");
+    assert_eq!(fb[0]["input"], "rash itch red");
+
+    let r = app.post("/api/v1/models/triage/rollback", &json!({})).await;
+    assert_eq!((r.status, r.json()["version"].as_i64()), (200, Some(1)));
+    let r = app.post("/api/v1/predict", &json!({"model": "triage", "text": "fever cough"})).await;
+    assert_eq!(r.json()["version"], 1);
+    let events = app.get("/api/v1/events").await.json();
+    let kinds: Vec<&str> =
+        events.as_array().expect("events").iter().map(|e| e["kind"].as_str().expect("kind")).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "promote").count(), 2);
+    assert_eq!(kinds[0], "rollback");
+    let metrics = app.get("/metrics").await.body;
+    assert!(metrics.contains("tuneforge_predictions_total{model=\"triage\"} 3"), "{metrics}");
+    assert!(metrics.contains("tuneforge_feedback_total{rating=\"wrong\"} 1"), "{metrics}");
+}
