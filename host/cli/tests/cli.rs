@@ -359,3 +359,13 @@ fn runs_are_recorded_and_models_promoted_and_rolled_back() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("no production version"), "{}", stderr(&o));
 }
+
+#[test]
+fn an_unusable_store_does_not_stop_training() {
+    let env = Env::new();
+    let exp = env.experiment("");
+    let o = env.run(&["train", "--config", exp.to_str().expect("utf8"), "--quiet", "--db", "/dev/null/store.db"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("not recording this run in the experiment store"), "{}", stderr(&o));
+    assert_no_panic(&o);
+}

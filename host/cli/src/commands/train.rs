@@ -45,8 +45,18 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
         (None, None) => anyhow::bail!("give --config EXP.toml or --resume RUN_DIR"),
     };
     let options = RunOptions { resume: args.resume.clone(), stop_after_steps: args.stop_after_steps };
-    let mut recorder =
-        if args.no_db { None } else { Some(Recorder::new(&args.db.url(), &config, args.resume.is_some())?) };
+    // The run directory is the record that matters: without a usable store, train anyway.
+    let mut recorder = if args.no_db {
+        None
+    } else {
+        match Recorder::new(&args.db.url(), &config, args.resume.is_some()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                eprintln!("warning: not recording this run in the experiment store: {e:#}");
+                None
+            }
+        }
+    };
     let mut progress = TrainProgress::new(args.quiet);
     let outcome = train_experiment(config, &options, &mut |e| {
         if let Some(r) = recorder.as_mut() {
