@@ -51,8 +51,11 @@ fn parse(args: &[String]) -> anyhow::Result<Options> {
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("peft") => return peft_check(&args[1..]),
+        Some("serve") => return crate::bench_serve::run(),
         Some("train") => {}
-        _ => bail!("usage: cargo xtask bench train [--data FILE] [--steps N] [--warmup N] [--with-pytorch]"),
+        _ => bail!(
+            "usage: cargo xtask bench train [--data FILE] [--steps N] [--warmup N] [--with-pytorch] | peft RUN_DIR | serve"
+        ),
     }
     let o = parse(&args[1..])?;
     if !o.data.exists() {

