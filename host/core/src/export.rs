@@ -88,6 +88,10 @@ pub fn export_peft(model: &Path, out: &Path) -> Result<()> {
         "init_lora_weights": true,
         "modules_to_save": null,
     });
+    // BertModel's pooler is not part of tuneforge's classifier; keep PEFT from adding LoRA there.
+    if targets.iter().any(|t| t == "dense") {
+        config["exclude_modules"] = serde_json::json!(["pooler.dense"]);
+    }
     if first_layer > 0 {
         config["layers_to_transform"] = serde_json::json!((first_layer..n_layers).collect::<Vec<_>>());
         config["layers_pattern"] = serde_json::json!("layer");
