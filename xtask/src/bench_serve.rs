@@ -124,10 +124,15 @@ async fn bench(db: &str) -> anyhow::Result<()> {
             })
         })
         .collect();
-    let mut lat = Vec::with_capacity(POSTS);
-    for h in handles {
-        lat.extend(h.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))??);
-    }
+    // Join on a blocking thread: this one must keep driving the server.
+    let mut lat = actix_web::rt::task::spawn_blocking(move || -> anyhow::Result<Vec<f64>> {
+        let mut lat = Vec::with_capacity(POSTS);
+        for h in handles {
+            lat.extend(h.join().map_err(|_| anyhow::anyhow!("a client thread panicked"))??);
+        }
+        Ok(lat)
+    })
+    .await??;
     let seconds = started.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
     let stored = store.list_feedback(Some("bench"), 100_000).await?.len();
