@@ -5,9 +5,9 @@
 //! when they are valid UTF-8 and as Latin-1 otherwise (PhraseBank ships Latin-1), unless an
 //! encoding is forced.
 
+mod at_label;
 mod csv_format;
 mod jsonl;
-mod phrasebank;
 
 use std::path::{Path, PathBuf};
 
@@ -165,7 +165,7 @@ pub fn read_examples(path: &Path, options: &ReadOptions) -> Result<ReadReport, D
     match format {
         DataFormat::Csv => csv_format::read(&text, options, &mut sink)?,
         DataFormat::Jsonl => jsonl::read(&text, options, &mut sink)?,
-        DataFormat::Phrasebank => phrasebank::read(&text, &mut sink)?,
+        DataFormat::Phrasebank => at_label::read(&text, &mut sink)?,
     }
     let Sink { examples, skipped, .. } = sink;
     if examples.is_empty() {
