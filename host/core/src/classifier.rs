@@ -183,11 +183,6 @@ fn load_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
 }
 
 impl ClassifierModel {
-    /// The `config.json` of a base model directory.
-    pub fn base_config(dir: &Path) -> Result<BertConfig> {
-        read_json(&dir.join("config.json"))
-    }
-
     /// A classifier with a new head over the pretrained encoder in `dir`
     /// (`config.json`, `model.safetensors`, `tokenizer.json`).
     pub fn from_base(dir: &Path, options: &ClassifierOptions) -> Result<Self> {
