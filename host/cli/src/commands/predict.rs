@@ -17,7 +17,7 @@ pub struct PredictArgs {
     /// Print JSON (one array of predictions) on stdout.
     #[arg(long)]
     json: bool,
-    /// How many of the most likely labels to show per text.
+    /// How many of the most likely labels to show per text (the first, then the runners-up).
     #[arg(long, default_value_t = 3)]
     top: usize,
     /// Texts to classify; without any, one text per line is read from standard input.
@@ -51,8 +51,10 @@ pub fn run(args: PredictArgs) -> anyhow::Result<Outcome> {
         for (text, p) in texts.iter().zip(&predictions) {
             let mut ranked = p.probabilities.clone();
             ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-            let top: Vec<String> = ranked.iter().take(args.top.max(1)).map(|(l, v)| format!("{l} {v:.3}")).collect();
-            println!("{}\t{}\t{}", p.label, top.join(", "), text);
+            let others: Vec<String> =
+                ranked.iter().skip(1).take(args.top.saturating_sub(1)).map(|(l, v)| format!("{l} {v:.3}")).collect();
+            let others = if others.is_empty() { String::new() } else { format!(" (then {})", others.join(", ")) };
+            println!("{}\t{:.3}{others}\t{}", p.label, p.score, text);
         }
     }
     Ok(Outcome::Success)
