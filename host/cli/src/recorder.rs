@@ -2,8 +2,9 @@
 //! its metrics in batches, its end. The run directory stays the source of truth: a store
 //! that cannot be written is reported once and training goes on.
 
+use sha2::{Digest, Sha256};
 use tuneforge_core::{ExperimentConfig, RunSummary, TrainEvent};
-use tuneforge_store::{MetricPoint, NewRun, RunStatus, Store, now_ms};
+use tuneforge_store::{Artifact, MetricPoint, NewRun, RunStatus, Store, now_ms};
 
 /// Points buffered before they are written in one transaction.
 const FLUSH_EVERY: usize = 64;
@@ -144,6 +145,34 @@ impl Recorder {
         }
     }
 
+    /// Records the files a finished run left, with their sizes and SHA-256.
+    fn record_artifacts(&mut self, id: &str, run_dir: &std::path::Path) {
+        let files = [
+            ("config", "config.toml"),
+            ("metrics", "metrics.jsonl"),
+            ("summary", "summary.json"),
+            ("model", "best/model.safetensors"),
+            ("model-config", "best/config.json"),
+            ("tokenizer", "best/tokenizer.json"),
+            ("model-meta", "best/tuneforge.json"),
+        ];
+        for (kind, rel) in files {
+            let path = run_dir.join(rel);
+            let Ok(bytes) = std::fs::read(&path) else { continue };
+            let artifact = Artifact {
+                run_id: id.to_owned(),
+                kind: kind.into(),
+                path: path.display().to_string(),
+                sha256: hex::encode(Sha256::digest(&bytes)),
+                bytes: bytes.len() as i64,
+            };
+            if let Err(e) = self.rt.block_on(self.store.record_artifact(&artifact)) {
+                self.warn("record artifacts", e);
+                return;
+            }
+        }
+    }
+
     /// Records how the run ended.
     pub fn finish(&mut self, outcome: Result<&RunSummary, &str>) {
         self.flush();
@@ -165,6 +194,11 @@ impl Recorder {
         };
         if let Err(e) = result {
             self.warn("record the end of the run", e);
+        }
+        if let Ok(s) = outcome
+            && let Some(run_dir) = s.best_model_dir.as_ref().and_then(|b| b.parent())
+        {
+            self.record_artifacts(&id, run_dir);
         }
     }
 }

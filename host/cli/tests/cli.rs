@@ -334,6 +334,13 @@ fn runs_are_recorded_and_models_promoted_and_rolled_back() {
     let shown = json(&o);
     assert!(shown["run"]["accuracy"].is_number());
     assert!(shown["last_metrics"]["val/accuracy"].is_number());
+    let kinds: Vec<&str> =
+        shown["artifacts"].as_array().expect("artifacts").iter().map(|a| a["kind"].as_str().expect("kind")).collect();
+    for kind in ["config", "metrics", "summary", "model", "tokenizer"] {
+        assert!(kinds.contains(&kind), "{kinds:?}");
+    }
+    let model = shown["artifacts"].as_array().expect("artifacts").iter().find(|a| a["kind"] == "model").expect("model");
+    assert_eq!(model["sha256"].as_str().expect("sha").len(), 64);
     let o = env.run(&["runs", "compare", &ids[0], &ids[1]]);
     assert!(stdout(&o).contains("train.lr"), "{}", stdout(&o));
 

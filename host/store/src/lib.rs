@@ -5,6 +5,7 @@
 //!
 //! It must not know tensors, training or HTTP: callers hand it plain records.
 
+mod artifacts;
 mod error;
 mod events;
 mod metrics;
@@ -13,6 +14,7 @@ mod runs;
 mod serving;
 mod store;
 
+pub use artifacts::Artifact;
 pub use error::StoreError;
 pub use events::Event;
 pub use metrics::{MetricPoint, SeriesPoint};

@@ -52,6 +52,17 @@ async fn runs_are_listed_filtered_sorted_and_paged() {
     let (named, _) =
         s.list_runs(&RunFilter { name: Some("amm".into()), limit: 10, ..Default::default() }).await.expect("list");
     assert_eq!(named.len(), 1);
+    let artifact = tuneforge_store::Artifact {
+        run_id: "r1".into(),
+        kind: "model".into(),
+        path: "/runs/r1/best/model.safetensors".into(),
+        sha256: "ab".repeat(32),
+        bytes: 123,
+    };
+    s.record_artifact(&artifact).await.expect("artifact");
+    s.record_artifact(&tuneforge_store::Artifact { bytes: 456, ..artifact.clone() }).await.expect("again");
+    let listed = s.artifacts("r1").await.expect("artifacts");
+    assert_eq!((listed.len(), listed[0].bytes), (1, 456));
     let r = s.get_run("r1").await.expect("get");
     assert_eq!(r.summary.expect("summary")["accuracy"], 0.6);
     assert!(r.config.expect("config").contains("[model]"));

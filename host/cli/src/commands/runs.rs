@@ -108,10 +108,21 @@ pub fn run(cmd: RunsCommand) -> anyhow::Result<Outcome> {
                     last.insert(key, p.value);
                 }
             }
+            let artifacts = rt.block_on(store.artifacts(&id))?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "run": run, "last_metrics": last }))?);
+                let doc = serde_json::json!({ "run": run, "last_metrics": last, "artifacts": artifacts });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
                 show(&run, &last);
+                for a in &artifacts {
+                    println!(
+                        "{:<12} {:>12} bytes  sha256 {}  {}",
+                        a.kind,
+                        a.bytes,
+                        &a.sha256[..16.min(a.sha256.len())],
+                        a.path
+                    );
+                }
             }
         }
         RunsCommand::Compare { ids, db, json } => {

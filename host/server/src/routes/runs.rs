@@ -48,7 +48,8 @@ pub async fn list(state: State, q: web::Query<ListQuery>) -> Result<HttpResponse
 pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let run = state.store.get_run(&id).await?;
     let keys = state.store.metric_keys(&id).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "run": run, "metric_keys": keys })))
+    let artifacts = state.store.artifacts(&id).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "run": run, "metric_keys": keys, "artifacts": artifacts })))
 }
 
 #[derive(Debug, Deserialize)]
