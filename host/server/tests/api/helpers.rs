@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 
 use tuneforge_server::{Application, ServerConfig};
-use tuneforge_store::Store;
+use tuneforge_store::{NewRun, Store};
 
 pub const TOKEN: &str = "test-token-0123456789abcdef";
 
@@ -85,4 +85,21 @@ fn dechunk(mut s: &str) -> String {
         s = rest.get(n + 2..).unwrap_or("");
     }
     out
+}
+
+/// A run record for the store; tests override what they care about.
+pub fn new_run(id: &str, run_dir: &str, config: &str) -> NewRun {
+    NewRun {
+        id: id.into(),
+        name: format!("exp-{id}"),
+        config: config.into(),
+        run_dir: run_dir.into(),
+        model_source: "tiny".into(),
+        method: "full".into(),
+        device: "cpu".into(),
+        git_revision: None,
+        host: "h".into(),
+        pid: 1,
+        total_steps: 1000,
+    }
 }

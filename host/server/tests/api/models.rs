@@ -6,7 +6,7 @@ use tuneforge_core::testing::write_tiny_model_dir;
 use tuneforge_core::{ExperimentConfig, RunOptions, train_experiment};
 use tuneforge_store::{NewRun, RunStatus};
 
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{TestApp, new_run, spawn_app};
 
 const WORDS: &[&str] = &["fever", "cough", "rash", "itch", "red", "hot"];
 
@@ -27,19 +27,7 @@ async fn trained_run(app: &TestApp, id_hint: &str) -> String {
         .expect("task")
         .expect("train");
     let id = out.run.id();
-    let run = NewRun {
-        id: id.clone(),
-        name: "tiny".into(),
-        config: text,
-        run_dir: out.run.root().display().to_string(),
-        model_source: "tiny".into(),
-        method: "full".into(),
-        device: "cpu".into(),
-        git_revision: None,
-        host: "h".into(),
-        pid: 1,
-        total_steps: 15,
-    };
+    let run = NewRun { total_steps: 15, ..new_run(&id, &out.run.root().display().to_string(), &text) };
     app.store.start_run(&run).await.expect("start");
     let summary = serde_json::to_value(&out.summary).expect("summary");
     app.store

@@ -1,30 +1,15 @@
 //! Runs, series, compare, health, metrics, OpenAPI, and the error bodies.
 
-use tuneforge_store::{MetricPoint, NewRun, RunStatus};
+use tuneforge_store::{MetricPoint, RunStatus};
 
-use crate::helpers::{TOKEN, spawn_app};
-
-fn new_run(id: &str, run_dir: &str) -> NewRun {
-    NewRun {
-        id: id.into(),
-        name: format!("exp-{id}"),
-        config: format!("[train]\nlr = {}\n", if id == "a" { "0.1" } else { "0.2" }),
-        run_dir: run_dir.into(),
-        model_source: "tiny".into(),
-        method: "full".into(),
-        device: "cpu".into(),
-        git_revision: None,
-        host: "h".into(),
-        pid: 1,
-        total_steps: 1000,
-    }
-}
+use crate::helpers::{TOKEN, new_run, spawn_app};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_are_listed_shown_compared_and_their_series_downsampled() {
     let app = spawn_app().await;
     for id in ["a", "b"] {
-        app.store.start_run(&new_run(id, "/nowhere")).await.expect("start");
+        let config = format!("[train]\nlr = {}\n", if id == "a" { "0.1" } else { "0.2" });
+        app.store.start_run(&new_run(id, "/nowhere", &config)).await.expect("start");
         let points: Vec<MetricPoint> = (1..=1000)
             .map(|s| MetricPoint {
                 run_id: id.into(),
