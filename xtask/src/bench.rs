@@ -306,7 +306,7 @@ pub fn run_one(args: &[String]) -> anyhow::Result<()> {
             };
             for (i, b) in batches.iter().enumerate() {
                 let prefix = cache.as_ref().map(|c| c.collate(b)).transpose()?;
-                let batch = TrainBatch { tokens: b.clone(), prefix };
+                let batch = TrainBatch { tokens: b.clone(), prefix, texts: Vec::new() };
                 let s = train_step(&model, &trainable, &mut opt, &[batch], &[i as u64], 0.0, 5e-5)?;
                 if i >= o.warmup {
                     tokens += s.tokens;

@@ -24,6 +24,9 @@ pub enum CoreError {
     Param { name: String, message: String },
     #[error("checkpoint {}: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },
+    /// A plugin failed; the message names the plugin, the function and the cause.
+    #[error("{message}")]
+    Plugin { message: String },
     #[error("training diverged at step {step}: loss is {loss}")]
     Diverged { step: u64, loss: f32 },
 }

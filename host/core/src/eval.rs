@@ -6,6 +6,7 @@ use candle_core::{D, DType};
 use serde::{Deserialize, Serialize};
 use tuneforge_data::{BatchPlan, BatchPlanConfig, EncodedBatch, Example};
 
+use crate::hooks::{Hooks, MetricInput};
 use crate::layers::ForwardCtx;
 use crate::{ClassificationMetrics, ClassifierModel, Result};
 
@@ -25,10 +26,24 @@ pub struct EvalReport {
     pub s_per_1k_tokens: f64,
     pub trainable_ratio: f64,
     pub metrics: ClassificationMetrics,
+    /// Metrics from metric plugins, `<plugin>:<name>` -> value.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub plugin_metrics: std::collections::BTreeMap<String, f64>,
 }
 
 /// Evaluates `model` on `examples` in batches of `batch_size` (grouped by length).
 pub fn evaluate(model: &ClassifierModel, examples: &[Example], batch_size: usize) -> Result<EvalReport> {
+    evaluate_with(model, examples, batch_size, &mut Hooks::default())
+}
+
+/// [`evaluate`], plus the metrics of `hooks`' metric plugins (on the examples whose label the
+/// model knows).
+pub fn evaluate_with(
+    model: &ClassifierModel,
+    examples: &[Example],
+    batch_size: usize,
+    hooks: &mut Hooks,
+) -> Result<EvalReport> {
     let labels = model.labels();
     let gold: Vec<Option<usize>> = examples.iter().map(|e| labels.iter().position(|l| *l == e.label)).collect();
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
@@ -41,6 +56,8 @@ pub fn evaluate(model: &ClassifierModel, examples: &[Example], batch_size: usize
     let label_ids: Vec<u32> = gold.iter().map(|g| g.unwrap_or(0) as u32).collect();
     let ctx = ForwardCtx::eval();
     let mut predicted = vec![0usize; examples.len()];
+    let keep_probs = !hooks.metrics.is_empty();
+    let mut probs: Vec<Vec<f32>> = if keep_probs { vec![Vec::new(); examples.len()] } else { Vec::new() };
     let (mut loss_sum, mut loss_n, mut n_tokens) = (0.0f64, 0u64, 0u64);
     for indices in plan.epoch(0) {
         let batch = EncodedBatch::collate(&encoded, &indices, Some(&label_ids), model.text_encoder().pad_id());
@@ -51,6 +68,9 @@ pub fn evaluate(model: &ClassifierModel, examples: &[Example], batch_size: usize
             let best =
                 row.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (j, &v)| if v > a.1 { (j, v) } else { a }).0;
             predicted[i] = best;
+            if keep_probs {
+                probs[i] = row.iter().map(|v| v.exp()).collect();
+            }
             if let Some(g) = gold[i] {
                 loss_sum -= row[g] as f64;
                 loss_n += 1;
@@ -59,6 +79,14 @@ pub fn evaluate(model: &ClassifierModel, examples: &[Example], batch_size: usize
     }
     let seconds = started.elapsed().as_secs_f64();
     let metrics = ClassificationMetrics::compute(labels, &gold, &predicted);
+    let mut plugin_metrics = std::collections::BTreeMap::new();
+    if keep_probs {
+        let known: Vec<usize> = (0..examples.len()).filter(|&i| gold[i].is_some()).collect();
+        let flat: Vec<f32> = known.iter().flat_map(|&i| probs[i].iter().copied()).collect();
+        let gold_ids: Vec<u32> = known.iter().map(|&i| gold[i].unwrap_or(0) as u32).collect();
+        let input = MetricInput { rows: known.len(), classes: labels.len(), probabilities: &flat, labels: &gold_ids };
+        plugin_metrics.extend(hooks.metrics(&input)?);
+    }
     Ok(EvalReport {
         n: metrics.n,
         accuracy: metrics.accuracy,
@@ -71,5 +99,6 @@ pub fn evaluate(model: &ClassifierModel, examples: &[Example], batch_size: usize
         s_per_1k_tokens: seconds / (n_tokens.max(1) as f64 / 1000.0),
         trainable_ratio: model.params().trainable_ratio(),
         metrics,
+        plugin_metrics,
     })
 }

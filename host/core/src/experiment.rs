@@ -69,6 +69,48 @@ pub struct ExperimentConfig {
     pub train: TrainSection,
     #[serde(default)]
     pub gates: GatesConfig,
+    /// `[[plugins]]`: the WebAssembly plugins the run calls, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<PluginSpec>,
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+/// One `[[plugins]]` entry: which plugin, with what configuration and which files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSpec {
+    /// An installed plugin's name (looked up in the plugin directory, `tuneforge plugin list`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Or the directory (or `plugin.toml`) of an installed plugin package.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Loss plugins: the weight of the plugin's term in the training loss.
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    /// `stop` (default): a failing call stops the run; `skip`: it is skipped and counted.
+    #[serde(default)]
+    pub on_error: crate::hooks::OnError,
+    /// The plugin's own settings, handed to it by the host's `config()`.
+    #[serde(default)]
+    pub config: toml::Table,
+    /// Files granted to the plugin: asset name (declared in its manifest) -> path.
+    #[serde(default)]
+    pub assets: std::collections::BTreeMap<String, PathBuf>,
+}
+
+impl PluginSpec {
+    /// The name or path, for messages.
+    pub fn display_name(&self) -> String {
+        match (&self.name, &self.path) {
+            (Some(n), _) => n.clone(),
+            (None, Some(p)) => p.display().to_string(),
+            (None, None) => "<unnamed>".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -368,6 +410,14 @@ impl ExperimentConfig {
             abs(v);
         }
         abs(&mut self.experiment.output_dir);
+        for p in &mut self.plugins {
+            if let Some(path) = &mut p.path {
+                abs(path);
+            }
+            for path in p.assets.values_mut() {
+                abs(path);
+            }
+        }
         if !self.model.source.contains(':') {
             let p = Path::new(&self.model.source);
             if p.is_relative() {
@@ -414,6 +464,14 @@ impl ExperimentConfig {
         }
         if t.keep_checkpoints == 0 {
             return Err(("train.keep_checkpoints", "must be at least 1".into()));
+        }
+        for p in &self.plugins {
+            if p.name.is_some() == p.path.is_some() {
+                return Err(("plugins", format!("`{}`: give exactly one of `name` or `path`", p.display_name())));
+            }
+            if !p.weight.is_finite() {
+                return Err(("plugins.weight", format!("`{}`: must be a finite number", p.display_name())));
+            }
         }
         let d = &self.data;
         if !(0.0..1.0).contains(&d.validation_split) {

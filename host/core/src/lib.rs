@@ -14,6 +14,7 @@ pub mod experiment;
 pub mod export;
 mod fs_atomic;
 mod gates;
+pub mod hooks;
 pub mod layers;
 mod metrics;
 mod optim;
@@ -30,9 +31,10 @@ mod weights;
 pub use checkpoint::{CheckpointState, Checkpoints, LoadedCheckpoint};
 pub use classifier::{ClassifierModel, ClassifierOptions, FrozenPrefix, ModelMeta, Pooling, Prediction, Trainability};
 pub use error::CoreError;
-pub use eval::{EvalReport, evaluate};
-pub use experiment::ExperimentConfig;
+pub use eval::{EvalReport, evaluate, evaluate_with};
+pub use experiment::{ExperimentConfig, PluginSpec};
 pub use gates::{GateResult, check_gates};
+pub use hooks::{HookFactory, Hooks, NoHooks, PluginLineage};
 pub use layers::ForwardCtx;
 pub use metrics::{ClassMetrics, ClassificationMetrics};
 pub use optim::{AdamW, AdamWConfig};
@@ -43,8 +45,8 @@ pub use run::{RunDir, new_run_id};
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use source::{ModelSource, cache_dir};
 pub use train::{
-    RunOptions, RunSummary, StepStats, TrainBatch, TrainEvent, TrainOutcome, load_experiment_data, train_experiment,
-    train_step,
+    RunOptions, RunSummary, StepStats, TrainBatch, TrainEvent, TrainOutcome, apply_data_hooks, load_experiment_data,
+    train_experiment, train_experiment_with, train_step, train_step_with,
 };
 
 /// Result type of this crate.

@@ -58,3 +58,32 @@ pub fn write_tiny_model_dir(dir: &Path, words: &[&str], seed: u64) -> Result<Ber
     write("tokenizer.json", json.as_bytes())?;
     Ok(config)
 }
+
+/// The words of [`TINY_CSV`]'s texts.
+pub const TINY_WORDS: &[&str] =
+    &["fever", "cough", "rash", "itch", "pain", "chest", "head", "sneeze", "red", "skin", "hot", "tired"];
+
+/// A tiny three-class symptom task (`label,text`), learnable by a tiny model in seconds.
+pub const TINY_CSV: &str = "label,text\n\
+flu,fever cough hot\nflu,fever hot tired\nflu,cough sneeze fever\nflu,hot cough tired\n\
+flu,fever sneeze\nflu,cough hot\nflu,tired fever cough\nflu,sneeze hot fever\n\
+acne,rash itch red\nacne,red skin rash\nacne,itch skin red\nacne,rash skin\n\
+acne,skin itch rash\nacne,red rash\nacne,itch red skin\nacne,rash itch skin\n\
+angina,chest pain\nangina,pain chest tired\nangina,chest pain hot\nangina,pain chest\n\
+angina,chest tired pain\nangina,pain in chest\nangina,chest pain pain\nangina,tired chest pain\n";
+
+/// Writes a tiny model (`root/model`) and [`TINY_CSV`] (`root/train.csv`) and returns the text
+/// of an experiment over them (validated on the training file, runs under `root/runs`), with
+/// `extra` TOML appended.
+pub fn write_tiny_task(root: &Path, extra: &str) -> Result<String> {
+    write_tiny_model_dir(&root.join("model"), TINY_WORDS, 3)?;
+    let csv = root.join("train.csv");
+    std::fs::write(&csv, TINY_CSV).map_err(CoreError::io(&csv))?;
+    Ok(format!(
+        "[experiment]\noutput_dir = \"{out}\"\nseed = 11\n[model]\nsource = \"{model}\"\nmax_len = 16\nclassifier_dropout = 0.0\n\
+         [data]\ntrain = \"{train}\"\nvalidation = \"{train}\"\n[train]\nepochs = 30\nbatch_size = 8\nlr = 3e-3\nwarmup_steps = 2\n{extra}",
+        out = root.join("runs").display(),
+        model = root.join("model").display(),
+        train = csv.display(),
+    ))
+}

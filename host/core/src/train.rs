@@ -6,7 +6,7 @@
 //! data cursor, the trainable weights and the optimizer moments) follows the same trajectory
 //! as one that was never interrupted.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -20,13 +20,14 @@ use tuneforge_data::{
 use crate::checkpoint::{CheckpointState, Checkpoints};
 use crate::classifier::{ClassifierOptions, FrozenPrefix, Trainability};
 use crate::experiment::{BestMetric, ExperimentConfig, PeftMethod};
+use crate::hooks::{Hook, HookFactory, Hooks, LossHook, LossInput, NoHooks, PluginLineage};
 use crate::layers::ForwardCtx;
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
 use crate::prefix_cache::PrefixCache;
 use crate::run::{MetricsLog, create_run_dir};
 use crate::{
-    ClassifierModel, CoreError, EvalReport, GateResult, LrSchedule, ModelSource, Result, RunDir, check_gates, evaluate,
-    new_run_id,
+    ClassifierModel, CoreError, EvalReport, GateResult, LrSchedule, ModelSource, Result, RunDir, check_gates,
+    eval::evaluate_with, new_run_id,
 };
 
 /// How `train` starts and stops.
@@ -104,6 +105,15 @@ pub struct RunSummary {
     pub early_stopped_at: Option<u64>,
     /// The adapters or LoRA the model carries.
     pub peft: crate::PeftSpec,
+    /// The plugins the run called: name, version, kind, sha256 and API version.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plugins: Vec<PluginLineage>,
+    /// Plugin calls that failed and were skipped (`on_error = "skip"`), per plugin.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub plugin_calls_skipped: BTreeMap<String, u64>,
+    /// Examples the augmenters added to the training split.
+    #[serde(default)]
+    pub augmented_examples: usize,
 }
 
 /// The result of [`train_experiment`].
@@ -180,10 +190,52 @@ fn scalar(t: &Tensor) -> Result<f64> {
     Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?)
 }
 
-/// Runs (or resumes) an experiment.
+/// Cleans the texts of both splits with the run's cleaners, then appends what the augmenters
+/// derive from each training example (deterministic per seed and example). Returns how many
+/// examples were added.
+pub fn apply_data_hooks(
+    hooks: &mut Hooks,
+    train: &mut Vec<Example>,
+    validation: &mut [Example],
+    seed: u64,
+) -> Result<usize> {
+    if !hooks.cleaners.is_empty() {
+        for e in train.iter_mut().chain(validation.iter_mut()) {
+            e.text = hooks.clean(&e.text)?;
+        }
+    }
+    let mut added = Vec::new();
+    for (i, e) in train.iter().enumerate() {
+        for a in &mut hooks.augmenters {
+            let result = a.hook.augment(&e.text, &e.label, seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let Some(new) = a.policy(result)? else { continue };
+            for (text, label) in new {
+                let mut x = e.clone();
+                x.text = text;
+                x.label = label.unwrap_or_else(|| e.label.clone());
+                added.push(x);
+            }
+        }
+    }
+    let n = added.len();
+    train.extend(added);
+    Ok(n)
+}
+
+/// Runs (or resumes) an experiment that calls no plugins.
 pub fn train_experiment(
     cfg: ExperimentConfig,
     options: &RunOptions,
+    on_event: &mut dyn FnMut(TrainEvent<'_>),
+) -> Result<TrainOutcome> {
+    train_experiment_with(cfg, options, &NoHooks, on_event)
+}
+
+/// Runs (or resumes) an experiment, with the plugins `factory` builds for it.
+pub fn train_experiment_with(
+    cfg: ExperimentConfig,
+    options: &RunOptions,
+    factory: &dyn HookFactory,
     on_event: &mut dyn FnMut(TrainEvent<'_>),
 ) -> Result<TrainOutcome> {
     let (cfg, run) = match &options.resume {
@@ -207,8 +259,14 @@ pub fn train_experiment(
     let seed = cfg.experiment.seed;
     let source = ModelSource::parse(&cfg.model.source)?;
     let base_dir = source.resolve()?;
-    let (train, validation, skipped) = load_experiment_data(&cfg)?;
+    let (mut train, mut validation, skipped) = load_experiment_data(&cfg)?;
     let vocab = LabelVocab::from_examples(&train);
+    let mut hooks = factory.build(&cfg, vocab.labels())?;
+    let augmented_examples = apply_data_hooks(&mut hooks, &mut train, &mut validation, seed)?;
+    if augmented_examples > 0 {
+        tracing::info!(added = augmented_examples, "augmented the training split");
+    }
+    let (train, validation) = (train, validation);
     let model = ClassifierModel::from_base(
         &base_dir,
         &ClassifierOptions {
@@ -295,27 +353,45 @@ pub fn train_experiment(
                 .map(|indices| {
                     let tokens = EncodedBatch::collate(&encoded, indices, Some(&label_ids), pad);
                     let prefix = cache.as_ref().map(|c| c.collate(&tokens)).transpose()?;
-                    Ok(TrainBatch { tokens, prefix })
+                    let texts = if hooks.losses.is_empty() {
+                        Vec::new()
+                    } else {
+                        indices.iter().map(|&i| train[i].text.clone()).collect()
+                    };
+                    Ok(TrainBatch { tokens, prefix, texts })
                 })
                 .collect::<Result<Vec<_>>>()?;
             let lr = schedule.lr(state.step);
             let seeds: Vec<u64> = (0..step_batches.len()).map(|mi| step_seed(seed, state.step, mi)).collect();
-            let stats = train_step(&model, &trainable, &mut optimizer, &step_batches, &seeds, t.max_grad_norm, lr)
-                .map_err(|e| match e {
-                    CoreError::Diverged { loss, .. } => CoreError::Diverged { step: state.step + 1, loss },
-                    other => other,
-                })?;
-            let StepStats { loss, tokens, grad_norm, forward_s, backward_s, optimizer_s } = stats;
+            let stats = train_step_with(
+                &model,
+                &trainable,
+                &mut optimizer,
+                &step_batches,
+                &seeds,
+                t.max_grad_norm,
+                lr,
+                &mut hooks.losses,
+            )
+            .map_err(|e| match e {
+                CoreError::Diverged { loss, .. } => CoreError::Diverged { step: state.step + 1, loss },
+                other => other,
+            })?;
+            let StepStats { loss, tokens, grad_norm, forward_s, backward_s, optimizer_s, plugin_losses } = stats;
             let seconds = started.elapsed().as_secs_f64();
             state.step += 1;
             state.batch_in_epoch = end;
             state.tokens_seen += tokens;
             state.train_seconds += seconds;
-            log.append(&serde_json::json!({
+            let mut record = serde_json::json!({
                 "kind": "train", "step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr,
                 "grad_norm": grad_norm, "tokens": tokens, "seconds": seconds,
                 "forward_s": forward_s, "backward_s": backward_s, "optimizer_s": optimizer_s,
-            }))?;
+            });
+            for (name, value) in &plugin_losses {
+                record[format!("plugin:{name}")] = serde_json::json!(value);
+            }
+            log.append(&record)?;
             on_event(TrainEvent::Step {
                 step: state.step,
                 total_steps,
@@ -334,7 +410,7 @@ pub fn train_experiment(
                     state.epoch += 1;
                     state.batch_in_epoch = 0;
                 }
-                let report = evaluate(&model, &validation, eval_bs)?;
+                let report = evaluate_with(&model, &validation, eval_bs, &mut hooks)?;
                 let value = metric_value(t.metric_for_best, &report);
                 let improved = state.best_metric.is_none_or(|b| value > b);
                 if state.best_metric.is_none_or(|b| value > b + t.early_stopping_min_delta) {
@@ -350,10 +426,14 @@ pub fn train_experiment(
                     state.best_step = Some(state.step);
                     model.save(&run.best())?;
                 }
-                log.append(&serde_json::json!({
+                let mut record = serde_json::json!({
                     "kind": "eval", "step": state.step, "epoch": state.epoch, "val_loss": report.loss,
                     "accuracy": report.accuracy, "macro_f1": report.macro_f1, "improved": improved,
-                }))?;
+                });
+                for (name, value) in &report.plugin_metrics {
+                    record[name.as_str()] = serde_json::json!(value);
+                }
+                log.append(&record)?;
                 on_event(TrainEvent::Evaluated { step: state.step, report: &report, improved });
                 let dir = checkpoints.save(&state, &trainable_tensors(&trainable), &optimizer.state_tensors()?)?;
                 last_checkpoint_step = Some(state.step);
@@ -376,7 +456,7 @@ pub fn train_experiment(
 
     let (validation_report, gates) = if !stopped && run.best().exists() {
         let best = ClassifierModel::load(&run.best())?;
-        let mut report = evaluate(&best, &validation, eval_bs)?;
+        let mut report = evaluate_with(&best, &validation, eval_bs, &mut hooks)?;
         // The saved model has nothing trainable; report the ratio the run trained with.
         report.trainable_ratio = model.params().trainable_ratio();
         let gates = check_gates(&cfg.gates, &report);
@@ -413,14 +493,31 @@ pub fn train_experiment(
         gates,
         early_stopped_at: state.early_stopped_at,
         peft: model.meta().peft.clone(),
+        plugins: hooks.lineage.clone(),
+        plugin_calls_skipped: skipped_calls(&hooks),
+        augmented_examples,
     };
     let json = serde_json::to_vec_pretty(&summary).map_err(|e| CoreError::file(run.summary(), e.to_string()))?;
     crate::fs_atomic::write_atomic(&run.summary(), &json)?;
     Ok(TrainOutcome { run, summary })
 }
 
+fn skipped_calls(hooks: &Hooks) -> BTreeMap<String, u64> {
+    let losses = hooks.losses.iter().map(|h| (&h.name, h.skipped));
+    let metrics = hooks.metrics.iter().map(|h| (&h.name, h.skipped));
+    let cleaners = hooks.cleaners.iter().map(|h| (&h.name, h.skipped));
+    let augmenters = hooks.augmenters.iter().map(|h| (&h.name, h.skipped));
+    losses
+        .chain(metrics)
+        .chain(cleaners)
+        .chain(augmenters)
+        .filter(|(_, n)| *n > 0)
+        .map(|(k, n)| (k.clone(), n))
+        .collect()
+}
+
 /// What one optimizer step measured.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepStats {
     /// Mean loss over the micro-batches.
     pub loss: f64,
@@ -431,6 +528,8 @@ pub struct StepStats {
     pub forward_s: f64,
     pub backward_s: f64,
     pub optimizer_s: f64,
+    /// Mean value of each loss plugin's term (unweighted) over the micro-batches it answered.
+    pub plugin_losses: Vec<(String, f64)>,
 }
 
 /// A batch for [`train_step`]: its tokens and, with a frozen-prefix cache, the cached hidden
@@ -439,11 +538,13 @@ pub struct StepStats {
 pub struct TrainBatch {
     pub tokens: EncodedBatch,
     pub prefix: Option<FrozenPrefix>,
+    /// The rows' texts, for loss plugins (empty when no plugin needs them).
+    pub texts: Vec<String>,
 }
 
 impl From<EncodedBatch> for TrainBatch {
     fn from(tokens: EncodedBatch) -> Self {
-        Self { tokens, prefix: None }
+        Self { tokens, prefix: None, texts: Vec::new() }
     }
 }
 
@@ -459,15 +560,47 @@ pub fn train_step(
     max_grad_norm: f64,
     lr: f64,
 ) -> Result<StepStats> {
+    train_step_with(model, trainable, optimizer, batches, seeds, max_grad_norm, lr, &mut [])
+}
+
+/// [`train_step`] with loss plugins: each adds `weight * sum(logits * stop_grad(grad))` to a
+/// micro-batch's loss, where `grad` is the plugin's d value / d logits.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step_with(
+    model: &ClassifierModel,
+    trainable: &[(String, candle_core::Var)],
+    optimizer: &mut AdamW,
+    batches: &[TrainBatch],
+    seeds: &[u64],
+    max_grad_norm: f64,
+    lr: f64,
+    losses: &mut [Hook<dyn LossHook>],
+) -> Result<StepStats> {
     let mut grads: HashMap<String, Tensor> = HashMap::new();
+    let mut plugin_sums: Vec<(f64, u32)> = vec![(0.0, 0); losses.len()];
     let (mut loss_sum, mut tokens) = (0.0f64, 0u64);
     let (mut forward_s, mut backward_s) = (0.0f64, 0.0f64);
     for (batch, &seed) in batches.iter().zip(seeds) {
         tokens += batch.tokens.n_tokens as u64;
         let ctx = ForwardCtx::train(seed);
         let phase = Instant::now();
-        let (loss, _) = model.loss_from(&batch.tokens, batch.prefix.as_ref(), &ctx)?;
-        let value = scalar(&loss)?;
+        let (mut loss, logits) = model.loss_from(&batch.tokens, batch.prefix.as_ref(), &ctx)?;
+        let mut value = scalar(&loss)?;
+        if !losses.is_empty() {
+            let (rows, classes) = logits.dims2()?;
+            let flat = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let input = LossInput { rows, classes, logits: &flat, labels: &batch.tokens.labels, texts: &batch.texts };
+            for (hook, sum) in losses.iter_mut().zip(plugin_sums.iter_mut()) {
+                let result = hook.hook.compute(&input);
+                let Some(out) = hook.policy(result)? else { continue };
+                let grad = Tensor::from_vec(out.grad, (rows, classes), logits.device())?.to_dtype(logits.dtype())?;
+                let term = (logits.mul(&grad)?.sum_all()? * hook.weight)?;
+                loss = (loss + term)?;
+                value += hook.weight * out.value as f64;
+                sum.0 += out.value as f64;
+                sum.1 += 1;
+            }
+        }
         forward_s += phase.elapsed().as_secs_f64();
         if !value.is_finite() {
             return Err(CoreError::Diverged { step: optimizer.step_count() + 1, loss: value as f32 });
@@ -496,6 +629,12 @@ pub fn train_step(
         forward_s,
         backward_s,
         optimizer_s: phase.elapsed().as_secs_f64(),
+        plugin_losses: losses
+            .iter()
+            .zip(&plugin_sums)
+            .filter(|(_, (_, n))| *n > 0)
+            .map(|(h, (s, n))| (h.name.clone(), s / *n as f64))
+            .collect(),
     })
 }
 

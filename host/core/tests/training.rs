@@ -6,15 +6,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use tuneforge_core::bert::BertConfig;
-use tuneforge_core::testing::{tiny_tokenizer, write_tiny_model_dir};
+use tuneforge_core::testing::{tiny_tokenizer, write_tiny_task};
 use tuneforge_core::{
     AdamW, AdamWConfig, ClassifierModel, ClassifierOptions, ExperimentConfig, ForwardCtx, PeftSpec, Pooling, Result,
     RunOptions, Trainability, train_experiment,
 };
 use tuneforge_data::{EncodedBatch, TextEncoder};
 
-const WORDS: &[&str] =
-    &["fever", "cough", "rash", "itch", "pain", "chest", "head", "sneeze", "red", "skin", "hot", "tired"];
+const WORDS: &[&str] = tuneforge_core::testing::TINY_WORDS;
 
 fn tiny_model(dtype: DType, pooling: Pooling, trainability: Trainability) -> Result<ClassifierModel> {
     let tokenizer = tiny_tokenizer(WORDS)?;
@@ -142,14 +141,6 @@ fn one_step_moves_every_trainable_tensor_and_no_frozen_one() -> Result<()> {
 
 // ---- the pipeline on files ----
 
-const CSV: &str = "label,text\n\
-flu,fever cough hot\nflu,fever hot tired\nflu,cough sneeze fever\nflu,hot cough tired\n\
-flu,fever sneeze\nflu,cough hot\nflu,tired fever cough\nflu,sneeze hot fever\n\
-acne,rash itch red\nacne,red skin rash\nacne,itch skin red\nacne,rash skin\n\
-acne,skin itch rash\nacne,red rash\nacne,itch red skin\nacne,rash itch skin\n\
-angina,chest pain\nangina,pain chest tired\nangina,chest pain hot\nangina,pain chest\n\
-angina,chest tired pain\nangina,pain in chest\nangina,chest pain pain\nangina,tired chest pain\n";
-
 struct Fixture {
     _dir: tempfile::TempDir,
     root: PathBuf,
@@ -159,20 +150,12 @@ impl Fixture {
     fn new() -> Result<Self> {
         let dir = tempfile::tempdir().map_err(|e| tuneforge_core::CoreError::Io { path: "tmp".into(), source: e })?;
         let root = dir.path().to_path_buf();
-        write_tiny_model_dir(&root.join("model"), WORDS, 3)?;
-        std::fs::write(root.join("train.csv"), CSV)
-            .map_err(|e| tuneforge_core::CoreError::Io { path: "csv".into(), source: e })?;
+        let _ = write_tiny_task(&root, "")?;
         Ok(Self { _dir: dir, root })
     }
 
     fn config(&self, extra: &str, overrides: &[&str]) -> Result<ExperimentConfig> {
-        let text = format!(
-            "[experiment]\noutput_dir = \"{out}\"\nseed = 11\n[model]\nsource = \"{model}\"\nmax_len = 16\nclassifier_dropout = 0.0\n\
-             [data]\ntrain = \"{train}\"\nvalidation = \"{train}\"\n[train]\nepochs = 30\nbatch_size = 8\nlr = 3e-3\nwarmup_steps = 2\n{extra}",
-            out = self.root.join("runs").display(),
-            model = self.root.join("model").display(),
-            train = self.root.join("train.csv").display(),
-        );
+        let text = write_tiny_task(&self.root, extra)?;
         let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
         ExperimentConfig::from_toml(&text, "test.toml", &ov)
     }

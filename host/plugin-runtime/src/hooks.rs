@@ -1,0 +1,105 @@
+//! The bridge to the training core: an experiment's `[[plugins]]` become [`Hooks`].
+
+use std::path::PathBuf;
+
+use tuneforge_core::hooks::{
+    AugmentHook, CleanHook, Hook, HookResult, LossHook, LossInput, LossValue, MetricHook, MetricInput,
+};
+use tuneforge_core::{CoreError, ExperimentConfig, HookFactory, Hooks, PluginLineage, PluginSpec};
+
+use crate::{PluginError, PluginInstance, PluginKind, PluginRuntime, PluginSetup, config_pairs, installed_dir};
+
+/// Builds a run's hooks with the plugin runtime, finding plugins by name in `home`.
+#[derive(Debug, Clone)]
+pub struct RuntimeHooks {
+    pub runtime: PluginRuntime,
+    pub home: PathBuf,
+}
+
+impl RuntimeHooks {
+    pub fn new(home: PathBuf) -> Result<Self, PluginError> {
+        Ok(Self { runtime: PluginRuntime::new()?, home })
+    }
+
+    /// Loads one `[[plugins]]` entry.
+    pub fn load(&self, spec: &PluginSpec, labels: &[String]) -> Result<PluginInstance, PluginError> {
+        let path = match (&spec.name, &spec.path) {
+            (_, Some(p)) => p.clone(),
+            (Some(name), None) => installed_dir(&self.home, name)?,
+            (None, None) => return Err(PluginError::Engine("a [[plugins]] entry needs `name` or `path`".into())),
+        };
+        let setup = PluginSetup {
+            config: config_pairs(&spec.config),
+            labels: labels.to_vec(),
+            assets: spec.assets.clone().into_iter().collect(),
+        };
+        self.runtime.load(&path, setup)
+    }
+}
+
+fn plugin_err(e: PluginError) -> CoreError {
+    CoreError::Plugin { message: e.to_string() }
+}
+
+impl HookFactory for RuntimeHooks {
+    fn build(&self, cfg: &ExperimentConfig, labels: &[String]) -> tuneforge_core::Result<Hooks> {
+        let mut hooks = Hooks::default();
+        for spec in &cfg.plugins {
+            let instance = self.load(spec, labels).map_err(plugin_err)?;
+            let m = &instance.installed().manifest;
+            hooks.lineage.push(PluginLineage {
+                name: m.name.clone(),
+                version: m.version.clone(),
+                kind: m.kind.to_string(),
+                sha256: instance.installed().sha256.clone(),
+                api_version: m.api_version.clone(),
+            });
+            let name = m.name.clone();
+            let (w, e) = (spec.weight, spec.on_error);
+            match instance.kind() {
+                PluginKind::Loss => hooks.losses.push(Hook::new(name, w, e, Box::new(Adapter(instance)))),
+                PluginKind::Metric => hooks.metrics.push(Hook::new(name, w, e, Box::new(Adapter(instance)))),
+                PluginKind::Cleaner => hooks.cleaners.push(Hook::new(name, w, e, Box::new(Adapter(instance)))),
+                PluginKind::Augment => hooks.augmenters.push(Hook::new(name, w, e, Box::new(Adapter(instance)))),
+                PluginKind::Features => {
+                    return Err(CoreError::Plugin {
+                        message: format!(
+                            "plugin `{name}` is a features plugin: it is used through `[model] fusion`, not [[plugins]]"
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(hooks)
+    }
+}
+
+/// A plugin instance seen through one of the core's hook traits.
+struct Adapter(PluginInstance);
+
+impl LossHook for Adapter {
+    fn compute(&mut self, input: &LossInput<'_>) -> HookResult<LossValue> {
+        self.0
+            .compute_loss(input.rows, input.classes, input.logits, input.labels, input.texts)
+            .map(|a| LossValue { value: a.value, grad: a.grad })
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl MetricHook for Adapter {
+    fn evaluate(&mut self, input: &MetricInput<'_>) -> HookResult<Vec<(String, f64)>> {
+        self.0.evaluate_metric(input.rows, input.classes, input.probabilities, input.labels).map_err(|e| e.to_string())
+    }
+}
+
+impl CleanHook for Adapter {
+    fn clean(&mut self, text: &str) -> HookResult<String> {
+        self.0.clean(text).map_err(|e| e.to_string())
+    }
+}
+
+impl AugmentHook for Adapter {
+    fn augment(&mut self, text: &str, label: &str, seed: u64) -> HookResult<Vec<(String, Option<String>)>> {
+        self.0.augment(text, Some(label), seed).map_err(|e| e.to_string())
+    }
+}
