@@ -99,7 +99,7 @@ impl SynonymAugment {
         let mut out = String::with_capacity(text.len() + 16);
         let mut replaced = 0;
         let mut word = String::new();
-        let mut flush = |word: &mut String, out: &mut String, rng: &mut Rng, replaced: &mut usize| {
+        let flush = |word: &mut String, out: &mut String, rng: &mut Rng, replaced: &mut usize| {
             if word.is_empty() {
                 return;
             }
