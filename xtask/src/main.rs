@@ -7,6 +7,7 @@ mod bench;
 mod bench_serve;
 mod demo;
 mod icd10;
+mod plugins;
 mod process;
 mod test;
 
@@ -18,7 +19,9 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   demo                 fetch all-MiniLM-L6-v2 and ICD-10-CM, fine-tune, evaluate, predict
-  test                 the whole test suite (format check and cargo nextest)
+  test                 the whole test suite: format checks, the plugins' own unit tests, and
+                       every workspace test under cargo nextest
+  plugins [--home DIR] build the plugins in plugins/ for wasm32-wasip2 and install them
   bench train [--data FILE] [--steps N] [--with-pytorch]
                        training and inference speed of all-MiniLM-L6-v2 (full, freeze, cache,
                        adapters, LoRA), side by side with PyTorch when asked
@@ -32,6 +35,7 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("demo") => demo::run(rest),
         Some("test") => test::run(rest),
+        Some("plugins") => plugins::run(rest),
         Some("bench") => bench::run(rest),
         Some("bench-one") => bench::run_one(rest),
         Some("-h" | "--help" | "help") | None => {

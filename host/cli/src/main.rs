@@ -38,6 +38,9 @@ enum Command {
     Models(commands::models::ModelsCommand),
     /// Serve the REST API and Prometheus metrics over the experiment store.
     Serve(commands::serve::ServeArgs),
+    /// WebAssembly plugins: scaffold, build and install, check, list.
+    #[command(subcommand)]
+    Plugin(commands::plugin::PluginCommand),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Runs(cmd) => commands::runs::run(cmd),
         Command::Models(cmd) => commands::models::run(cmd),
         Command::Serve(args) => commands::serve::run(args),
+        Command::Plugin(cmd) => commands::plugin::run(cmd),
     };
     match result {
         Ok(commands::Outcome::Success) => ExitCode::SUCCESS,

@@ -376,3 +376,54 @@ fn an_unusable_store_does_not_stop_training() {
     assert!(stderr(&o).contains("not recording this run in the experiment store"), "{}", stderr(&o));
     assert_no_panic(&o);
 }
+
+#[test]
+fn a_scaffolded_loss_plugin_builds_installs_and_a_run_uses_it() {
+    let env = Env::new();
+    let home = env.path("plugin-home");
+    let home_s = home.to_str().expect("utf-8");
+    let o = env.run(&["plugin", "new", "loss", "my-loss"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A user's edit: a different default scale.
+    let lib = env.path("my-loss/src/lib.rs");
+    let src = std::fs::read_to_string(&lib).expect("lib.rs");
+    std::fs::write(&lib, src.replace("c.f64(\"scale\", 1.0)?", "c.f64(\"scale\", 0.5)?")).expect("edit");
+
+    let target = tuneforge_tests::plugin_target_dir();
+    let target_s = target.to_str().expect("utf-8");
+    let o = env.run(&["plugin", "build", "my-loss", "--home", home_s, "--target-dir", target_s]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("installed my-loss 0.1.0 (loss, API 0.1.0)"), "{}", stdout(&o));
+    let o = env.run(&["plugin", "list", "--home", home_s]);
+    assert!(stdout(&o).contains("my-loss") && stdout(&o).contains("loss"), "{}", stdout(&o));
+    let o = env.run(&["plugin", "check", "my-loss", "--home", home_s]);
+    assert!(o.status.success() && stdout(&o).contains("instantiates in the sandbox"), "{}", stderr(&o));
+
+    let exp = env.experiment("[[plugins]]\nname = \"my-loss\"\nweight = 0.3\n");
+    let o = env.command().env("TUNEFORGE_PLUGIN_DIR", &home).args(["train", "-q", "--config"]).arg(&exp).output();
+    let o = o.expect("train");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let run = std::fs::read_dir(env.path("runs")).expect("runs").next().expect("run").expect("entry").path();
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).expect("metrics");
+    assert!(metrics.lines().filter(|l| l.contains("\"kind\":\"train\"")).all(|l| l.contains("\"plugin:my-loss\":")));
+    let summary = std::fs::read_to_string(run.join("summary.json")).expect("summary");
+    assert!(summary.contains("\"name\": \"my-loss\"") && summary.contains("\"api_version\": \"0.1.0\""), "{summary}");
+
+    // Not installed: the error says how to install.
+    let exp = env.experiment("[[plugins]]\nname = \"nope\"\n");
+    let o = env.command().env("TUNEFORGE_PLUGIN_DIR", &home).args(["train", "-q", "--config"]).arg(&exp).output();
+    let err = stderr(&o.expect("train"));
+    assert!(err.contains("plugin `nope` is not installed") && err.contains("tuneforge plugin build"), "{err}");
+}
+
+#[test]
+fn plugin_new_refuses_bad_kinds_names_and_non_empty_directories() {
+    let env = Env::new();
+    let o = env.run(&["plugin", "new", "lost", "x"]);
+    assert!(!o.status.success() && stderr(&o).contains("unknown plugin kind `lost`"));
+    let o = env.run(&["plugin", "new", "loss", "Bad_Name"]);
+    assert!(!o.status.success() && stderr(&o).contains("plugin name `Bad_Name`"));
+    std::fs::create_dir_all(env.path("taken/src")).expect("mkdir");
+    let o = env.run(&["plugin", "new", "loss", "taken"]);
+    assert!(!o.status.success() && stderr(&o).contains("is not empty"));
+}

@@ -10,15 +10,31 @@ use tuneforge_core::{CoreError, ExperimentConfig, HookFactory, Hooks, PluginLine
 use crate::{PluginError, PluginInstance, PluginKind, PluginRuntime, PluginSetup, config_pairs, installed_dir};
 
 /// Builds a run's hooks with the plugin runtime, finding plugins by name in `home`.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct RuntimeHooks {
-    pub runtime: PluginRuntime,
+    runtime: std::sync::OnceLock<PluginRuntime>,
     pub home: PathBuf,
 }
 
 impl RuntimeHooks {
+    /// With a runtime started now.
     pub fn new(home: PathBuf) -> Result<Self, PluginError> {
-        Ok(Self { runtime: PluginRuntime::new()?, home })
+        let runtime = std::sync::OnceLock::new();
+        let _ = runtime.set(PluginRuntime::new()?);
+        Ok(Self { runtime, home })
+    }
+
+    /// Starts the runtime only when an experiment lists plugins.
+    pub fn lazy(home: PathBuf) -> Self {
+        Self { runtime: std::sync::OnceLock::new(), home }
+    }
+
+    fn runtime(&self) -> Result<&PluginRuntime, PluginError> {
+        if let Some(r) = self.runtime.get() {
+            return Ok(r);
+        }
+        let r = PluginRuntime::new()?;
+        Ok(self.runtime.get_or_init(|| r))
     }
 
     /// Loads one `[[plugins]]` entry.
@@ -33,7 +49,7 @@ impl RuntimeHooks {
             labels: labels.to_vec(),
             assets: spec.assets.clone().into_iter().collect(),
         };
-        self.runtime.load(&path, setup)
+        self.runtime()?.load(&path, setup)
     }
 }
 

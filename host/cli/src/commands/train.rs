@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use tuneforge_core::{ExperimentConfig, RunOptions, train_experiment};
+use tuneforge_core::{ExperimentConfig, RunOptions, train_experiment_with};
+use tuneforge_plugin_runtime::{RuntimeHooks, plugin_home};
 
 use super::{DbArgs, Outcome, report_gates};
 use crate::progress::TrainProgress;
@@ -58,7 +59,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
         }
     };
     let mut progress = TrainProgress::new(args.quiet);
-    let outcome = train_experiment(config, &options, &mut |e| {
+    let hooks = RuntimeHooks::lazy(plugin_home());
+    let outcome = train_experiment_with(config, &options, &hooks, &mut |e| {
         if let Some(r) = recorder.as_mut() {
             r.on_event(&e);
         }
