@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use tuneforge_core::{ExperimentConfig, RunOptions, TrainOutcome, train_experiment_with};
-use tuneforge_plugin_runtime::{PluginRuntime, PluginSetup, RuntimeHooks};
+use tuneforge_plugin_runtime::{PluginRuntime, PluginSetup, Predictor, RuntimeHooks};
 use tuneforge_tests::installed;
 
 fn load(name: &str, home: &Path, setup: PluginSetup) -> tuneforge_plugin_runtime::PluginInstance {
@@ -154,4 +154,51 @@ fn a_loss_plugin_changes_training_and_its_value_is_logged() {
             .collect::<Vec<_>>()
     };
     assert_ne!(loss_of(&with)[1..], loss_of(&without)[1..], "the plugin's gradient moved the weights");
+}
+
+#[test]
+fn finance_features_fuse_with_the_embedding_and_travel_with_the_model() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let plugins = "[[plugins]]\nname = \"text-clean\"\n[plugins.config]\nlowercase = true\n\
+                   [[plugins]]\nname = \"finance-features\"\n";
+    let out =
+        run(root.path(), &["text-clean", "finance-features"], plugins, &["train.epochs=3", "model.fusion=concat"]);
+    let best = out.summary.best_model_dir.clone().expect("best model");
+    let listed = std::fs::read_to_string(best.join("plugins.json")).expect("plugins.json");
+    assert!(listed.contains("\"text-clean\"") && listed.contains("\"finance-features\""), "{listed}");
+    assert!(best.join("plugins/finance-features/plugin.wasm").is_file());
+
+    let runtime = PluginRuntime::new().expect("runtime");
+    let predictor = Predictor::load(&runtime, &best).expect("loads with its plugins");
+    assert_eq!(predictor.plugin_names(), ["text-clean", "finance-features"]);
+    let fusion = predictor.model().meta().fusion.clone().expect("fusion");
+    assert_eq!((fusion.plugin.as_str(), fusion.features.len()), ("finance-features", 12));
+    let p = predictor.predict(&["FEVER   cough HOT".to_string()], 8).expect("predicts");
+    assert_eq!(p[0].probabilities.len(), 3);
+    // The same cleaning and features as in training: the evaluation repeats the run's.
+    let data = tuneforge_data::read_examples(&root.path().join("train.csv"), &Default::default()).expect("data");
+    let report = predictor.evaluate(&data.examples, 8).expect("evaluates");
+    assert_eq!(Some(report.accuracy), out.summary.validation.as_ref().map(|v| v.accuracy));
+
+    // A model whose plugin was swapped is refused.
+    std::fs::write(best.join("plugins/finance-features/plugin.wasm"), b"\0asm\x0d\0\x01\0").expect("tamper");
+    let err = Predictor::load(&runtime, &best).expect_err("tampered").to_string();
+    assert!(err.contains("sha256"), "{err}");
+}
+
+#[test]
+fn fusion_and_features_plugins_must_come_together() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let home = root.path().join("plugins");
+    installed("finance-features", &home);
+    let text = tuneforge_core::testing::write_tiny_task(root.path(), "[[plugins]]\nname = \"finance-features\"\n")
+        .expect("task");
+    let factory = RuntimeHooks::new(home).expect("runtime");
+    let cfg = ExperimentConfig::from_toml(&text, "x.toml", &[]).expect("config");
+    let err = train_experiment_with(cfg, &RunOptions::default(), &factory, &mut |_| {}).expect_err("no fusion");
+    assert!(err.to_string().contains("fusion = \"concat\""), "{err}");
+    let text = tuneforge_core::testing::write_tiny_task(root.path(), "").expect("task");
+    let cfg = ExperimentConfig::from_toml(&text, "x.toml", &["model.fusion=concat".into()]).expect("config");
+    let err = train_experiment_with(cfg, &RunOptions::default(), &factory, &mut |_| {}).expect_err("no plugin");
+    assert!(err.to_string().contains("no features plugin"), "{err}");
 }

@@ -52,9 +52,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("peft") => return peft_check(&args[1..]),
         Some("serve") => return crate::bench_serve::run(),
+        Some("plugins") => return crate::bench_plugins::run(&args[1..]),
         Some("train") => {}
         _ => bail!(
-            "usage: cargo xtask bench train [--data FILE] [--steps N] [--warmup N] [--with-pytorch] | peft RUN_DIR | serve"
+            "usage: cargo xtask bench train [--data FILE] [--steps N] [--warmup N] [--with-pytorch] | peft RUN_DIR | serve | plugins"
         ),
     }
     let o = parse(&args[1..])?;
@@ -210,7 +211,7 @@ fn pytorch_python() -> anyhow::Result<std::path::PathBuf> {
     Ok(python)
 }
 
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -273,6 +274,7 @@ pub fn run_one(args: &[String]) -> anyhow::Result<()> {
             dtype: candle_core::DType::F32,
             peft,
             extra_tokens: Vec::new(),
+            fusion: None,
         },
     )?;
     let texts: Vec<&str> = data.iter().map(|e| e.text.as_str()).collect();

@@ -4,6 +4,7 @@
 //! registries.
 
 mod bench;
+mod bench_plugins;
 mod bench_serve;
 mod demo;
 mod icd10;
@@ -26,6 +27,9 @@ commands:
                        training and inference speed of all-MiniLM-L6-v2 (full, freeze, cache,
                        adapters, LoRA), side by side with PyTorch when asked
   bench peft RUN_DIR   load a LoRA run's PEFT export in Hugging Face PEFT and compare outputs
+  bench plugins [--steps N]
+                       a loss plugin's cost per call (32x24 logits) and its share of a
+                       MiniLM training step
   bench serve          the server under load: 10,000 feedback posts from 64 clients, reads
                        over 10,000 runs and 1,000,000 metric points";
 

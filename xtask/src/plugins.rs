@@ -49,9 +49,7 @@ pub fn install_all(home: &Path) -> anyhow::Result<Vec<InstalledPlugin>> {
     let options = BuildOptions { target_dir: Some(target_dir().join("plugins")), debug: false };
     shipped()?
         .iter()
-        .map(|src| {
-            build_and_install(src, home, &options).with_context(|| format!("building {}", src.display()))
-        })
+        .map(|src| build_and_install(src, home, &options).with_context(|| format!("building {}", src.display())))
         .collect()
 }
 

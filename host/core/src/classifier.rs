@@ -31,6 +31,8 @@ pub enum Pooling {
 }
 
 pub const META_FILE: &str = "tuneforge.json";
+/// The plugins a saved model needs at inference.
+pub const MODEL_PLUGINS_FILE: &str = "plugins.json";
 /// The parameter holding the embedding rows of added tokens.
 const EXTRA_ROWS: &str = "embeddings.word_embeddings.extra";
 const FORMAT_VERSION: u32 = 1;
@@ -57,6 +59,46 @@ pub struct ModelMeta {
     /// Terms added to the vocabulary as whole tokens, in id order after the base vocabulary.
     #[serde(default)]
     pub extra_tokens: Vec<String>,
+    /// Numeric features from a plugin fused with the text embedding, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<Fusion>,
+}
+
+/// Feature fusion: which plugin's features, how they are standardised and the layer width.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fusion {
+    /// The features plugin (see the model directory's `plugins.json`).
+    pub plugin: String,
+    /// Feature names, in order.
+    pub features: Vec<String>,
+    /// Training-set mean and standard deviation of each feature.
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+    /// Width of the dense layer the features pass through.
+    pub dim: usize,
+}
+
+impl Fusion {
+    /// Standardisation statistics from training rows (a constant feature gets std 1).
+    pub fn fit(plugin: &str, features: Vec<String>, rows: &[Vec<f32>], dim: usize) -> Self {
+        let n = features.len();
+        let count = rows.len().max(1) as f64;
+        let mut mean = vec![0.0f64; n];
+        for r in rows {
+            for (m, &v) in mean.iter_mut().zip(r) {
+                *m += v as f64 / count;
+            }
+        }
+        let mut var = vec![0.0f64; n];
+        for r in rows {
+            for ((s, &v), m) in var.iter_mut().zip(r).zip(&mean) {
+                *s += (v as f64 - m).powi(2) / count;
+            }
+        }
+        let std = var.iter().map(|v| if v.sqrt() > 1e-6 { v.sqrt() as f32 } else { 1.0 }).collect();
+        Self { plugin: plugin.into(), features, mean: mean.into_iter().map(|m| m as f32).collect(), std, dim }
+    }
 }
 
 impl ModelMeta {
@@ -74,6 +116,7 @@ impl ModelMeta {
             peft: options.peft.clone(),
             trained_last_layers: options.trainability.train_last_layers,
             extra_tokens: options.extra_tokens.clone(),
+            fusion: options.fusion.clone(),
         }
     }
 }
@@ -134,6 +177,8 @@ pub struct ClassifierOptions {
     /// Domain terms to add to the vocabulary as whole tokens; their embedding rows start
     /// as the mean of the rows of the pieces they split into, and always train.
     pub extra_tokens: Vec<String>,
+    /// Fuse plugin features with the text embedding.
+    pub fusion: Option<Fusion>,
 }
 
 /// Hidden states `[batch, seq, hidden]` after the first `layers` layers, computed once by
@@ -156,6 +201,8 @@ pub struct Prediction {
 pub struct ClassifierModel {
     encoder: BertEncoder,
     head: Linear,
+    /// With feature fusion: the dense layer, and the standardisation as tensors.
+    fusion: Option<(Linear, Tensor, Tensor)>,
     params: ParamStore,
     text: TextEncoder,
     meta: ModelMeta,
@@ -306,16 +353,38 @@ impl ClassifierModel {
         let encoder = BertEncoder::new(&config, &pb, &meta.peft, meta.extra_tokens.len())?;
         let h = config.hidden_size;
         let n = meta.labels.len();
+        let fusion = match &meta.fusion {
+            None => None,
+            Some(f) => {
+                let k = f.features.len();
+                if k == 0 || f.mean.len() != k || f.std.len() != k || f.dim == 0 {
+                    return Err(CoreError::Config {
+                        file: META_FILE.into(),
+                        field: "fusion".into(),
+                        message: format!("{k} features, {} means, {} stds, width {}", f.mean.len(), f.std.len(), f.dim),
+                    });
+                }
+                let fp = pb.pp("fusion.dense");
+                let dense = Linear::new(
+                    fp.get_new(&[f.dim, k], "weight", Init::Normal(0.1))?,
+                    Some(fp.get_new(&[f.dim], "bias", Init::Zeros)?),
+                );
+                let mean = Tensor::from_slice(&f.mean, (1, k), &Device::Cpu)?.to_dtype(dtype)?;
+                let std = Tensor::from_slice(&f.std, (1, k), &Device::Cpu)?.to_dtype(dtype)?;
+                Some((dense, mean, std))
+            }
+        };
+        let head_in = h + meta.fusion.as_ref().map_or(0, |f| f.dim);
         let hp = pb.pp("classifier");
         let head = Linear::new(
-            hp.get_new(&[n, h], "weight", Init::Normal(0.02))?,
+            hp.get_new(&[n, head_in], "weight", Init::Normal(0.02))?,
             Some(hp.get_new(&[n], "bias", Init::Zeros)?),
         );
         let (params, unused) = pb.finish();
         if !unused.is_empty() {
             tracing::debug!(?unused, "weights not used by the model");
         }
-        Ok(Self { encoder, head, params, text, meta, device: Device::Cpu, dtype })
+        Ok(Self { encoder, head, fusion, params, text, meta, device: Device::Cpu, dtype })
     }
 
     pub fn params(&self) -> &ParamStore {
@@ -409,7 +478,29 @@ impl ClassifierModel {
     /// Logits, starting from cached hidden states of a frozen prefix when given.
     pub fn logits_from(&self, batch: &EncodedBatch, prefix: Option<&FrozenPrefix>, ctx: &ForwardCtx) -> Result<Tensor> {
         let pooled = ctx.dropout(&self.pooled_from(batch, prefix, ctx)?, self.meta.classifier_dropout)?;
-        Ok(self.head.forward(&pooled)?)
+        let input = match (&self.fusion, &self.meta.fusion) {
+            (Some((dense, mean, std)), Some(f)) => {
+                let k = f.features.len();
+                if batch.features.len() != batch.batch_size * k {
+                    return Err(CoreError::Param {
+                        name: "fusion".into(),
+                        message: format!(
+                            "the model fuses {k} features from plugin `{}`, the batch carries {} values for {} rows",
+                            f.plugin,
+                            batch.features.len(),
+                            batch.batch_size
+                        ),
+                    });
+                }
+                let x =
+                    Tensor::from_slice(&batch.features, (batch.batch_size, k), &self.device)?.to_dtype(self.dtype)?;
+                let x = x.broadcast_sub(mean)?.broadcast_div(std)?;
+                let g = dense.forward(&x)?.gelu_erf()?;
+                Tensor::cat(&[&pooled, &g], 1)?
+            }
+            _ => pooled,
+        };
+        Ok(self.head.forward(&input)?)
     }
 
     /// Mean cross-entropy of a labelled batch, and the logits.
@@ -432,12 +523,26 @@ impl ClassifierModel {
 
     /// Predictions for texts, in their order.
     pub fn predict<S: AsRef<str>>(&self, texts: &[S], batch_size: usize) -> Result<Vec<Prediction>> {
+        self.predict_with_features(texts, None, batch_size)
+    }
+
+    /// Predictions for texts with their fused features (one row per text), for a model
+    /// with feature fusion.
+    pub fn predict_with_features<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        features: Option<&[Vec<f32>]>,
+        batch_size: usize,
+    ) -> Result<Vec<Prediction>> {
         let encoded = self.text.encode(texts)?;
         let mut out = Vec::with_capacity(texts.len());
         let ctx = ForwardCtx::eval();
         let all: Vec<usize> = (0..encoded.len()).collect();
         for chunk in all.chunks(batch_size.max(1)) {
-            let batch = EncodedBatch::collate(&encoded, chunk, None, self.text.pad_id());
+            let mut batch = EncodedBatch::collate(&encoded, chunk, None, self.text.pad_id());
+            if let Some(f) = features {
+                batch = batch.with_features(f);
+            }
             let probs = ctx.softmax_last(&self.logits(&batch, &ctx)?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
             for row in probs {
                 let (best, score) = row
@@ -456,6 +561,12 @@ impl ClassifierModel {
 
     /// Saves the whole model into `dir` atomically (staged next to it, then renamed in).
     pub fn save(&self, dir: &Path) -> Result<()> {
+        self.save_with_plugins(dir, &[])
+    }
+
+    /// [`ClassifierModel::save`], with the plugins the model needs at inference (cleaners,
+    /// features) copied into `plugins/<name>/` and listed in `plugins.json`.
+    pub fn save_with_plugins(&self, dir: &Path, plugins: &[crate::hooks::InferencePlugin]) -> Result<()> {
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
         let staging = dir.with_file_name(format!(".{name}.staging-{}", std::process::id()));
         if staging.exists() {
@@ -469,6 +580,24 @@ impl ClassifierModel {
         write_synced(&staging.join(META_FILE), &meta)?;
         write_synced(&staging.join("model.safetensors"), &to_safetensors_bytes(&self.params.tensors())?)?;
         write_synced(&staging.join("tokenizer.json"), self.text.to_json()?.as_bytes())?;
+        if !plugins.is_empty() {
+            let mut entries = Vec::new();
+            for p in plugins {
+                let pdir = staging.join("plugins").join(&p.name);
+                std::fs::create_dir_all(&pdir).map_err(CoreError::io(&pdir))?;
+                let wasm = std::fs::read(&p.wasm_path).map_err(CoreError::io(&p.wasm_path))?;
+                write_synced(&pdir.join("plugin.wasm"), &wasm)?;
+                write_synced(&pdir.join("plugin.toml"), p.manifest_toml.as_bytes())?;
+                entries.push(crate::hooks::ModelPluginEntry {
+                    name: p.name.clone(),
+                    kind: p.kind.clone(),
+                    sha256: p.sha256.clone(),
+                    config: p.config.clone(),
+                });
+            }
+            let json = serde_json::to_vec_pretty(&entries).map_err(|e| CoreError::file(dir, e.to_string()))?;
+            write_synced(&staging.join(MODEL_PLUGINS_FILE), &json)?;
+        }
         replace_dir(&staging, dir)
     }
 }

@@ -37,7 +37,7 @@ impl CoreError {
         move |source| Self::Io { path, source }
     }
 
-    pub(crate) fn file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+    pub fn file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Self::File { path: path.into(), message: message.into() }
     }
 }

@@ -54,13 +54,30 @@ pub fn evaluate_with(
         BatchPlanConfig { batch_size, shuffle: false, group_by_length: true, seed: 0 },
     );
     let label_ids: Vec<u32> = gold.iter().map(|g| g.unwrap_or(0) as u32).collect();
+    let features = match &model.meta().fusion {
+        None => None,
+        Some(f) => {
+            if hooks.features.is_none() {
+                return Err(crate::CoreError::Plugin {
+                    message: format!(
+                        "the model fuses features from plugin `{}`; evaluate it with that plugin",
+                        f.plugin
+                    ),
+                });
+            }
+            Some(hooks.feature_rows(texts.iter().copied(), f.features.len())?)
+        }
+    };
     let ctx = ForwardCtx::eval();
     let mut predicted = vec![0usize; examples.len()];
     let keep_probs = !hooks.metrics.is_empty();
     let mut probs: Vec<Vec<f32>> = if keep_probs { vec![Vec::new(); examples.len()] } else { Vec::new() };
     let (mut loss_sum, mut loss_n, mut n_tokens) = (0.0f64, 0u64, 0u64);
     for indices in plan.epoch(0) {
-        let batch = EncodedBatch::collate(&encoded, &indices, Some(&label_ids), model.text_encoder().pad_id());
+        let mut batch = EncodedBatch::collate(&encoded, &indices, Some(&label_ids), model.text_encoder().pad_id());
+        if let Some(rows) = &features {
+            batch = batch.with_features(rows);
+        }
         n_tokens += batch.n_tokens as u64;
         let logits = model.logits(&batch, &ctx)?.to_dtype(DType::F32)?;
         let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;

@@ -142,6 +142,28 @@ pub struct ModelSection {
     pub pooling: Pooling,
     #[serde(default = "default_classifier_dropout")]
     pub classifier_dropout: f64,
+    /// `concat`: fuse the numeric features of the run's features plugin with the text
+    /// embedding (a small dense layer, then concatenation before the head).
+    #[serde(default)]
+    pub fusion: FusionKind,
+    /// Width of the fusion layer.
+    #[serde(default = "default_fusion_dim")]
+    pub fusion_dim: usize,
+}
+
+fn default_fusion_dim() -> usize {
+    16
+}
+
+/// How plugin features meet the text embedding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FusionKind {
+    /// No features.
+    #[default]
+    None,
+    /// `head(concat(pooled, gelu(dense(standardized features))))`.
+    Concat,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -61,6 +61,36 @@ pub trait AugmentHook: Send {
     fn augment(&mut self, text: &str, label: &str, seed: u64) -> HookResult<Vec<(String, Option<String>)>>;
 }
 
+/// Numeric features of a record (`{"text": ...}` as JSON), for feature fusion.
+pub trait FeatureHook: Send {
+    /// The feature names, in order.
+    fn names(&mut self) -> HookResult<Vec<String>>;
+    /// Exactly `n` finite values.
+    fn extract(&mut self, record_json: &str, n: usize) -> HookResult<Vec<f32>>;
+}
+
+/// A plugin a trained model needs at inference (a cleaner or a features plugin): saved into
+/// the model directory (`plugins/<name>/`, `plugins.json`) so the model stays usable as is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferencePlugin {
+    pub name: String,
+    pub kind: String,
+    pub sha256: String,
+    /// The installed manifest, with `wasm = "plugin.wasm"`.
+    pub manifest_toml: String,
+    pub wasm_path: std::path::PathBuf,
+    pub config: Vec<(String, String)>,
+}
+
+/// One entry of a model directory's `plugins.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelPluginEntry {
+    pub name: String,
+    pub kind: String,
+    pub sha256: String,
+    pub config: Vec<(String, String)>,
+}
+
 /// What happens when a plugin call fails.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -125,6 +155,10 @@ pub struct Hooks {
     pub metrics: Vec<Hook<dyn MetricHook>>,
     pub cleaners: Vec<Hook<dyn CleanHook>>,
     pub augmenters: Vec<Hook<dyn AugmentHook>>,
+    /// At most one features plugin, for `[model] fusion`.
+    pub features: Option<Hook<dyn FeatureHook>>,
+    /// Plugins to save with the model (cleaners, features).
+    pub inference: Vec<InferencePlugin>,
     pub lineage: Vec<PluginLineage>,
 }
 
@@ -141,6 +175,30 @@ impl Hooks {
             if let Some(cleaned) = c.policy(result)? {
                 out = cleaned;
             }
+        }
+        Ok(out)
+    }
+
+    /// The features plugin's name and feature names, if the run has one.
+    pub fn feature_names(&mut self) -> crate::Result<Option<(String, Vec<String>)>> {
+        let Some(f) = self.features.as_mut() else { return Ok(None) };
+        let names = f.hook.names().map_err(|message| crate::CoreError::Plugin { message })?;
+        if names.is_empty() {
+            return Err(crate::CoreError::Plugin { message: format!("plugin `{}` describes no features", f.name) });
+        }
+        Ok(Some((f.name.clone(), names)))
+    }
+
+    /// The features of each text (a skipped failure gives a row of zeros).
+    pub fn feature_rows<'a>(&mut self, texts: impl Iterator<Item = &'a str>, n: usize) -> crate::Result<Vec<Vec<f32>>> {
+        let Some(f) = self.features.as_mut() else {
+            return Err(crate::CoreError::Plugin { message: "no features plugin".into() });
+        };
+        let mut out = Vec::new();
+        for text in texts {
+            let record = serde_json::json!({ "text": text }).to_string();
+            let result = f.hook.extract(&record, n);
+            out.push(f.policy(result)?.unwrap_or_else(|| vec![0.0; n]));
         }
         Ok(out)
     }

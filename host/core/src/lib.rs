@@ -29,7 +29,10 @@ mod train;
 mod weights;
 
 pub use checkpoint::{CheckpointState, Checkpoints, LoadedCheckpoint};
-pub use classifier::{ClassifierModel, ClassifierOptions, FrozenPrefix, ModelMeta, Pooling, Prediction, Trainability};
+pub use classifier::{
+    ClassifierModel, ClassifierOptions, FrozenPrefix, Fusion, MODEL_PLUGINS_FILE, ModelMeta, Pooling, Prediction,
+    Trainability,
+};
 pub use error::CoreError;
 pub use eval::{EvalReport, evaluate, evaluate_with};
 pub use experiment::{ExperimentConfig, PluginSpec};

@@ -18,8 +18,9 @@ use tuneforge_data::{
 };
 
 use crate::checkpoint::{CheckpointState, Checkpoints};
+use crate::classifier::Fusion;
 use crate::classifier::{ClassifierOptions, FrozenPrefix, Trainability};
-use crate::experiment::{BestMetric, ExperimentConfig, PeftMethod};
+use crate::experiment::{BestMetric, ExperimentConfig, FusionKind, PeftMethod};
 use crate::hooks::{Hook, HookFactory, Hooks, LossHook, LossInput, NoHooks, PluginLineage};
 use crate::layers::ForwardCtx;
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
@@ -267,6 +268,29 @@ pub fn train_experiment_with(
         tracing::info!(added = augmented_examples, "augmented the training split");
     }
     let (train, validation) = (train, validation);
+    let fusion = match (cfg.model.fusion, hooks.feature_names()?) {
+        (FusionKind::None, None) => None,
+        (FusionKind::None, Some((name, _))) => {
+            return Err(CoreError::Config {
+                file: "experiment".into(),
+                field: "model.fusion".into(),
+                message: format!("plugin `{name}` extracts features: set [model] fusion = \"concat\" to use them"),
+            });
+        }
+        (FusionKind::Concat, None) => {
+            return Err(CoreError::Config {
+                file: "experiment".into(),
+                field: "model.fusion".into(),
+                message: "is \"concat\" but no features plugin is listed in [[plugins]]".into(),
+            });
+        }
+        (FusionKind::Concat, Some((name, names))) => {
+            let started = Instant::now();
+            let rows = hooks.feature_rows(train.iter().map(|e| e.text.as_str()), names.len())?;
+            tracing::info!(plugin = %name, features = names.len(), seconds = started.elapsed().as_secs_f64(), "extracted features");
+            Some((Fusion::fit(&name, names, &rows, cfg.model.fusion_dim), rows))
+        }
+    };
     let model = ClassifierModel::from_base(
         &base_dir,
         &ClassifierOptions {
@@ -280,6 +304,7 @@ pub fn train_experiment_with(
             dtype: DType::F32,
             peft: cfg.peft.spec(),
             extra_tokens: cfg.data.read_extra_tokens()?,
+            fusion: fusion.as_ref().map(|(f, _)| f.clone()),
         },
     )?;
     let texts: Vec<&str> = train.iter().map(|e| e.text.as_str()).collect();
@@ -351,7 +376,10 @@ pub fn train_experiment_with(
             let step_batches = micro
                 .iter()
                 .map(|indices| {
-                    let tokens = EncodedBatch::collate(&encoded, indices, Some(&label_ids), pad);
+                    let mut tokens = EncodedBatch::collate(&encoded, indices, Some(&label_ids), pad);
+                    if let Some((_, rows)) = &fusion {
+                        tokens = tokens.with_features(rows);
+                    }
                     let prefix = cache.as_ref().map(|c| c.collate(&tokens)).transpose()?;
                     let texts = if hooks.losses.is_empty() {
                         Vec::new()
@@ -424,7 +452,7 @@ pub fn train_experiment_with(
                 if improved {
                     state.best_metric = Some(value);
                     state.best_step = Some(state.step);
-                    model.save(&run.best())?;
+                    model.save_with_plugins(&run.best(), &hooks.inference)?;
                 }
                 let mut record = serde_json::json!({
                     "kind": "eval", "step": state.step, "epoch": state.epoch, "val_loss": report.loss,

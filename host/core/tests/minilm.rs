@@ -31,6 +31,7 @@ fn minilm_loads_from_the_wheel_and_embeds_meaningfully() -> Result<()> {
             dtype: DType::F32,
             peft: tuneforge_core::PeftSpec::None,
             extra_tokens: Vec::new(),
+            fusion: None,
         },
     )?;
     assert_eq!(model.config().num_hidden_layers, 6);

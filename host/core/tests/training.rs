@@ -16,6 +16,20 @@ use tuneforge_data::{EncodedBatch, TextEncoder};
 const WORDS: &[&str] = tuneforge_core::testing::TINY_WORDS;
 
 fn tiny_model(dtype: DType, pooling: Pooling, trainability: Trainability) -> Result<ClassifierModel> {
+    tiny_model_with(dtype, pooling, trainability, None)
+}
+
+/// Two features per row, standardised with made-up statistics.
+fn tiny_fusion() -> tuneforge_core::Fusion {
+    tuneforge_core::Fusion::fit("f", vec!["x".into(), "y".into()], &[vec![0.0, 2.0], vec![1.0, 4.0]], 3)
+}
+
+fn tiny_model_with(
+    dtype: DType,
+    pooling: Pooling,
+    trainability: Trainability,
+    fusion: Option<tuneforge_core::Fusion>,
+) -> Result<ClassifierModel> {
     let tokenizer = tiny_tokenizer(WORDS)?;
     let text = TextEncoder::new(tokenizer, 16)?;
     let mut config = BertConfig::tiny(text.vocab_size());
@@ -35,6 +49,7 @@ fn tiny_model(dtype: DType, pooling: Pooling, trainability: Trainability) -> Res
             dtype,
             peft: PeftSpec::None,
             extra_tokens: Vec::new(),
+            fusion,
         },
     )
 }
@@ -42,7 +57,12 @@ fn tiny_model(dtype: DType, pooling: Pooling, trainability: Trainability) -> Res
 fn batch(model: &ClassifierModel) -> Result<EncodedBatch> {
     let texts = ["fever cough hot", "rash itch red skin", "chest pain", "head pain tired sneeze"];
     let encoded = model.text_encoder().encode(&texts)?;
-    Ok(EncodedBatch::collate(&encoded, &[0, 1, 2, 3], Some(&[0, 1, 2, 0]), 0))
+    let b = EncodedBatch::collate(&encoded, &[0, 1, 2, 3], Some(&[0, 1, 2, 0]), 0);
+    Ok(if model.meta().fusion.is_some() {
+        b.with_features(&[vec![0.5, 3.0], vec![-1.0, 2.5], vec![2.0, 6.0], vec![0.0, 1.0]])
+    } else {
+        b
+    })
 }
 
 fn loss_of(model: &ClassifierModel, b: &EncodedBatch) -> Result<f64> {
@@ -55,14 +75,16 @@ fn loss_of(model: &ClassifierModel, b: &EncodedBatch) -> Result<f64> {
 /// the analytic gradient of everything below them zero, and this test fail.
 #[test]
 fn gradients_match_finite_differences() -> Result<()> {
-    for pooling in [Pooling::Mean, Pooling::Cls] {
-        let model = tiny_model(DType::F64, pooling, Trainability::default())?;
+    for (pooling, fusion) in [(Pooling::Mean, None), (Pooling::Cls, None), (Pooling::Mean, Some(tiny_fusion()))] {
+        let with_fusion = fusion.is_some();
+        let model = tiny_model_with(DType::F64, pooling, Trainability::default(), fusion)?;
         let b = batch(&model)?;
         let (loss, _) = model.loss(&b, &ForwardCtx::eval_differentiable())?;
         let grads = loss.backward()?;
         let eps = 1e-6;
         let vars = model.params().trainable();
-        assert_eq!(vars.len(), 5 + 16 * 2 + 2, "every parameter trains in full fine-tuning");
+        let fusion_params = if with_fusion { 2 } else { 0 };
+        assert_eq!(vars.len(), 5 + 16 * 2 + 2 + fusion_params, "every parameter trains in full fine-tuning");
         for (name, var) in vars {
             let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} has no gradient"));
             let g_flat = g.flatten_all()?.to_vec1::<f64>()?;
@@ -271,6 +293,7 @@ fn peft_model(dir: &Path, peft: PeftSpec, trainability: Trainability) -> Result<
             dtype: DType::F32,
             peft,
             extra_tokens: Vec::new(),
+            fusion: None,
         },
     )
 }
@@ -496,5 +519,26 @@ fn vocabulary_extension_round_trips_through_save_and_load() -> Result<()> {
     assert!(drift < 0.5, "the added row starts from the mean ({drift})");
     let p = model.predict(&["fever cough hot", "red rash itch"], 4)?;
     assert_eq!((p[0].label.as_str(), p[1].label.as_str()), ("flu", "acne"));
+    Ok(())
+}
+
+#[test]
+fn a_fused_model_needs_its_features_and_reloads_with_them() -> Result<()> {
+    let model = tiny_model_with(DType::F32, Pooling::Mean, Trainability::default(), Some(tiny_fusion()))?;
+    let b = batch(&model)?;
+    let with = model.logits(&b, &ForwardCtx::eval())?.to_vec2::<f32>()?;
+    let mut bare = b.clone();
+    bare.features.clear();
+    let err = model.logits(&bare, &ForwardCtx::eval()).expect_err("features missing").to_string();
+    assert!(err.contains("fuses 2 features from plugin `f`"), "{err}");
+    let dir = tempfile::tempdir().map_err(|e| tuneforge_core::CoreError::Io { path: "tmp".into(), source: e })?;
+    model.save(&dir.path().join("m"))?;
+    let again = ClassifierModel::load(&dir.path().join("m"))?;
+    assert_eq!(again.meta().fusion, model.meta().fusion);
+    let reloaded = again.logits(&b, &ForwardCtx::eval())?.to_vec2::<f32>()?;
+    assert_eq!(with, reloaded);
+    let mut other = b.clone();
+    other.features.iter_mut().for_each(|v| *v += 5.0);
+    assert_ne!(again.logits(&other, &ForwardCtx::eval())?.to_vec2::<f32>()?, with, "features change the logits");
     Ok(())
 }

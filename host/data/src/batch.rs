@@ -73,6 +73,8 @@ pub struct EncodedBatch {
     pub n_tokens: usize,
     /// Indices of the rows in the dataset.
     pub indices: Vec<usize>,
+    /// Numeric features per row, row-major `[batch_size, n]` (empty without features).
+    pub features: Vec<f32>,
 }
 
 impl EncodedBatch {
@@ -93,7 +95,23 @@ impl EncodedBatch {
             n_tokens += e.len();
         }
         let labels = labels.map(|l| indices.iter().map(|&i| l[i]).collect()).unwrap_or_default();
-        Self { ids, type_ids, mask, labels, batch_size, seq_len, n_tokens, indices: indices.to_vec() }
+        Self {
+            ids,
+            type_ids,
+            mask,
+            labels,
+            batch_size,
+            seq_len,
+            n_tokens,
+            indices: indices.to_vec(),
+            features: Vec::new(),
+        }
+    }
+
+    /// Attaches each row's features from `per_example` (indexed like the dataset).
+    pub fn with_features(mut self, per_example: &[Vec<f32>]) -> Self {
+        self.features = self.indices.iter().flat_map(|&i| per_example[i].iter().copied()).collect();
+        self
     }
 }
 

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use tuneforge_core::hooks::{
-    AugmentHook, CleanHook, Hook, HookResult, LossHook, LossInput, LossValue, MetricHook, MetricInput,
+    AugmentHook, CleanHook, FeatureHook, Hook, HookResult, InferencePlugin, LossHook, LossInput, LossValue, MetricHook,
+    MetricInput,
 };
 use tuneforge_core::{CoreError, ExperimentConfig, HookFactory, Hooks, PluginLineage, PluginSpec};
 
@@ -72,17 +73,24 @@ impl HookFactory for RuntimeHooks {
             });
             let name = m.name.clone();
             let (w, e) = (spec.weight, spec.on_error);
+            if matches!(instance.kind(), PluginKind::Cleaner | PluginKind::Features) {
+                hooks.inference.push(inference_plugin(&instance, config_pairs(&spec.config)));
+            }
             match instance.kind() {
                 PluginKind::Loss => hooks.losses.push(Hook::new(name, w, e, Box::new(Adapter(instance)))),
                 PluginKind::Metric => hooks.metrics.push(Hook::new(name, w, e, Box::new(Adapter(instance)))),
                 PluginKind::Cleaner => hooks.cleaners.push(Hook::new(name, w, e, Box::new(Adapter(instance)))),
                 PluginKind::Augment => hooks.augmenters.push(Hook::new(name, w, e, Box::new(Adapter(instance)))),
                 PluginKind::Features => {
-                    return Err(CoreError::Plugin {
-                        message: format!(
-                            "plugin `{name}` is a features plugin: it is used through `[model] fusion`, not [[plugins]]"
-                        ),
-                    });
+                    if let Some(other) = &hooks.features {
+                        return Err(CoreError::Plugin {
+                            message: format!(
+                                "plugins `{}` and `{name}` both extract features; a run fuses one features plugin",
+                                other.name
+                            ),
+                        });
+                    }
+                    hooks.features = Some(Hook::new(name, w, e, Box::new(Adapter(instance))));
                 }
             }
         }
@@ -90,8 +98,23 @@ impl HookFactory for RuntimeHooks {
     }
 }
 
+/// What a model directory keeps of a plugin it needs at inference.
+pub(crate) fn inference_plugin(instance: &PluginInstance, config: Vec<(String, String)>) -> InferencePlugin {
+    let installed = instance.installed();
+    let mut manifest = installed.manifest.clone();
+    manifest.wasm = Some("plugin.wasm".into());
+    InferencePlugin {
+        name: manifest.name.clone(),
+        kind: manifest.kind.to_string(),
+        sha256: installed.sha256.clone(),
+        manifest_toml: manifest.to_toml(),
+        wasm_path: installed.wasm_path.clone(),
+        config,
+    }
+}
+
 /// A plugin instance seen through one of the core's hook traits.
-struct Adapter(PluginInstance);
+pub(crate) struct Adapter(pub(crate) PluginInstance);
 
 impl LossHook for Adapter {
     fn compute(&mut self, input: &LossInput<'_>) -> HookResult<LossValue> {
@@ -117,5 +140,15 @@ impl CleanHook for Adapter {
 impl AugmentHook for Adapter {
     fn augment(&mut self, text: &str, label: &str, seed: u64) -> HookResult<Vec<(String, Option<String>)>> {
         self.0.augment(text, Some(label), seed).map_err(|e| e.to_string())
+    }
+}
+
+impl FeatureHook for Adapter {
+    fn names(&mut self) -> HookResult<Vec<String>> {
+        self.0.feature_names().map_err(|e| e.to_string())
+    }
+
+    fn extract(&mut self, record_json: &str, n: usize) -> HookResult<Vec<f32>> {
+        self.0.extract_features(record_json, n).map_err(|e| e.to_string())
     }
 }

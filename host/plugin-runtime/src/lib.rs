@@ -14,6 +14,7 @@ mod calls;
 mod hooks;
 pub mod manifest;
 pub mod package;
+pub mod predictor;
 mod runtime;
 
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ pub use hooks::RuntimeHooks;
 pub use manifest::{
     CURRENT_API_VERSION, InstalledPlugin, Limits, Manifest, PluginKind, SUPPORTED_API_VERSIONS, sha256_hex,
 };
+pub use predictor::Predictor;
 pub use runtime::{PluginInstance, PluginRuntime, PluginSetup};
 
 /// Everything that can go wrong with a plugin.

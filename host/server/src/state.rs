@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tuneforge_core::ClassifierModel;
+use tuneforge_plugin_runtime::{PluginRuntime, Predictor};
 use tuneforge_store::Store;
 
 use crate::prometheus::Counters;
@@ -12,12 +12,20 @@ pub struct AppState {
     pub store: Store,
     pub token: String,
     /// Models loaded once and kept warm, by (name, version).
-    pub models: Mutex<HashMap<(String, i64), Arc<ClassifierModel>>>,
+    pub models: Mutex<HashMap<(String, i64), Arc<Predictor>>>,
     pub counters: Arc<Counters>,
+    /// Runs the cleaners and feature plugins that models carry; started on first use.
+    pub plugins: std::sync::OnceLock<PluginRuntime>,
 }
 
 impl AppState {
     pub fn new(store: Store, token: String) -> Self {
-        Self { store, token, models: Mutex::new(HashMap::new()), counters: Arc::new(Counters::default()) }
+        Self {
+            store,
+            token,
+            models: Mutex::new(HashMap::new()),
+            counters: Arc::new(Counters::default()),
+            plugins: std::sync::OnceLock::new(),
+        }
     }
 }

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 use tuneforge_core::experiment::GatesConfig;
-use tuneforge_core::{ClassifierModel, ExperimentConfig, check_gates, evaluate};
+use tuneforge_core::{ExperimentConfig, check_gates};
 use tuneforge_data::{DataFormat, OnError, ReadOptions, read_examples};
+use tuneforge_plugin_runtime::{PluginRuntime, Predictor};
 
 use super::{Outcome, report_gates};
 
@@ -55,7 +56,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
     gates.max_s_per_1k_tokens = args.max_s_per_1k_tokens.or(gates.max_s_per_1k_tokens);
     // A saved model trains nothing; the trainable-ratio gate belongs to `train`.
     gates.max_trainable_ratio = None;
-    let model = ClassifierModel::load(&args.model)?;
+    let model = Predictor::load(&PluginRuntime::new()?, &args.model)?;
     let options = ReadOptions {
         format: args.format.as_deref().and_then(DataFormat::parse),
         text_field: args.text_column.clone(),
@@ -67,7 +68,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
     if !data.skipped.is_empty() {
         eprintln!("skipped {} malformed lines of {}", data.skipped.len(), args.data.display());
     }
-    let report = evaluate(&model, &data.examples, args.batch_size)?;
+    let report = model.evaluate(&data.examples, args.batch_size)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -85,7 +86,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
                 report.unknown_labels
             );
         }
-        let width = model.labels().iter().map(|l| l.chars().count()).max().unwrap_or(5).clamp(5, 40);
+        let width = model.model().labels().iter().map(|l| l.chars().count()).max().unwrap_or(5).clamp(5, 40);
         println!("\n{:<width$}  precision  recall  f1      support", "label");
         for c in &report.metrics.per_class {
             println!("{:<width$}  {:>9.4}  {:>6.4}  {:>6.4}  {:>7}", c.label, c.precision, c.recall, c.f1, c.support);

@@ -128,7 +128,14 @@ fn check(a: &CheckArgs) -> anyhow::Result<Outcome> {
     let p = runtime.load(&dir, PluginSetup::default())?;
     let m = &p.installed().manifest;
     let l = p.limits();
-    println!("{} {}: {} plugin, API {}, sha256 {} verified", m.name, m.version, m.kind, m.api_version, p.installed().sha256);
+    println!(
+        "{} {}: {} plugin, API {}, sha256 {} verified",
+        m.name,
+        m.version,
+        m.kind,
+        m.api_version,
+        p.installed().sha256
+    );
     println!("limits: {} fuel per call, {} ms per call, {} MiB memory", l.fuel_per_call, l.timeout_ms, l.memory_mib);
     if !m.assets.is_empty() {
         let names: Vec<&str> = m.assets.keys().map(String::as_str).collect();

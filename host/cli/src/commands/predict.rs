@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use tuneforge_core::ClassifierModel;
+use tuneforge_plugin_runtime::{PluginRuntime, Predictor};
 
 use super::Outcome;
 
@@ -25,7 +25,7 @@ pub struct PredictArgs {
 }
 
 pub fn run(args: PredictArgs) -> anyhow::Result<Outcome> {
-    let model = ClassifierModel::load(&args.model)?;
+    let model = Predictor::load(&PluginRuntime::new()?, &args.model)?;
     let texts = if args.texts.is_empty() {
         std::io::stdin().lock().lines().collect::<Result<Vec<_>, _>>().context("reading texts from standard input")?
     } else {

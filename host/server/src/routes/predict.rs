@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
-use tuneforge_core::ClassifierModel;
+use tuneforge_plugin_runtime::{PluginRuntime, Predictor};
 use tuneforge_store::NewPrediction;
 
 use super::State;
@@ -32,7 +32,7 @@ pub struct PredictBody {
     session: Option<String>,
 }
 
-async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, Arc<ClassifierModel>), ApiError> {
+async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, Arc<Predictor>), ApiError> {
     let v = match version {
         Some(v) => state.store.model_version(name, v).await?,
         None => state.store.production(name).await?.ok_or_else(|| {
@@ -44,8 +44,15 @@ async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, A
         return Ok((v.version, m.clone()));
     }
     let path = std::path::PathBuf::from(&v.path);
+    let runtime = match state.plugins.get() {
+        Some(r) => r.clone(),
+        None => {
+            let r = PluginRuntime::new().map_err(|e| ApiError::Internal(e.to_string()))?;
+            state.plugins.get_or_init(|| r).clone()
+        }
+    };
     let model =
-        web::block(move || ClassifierModel::load(&path)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+        web::block(move || Predictor::load(&runtime, &path)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
     let model = Arc::new(model);
     state.models.lock().unwrap_or_else(|e| e.into_inner()).insert(key, model.clone());
     Ok((v.version, model))
