@@ -26,7 +26,16 @@ impl TrainProgress {
 
     pub fn on_event(&mut self, event: TrainEvent<'_>) {
         match event {
-            TrainEvent::Started { run, start_step, total_steps, n_train, n_validation, n_trainable, n_params } => {
+            TrainEvent::Started {
+                run,
+                start_step,
+                total_steps,
+                n_train,
+                n_validation,
+                n_trainable,
+                n_params,
+                plugins,
+            } => {
                 self.say(format!("run {}", run.root().display()));
                 self.say(format!(
                     "{n_train} training and {n_validation} validation examples; {n_trainable} of {n_params} parameters train ({:.1}%)",
@@ -34,6 +43,16 @@ impl TrainProgress {
                 ));
                 if start_step > 0 {
                     self.say(format!("resuming at step {start_step} of {total_steps}"));
+                }
+                for p in plugins {
+                    self.say(format!(
+                        "plugin {} {} ({}, API {}) sha256 {}",
+                        p.name,
+                        p.version,
+                        p.kind,
+                        p.api_version,
+                        &p.sha256[..12.min(p.sha256.len())]
+                    ));
                 }
                 if !self.quiet {
                     let bar = ProgressBar::new(total_steps);

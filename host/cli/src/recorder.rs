@@ -4,7 +4,7 @@
 
 use sha2::{Digest, Sha256};
 use tuneforge_core::{ExperimentConfig, RunSummary, TrainEvent};
-use tuneforge_store::{Artifact, MetricPoint, NewRun, RunStatus, Store, now_ms};
+use tuneforge_store::{Artifact, MetricPoint, NewRun, RunPlugin, RunStatus, Store, now_ms};
 
 /// Points buffered before they are written in one transaction.
 const FLUSH_EVERY: usize = 64;
@@ -93,7 +93,7 @@ impl Recorder {
 
     pub fn on_event(&mut self, event: &TrainEvent<'_>) {
         match event {
-            TrainEvent::Started { run, total_steps, .. } => {
+            TrainEvent::Started { run, total_steps, plugins, .. } => {
                 let id = run.id();
                 let pid = i64::from(std::process::id());
                 let resumed = self.resume && self.rt.block_on(self.store.resume_run(&id, &host_name(), pid)).is_ok();
@@ -116,6 +116,17 @@ impl Recorder {
                     };
                     self.rt.block_on(self.store.start_run(&new))
                 };
+                let lineage: Vec<RunPlugin> = plugins
+                    .iter()
+                    .map(|p| RunPlugin {
+                        name: p.name.clone(),
+                        version: p.version.clone(),
+                        kind: p.kind.clone(),
+                        sha256: p.sha256.clone(),
+                        api_version: p.api_version.clone(),
+                    })
+                    .collect();
+                let result = result.and_then(|()| self.rt.block_on(self.store.record_run_plugins(&id, &lineage)));
                 match result {
                     Ok(()) => self.run_id = Some(id),
                     Err(e) => self.warn("record the run", e),

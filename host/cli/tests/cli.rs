@@ -408,6 +408,9 @@ fn a_scaffolded_loss_plugin_builds_installs_and_a_run_uses_it() {
     assert!(metrics.lines().filter(|l| l.contains("\"kind\":\"train\"")).all(|l| l.contains("\"plugin:my-loss\":")));
     let summary = std::fs::read_to_string(run.join("summary.json")).expect("summary");
     assert!(summary.contains("\"name\": \"my-loss\"") && summary.contains("\"api_version\": \"0.1.0\""), "{summary}");
+    let id = run.file_name().expect("id").to_str().expect("utf-8");
+    let o = env.run(&["runs", "show", id]);
+    assert!(stdout(&o).contains("plugin       my-loss 0.1.0 (loss, API 0.1.0) sha256"), "{}", stdout(&o));
 
     // Not installed: the error says how to install.
     let exp = env.experiment("[[plugins]]\nname = \"nope\"\n");

@@ -52,6 +52,8 @@ pub enum TrainEvent<'a> {
         n_validation: usize,
         n_trainable: usize,
         n_params: usize,
+        /// The plugins the run calls.
+        plugins: &'a [PluginLineage],
     },
     Step {
         step: u64,
@@ -357,6 +359,7 @@ pub fn train_experiment_with(
         n_validation: validation.len(),
         n_trainable: model.params().n_trainable(),
         n_params: model.params().n_params(),
+        plugins: &hooks.lineage,
     });
 
     let eval_bs = t.eval_batch_size.unwrap_or(t.batch_size * 2);

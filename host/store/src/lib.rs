@@ -8,6 +8,7 @@
 mod artifacts;
 mod error;
 mod events;
+mod lineage;
 mod metrics;
 mod registry;
 mod runs;
@@ -17,6 +18,7 @@ mod store;
 pub use artifacts::Artifact;
 pub use error::StoreError;
 pub use events::Event;
+pub use lineage::RunPlugin;
 pub use metrics::{MetricPoint, SeriesPoint};
 pub use registry::{ModelVersion, Stage};
 pub use runs::{NewRun, RunFilter, RunRow, RunSort, RunStatus};

@@ -162,3 +162,28 @@ async fn killed_runs_are_marked_interrupted_and_data_survives_reopening() {
     assert_eq!(s.get_run("alive").await.expect("get").status, RunStatus::Running);
     assert_eq!(s.events(Some("dead"), 5).await.expect("events")[0].kind, "interrupted");
 }
+
+#[tokio::test]
+async fn run_plugins_record_lineage_in_order_and_find_runs_by_plugin() {
+    let (_d, s) = store().await;
+    s.start_run(&run("a", "with")).await.expect("start");
+    s.start_run(&run("b", "other")).await.expect("start");
+    let p = |name: &str, sha: &str| tuneforge_store::RunPlugin {
+        name: name.into(),
+        version: "0.1.0".into(),
+        kind: "loss".into(),
+        sha256: sha.repeat(64),
+        api_version: "0.1.0".into(),
+    };
+    s.record_run_plugins("a", &[p("text-clean", "1"), p("medical", "2")]).await.expect("record");
+    s.record_run_plugins("b", &[p("medical", "3")]).await.expect("record");
+    let listed = s.run_plugins("a").await.expect("list");
+    assert_eq!(listed.iter().map(|x| x.name.as_str()).collect::<Vec<_>>(), ["text-clean", "medical"]);
+    s.record_run_plugins("a", &[p("medical", "2")]).await.expect("replace");
+    assert_eq!(s.run_plugins("a").await.expect("list").len(), 1);
+    let mut all = s.runs_with_plugin("medical", None).await.expect("by name");
+    all.sort();
+    assert_eq!(all, ["a", "b"]);
+    assert_eq!(s.runs_with_plugin("medical", Some(&"3".repeat(64))).await.expect("by hash"), ["b"]);
+    assert!(s.record_run_plugins("missing", &[p("x", "4")]).await.is_err(), "the run must exist");
+}

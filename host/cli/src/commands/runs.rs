@@ -109,11 +109,23 @@ pub fn run(cmd: RunsCommand) -> anyhow::Result<Outcome> {
                 }
             }
             let artifacts = rt.block_on(store.artifacts(&id))?;
+            let plugins = rt.block_on(store.run_plugins(&id))?;
             if json {
-                let doc = serde_json::json!({ "run": run, "last_metrics": last, "artifacts": artifacts });
+                let doc =
+                    serde_json::json!({ "run": run, "last_metrics": last, "artifacts": artifacts, "plugins": plugins });
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             } else {
                 show(&run, &last);
+                for p in &plugins {
+                    println!(
+                        "plugin       {} {} ({}, API {}) sha256 {}",
+                        p.name,
+                        p.version,
+                        p.kind,
+                        p.api_version,
+                        &p.sha256[..16.min(p.sha256.len())]
+                    );
+                }
                 for a in &artifacts {
                     println!(
                         "{:<12} {:>12} bytes  sha256 {}  {}",

@@ -38,7 +38,7 @@ pub async fn document() -> HttpResponse {
         "info": {"title": "tuneforge", "version": env!("CARGO_PKG_VERSION")},
         "paths": {
             "/api/v1/runs": {"get": op("List runs", false, json!([q("status", "string", false), q("name", "string", false), q("sort", "string", false), q("order", "string", false), q("limit", "integer", false), q("offset", "integer", false)]), None)},
-            "/api/v1/runs/{id}": {"get": op("One run with its config and summary", false, json!([p("id")]), None)},
+            "/api/v1/runs/{id}": {"get": op("One run with its config, summary, artifacts and plugins (lineage)", false, json!([p("id")]), None)},
             "/api/v1/runs/{id}/series": {"get": op("A metric series, downsampled", false, json!([p("id"), q("key", "string", true), q("max_points", "integer", false)]), None)},
             "/api/v1/compare": {"get": op("Runs side by side", false, json!([q("ids", "string", true)]), None)},
             "/api/v1/models": {

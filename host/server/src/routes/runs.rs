@@ -49,7 +49,10 @@ pub async fn get(state: State, id: web::Path<String>) -> Result<HttpResponse, Ap
     let run = state.store.get_run(&id).await?;
     let keys = state.store.metric_keys(&id).await?;
     let artifacts = state.store.artifacts(&id).await?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "run": run, "metric_keys": keys, "artifacts": artifacts })))
+    let plugins = state.store.run_plugins(&id).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "run": run, "metric_keys": keys, "artifacts": artifacts, "plugins": plugins,
+    })))
 }
 
 #[derive(Debug, Deserialize)]

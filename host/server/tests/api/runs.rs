@@ -22,6 +22,14 @@ async fn runs_are_listed_shown_compared_and_their_series_downsampled() {
         app.store.append_metrics(&points).await.expect("metrics");
     }
     app.store.finish_run("a", RunStatus::Succeeded, None, None, Some(0.9), Some(0.8), None).await.expect("finish");
+    let lineage = tuneforge_store::RunPlugin {
+        name: "text-clean".into(),
+        version: "0.1.0".into(),
+        kind: "cleaner".into(),
+        sha256: "c".repeat(64),
+        api_version: "0.1.0".into(),
+    };
+    app.store.record_run_plugins("a", &[lineage]).await.expect("lineage");
 
     let r = app.get("/api/v1/runs").await;
     assert_eq!(r.status, 200);
@@ -34,6 +42,8 @@ async fn runs_are_listed_shown_compared_and_their_series_downsampled() {
     let r = app.get("/api/v1/runs/a").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["metric_keys"][0], "train/loss");
+    assert_eq!(r.json()["plugins"][0]["name"], "text-clean");
+    assert_eq!(r.json()["plugins"][0]["api_version"], "0.1.0");
     let r = app.get("/api/v1/runs/a/series?key=train/loss&max_points=100").await;
     let points = r.json()["points"].as_array().expect("points").len();
     assert!((90..=100).contains(&points), "{points}");
