@@ -9,6 +9,7 @@ mod bench_serve;
 mod demo;
 mod icd10;
 mod plugins;
+mod postgres;
 mod process;
 mod test;
 

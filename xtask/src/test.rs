@@ -1,5 +1,6 @@
 //! `cargo xtask test`: the whole test suite as CI runs it — format checks, the guest plugins'
-//! unit tests, then every test of the workspace under cargo-nextest (installed when missing).
+//! unit tests, then every test of the workspace under cargo-nextest (installed when missing),
+//! with a throwaway PostgreSQL server for the store's tests.
 
 use crate::process::{available, cargo, run as run_cmd};
 use crate::workspace_root;
@@ -30,5 +31,23 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
                 .arg(&target),
         )?;
     }
-    run_cmd(cargo().args(["nextest", "run", "--workspace", "--no-fail-fast"]).args(args).current_dir(&root))
+    // The store's tests also run on PostgreSQL: a throwaway server unless one is given.
+    let _server;
+    let pg_url = match std::env::var("TUNEFORGE_TEST_PG") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            let server = crate::postgres::TestPostgres::start()?;
+            eprintln!("PostgreSQL for the store tests at {}", server.url);
+            let url = server.url.clone();
+            _server = server;
+            url
+        }
+    };
+    run_cmd(
+        cargo()
+            .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+            .args(args)
+            .env("TUNEFORGE_TEST_PG", pg_url)
+            .current_dir(&root),
+    )
 }

@@ -33,7 +33,7 @@ impl Store {
     /// The newest events first, optionally only those about `subject`.
     pub async fn events(&self, subject: Option<&str>, limit: i64) -> Result<Vec<Event>> {
         let rows = sqlx::query(
-            "SELECT id, kind, subject, detail, actor, time_ms FROM events WHERE ($1 IS NULL OR subject = $1) \
+            "SELECT id, kind, subject, detail, actor, time_ms FROM events WHERE (CAST($1 AS TEXT) IS NULL OR subject = $1) \
              ORDER BY time_ms DESC, id DESC LIMIT $2",
         )
         .bind(subject)

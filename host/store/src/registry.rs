@@ -114,7 +114,7 @@ impl Store {
     /// Every version of every model (or of `name`), newest first.
     pub async fn list_models(&self, name: Option<&str>) -> Result<Vec<ModelVersion>> {
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM models WHERE ($1 IS NULL OR name = $1) ORDER BY name, version DESC"
+            "SELECT {COLUMNS} FROM models WHERE (CAST($1 AS TEXT) IS NULL OR name = $1) ORDER BY name, version DESC"
         )))
         .bind(name)
         .fetch_all(&self.pool)

@@ -242,9 +242,9 @@ impl Store {
         let dir = if filter.ascending { "ASC" } else { "DESC" };
         let status = filter.status.map(RunStatus::as_str);
         let name = filter.name.as_ref().map(|n| format!("%{n}%"));
-        let condition = "($1 IS NULL OR status = $1) AND ($2 IS NULL OR name LIKE $2)";
+        let condition = "(CAST($1 AS TEXT) IS NULL OR status = $1) AND (CAST($2 AS TEXT) IS NULL OR name LIKE $2)";
         let rows = sqlx::query(AssertSqlSafe(format!(
-            "SELECT {COLUMNS} FROM runs WHERE {condition} ORDER BY {order} {dir}, id {dir} LIMIT $3 OFFSET $4"
+            "SELECT {COLUMNS} FROM runs WHERE {condition} ORDER BY {order} {dir} NULLS LAST, id {dir} LIMIT $3 OFFSET $4"
         )))
         .bind(status)
         .bind(&name)

@@ -112,7 +112,7 @@ impl Store {
             "SELECT f.id, f.prediction_id, f.rating, f.corrected_label, f.comment, f.author, \
              CAST(CASE WHEN f.reviewed THEN 1 ELSE 0 END AS BIGINT) AS reviewed, f.time_ms, \
              p.input, p.output, p.model_name FROM feedback f JOIN predictions p ON p.id = f.prediction_id \
-             WHERE ($1 IS NULL OR p.model_name = $1) ORDER BY f.time_ms DESC, f.id DESC LIMIT $2",
+             WHERE (CAST($1 AS TEXT) IS NULL OR p.model_name = $1) ORDER BY f.time_ms DESC, f.id DESC LIMIT $2",
         )
         .bind(model_name)
         .bind(limit.clamp(1, 100_000))

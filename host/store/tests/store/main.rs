@@ -1,16 +1,11 @@
-//! The store on a fresh SQLite file per test: runs, metric series, the registry, predictions,
-//! feedback and events, and reopening a database.
+//! The store on a fresh database per test, each test on SQLite and on PostgreSQL: runs, metric
+//! series, the registry, predictions, feedback, events, lineage, and reopening a database.
 
 use tuneforge_store::{
     MetricPoint, NewFeedback, NewPrediction, NewRun, RunFilter, RunSort, RunStatus, Stage, Store, StoreError,
 };
 
-async fn store() -> (tempfile::TempDir, Store) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("sub").join("t.db");
-    let store = Store::open(path.to_str().expect("utf8")).await.expect("open");
-    (dir, store)
-}
+mod backends;
 
 fn run(id: &str, name: &str) -> NewRun {
     NewRun {
@@ -28,9 +23,8 @@ fn run(id: &str, name: &str) -> NewRun {
     }
 }
 
-#[tokio::test]
-async fn runs_are_listed_filtered_sorted_and_paged() {
-    let (_d, s) = store().await;
+async fn runs_are_listed_filtered_sorted_and_paged(url: String) {
+    let s = Store::open(&url).await.expect("open");
     for (i, name) in ["alpha", "beta", "gamma"].iter().enumerate() {
         s.start_run(&run(&format!("r{i}"), name)).await.expect("start");
         let acc = 0.5 + i as f64 / 10.0;
@@ -69,9 +63,8 @@ async fn runs_are_listed_filtered_sorted_and_paged() {
     assert!(matches!(s.get_run("nope").await, Err(StoreError::NotFound { .. })));
 }
 
-#[tokio::test]
-async fn metric_series_come_back_whole_or_downsampled() {
-    let (_d, s) = store().await;
+async fn metric_series_come_back_whole_or_downsampled(url: String) {
+    let s = Store::open(&url).await.expect("open");
     s.start_run(&run("r", "m")).await.expect("start");
     let points: Vec<MetricPoint> = (1..=1000)
         .map(|step| MetricPoint { run_id: "r".into(), key: "loss".into(), step, value: step as f64, time_ms: 0 })
@@ -92,9 +85,8 @@ async fn metric_series_come_back_whole_or_downsampled() {
     assert!(s.metric_series("r", "nothing", 10).await.expect("series").is_empty());
 }
 
-#[tokio::test]
-async fn promote_and_rollback_keep_one_production_version_and_audit() {
-    let (_d, s) = store().await;
+async fn promote_and_rollback_keep_one_production_version_and_audit(url: String) {
+    let s = Store::open(&url).await.expect("open");
     s.start_run(&run("r", "m")).await.expect("start");
     let v1 = s.register_model("clf", "r", "/runs/r/best", None, "ann").await.expect("register");
     let v2 = s.register_model("clf", "r", "/runs/r/best", None, "ann").await.expect("register");
@@ -114,9 +106,8 @@ async fn promote_and_rollback_keep_one_production_version_and_audit() {
     assert!(matches!(s.promote("clf", 9, "ann").await, Err(StoreError::NotFound { .. })));
 }
 
-#[tokio::test]
-async fn feedback_needs_an_existing_prediction_and_a_valid_rating() {
-    let (_d, s) = store().await;
+async fn feedback_needs_an_existing_prediction_and_a_valid_rating(url: String) {
+    let s = Store::open(&url).await.expect("open");
     let id = s
         .record_prediction(&NewPrediction {
             model_name: "clf".into(),
@@ -144,11 +135,8 @@ async fn feedback_needs_an_existing_prediction_and_a_valid_rating() {
     assert_eq!((rows[0].input.as_str(), rows[0].corrected_label.as_deref()), ("fever and cough", Some("cold")));
 }
 
-#[tokio::test]
-async fn killed_runs_are_marked_interrupted_and_data_survives_reopening() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("t.db");
-    let path = path.to_str().expect("utf8");
+async fn killed_runs_are_marked_interrupted_and_data_survives_reopening(url: String) {
+    let path = url.as_str();
     {
         let s = Store::open(path).await.expect("open");
         s.start_run(&NewRun { pid: 4242, ..run("dead", "x") }).await.expect("start");
@@ -163,9 +151,8 @@ async fn killed_runs_are_marked_interrupted_and_data_survives_reopening() {
     assert_eq!(s.events(Some("dead"), 5).await.expect("events")[0].kind, "interrupted");
 }
 
-#[tokio::test]
-async fn run_plugins_record_lineage_in_order_and_find_runs_by_plugin() {
-    let (_d, s) = store().await;
+async fn run_plugins_record_lineage_in_order_and_find_runs_by_plugin(url: String) {
+    let s = Store::open(&url).await.expect("open");
     s.start_run(&run("a", "with")).await.expect("start");
     s.start_run(&run("b", "other")).await.expect("start");
     let p = |name: &str, sha: &str| tuneforge_store::RunPlugin {
@@ -187,3 +174,12 @@ async fn run_plugins_record_lineage_in_order_and_find_runs_by_plugin() {
     assert_eq!(s.runs_with_plugin("medical", Some(&"3".repeat(64))).await.expect("by hash"), ["b"]);
     assert!(s.record_run_plugins("missing", &[p("x", "4")]).await.is_err(), "the run must exist");
 }
+
+backends::on_every_backend!(
+    runs_are_listed_filtered_sorted_and_paged,
+    metric_series_come_back_whole_or_downsampled,
+    promote_and_rollback_keep_one_production_version_and_audit,
+    feedback_needs_an_existing_prediction_and_a_valid_rating,
+    killed_runs_are_marked_interrupted_and_data_survives_reopening,
+    run_plugins_record_lineage_in_order_and_find_runs_by_plugin,
+);
