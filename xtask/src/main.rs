@@ -3,6 +3,7 @@
 //! (pip wheels into tuneforge's cache) and never touches the network beyond the package
 //! registries.
 
+mod api_fuzz;
 mod bench;
 mod bench_plugins;
 mod bench_serve;
@@ -24,6 +25,8 @@ commands:
   test                 the whole test suite: format checks, the plugins' own unit tests, and
                        every workspace test under cargo nextest
   plugins [--home DIR] build the plugins in plugins/ for wasm32-wasip2 and install them
+  api-fuzz [--max-examples N]
+                       Schemathesis (PyPI) against the server's OpenAPI document; fails on 5xx
   bench train [--data FILE] [--steps N] [--with-pytorch]
                        training and inference speed of all-MiniLM-L6-v2 (full, freeze, cache,
                        adapters, LoRA), side by side with PyTorch when asked
@@ -41,6 +44,7 @@ fn main() -> anyhow::Result<()> {
         Some("demo") => demo::run(rest),
         Some("test") => test::run(rest),
         Some("plugins") => plugins::run(rest),
+        Some("api-fuzz") => api_fuzz::run(rest),
         Some("bench") => bench::run(rest),
         Some("bench-one") => bench::run_one(rest),
         Some("-h" | "--help" | "help") | None => {
