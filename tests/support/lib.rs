@@ -1,5 +1,7 @@
 //! Helpers for the workspace-level tests: building the guest plugins of `plugins/` and
-//! installing them into a test's own plugin directory.
+//! installing them into a test's own plugin directory; a WebDriver client for the browser tests.
+
+pub mod webdriver;
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;

@@ -1,6 +1,7 @@
 //! The tuneforge server: actix-web over the experiment store. JSON endpoints under
 //! `/api/v1` (runs, metric series, comparison, the model registry, prediction, feedback, the
-//! audit trail), `/metrics` in Prometheus' text format and `/healthz`.
+//! audit trail), `/metrics` in Prometheus' text format, `/healthz`, and the dashboard
+//! (`tuneforge-web`, server-rendered Leptos) at `/`.
 //!
 //! It binds 127.0.0.1 by default; every write needs `Authorization: Bearer <token>`.
 //! It knows HTTP; SQL stays in `tuneforge-store`, models in `tuneforge-core`.
@@ -54,13 +55,14 @@ impl Application {
         let listener = TcpListener::bind(&config.addr)
             .map_err(|e| ApiError::Internal(format!("cannot bind {}: {e}", config.addr)))?;
         let port = listener.local_addr().map_err(|e| ApiError::Internal(e.to_string()))?.port();
-        let state = web::Data::new(AppState::new(store, config.token));
+        let state = web::Data::new(AppState::new(store.clone(), config.token));
         let server = HttpServer::new(move || {
-            App::new()
+            let app = App::new()
                 .app_data(state.clone())
                 .app_data(error::query_config())
                 .wrap(actix_web::middleware::from_fn(prometheus::track))
-                .configure(routes::configure)
+                .configure(routes::configure);
+            tuneforge_web::mount(app, store.clone())
         })
         .listen(listener)
         .map_err(|e| ApiError::Internal(e.to_string()))?

@@ -1,0 +1,251 @@
+//! Server functions: what the pages read from the experiment store, as plain serialisable
+//! data (the store's own types stay on the server).
+
+use leptos::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::charts::Series;
+
+/// Where the server functions answer (outside the REST API's `/api/v1`).
+pub const PREFIX: &str = "/dashboard/api";
+/// Rows per page of the runs list.
+pub const PER_PAGE: i64 = 50;
+/// Points per chart line.
+const MAX_POINTS: i64 = 400;
+
+/// A run as a row of the list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunItem {
+    pub id: String,
+    pub name: String,
+    pub status: String,
+    pub method: String,
+    pub model_source: String,
+    pub accuracy: Option<f64>,
+    pub macro_f1: Option<f64>,
+    pub steps: i64,
+    pub total_steps: i64,
+    pub started_ms: i64,
+    pub finished_ms: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// One page of the runs list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunsPage {
+    pub runs: Vec<RunItem>,
+    pub total: i64,
+    pub page: i64,
+    pub pages: i64,
+}
+
+/// A plugin a run called.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PluginItem {
+    pub name: String,
+    pub version: String,
+    pub kind: String,
+    pub sha256: String,
+    pub api_version: String,
+}
+
+/// Everything the run page shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunDetail {
+    pub run: RunItem,
+    pub config: String,
+    pub summary: Option<serde_json::Value>,
+    pub plugins: Vec<PluginItem>,
+    /// Training loss, then the validation metrics, each downsampled.
+    pub series: Vec<Series>,
+}
+
+/// Runs side by side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    pub runs: Vec<RunItem>,
+    /// Training loss of each run.
+    pub loss: Vec<Series>,
+    /// Validation accuracy of each run.
+    pub accuracy: Vec<Series>,
+    /// Hyper-parameters that differ: key, then one value per run (`—` when unset).
+    pub differences: Vec<(String, Vec<String>)>,
+}
+
+#[cfg(feature = "ssr")]
+mod server {
+    use super::*;
+    use tuneforge_store::{RunFilter, RunRow, RunSort, RunStatus, Store};
+
+    pub fn store() -> Result<Store, ServerFnError> {
+        use_context::<Store>().ok_or_else(|| ServerFnError::new("the dashboard has no experiment store"))
+    }
+
+    pub fn err(e: impl std::fmt::Display) -> ServerFnError {
+        ServerFnError::new(e.to_string())
+    }
+
+    pub fn item(r: RunRow) -> RunItem {
+        RunItem {
+            id: r.id,
+            name: r.name,
+            status: r.status.as_str().to_string(),
+            method: r.method,
+            model_source: r.model_source,
+            accuracy: r.accuracy,
+            macro_f1: r.macro_f1,
+            steps: r.steps,
+            total_steps: r.total_steps,
+            started_ms: r.started_ms,
+            finished_ms: r.finished_ms,
+            error: r.error,
+        }
+    }
+
+    pub fn filter(status: Option<String>, q: Option<String>, sort: Option<String>, asc: bool, page: i64) -> RunFilter {
+        let sort = match sort.as_deref() {
+            Some("accuracy") => RunSort::Accuracy,
+            Some("macro_f1") => RunSort::MacroF1,
+            Some("name") => RunSort::Name,
+            _ => RunSort::Started,
+        };
+        RunFilter {
+            status: status.as_deref().and_then(RunStatus::parse),
+            name: q.filter(|s| !s.trim().is_empty()),
+            sort,
+            ascending: asc,
+            limit: PER_PAGE,
+            offset: (page.max(1) - 1) * PER_PAGE,
+        }
+    }
+
+    pub async fn series(store: &Store, id: &str, key: &str, label: &str) -> Result<Series, ServerFnError> {
+        let points = store.metric_series(id, key, MAX_POINTS).await.map_err(err)?;
+        Ok(Series { label: label.to_string(), points: points.into_iter().map(|p| (p.step, p.value)).collect() })
+    }
+
+    /// `section.key` -> value text, for every leaf of a TOML document.
+    pub fn flatten(config: &str) -> Vec<(String, String)> {
+        fn walk(prefix: &str, v: &toml::Value, out: &mut Vec<(String, String)>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        walk(&key, v, out);
+                    }
+                }
+                other => out.push((prefix.to_string(), other.to_string())),
+            }
+        }
+        let mut out = Vec::new();
+        if let Ok(t) = config.parse::<toml::Table>() {
+            walk("", &toml::Value::Table(t), &mut out);
+        }
+        out
+    }
+
+    /// Keys whose values differ between the configs (paths, which always differ, left out).
+    pub fn differences(configs: &[String]) -> Vec<(String, Vec<String>)> {
+        let flat: Vec<std::collections::BTreeMap<String, String>> =
+            configs.iter().map(|c| flatten(c).into_iter().collect()).collect();
+        let keys: std::collections::BTreeSet<&String> = flat.iter().flat_map(|m| m.keys()).collect();
+        keys.into_iter()
+            .filter(|k| !k.ends_with("output_dir"))
+            .filter_map(|k| {
+                let values: Vec<String> =
+                    flat.iter().map(|m| m.get(k).cloned().unwrap_or_else(|| "—".into())).collect();
+                values.iter().any(|v| *v != values[0]).then(|| (k.clone(), values))
+            })
+            .collect()
+    }
+}
+
+/// A page of runs, filtered by status and name and sorted.
+#[server(prefix = "/dashboard/api", endpoint = "list_runs")]
+pub async fn list_runs(
+    status: Option<String>,
+    q: Option<String>,
+    sort: Option<String>,
+    asc: bool,
+    page: i64,
+) -> Result<RunsPage, ServerFnError> {
+    let store = server::store()?;
+    let page = page.max(1);
+    let (rows, total) = store.list_runs(&server::filter(status, q, sort, asc, page)).await.map_err(server::err)?;
+    Ok(RunsPage {
+        runs: rows.into_iter().map(server::item).collect(),
+        total,
+        page,
+        pages: ((total + PER_PAGE - 1) / PER_PAGE).max(1),
+    })
+}
+
+/// One run with its curves and plugins.
+#[server(prefix = "/dashboard/api", endpoint = "get_run")]
+pub async fn get_run(id: String) -> Result<RunDetail, ServerFnError> {
+    let store = server::store()?;
+    let row = store.get_run(&id).await.map_err(server::err)?;
+    let config = row.config.clone().unwrap_or_default();
+    let summary = row.summary.clone();
+    let plugins = store
+        .run_plugins(&id)
+        .await
+        .map_err(server::err)?
+        .into_iter()
+        .map(|p| PluginItem {
+            name: p.name,
+            version: p.version,
+            kind: p.kind,
+            sha256: p.sha256,
+            api_version: p.api_version,
+        })
+        .collect();
+    let keys = store.metric_keys(&id).await.map_err(server::err)?;
+    let mut series = Vec::new();
+    for (key, label) in [
+        ("train/loss", "training loss"),
+        ("val/accuracy", "validation accuracy"),
+        ("val/macro_f1", "validation macro-F1"),
+        ("train/lr", "learning rate"),
+    ] {
+        if keys.iter().any(|k| k == key) {
+            series.push(server::series(&store, &id, key, label).await?);
+        }
+    }
+    Ok(RunDetail { run: server::item(row), config, summary, plugins, series })
+}
+
+/// Runs side by side: curves, differing hyper-parameters, final metrics.
+#[server(prefix = "/dashboard/api", endpoint = "compare_runs")]
+pub async fn compare_runs(ids: Vec<String>) -> Result<Comparison, ServerFnError> {
+    let store = server::store()?;
+    let (mut runs, mut loss, mut accuracy, mut configs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for id in ids.iter().take(5) {
+        let row = store.get_run(id).await.map_err(server::err)?;
+        configs.push(row.config.clone().unwrap_or_default());
+        loss.push(server::series(&store, id, "train/loss", &row.name).await?);
+        accuracy.push(server::series(&store, id, "val/accuracy", &row.name).await?);
+        runs.push(server::item(row));
+    }
+    Ok(Comparison { runs, loss, accuracy, differences: server::differences(&configs) })
+}
+
+#[cfg(all(test, feature = "ssr"))]
+mod tests {
+    use super::server::*;
+
+    #[test]
+    fn differing_hyper_parameters_are_found_and_paths_ignored() {
+        let a = "[experiment]\noutput_dir = \"/a\"\n[train]\nlr = 0.1\nepochs = 3\n".to_string();
+        let b =
+            "[experiment]\noutput_dir = \"/b\"\n[train]\nlr = 0.2\nepochs = 3\n[peft]\nmethod = \"lora\"\n".to_string();
+        let d = differences(&[a, b]);
+        assert_eq!(
+            d,
+            [
+                ("peft.method".to_string(), vec!["—".to_string(), "\"lora\"".to_string()]),
+                ("train.lr".to_string(), vec!["0.1".to_string(), "0.2".to_string()]),
+            ]
+        );
+    }
+}

@@ -1,0 +1,82 @@
+//! The tuneforge dashboard: Leptos components rendered on the server (`leptos_actix`) and
+//! mounted by `tuneforge serve` at `/`. Pages read the experiment store through server
+//! functions (`api.rs`); every page is complete HTML without JavaScript, and Leptos escapes
+//! every text it renders.
+//!
+//! What exists: the runs list (filter, sort, pages), a run (config, summary, gates, plugins,
+//! curves, confusion matrix, per-class recall) and the comparison of runs. The registry,
+//! the playground and the feedback queue are next.
+
+pub mod api;
+pub mod charts;
+mod pages;
+
+use leptos::prelude::*;
+use leptos_router::components::{Route, Router, Routes};
+use leptos_router::{SsrMode, path};
+
+/// The stylesheet, inlined into every page (no asset pipeline).
+pub const CSS: &str = include_str!("../style.css");
+
+/// The HTML document around the app.
+pub fn shell() -> impl IntoView {
+    view! {
+        <!DOCTYPE html>
+        <html lang="en">
+            <head>
+                <meta charset="utf-8"/>
+                <meta name="viewport" content="width=device-width, initial-scale=1"/>
+                <title>"tuneforge"</title>
+                <style>{CSS}</style>
+            </head>
+            <body>
+                <App/>
+            </body>
+        </html>
+    }
+}
+
+/// The dashboard's routes.
+#[component]
+pub fn App() -> impl IntoView {
+    view! {
+        <Router>
+            <header class="top">
+                <a class="brand" href="/">"tuneforge"</a>
+                <nav>
+                    <a href="/">"Runs"</a>
+                    <a href="/compare">"Compare"</a>
+                </nav>
+            </header>
+            <main>
+                <Routes fallback=|| view! { <p class="empty">"No such page."</p> }>
+                    <Route path=path!("/") view=pages::runs::RunsPage ssr=SsrMode::Async/>
+                    <Route path=path!("/runs/:id") view=pages::run::RunPage ssr=SsrMode::Async/>
+                    <Route path=path!("/compare") view=pages::compare::ComparePage ssr=SsrMode::Async/>
+                </Routes>
+            </main>
+        </Router>
+    }
+}
+
+/// Mounts the dashboard on an actix app: the pages and their server functions, with the store
+/// in the reactive context.
+#[cfg(feature = "ssr")]
+pub fn mount<T>(app: actix_web::App<T>, store: tuneforge_store::Store) -> actix_web::App<T>
+where
+    T: actix_web::dev::ServiceFactory<
+            actix_web::dev::ServiceRequest,
+            Config = (),
+            Error = actix_web::Error,
+            InitError = (),
+        >,
+{
+    use leptos_actix::{LeptosRoutes, generate_route_list, handle_server_fns_with_context};
+    let routes = generate_route_list(App);
+    let for_fns = store.clone();
+    app.route(
+        &format!("{}/{{tail:.*}}", api::PREFIX),
+        handle_server_fns_with_context(move || provide_context(for_fns.clone())),
+    )
+    .leptos_routes_with_context(routes, move || provide_context(store.clone()), shell)
+}
