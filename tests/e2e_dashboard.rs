@@ -1,6 +1,7 @@
 //! The dashboard in a real headless Chromium (Debian's `chromium` + `chromium-driver`): the
 //! server runs on a random port over a seeded store; the test reads the runs list, filters it,
-//! opens a run and sees its curves, compares two runs, and checks that user text is escaped.
+//! opens a run and sees its curves, compares two runs, checks that user text is escaped, and
+//! promotes and rolls back a model (refused without the token), checking the database.
 //! Screenshots of each page land in `<target>/tmp/e2e-screenshots/`.
 
 use std::path::PathBuf;
@@ -81,7 +82,19 @@ async fn seed(db: &str) {
             .await
             .expect("finish");
     }
+    for id in ["alpha-1", "beta-2"] {
+        let metrics = serde_json::json!({"accuracy": if id == "alpha-1" { 0.91 } else { 0.72 }});
+        store.register_model("triage", id, &format!("/runs/{id}/best"), Some(&metrics), "e2e").await.expect("register");
+    }
+    store.promote("triage", 1, "e2e").await.expect("promote");
     store.close().await;
+}
+
+async fn production(db: &str) -> i64 {
+    let store = Store::open(db).await.expect("store");
+    let v = store.production("triage").await.expect("production").expect("one").version;
+    store.close().await;
+    v
 }
 
 /// Starts the server in a thread of its own and returns its port.
@@ -108,7 +121,7 @@ fn runs_list_run_page_and_comparison_in_a_real_browser() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("store.db").to_str().expect("utf-8").to_owned();
     tokio::runtime::Runtime::new().expect("runtime").block_on(seed(&db));
-    let base = format!("http://127.0.0.1:{}", serve(db));
+    let base = format!("http://127.0.0.1:{}", serve(db.clone()));
     let driver = Driver::start();
     let s = driver.session(&dir.path().join("profile"));
 
@@ -162,6 +175,35 @@ fn runs_list_run_page_and_comparison_in_a_real_browser() {
     assert!(page.contains("train.lr") && page.contains("0.001") && page.contains("0.01"), "{page}");
     assert!(s.find_all("figure.chart svg polyline").len() >= 4, "two runs on each of two charts");
     s.screenshot(&shots().join("compare.png"));
+
+    // The registry: a wrong token is refused and changes nothing; the right one promotes;
+    // rolling back returns to the previous production version; the audit trail shows both.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    s.goto(&format!("{base}/models"));
+    s.wait_for("table.models");
+    assert_eq!(s.find_all("table.models tbody tr").len(), 2);
+    s.screenshot(&shots().join("models.png"));
+    let submit = |token: &str, form: &str| {
+        s.type_text(&s.find(&format!("{form} input[name=token]")), token);
+        s.click(&s.find(&format!("{form} input[name=confirm]")));
+        s.click(&s.find(&format!("{form} button")));
+    };
+    submit("not-the-token-at-all", "tr.stage-candidate form");
+    s.wait_for_url("__err=");
+    assert!(s.text(&s.find("p.error")).contains("the write token is wrong"));
+    assert_eq!(rt.block_on(production(&db)), 1);
+    s.goto(&format!("{base}/models"));
+    s.wait_for("table.models");
+    submit("e2e-token-0123456789", "tr.stage-candidate form");
+    s.wait_for_text("tr.stage-production", "triage@2");
+    assert_eq!(rt.block_on(production(&db)), 2);
+    s.goto(&format!("{base}/models"));
+    s.wait_for("table.models");
+    submit("e2e-token-0123456789", "form.rollback");
+    s.wait_for_text("tr.stage-production", "triage@1");
+    assert_eq!(rt.block_on(production(&db)), 1);
+    let trail = s.text(&s.find("table.events"));
+    assert!(trail.contains("promote") && trail.contains("rollback") && trail.contains("dashboard"), "{trail}");
 
     // A missing run says so.
     s.goto(&format!("{base}/runs/nope"));

@@ -195,6 +195,18 @@ impl Session {
         }
     }
 
+    /// Waits until the first element matching `css` contains `text`.
+    pub fn wait_for_text(&self, css: &str, text: &str) {
+        let started = Instant::now();
+        loop {
+            if self.find_all(css).first().is_some_and(|e| self.text(e).contains(text)) {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20), "`{css}` never showed `{text}` on {}", self.url());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until `css` matches something (pages render on the server, so this is short).
     pub fn wait_for(&self, css: &str) -> String {
         let started = Instant::now();

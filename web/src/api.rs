@@ -249,3 +249,95 @@ mod tests {
         );
     }
 }
+
+/// The write token the dashboard checks before promoting or rolling back (the server's).
+#[derive(Debug, Clone)]
+pub struct WriteToken(pub String);
+
+/// A registered model version.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelItem {
+    pub name: String,
+    pub version: i64,
+    pub run_id: String,
+    pub stage: String,
+    pub accuracy: Option<f64>,
+    pub created_ms: i64,
+    pub promoted_ms: Option<i64>,
+}
+
+/// One line of the audit trail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventItem {
+    pub kind: String,
+    pub subject: String,
+    pub detail: String,
+    pub actor: String,
+    pub time_ms: i64,
+}
+
+/// The registry and its audit trail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryView {
+    pub models: Vec<ModelItem>,
+    pub events: Vec<EventItem>,
+}
+
+#[cfg(feature = "ssr")]
+fn check_write(token: &str, confirm: Option<&str>) -> Result<(), ServerFnError> {
+    let expected = use_context::<WriteToken>().ok_or_else(|| ServerFnError::new("writes are disabled"))?;
+    let (a, b) = (token.trim().as_bytes(), expected.0.as_bytes());
+    let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    if !same {
+        return Err(ServerFnError::new("the write token is wrong"));
+    }
+    if confirm != Some("yes") {
+        return Err(ServerFnError::new("tick “I am sure” to confirm"));
+    }
+    Ok(())
+}
+
+/// Every model version, newest first per name, and the latest audit events.
+#[server(prefix = "/dashboard/api", endpoint = "registry")]
+pub async fn registry() -> Result<RegistryView, ServerFnError> {
+    let store = server::store()?;
+    let models = store
+        .list_models(None)
+        .await
+        .map_err(server::err)?
+        .into_iter()
+        .map(|m| ModelItem {
+            accuracy: m.metrics.as_ref().and_then(|v| v["accuracy"].as_f64()),
+            name: m.name,
+            version: m.version,
+            run_id: m.run_id,
+            stage: m.stage.as_str().to_string(),
+            created_ms: m.created_ms,
+            promoted_ms: m.promoted_ms,
+        })
+        .collect();
+    let events = store
+        .events(None, 50)
+        .await
+        .map_err(server::err)?
+        .into_iter()
+        .map(|e| EventItem { kind: e.kind, subject: e.subject, detail: e.detail, actor: e.actor, time_ms: e.time_ms })
+        .collect();
+    Ok(RegistryView { models, events })
+}
+
+/// Promotes a version to production (the previous one is archived); needs the token.
+#[server(prefix = "/dashboard/api", endpoint = "promote")]
+pub async fn promote(name: String, version: i64, token: String, confirm: Option<String>) -> Result<(), ServerFnError> {
+    check_write(&token, confirm.as_deref())?;
+    server::store()?.promote(&name, version, "dashboard").await.map_err(server::err)?;
+    Ok(())
+}
+
+/// Rolls a model back to its previous production version; needs the token.
+#[server(prefix = "/dashboard/api", endpoint = "rollback")]
+pub async fn rollback(name: String, token: String, confirm: Option<String>) -> Result<(), ServerFnError> {
+    check_write(&token, confirm.as_deref())?;
+    server::store()?.rollback(&name, "dashboard").await.map_err(server::err)?;
+    Ok(())
+}

@@ -4,8 +4,9 @@
 //! every text it renders.
 //!
 //! What exists: the runs list (filter, sort, pages), a run (config, summary, gates, plugins,
-//! curves, confusion matrix, per-class recall) and the comparison of runs. The registry,
-//! the playground and the feedback queue are next.
+//! curves, confusion matrix, per-class recall), the comparison of runs, and the registry
+//! (promote and roll back with a confirmation and the write token; the audit trail). The
+//! playground and the feedback queue are next.
 
 pub mod api;
 pub mod charts;
@@ -46,6 +47,7 @@ pub fn App() -> impl IntoView {
                 <nav>
                     <a href="/">"Runs"</a>
                     <a href="/compare">"Compare"</a>
+                    <a href="/models">"Models"</a>
                 </nav>
             </header>
             <main>
@@ -53,6 +55,7 @@ pub fn App() -> impl IntoView {
                     <Route path=path!("/") view=pages::runs::RunsPage ssr=SsrMode::Async/>
                     <Route path=path!("/runs/:id") view=pages::run::RunPage ssr=SsrMode::Async/>
                     <Route path=path!("/compare") view=pages::compare::ComparePage ssr=SsrMode::Async/>
+                    <Route path=path!("/models") view=pages::models::ModelsPage ssr=SsrMode::Async/>
                 </Routes>
             </main>
         </Router>
@@ -62,7 +65,7 @@ pub fn App() -> impl IntoView {
 /// Mounts the dashboard on an actix app: the pages and their server functions, with the store
 /// in the reactive context.
 #[cfg(feature = "ssr")]
-pub fn mount<T>(app: actix_web::App<T>, store: tuneforge_store::Store) -> actix_web::App<T>
+pub fn mount<T>(app: actix_web::App<T>, store: tuneforge_store::Store, token: String) -> actix_web::App<T>
 where
     T: actix_web::dev::ServiceFactory<
             actix_web::dev::ServiceRequest,
@@ -73,10 +76,10 @@ where
 {
     use leptos_actix::{LeptosRoutes, generate_route_list, handle_server_fns_with_context};
     let routes = generate_route_list(App);
-    let for_fns = store.clone();
-    app.route(
-        &format!("{}/{{tail:.*}}", api::PREFIX),
-        handle_server_fns_with_context(move || provide_context(for_fns.clone())),
-    )
-    .leptos_routes_with_context(routes, move || provide_context(store.clone()), shell)
+    let context = move || {
+        provide_context(store.clone());
+        provide_context(api::WriteToken(token.clone()));
+    };
+    app.route(&format!("{}/{{tail:.*}}", api::PREFIX), handle_server_fns_with_context(context.clone()))
+        .leptos_routes_with_context(routes, context, shell)
 }

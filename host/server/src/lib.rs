@@ -55,6 +55,7 @@ impl Application {
         let listener = TcpListener::bind(&config.addr)
             .map_err(|e| ApiError::Internal(format!("cannot bind {}: {e}", config.addr)))?;
         let port = listener.local_addr().map_err(|e| ApiError::Internal(e.to_string()))?.port();
+        let token = config.token.clone();
         let state = web::Data::new(AppState::new(store.clone(), config.token));
         let server = HttpServer::new(move || {
             let app = App::new()
@@ -62,7 +63,7 @@ impl Application {
                 .app_data(error::query_config())
                 .wrap(actix_web::middleware::from_fn(prometheus::track))
                 .configure(routes::configure);
-            tuneforge_web::mount(app, store.clone())
+            tuneforge_web::mount(app, store.clone(), token.clone())
         })
         .listen(listener)
         .map_err(|e| ApiError::Internal(e.to_string()))?

@@ -1,6 +1,7 @@
 //! The pages, and what they share: number and time formatting, the line chart component.
 
 pub mod compare;
+pub mod models;
 pub mod run;
 pub mod runs;
 
