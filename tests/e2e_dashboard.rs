@@ -31,7 +31,28 @@ fn summary(accuracy: f64) -> serde_json::Value {
     })
 }
 
-async fn seed(db: &str) {
+/// A tiny random classifier over the three labels, saved as a model directory.
+fn tiny_model(dir: &std::path::Path) {
+    use tuneforge_core::testing::{TINY_WORDS, tiny_tokenizer};
+    let text = tuneforge_data::TextEncoder::new(tiny_tokenizer(TINY_WORDS).expect("tokenizer"), 16).expect("encoder");
+    let config = tuneforge_core::bert::BertConfig::tiny(text.vocab_size());
+    let options = tuneforge_core::ClassifierOptions {
+        labels: vec!["flu".into(), "acne".into(), "angina".into()],
+        pooling: tuneforge_core::Pooling::Mean,
+        max_len: 16,
+        classifier_dropout: 0.0,
+        seed: 1,
+        trainability: Default::default(),
+        base_model: "tiny".into(),
+        dtype: candle_core::DType::F32,
+        peft: Default::default(),
+        extra_tokens: Vec::new(),
+        fusion: None,
+    };
+    tuneforge_core::ClassifierModel::random(config, text, &options).expect("model").save(dir).expect("save");
+}
+
+async fn seed(db: &str, model_dir: &std::path::Path) {
     let store = Store::open(db).await.expect("store");
     for (id, name, lr, acc) in
         [("alpha-1", "alpha", "0.001", 0.91), ("beta-2", "<script>alert(1)</script>", "0.01", 0.72)]
@@ -84,7 +105,8 @@ async fn seed(db: &str) {
     }
     for id in ["alpha-1", "beta-2"] {
         let metrics = serde_json::json!({"accuracy": if id == "alpha-1" { 0.91 } else { 0.72 }});
-        store.register_model("triage", id, &format!("/runs/{id}/best"), Some(&metrics), "e2e").await.expect("register");
+        let path = model_dir.to_str().expect("utf-8");
+        store.register_model("triage", id, path, Some(&metrics), "e2e").await.expect("register");
     }
     store.promote("triage", 1, "e2e").await.expect("promote");
     store.close().await;
@@ -117,10 +139,11 @@ fn shots() -> PathBuf {
 }
 
 #[test]
-fn runs_list_run_page_and_comparison_in_a_real_browser() {
+fn the_dashboard_in_a_real_browser() {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("store.db").to_str().expect("utf-8").to_owned();
-    tokio::runtime::Runtime::new().expect("runtime").block_on(seed(&db));
+    tiny_model(&dir.path().join("model"));
+    tokio::runtime::Runtime::new().expect("runtime").block_on(seed(&db, &dir.path().join("model")));
     let base = format!("http://127.0.0.1:{}", serve(db.clone()));
     let driver = Driver::start();
     let s = driver.session(&dir.path().join("profile"));
@@ -205,8 +228,60 @@ fn runs_list_run_page_and_comparison_in_a_real_browser() {
     let trail = s.text(&s.find("table.events"));
     assert!(trail.contains("promote") && trail.contains("rollback") && trail.contains("dashboard"), "{trail}");
 
+    // The playground: classify a text, call the answer wrong and correct it; the feedback
+    // reaches the queue, the database and the REST API; marking it reviewed sticks; the export
+    // is a JSONL dataset that tuneforge reads.
+    s.goto(&format!("{base}/playground"));
+    let text = s.wait_for("form.try textarea");
+    s.type_text(&text, "fever cough hot <b>bold?</b>");
+    s.type_text(&s.find("form.try input[name=token]"), "e2e-token-0123456789");
+    s.click(&s.find("form.try button"));
+    s.wait_for_url("prediction=");
+    s.wait_for("section.answer");
+    assert!(s.text(&s.find("blockquote")).contains("<b>bold?</b>"), "the text is shown as text");
+    assert_eq!(s.find_all("table.probs tbody tr").len(), 3);
+    s.screenshot(&shots().join("playground.png"));
+    s.click(&s.find("input[name=rating][value=wrong]"));
+    s.click(&s.find("select[name=corrected_label] option[value=angina]"));
+    s.type_text(&s.find("form.feedback input[name=comment]"), "chest pain, not flu");
+    s.type_text(&s.find("form.feedback input[name=token]"), "e2e-token-0123456789");
+    s.click(&s.find("form.feedback button"));
+    s.wait_for_url("/feedback");
+    s.wait_for("table.feedback");
+    let queue = s.text(&s.find("table.feedback"));
+    assert!(queue.contains("angina") && queue.contains("chest pain, not flu") && queue.contains("wrong"), "{queue}");
+    let rest = http_get(&format!("{base}/api/v1/feedback"));
+    assert!(rest.contains("\"corrected_label\":\"angina\""), "{rest}");
+    s.type_text(&s.find("table.feedback input[name=token]"), "e2e-token-0123456789");
+    s.click(&s.find("table.feedback button"));
+    s.wait_for_text("table.feedback tbody tr", "reviewed");
+    s.screenshot(&shots().join("feedback.png"));
+    let jsonl = http_get(&format!("{base}/api/v1/feedback/export?model=triage&reviewed=true"));
+    let file = dir.path().join("feedback.jsonl");
+    std::fs::write(&file, &jsonl).expect("write export");
+    let read = tuneforge_data::read_examples(&file, &Default::default()).expect("tuneforge reads the export");
+    assert_eq!(read.examples.len(), 1);
+    assert_eq!(
+        (read.examples[0].label.as_str(), read.examples[0].text.as_str()),
+        ("angina", "fever cough hot <b>bold?</b>")
+    );
+
     // A missing run says so.
     s.goto(&format!("{base}/runs/nope"));
     s.wait_for("p.error");
     assert!(s.text(&s.find("p.error")).contains("not found"));
+}
+
+/// A plain GET on loopback; returns the body.
+fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("http");
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = std::net::TcpStream::connect(host).expect("connect");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").expect("send");
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("http response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
 }

@@ -130,6 +130,12 @@ pub struct Session {
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 impl Session {
+    /// Like `call`, but an error (a stale element while a page loads) is `None`.
+    fn try_call(&self, method: &str, path: &str, body: Option<Value>) -> Option<Value> {
+        let v = request(self.port, method, &format!("/session/{}{path}", self.id), body.as_ref());
+        v["value"]["error"].is_null().then(|| v["value"].clone())
+    }
+
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Value {
         let v = request(self.port, method, &format!("/session/{}{path}", self.id), body.as_ref());
         if let Some(err) = v["value"]["error"].as_str() {
@@ -199,7 +205,12 @@ impl Session {
     pub fn wait_for_text(&self, css: &str, text: &str) {
         let started = Instant::now();
         loop {
-            if self.find_all(css).first().is_some_and(|e| self.text(e).contains(text)) {
+            let found = self
+                .try_call("POST", "/element", Some(json!({"using": "css selector", "value": css})))
+                .and_then(|e| e[ELEMENT].as_str().map(String::from))
+                .and_then(|e| self.try_call("GET", &format!("/element/{e}/text"), None))
+                .is_some_and(|t| t.as_str().is_some_and(|t| t.contains(text)));
+            if found {
                 return;
             }
             assert!(started.elapsed() < Duration::from_secs(20), "`{css}` never showed `{text}` on {}", self.url());
@@ -211,7 +222,10 @@ impl Session {
     pub fn wait_for(&self, css: &str) -> String {
         let started = Instant::now();
         loop {
-            if let Some(e) = self.find_all(css).into_iter().next() {
+            let found = self
+                .try_call("POST", "/element", Some(json!({"using": "css selector", "value": css})))
+                .and_then(|e| e[ELEMENT].as_str().map(String::from));
+            if let Some(e) = found {
                 return e;
             }
             if started.elapsed() > Duration::from_secs(20) {

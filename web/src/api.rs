@@ -284,13 +284,16 @@ pub struct RegistryView {
 }
 
 #[cfg(feature = "ssr")]
-fn check_write(token: &str, confirm: Option<&str>) -> Result<(), ServerFnError> {
+fn check_token(token: &str) -> Result<(), ServerFnError> {
     let expected = use_context::<WriteToken>().ok_or_else(|| ServerFnError::new("writes are disabled"))?;
     let (a, b) = (token.trim().as_bytes(), expected.0.as_bytes());
     let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
-    if !same {
-        return Err(ServerFnError::new("the write token is wrong"));
-    }
+    if same { Ok(()) } else { Err(ServerFnError::new("the write token is wrong")) }
+}
+
+#[cfg(feature = "ssr")]
+fn check_write(token: &str, confirm: Option<&str>) -> Result<(), ServerFnError> {
+    check_token(token)?;
     if confirm != Some("yes") {
         return Err(ServerFnError::new("tick “I am sure” to confirm"));
     }
@@ -340,4 +343,159 @@ pub async fn rollback(name: String, token: String, confirm: Option<String>) -> R
     check_write(&token, confirm.as_deref())?;
     server::store()?.rollback(&name, "dashboard").await.map_err(server::err)?;
     Ok(())
+}
+
+/// How the dashboard asks the server for a recorded prediction: `(model, text)` to the new
+/// prediction's id. The server owns the loaded models; the dashboard only calls this.
+pub type PredictFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send>>;
+
+/// The server's prediction service, in the reactive context.
+#[derive(Clone)]
+pub struct PredictService(pub std::sync::Arc<dyn Fn(String, String) -> PredictFuture + Send + Sync>);
+
+impl std::fmt::Debug for PredictService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PredictService")
+    }
+}
+
+/// A prediction as the playground shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PredictionView {
+    pub id: String,
+    pub model: String,
+    pub version: i64,
+    pub input: String,
+    pub label: String,
+    /// Labels and probabilities, most likely first.
+    pub probabilities: Vec<(String, f64)>,
+}
+
+/// A feedback row of the queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FeedbackItem {
+    pub id: String,
+    pub model: String,
+    pub input: String,
+    pub output: String,
+    pub rating: String,
+    pub corrected_label: Option<String>,
+    pub comment: Option<String>,
+    pub reviewed: bool,
+    pub time_ms: i64,
+}
+
+/// Models with a production version, for the playground's picker.
+#[server(prefix = "/dashboard/api", endpoint = "served_models")]
+pub async fn served_models() -> Result<Vec<(String, i64)>, ServerFnError> {
+    let models = server::store()?.list_models(None).await.map_err(server::err)?;
+    Ok(models.into_iter().filter(|m| m.stage.as_str() == "production").map(|m| (m.name, m.version)).collect())
+}
+
+/// Classifies a text with a model's production version, records the prediction, and sends
+/// the browser to it.
+#[server(prefix = "/dashboard/api", endpoint = "try_model")]
+pub async fn try_model(model: String, text: String, token: String) -> Result<(), ServerFnError> {
+    check_token(&token)?;
+    if text.trim().is_empty() || text.len() > 20_000 {
+        return Err(ServerFnError::new("type a text (at most 20000 bytes)"));
+    }
+    let service = use_context::<PredictService>().ok_or_else(|| ServerFnError::new("prediction is not available"))?;
+    let id = (service.0)(model, text).await.map_err(ServerFnError::new)?;
+    leptos_actix::redirect(&format!("/playground?prediction={id}"));
+    Ok(())
+}
+
+/// A recorded prediction.
+#[server(prefix = "/dashboard/api", endpoint = "prediction")]
+pub async fn prediction(id: String) -> Result<PredictionView, ServerFnError> {
+    let (row, probs) = server::store()?.prediction(&id).await.map_err(server::err)?;
+    let mut probabilities: Vec<(String, f64)> = probs
+        .as_object()
+        .map(|m| m.iter().filter_map(|(k, v)| v.as_f64().map(|p| (k.clone(), p))).collect())
+        .unwrap_or_default();
+    probabilities.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(PredictionView {
+        id: row.id,
+        model: row.model_name,
+        version: row.model_version,
+        input: row.input,
+        label: row.output,
+        probabilities,
+    })
+}
+
+/// Rates (and corrects) a prediction; the browser goes to the feedback queue.
+#[server(prefix = "/dashboard/api", endpoint = "give_feedback")]
+pub async fn give_feedback(
+    prediction_id: String,
+    rating: String,
+    corrected_label: Option<String>,
+    comment: Option<String>,
+    token: String,
+) -> Result<(), ServerFnError> {
+    check_token(&token)?;
+    let store = server::store()?;
+    let (row, _) = store.prediction(&prediction_id).await.map_err(server::err)?;
+    let corrected_label = corrected_label.filter(|l| !l.trim().is_empty());
+    let comment = comment.filter(|c| !c.trim().is_empty());
+    if comment.as_ref().is_some_and(|c| c.len() > 10_000) {
+        return Err(ServerFnError::new("the comment is longer than 10000 bytes"));
+    }
+    store
+        .record_feedback(&tuneforge_store::NewFeedback {
+            prediction_id,
+            rating,
+            corrected_label,
+            comment,
+            author: Some("dashboard".into()),
+        })
+        .await
+        .map_err(server::err)?;
+    leptos_actix::redirect(&format!("/feedback?model={}", row.model_name));
+    Ok(())
+}
+
+/// The feedback queue, filtered.
+#[server(prefix = "/dashboard/api", endpoint = "feedback_queue")]
+pub async fn feedback_queue(
+    model: Option<String>,
+    label: Option<String>,
+    rating: Option<String>,
+    reviewed: Option<String>,
+) -> Result<Vec<FeedbackItem>, ServerFnError> {
+    let nonempty = |s: Option<String>| s.filter(|s| !s.trim().is_empty());
+    let filter = tuneforge_store::FeedbackFilter {
+        model: nonempty(model),
+        label: nonempty(label),
+        rating: nonempty(rating),
+        reviewed: match reviewed.as_deref() {
+            Some("yes") => Some(true),
+            Some("no") => Some(false),
+            _ => None,
+        },
+        limit: 500,
+    };
+    let rows = server::store()?.feedback(&filter).await.map_err(server::err)?;
+    Ok(rows
+        .into_iter()
+        .map(|f| FeedbackItem {
+            id: f.id,
+            model: f.model_name,
+            input: f.input,
+            output: f.output,
+            rating: f.rating,
+            corrected_label: f.corrected_label,
+            comment: f.comment,
+            reviewed: f.reviewed,
+            time_ms: f.time_ms,
+        })
+        .collect())
+}
+
+/// Marks feedback reviewed; needs the token.
+#[server(prefix = "/dashboard/api", endpoint = "mark_reviewed")]
+pub async fn mark_reviewed(id: String, token: String) -> Result<(), ServerFnError> {
+    check_token(&token)?;
+    server::store()?.mark_feedback_reviewed(&id, "dashboard").await.map_err(server::err)
 }

@@ -5,8 +5,9 @@
 //!
 //! What exists: the runs list (filter, sort, pages), a run (config, summary, gates, plugins,
 //! curves, confusion matrix, per-class recall), the comparison of runs, and the registry
-//! (promote and roll back with a confirmation and the write token; the audit trail). The
-//! playground and the feedback queue are next.
+//! (promote and roll back with a confirmation and the write token; the audit trail), the
+//! playground (classify a text, rate and correct the answer) and the feedback queue (filter,
+//! mark reviewed, export as JSONL).
 
 pub mod api;
 pub mod charts;
@@ -48,6 +49,8 @@ pub fn App() -> impl IntoView {
                     <a href="/">"Runs"</a>
                     <a href="/compare">"Compare"</a>
                     <a href="/models">"Models"</a>
+                    <a href="/playground">"Playground"</a>
+                    <a href="/feedback">"Feedback"</a>
                 </nav>
             </header>
             <main>
@@ -56,6 +59,8 @@ pub fn App() -> impl IntoView {
                     <Route path=path!("/runs/:id") view=pages::run::RunPage ssr=SsrMode::Async/>
                     <Route path=path!("/compare") view=pages::compare::ComparePage ssr=SsrMode::Async/>
                     <Route path=path!("/models") view=pages::models::ModelsPage ssr=SsrMode::Async/>
+                    <Route path=path!("/playground") view=pages::playground::PlaygroundPage ssr=SsrMode::Async/>
+                    <Route path=path!("/feedback") view=pages::feedback::FeedbackPage ssr=SsrMode::Async/>
                 </Routes>
             </main>
         </Router>
@@ -65,7 +70,12 @@ pub fn App() -> impl IntoView {
 /// Mounts the dashboard on an actix app: the pages and their server functions, with the store
 /// in the reactive context.
 #[cfg(feature = "ssr")]
-pub fn mount<T>(app: actix_web::App<T>, store: tuneforge_store::Store, token: String) -> actix_web::App<T>
+pub fn mount<T>(
+    app: actix_web::App<T>,
+    store: tuneforge_store::Store,
+    token: String,
+    predict: api::PredictService,
+) -> actix_web::App<T>
 where
     T: actix_web::dev::ServiceFactory<
             actix_web::dev::ServiceRequest,
@@ -79,6 +89,7 @@ where
     let context = move || {
         provide_context(store.clone());
         provide_context(api::WriteToken(token.clone()));
+        provide_context(predict.clone());
     };
     app.route(&format!("{}/{{tail:.*}}", api::PREFIX), handle_server_fns_with_context(context.clone()))
         .leptos_routes_with_context(routes, context, shell)

@@ -57,13 +57,24 @@ impl Application {
         let port = listener.local_addr().map_err(|e| ApiError::Internal(e.to_string()))?.port();
         let token = config.token.clone();
         let state = web::Data::new(AppState::new(store.clone(), config.token));
+        let for_dashboard = state.clone();
+        let predict = tuneforge_web::api::PredictService(std::sync::Arc::new(move |model: String, text: String| {
+            let state = for_dashboard.clone();
+            Box::pin(async move {
+                let (_, recorded) = routes::predict_and_record(&state, &model, None, vec![text], None)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                state.counters.prediction(&model, 1);
+                recorded.into_iter().next().map(|r| r.0).ok_or_else(|| "no prediction".to_string())
+            })
+        }));
         let server = HttpServer::new(move || {
             let app = App::new()
                 .app_data(state.clone())
                 .app_data(error::query_config())
                 .wrap(actix_web::middleware::from_fn(prometheus::track))
                 .configure(routes::configure);
-            tuneforge_web::mount(app, store.clone(), token.clone())
+            tuneforge_web::mount(app, store.clone(), token.clone(), predict.clone())
         })
         .listen(listener)
         .map_err(|e| ApiError::Internal(e.to_string()))?

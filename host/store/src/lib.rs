@@ -22,7 +22,7 @@ pub use lineage::RunPlugin;
 pub use metrics::{MetricPoint, SeriesPoint};
 pub use registry::{ModelVersion, Stage};
 pub use runs::{NewRun, RunFilter, RunRow, RunSort, RunStatus};
-pub use serving::{FeedbackRow, NewFeedback, NewPrediction, PredictionRow};
+pub use serving::{FeedbackFilter, FeedbackRow, NewFeedback, NewPrediction, PredictionRow};
 pub use store::{Store, default_db_path, now_ms};
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

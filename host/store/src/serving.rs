@@ -39,6 +39,18 @@ pub struct NewFeedback {
     pub author: Option<String>,
 }
 
+/// Which feedback to list.
+#[derive(Debug, Clone, Default)]
+pub struct FeedbackFilter {
+    pub model: Option<String>,
+    /// The corrected label, or the model's answer when none was given.
+    pub label: Option<String>,
+    /// `correct` or `wrong`.
+    pub rating: Option<String>,
+    pub reviewed: Option<bool>,
+    pub limit: i64,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FeedbackRow {
     pub id: String,
@@ -108,14 +120,29 @@ impl Store {
 
     /// Feedback, newest first, optionally for one model only.
     pub async fn list_feedback(&self, model_name: Option<&str>, limit: i64) -> Result<Vec<FeedbackRow>> {
+        let filter = FeedbackFilter { model: model_name.map(str::to_owned), limit, ..Default::default() };
+        self.feedback(&filter).await
+    }
+
+    /// Feedback, newest first, filtered by model, label (the corrected label, else the
+    /// model's answer), rating and review state.
+    pub async fn feedback(&self, f: &FeedbackFilter) -> Result<Vec<FeedbackRow>> {
+        let reviewed = f.reviewed.map(i64::from);
         let rows = sqlx::query(
             "SELECT f.id, f.prediction_id, f.rating, f.corrected_label, f.comment, f.author, \
              CAST(CASE WHEN f.reviewed THEN 1 ELSE 0 END AS BIGINT) AS reviewed, f.time_ms, \
              p.input, p.output, p.model_name FROM feedback f JOIN predictions p ON p.id = f.prediction_id \
-             WHERE (CAST($1 AS TEXT) IS NULL OR p.model_name = $1) ORDER BY f.time_ms DESC, f.id DESC LIMIT $2",
+             WHERE (CAST($1 AS TEXT) IS NULL OR p.model_name = $1) \
+             AND (CAST($3 AS TEXT) IS NULL OR COALESCE(f.corrected_label, p.output) = $3) \
+             AND (CAST($4 AS TEXT) IS NULL OR f.rating = $4) \
+             AND (CAST($5 AS BIGINT) IS NULL OR (CASE WHEN f.reviewed THEN 1 ELSE 0 END) = $5) \
+             ORDER BY f.time_ms DESC, f.id DESC LIMIT $2",
         )
-        .bind(model_name)
-        .bind(limit.clamp(1, 100_000))
+        .bind(f.model.as_deref())
+        .bind(f.limit.clamp(1, 100_000))
+        .bind(f.label.as_deref())
+        .bind(f.rating.as_deref())
+        .bind(reviewed)
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
@@ -136,5 +163,41 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// Marks feedback as reviewed (audited).
+    pub async fn mark_feedback_reviewed(&self, id: &str, actor: &str) -> Result<()> {
+        let done =
+            sqlx::query("UPDATE feedback SET reviewed = TRUE WHERE id = $1").bind(id).execute(&self.pool).await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound { kind: "feedback", id: id.to_owned() });
+        }
+        self.record_event("review", id, "feedback marked reviewed", actor).await
+    }
+
+    /// One prediction with its probabilities.
+    pub async fn prediction(&self, id: &str) -> Result<(PredictionRow, serde_json::Value)> {
+        let row = sqlx::query(
+            "SELECT id, model_name, model_version, input, output, probabilities, latency_ms, arm, time_ms \
+             FROM predictions WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NotFound { kind: "prediction", id: id.to_owned() })?;
+        let probabilities: String = row.try_get("probabilities")?;
+        Ok((
+            PredictionRow {
+                id: row.try_get("id")?,
+                model_name: row.try_get("model_name")?,
+                model_version: row.try_get("model_version")?,
+                input: row.try_get("input")?,
+                output: row.try_get("output")?,
+                latency_ms: row.try_get("latency_ms")?,
+                arm: row.try_get("arm")?,
+                time_ms: row.try_get("time_ms")?,
+            },
+            serde_json::from_str(&probabilities).unwrap_or(serde_json::Value::Null),
+        ))
     }
 }

@@ -1,7 +1,9 @@
 //! The pages, and what they share: number and time formatting, the line chart component.
 
 pub mod compare;
+pub mod feedback;
 pub mod models;
+pub mod playground;
 pub mod run;
 pub mod runs;
 

@@ -1,4 +1,5 @@
-//! `POST /api/v1/feedback` (rate or correct a prediction) and `GET /api/v1/feedback`.
+//! `POST /api/v1/feedback` (rate or correct a prediction), `GET /api/v1/feedback`, and
+//! `GET /api/v1/feedback/export`: the corrections as a JSONL dataset for `tuneforge train`.
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
@@ -51,4 +52,41 @@ pub struct ListQuery {
 
 pub async fn list(state: State, q: web::Query<ListQuery>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(state.store.list_feedback(q.model.as_deref(), q.limit.unwrap_or(100)).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportQuery {
+    #[serde(default)]
+    model: Option<String>,
+    /// `true`: only reviewed feedback; `false`: only unreviewed; absent: all.
+    #[serde(default)]
+    reviewed: Option<bool>,
+}
+
+/// One JSONL line per usable piece of feedback: `{"text", "label", "rating", "prediction_id"}`
+/// with the corrected label for a wrong answer and the model's answer for a correct one
+/// (wrong answers without a correction are left out).
+pub async fn export(state: State, q: web::Query<ExportQuery>) -> Result<HttpResponse, ApiError> {
+    let filter = tuneforge_store::FeedbackFilter {
+        model: q.model.clone().filter(|m| !m.is_empty()),
+        reviewed: q.reviewed,
+        limit: 100_000,
+        ..Default::default()
+    };
+    let mut out = String::new();
+    for f in state.store.feedback(&filter).await? {
+        let label = match (f.rating.as_str(), f.corrected_label) {
+            (_, Some(l)) => l,
+            ("correct", None) => f.output,
+            _ => continue,
+        };
+        let line = serde_json::json!({ "text": f.input, "label": label, "rating": f.rating, "prediction_id": f.prediction_id });
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    Ok(HttpResponse::Ok()
+        .content_type("application/x-ndjson")
+        .insert_header(("Content-Disposition", "attachment; filename=\"feedback.jsonl\""))
+        .body(out))
 }

@@ -5,6 +5,8 @@ mod health;
 mod models;
 mod openapi;
 mod predict;
+
+pub(crate) use predict::predict_and_record;
 mod runs;
 
 use actix_web::{HttpResponse, web};
@@ -29,7 +31,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route("/events", web::get().to(models::events))
                 .route("/predict", web::post().to(predict::predict))
                 .route("/feedback", web::post().to(feedback::create))
-                .route("/feedback", web::get().to(feedback::list)),
+                .route("/feedback", web::get().to(feedback::list))
+                .route("/feedback/export", web::get().to(feedback::export)),
         )
         .default_service(web::to(not_found));
 }

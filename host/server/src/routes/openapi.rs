@@ -53,6 +53,7 @@ pub async fn document() -> HttpResponse {
                 "get": op("Feedback, newest first", false, json!([q("model", "string", false), q("limit", "integer", false)]), None),
                 "post": op("Rate or correct a prediction", true, json!([]), Some("Feedback"))
             },
+            "/api/v1/feedback/export": {"get": {"summary": "Corrections as a JSONL dataset (text, label)", "parameters": [q("model", "string", false), q("reviewed", "boolean", false)], "responses": {"200": {"description": "JSON lines", "content": {"application/x-ndjson": {}}}, "400": {"$ref": "#/components/responses/Error"}}}},
             "/healthz": {"get": op("Liveness and store access", false, json!([]), None)},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format", "content": {"text/plain": {}}}}}}
         },

@@ -72,31 +72,55 @@ pub async fn predict(req: HttpRequest, state: State, body: web::Bytes) -> Result
     if texts.iter().any(|t| t.trim().is_empty()) {
         return Err(ApiError::BadRequest("texts: a text is empty".into()));
     }
-    let (version, model) = load(&state, &body.model, body.version).await?;
+    let (version, recorded) =
+        predict_and_record(&state, &body.model, body.version, texts, body.session.as_deref()).await?;
+    let out: Vec<serde_json::Value> = recorded
+        .into_iter()
+        .map(|(id, text, p, probabilities)| {
+            serde_json::json!({ "id": id, "text": text, "label": p.label, "score": p.score, "probabilities": probabilities })
+        })
+        .collect();
+    let n = out.len() as u64;
+    state.counters.prediction(&body.model, n);
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "model": body.model, "version": version, "predictions": out })))
+}
+
+/// One recorded prediction: its id, the text, the answer and the probabilities as JSON.
+pub type Recorded = (String, String, tuneforge_core::Prediction, serde_json::Value);
+
+/// Classifies `texts` with a model version (production unless given) and records every
+/// prediction; shared by the REST API and the dashboard's playground.
+pub async fn predict_and_record(
+    state: &State,
+    model_name: &str,
+    version: Option<i64>,
+    texts: Vec<String>,
+    session: Option<&str>,
+) -> Result<(i64, Vec<Recorded>), ApiError> {
+    let (version, model) = load(state, model_name, version).await?;
     let started = Instant::now();
     let inputs = texts.clone();
     let predictions =
         web::block(move || model.predict(&inputs, 32)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0 / texts.len() as f64;
+    let latency_ms = started.elapsed().as_secs_f64() * 1000.0 / texts.len().max(1) as f64;
     let mut out = Vec::with_capacity(texts.len());
-    for (text, p) in texts.iter().zip(&predictions) {
+    for (text, p) in texts.into_iter().zip(predictions) {
         let probabilities: serde_json::Map<String, serde_json::Value> =
             p.probabilities.iter().map(|(l, v)| (l.clone(), serde_json::json!(v))).collect();
         let probabilities = serde_json::Value::Object(probabilities);
         let id = state
             .store
             .record_prediction(&NewPrediction {
-                model_name: body.model.clone(),
+                model_name: model_name.to_owned(),
                 model_version: version,
                 input: text.clone(),
                 output: p.label.clone(),
                 probabilities: probabilities.clone(),
                 latency_ms,
-                arm: body.session.as_ref().map(|_| "production".to_owned()),
+                arm: session.map(|_| "production".to_owned()),
             })
             .await?;
-        out.push(serde_json::json!({ "id": id, "text": text, "label": p.label, "score": p.score, "probabilities": probabilities }));
+        out.push((id, text, p, probabilities));
     }
-    state.counters.prediction(&body.model, texts.len() as u64);
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "model": body.model, "version": version, "predictions": out })))
+    Ok((version, out))
 }

@@ -182,4 +182,46 @@ backends::on_every_backend!(
     feedback_needs_an_existing_prediction_and_a_valid_rating,
     killed_runs_are_marked_interrupted_and_data_survives_reopening,
     run_plugins_record_lineage_in_order_and_find_runs_by_plugin,
+    feedback_is_filtered_reviewed_and_predictions_read_back,
 );
+
+async fn feedback_is_filtered_reviewed_and_predictions_read_back(url: String) {
+    let s = Store::open(&url).await.expect("open");
+    let p = |input: &str, output: &str| NewPrediction {
+        model_name: "clf".into(),
+        model_version: 1,
+        input: input.into(),
+        output: output.into(),
+        probabilities: serde_json::json!({"flu": 0.7, "cold": 0.3}),
+        latency_ms: 1.0,
+        arm: None,
+    };
+    let a = s.record_prediction(&p("fever", "flu")).await.expect("a");
+    let b = s.record_prediction(&p("sneeze", "flu")).await.expect("b");
+    let (row, probs) = s.prediction(&a).await.expect("read back");
+    assert_eq!((row.input.as_str(), probs["flu"].as_f64()), ("fever", Some(0.7)));
+    let fb = |id: &str, rating: &str, label: Option<&str>| NewFeedback {
+        prediction_id: id.into(),
+        rating: rating.into(),
+        corrected_label: label.map(String::from),
+        comment: None,
+        author: None,
+    };
+    let fa = s.record_feedback(&fb(&a, "correct", None)).await.expect("fa");
+    s.record_feedback(&fb(&b, "wrong", Some("cold"))).await.expect("fb");
+    let q = |label: Option<&str>, rating: Option<&str>, reviewed: Option<bool>| tuneforge_store::FeedbackFilter {
+        model: Some("clf".into()),
+        label: label.map(String::from),
+        rating: rating.map(String::from),
+        reviewed,
+        limit: 10,
+    };
+    assert_eq!(s.feedback(&q(Some("cold"), None, None)).await.expect("by label").len(), 1);
+    assert_eq!(s.feedback(&q(Some("flu"), None, None)).await.expect("by answer").len(), 1);
+    assert_eq!(s.feedback(&q(None, Some("wrong"), None)).await.expect("by rating")[0].input, "sneeze");
+    s.mark_feedback_reviewed(&fa, "tester").await.expect("review");
+    assert_eq!(s.feedback(&q(None, None, Some(true))).await.expect("reviewed").len(), 1);
+    assert_eq!(s.feedback(&q(None, None, Some(false))).await.expect("open").len(), 1);
+    assert!(matches!(s.mark_feedback_reviewed("nope", "t").await, Err(StoreError::NotFound { .. })));
+    assert!(matches!(s.prediction("nope").await, Err(StoreError::NotFound { .. })));
+}
