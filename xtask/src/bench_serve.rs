@@ -3,7 +3,7 @@
 //!    database afterwards); throughput and p50/p99 latency.
 //! 2. The runs list over a store with 10,000 runs and 1,000,000 metric points: p50/p95
 //!    latency of `GET /api/v1/runs` (sorted by accuracy, a page of 50) and of a downsampled
-//!    series.
+//!    series, and of the dashboard's HTML pages (the runs list's first page, a run's page).
 //!
 //! Requests are bounded in number and go to 127.0.0.1 only.
 
@@ -152,6 +152,9 @@ async fn bench(db: &str) -> anyhow::Result<()> {
             "series of 100 points downsampled to 20",
             "/api/v1/runs/run-04242/series?key=train/loss&max_points=20".to_owned(),
         ),
+        ("dashboard: first page of the runs list (HTML)", "/".to_owned()),
+        ("dashboard: first page sorted by accuracy (HTML)", "/?sort=accuracy".to_owned()),
+        ("dashboard: a run's page with its curves (HTML)", "/runs/run-04242".to_owned()),
     ] {
         let mut lat = Vec::new();
         for _ in 0..200 {

@@ -110,7 +110,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     println!("try it:            {} predict --model {best} \"Sprain of the left ankle\"", bin.display());
     println!("runs and models:   {} runs ls; {} models ls icd10-chapters", bin.display(), bin.display());
     println!(
-        "serve them:        {} serve   (REST API at http://127.0.0.1:8080/api/v1/runs, metrics at /metrics)",
+        "serve them:        {} serve   (dashboard at http://127.0.0.1:8080/ , REST API under /api/v1, metrics at /metrics)",
         bin.display()
     );
     println!("demo took {:.0} s", started.elapsed().as_secs_f64());

@@ -88,6 +88,8 @@ pub fn RunsPage() -> impl IntoView {
                         </div>
                     }.into_any(),
                     Ok(page) => {
+                        // Live progress without JavaScript: a page with running runs reloads itself.
+                        let live = page.runs.iter().any(|r| r.status == "running");
                         let q = current();
                         let link = move |p: i64| {
                             let mut q = q.clone();
@@ -96,6 +98,7 @@ pub fn RunsPage() -> impl IntoView {
                         };
                         let (prev, next) = (link(page.page - 1), link(page.page + 1));
                         view! {
+                            {live.then(|| view! { <meta http-equiv="refresh" content="10"/> <p class="sub">"Runs are in progress; this page refreshes every 10 s."</p> })}
                             <form method="get" action="/compare">
                                 <table class="runs">
                                     <thead><tr>
