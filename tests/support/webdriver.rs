@@ -99,26 +99,13 @@ fn request(port: u16, method: &str, path: &str, body: Option<&Value>) -> Value {
             }
             String::from_utf8_lossy(&raw[head_end..head_end + len]).into_owned()
         }
+        // chromedriver always sends Content-Length; without one, read until it closes.
         None => {
             let _ = stream.read_to_end(&mut raw);
-            let body = String::from_utf8_lossy(&raw[head_end..]).into_owned();
-            if headers.contains("transfer-encoding: chunked") { dechunk(&body) } else { body }
+            String::from_utf8_lossy(&raw[head_end..]).into_owned()
         }
     };
     serde_json::from_str(&payload).unwrap_or_else(|e| panic!("chromedriver sent {payload}: {e}"))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n.min(rest.len())]);
-        s = rest.get(n + 2..).unwrap_or("");
-    }
-    out
 }
 
 /// A browser session.
@@ -270,8 +257,7 @@ fn base64_decode(s: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn base64_and_chunks_decode() {
+    fn base64_decodes() {
         assert_eq!(super::base64_decode("aGVsbG8gd29ybGQ="), b"hello world");
-        assert_eq!(super::dechunk("5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"), "hello world");
     }
 }

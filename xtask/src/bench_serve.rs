@@ -56,17 +56,9 @@ async fn bench(db: &str) -> anyhow::Result<()> {
         let id = format!("run-{i:05}");
         store
             .start_run(&NewRun {
-                id: id.clone(),
-                name: format!("exp-{}", i % 50),
-                config: "[train]\nlr = 1e-4\n".into(),
-                run_dir: format!("/runs/{id}"),
-                model_source: "bench".into(),
-                method: "full".into(),
-                device: "cpu".into(),
-                git_revision: None,
-                host: "bench".into(),
                 pid: 0,
                 total_steps: POINTS_PER_RUN as i64,
+                ..NewRun::new(&id, &format!("exp-{}", i % 50), "[train]\nlr = 1e-4\n")
             })
             .await?;
         let acc = (i * 7919 % 1000) as f64 / 1000.0;

@@ -57,6 +57,27 @@ pub struct NewRun {
     pub total_steps: i64,
 }
 
+impl NewRun {
+    /// A run record with the given id, name and config, and placeholder provenance (no
+    /// directory, model or host): what seeded stores, fixtures and benchmarks start from;
+    /// override the fields that matter with struct update syntax.
+    pub fn new(id: &str, name: &str, config: &str) -> Self {
+        Self {
+            id: id.into(),
+            name: name.into(),
+            config: config.into(),
+            run_dir: format!("/nowhere/{id}"),
+            model_source: "unknown".into(),
+            method: "full".into(),
+            device: "cpu".into(),
+            git_revision: None,
+            host: "localhost".into(),
+            pid: 1,
+            total_steps: 100,
+        }
+    }
+}
+
 /// A run as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunRow {

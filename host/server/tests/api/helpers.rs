@@ -90,16 +90,9 @@ fn dechunk(mut s: &str) -> String {
 /// A run record for the store; tests override what they care about.
 pub fn new_run(id: &str, run_dir: &str, config: &str) -> NewRun {
     NewRun {
-        id: id.into(),
-        name: format!("exp-{id}"),
-        config: config.into(),
         run_dir: run_dir.into(),
         model_source: "tiny".into(),
-        method: "full".into(),
-        device: "cpu".into(),
-        git_revision: None,
-        host: "h".into(),
-        pid: 1,
         total_steps: 1000,
+        ..NewRun::new(id, &format!("exp-{id}"), config)
     }
 }

@@ -8,19 +8,7 @@ use tuneforge_store::{
 mod backends;
 
 fn run(id: &str, name: &str) -> NewRun {
-    NewRun {
-        id: id.into(),
-        name: name.into(),
-        config: "[model]\nsource = \"x\"\n".into(),
-        run_dir: format!("/runs/{id}"),
-        model_source: "pypi:x==1".into(),
-        method: "full".into(),
-        device: "cpu".into(),
-        git_revision: None,
-        host: "h".into(),
-        pid: 1,
-        total_steps: 100,
-    }
+    NewRun { model_source: "pypi:x==1".into(), host: "h".into(), ..NewRun::new(id, name, "[model]\nsource = \"x\"\n") }
 }
 
 async fn runs_are_listed_filtered_sorted_and_paged(url: String) {
