@@ -5,6 +5,7 @@
 //!
 //! It must not know tensors, training or HTTP: callers hand it plain records.
 
+mod ab;
 mod artifacts;
 mod error;
 mod events;
@@ -15,6 +16,7 @@ mod runs;
 mod serving;
 mod store;
 
+pub use ab::{AbTest, ArmStats, assign_arm, verdict, wilson};
 pub use artifacts::Artifact;
 pub use error::StoreError;
 pub use events::Event;

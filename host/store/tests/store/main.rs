@@ -171,6 +171,7 @@ backends::on_every_backend!(
     killed_runs_are_marked_interrupted_and_data_survives_reopening,
     run_plugins_record_lineage_in_order_and_find_runs_by_plugin,
     feedback_is_filtered_reviewed_and_predictions_read_back,
+    ab_tests_start_once_count_arms_and_end_audited,
 );
 
 async fn feedback_is_filtered_reviewed_and_predictions_read_back(url: String) {
@@ -212,4 +213,48 @@ async fn feedback_is_filtered_reviewed_and_predictions_read_back(url: String) {
     assert_eq!(s.feedback(&q(None, None, Some(false))).await.expect("open").len(), 1);
     assert!(matches!(s.mark_feedback_reviewed("nope", "t").await, Err(StoreError::NotFound { .. })));
     assert!(matches!(s.prediction("nope").await, Err(StoreError::NotFound { .. })));
+}
+
+async fn ab_tests_start_once_count_arms_and_end_audited(url: String) {
+    let s = Store::open(&url).await.expect("open");
+    for id in ["r1", "r2"] {
+        s.start_run(&run(id, id)).await.expect("start");
+        s.register_model("m", id, "/x", None, "t").await.expect("register");
+    }
+    assert!(s.start_ab("m", 2, 0.2, "t").await.is_err(), "no production version yet");
+    s.promote("m", 1, "t").await.expect("promote");
+    assert!(s.start_ab("m", 2, 1.5, "t").await.is_err(), "share out of range");
+    assert!(s.start_ab("m", 1, 0.2, "t").await.is_err(), "production against itself");
+    let test = s.start_ab("m", 2, 0.2, "t").await.expect("start");
+    assert!(s.start_ab("m", 2, 0.3, "t").await.is_err(), "one running test per model");
+    assert_eq!(s.running_ab("m").await.expect("running").map(|t| t.id), Some(test.id.clone()));
+    let predict = |version: i64, arm: &str| NewPrediction {
+        model_name: "m".into(),
+        model_version: version,
+        input: "x".into(),
+        output: "flu".into(),
+        probabilities: serde_json::json!({"flu": 1.0}),
+        latency_ms: if arm == "candidate" { 4.0 } else { 2.0 },
+        arm: Some(arm.into()),
+    };
+    for i in 0..6 {
+        let (version, arm) = if i < 4 { (1, "production") } else { (2, "candidate") };
+        let id = s.record_prediction(&predict(version, arm)).await.expect("predict");
+        let rating = if i % 2 == 0 { "correct" } else { "wrong" };
+        if i != 3 {
+            let fb = NewFeedback { prediction_id: id, rating: rating.into(), corrected_label: None, comment: None, author: None };
+            s.record_feedback(&fb).await.expect("feedback");
+        }
+    }
+    let (production, candidate) = s.ab_stats(&test).await.expect("stats");
+    assert_eq!((production.predictions, production.rated, production.correct), (4, 3, 2));
+    assert_eq!((candidate.predictions, candidate.rated, candidate.correct), (2, 2, 1));
+    assert_eq!(candidate.mean_latency_ms, Some(4.0));
+    let ended = s.end_ab(&test.id, "rolled_back", "candidate worse", "t").await.expect("end");
+    assert_eq!((ended.status.as_str(), ended.verdict.as_deref()), ("rolled_back", Some("candidate worse")));
+    assert!(s.running_ab("m").await.expect("none").is_none());
+    assert!(s.end_ab(&test.id, "stopped", "again", "t").await.is_err(), "ends once");
+    assert_eq!(s.events(Some("m@2"), 5).await.expect("events")[0].kind, "ab-rolled_back");
+    s.start_ab("m", 2, 0.5, "t").await.expect("a new test after the first ended");
+    assert_eq!(s.ab_tests(Some("m")).await.expect("list").len(), 2);
 }
