@@ -38,6 +38,9 @@ enum Command {
     Models(commands::models::ModelsCommand),
     /// Serve the REST API and Prometheus metrics over the experiment store.
     Serve(commands::serve::ServeArgs),
+    /// A/B tests of a candidate version against production: start, status, stop.
+    #[command(subcommand)]
+    Ab(commands::ab::AbCommand),
     /// WebAssembly plugins: scaffold, build and install, check, list.
     #[command(subcommand)]
     Plugin(commands::plugin::PluginCommand),
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
         Command::Models(cmd) => commands::models::run(cmd),
         Command::Serve(args) => commands::serve::run(args),
         Command::Plugin(cmd) => commands::plugin::run(cmd),
+        Command::Ab(cmd) => commands::ab::run(cmd),
     };
     match result {
         Ok(commands::Outcome::Success) => ExitCode::SUCCESS,

@@ -365,6 +365,22 @@ fn runs_are_recorded_and_models_promoted_and_rolled_back() {
     let o = env.run(&["models", "rollback", "nothing"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("no production version"), "{}", stderr(&o));
+
+    // An A/B test of v2 against production v1, then its promotion.
+    let o = env.run(&["ab", "start", "--model", "triage", "--candidate", "2", "--share", "0.25"]);
+    assert!(stdout(&o).contains("triage@2 serves 25% of sessions, @1 the rest"), "{}{}", stdout(&o), stderr(&o));
+    let o = env.run(&["ab", "start", "--model", "triage", "--candidate", "2"]);
+    assert!(!o.status.success() && stderr(&o).contains("already has a running A/B test"), "{}", stderr(&o));
+    let o = env.run(&["ab", "status", "--model", "triage"]);
+    assert!(stdout(&o).contains("verdict undecided") && stdout(&o).contains("candidate"), "{}", stdout(&o));
+    let o = env.run(&["ab", "stop", "--model", "triage", "--promote"]);
+    assert!(stdout(&o).contains("promoted"), "{}{}", stdout(&o), stderr(&o));
+    let o = env.run(&["ab", "status", "--json"]);
+    assert_eq!(json(&o)[0]["test"]["status"], "promoted");
+    let o = env.run(&["models", "ls", "triage", "--json"]);
+    assert_eq!(json(&o)[0]["stage"], "production", "v2 (listed first) went to production");
+    let o = env.run(&["ab", "stop", "--model", "triage"]);
+    assert!(!o.status.success() && stderr(&o).contains("no running A/B test"));
 }
 
 #[test]

@@ -9,6 +9,9 @@ use sqlx::any::AnyRow;
 use crate::store::{new_id, now_ms};
 use crate::{Result, Stage, Store, StoreError};
 
+/// Rated predictions each arm needs before a verdict.
+pub const MIN_RATED: i64 = 30;
+
 /// A test as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AbTest {
@@ -147,6 +150,29 @@ impl Store {
         Ok(test)
     }
 
+    /// Ends the model's running test as decided: `promote` (the candidate goes to
+    /// production), `rollback` (production stays) or `stop`; the verdict so far is noted.
+    pub async fn conclude_ab(&self, id: &str, action: &str, actor: &str) -> Result<AbTest> {
+        let test = self
+            .ab_tests(None)
+            .await?
+            .into_iter()
+            .find(|t| t.id == id && t.status == "running")
+            .ok_or_else(|| StoreError::NotFound { kind: "running A/B test", id: id.to_owned() })?;
+        let (production, candidate) = self.ab_stats(&test).await?;
+        let (so_far, _) = verdict(&production, &candidate, MIN_RATED);
+        let note = format!("{action} by {actor}; verdict so far: {so_far}");
+        match action {
+            "promote" => {
+                self.promote(&test.model_name, test.candidate_version, actor).await?;
+                self.end_ab(id, "promoted", &note, actor).await
+            }
+            "rollback" => self.end_ab(id, "rolled_back", &note, actor).await,
+            "stop" => self.end_ab(id, "stopped", &note, actor).await,
+            other => Err(StoreError::Invalid(format!("action: `promote`, `rollback` or `stop`, got `{other}`"))),
+        }
+    }
+
     /// Per-arm figures of a test: `(production, candidate)`.
     pub async fn ab_stats(&self, test: &AbTest) -> Result<(ArmStats, ArmStats)> {
         let mut arms = Vec::new();
@@ -240,7 +266,8 @@ mod tests {
             let s = format!("session-{i}");
             assert_eq!(assign_arm("t1", &s, 0.2), assign_arm("t1", &s, 0.2));
         }
-        let moved = (0..1000).filter(|i| assign_arm("t1", &i.to_string(), 0.5) != assign_arm("t2", &i.to_string(), 0.5));
+        let moved =
+            (0..1000).filter(|i| assign_arm("t1", &i.to_string(), 0.5) != assign_arm("t2", &i.to_string(), 0.5));
         assert!(moved.count() > 300, "another test reshuffles the sessions");
     }
 

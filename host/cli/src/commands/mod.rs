@@ -1,5 +1,6 @@
 //! One module per subcommand.
 
+pub mod ab;
 pub mod eval;
 pub mod export;
 pub mod models;

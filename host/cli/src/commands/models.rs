@@ -49,7 +49,7 @@ pub enum ModelsCommand {
     },
 }
 
-fn actor() -> String {
+pub(crate) fn actor() -> String {
     std::env::var("USER").unwrap_or_else(|_| "cli".into())
 }
 

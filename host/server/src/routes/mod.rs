@@ -1,5 +1,6 @@
 //! One module per resource; `configure` mounts them.
 
+mod ab;
 mod feedback;
 mod health;
 mod models;
@@ -32,7 +33,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route("/predict", web::post().to(predict::predict))
                 .route("/feedback", web::post().to(feedback::create))
                 .route("/feedback", web::get().to(feedback::list))
-                .route("/feedback/export", web::get().to(feedback::export)),
+                .route("/feedback/export", web::get().to(feedback::export))
+                .route("/ab", web::get().to(ab::list))
+                .route("/ab", web::post().to(ab::start))
+                .route("/ab/{id}/stop", web::post().to(ab::stop)),
         )
         .default_service(web::to(not_found));
 }

@@ -54,6 +54,11 @@ pub async fn document() -> HttpResponse {
                 "post": op("Rate or correct a prediction", true, json!([]), Some("Feedback"))
             },
             "/api/v1/feedback/export": {"get": {"summary": "Corrections as a JSONL dataset (text, label)", "parameters": [q("model", "string", false), q("reviewed", "boolean", false)], "responses": {"200": {"description": "JSON lines", "content": {"application/x-ndjson": {}}}, "400": {"$ref": "#/components/responses/Error"}}}},
+            "/api/v1/ab": {
+                "get": op("A/B tests with per-arm figures and the verdict so far", false, json!([q("model", "string", false)]), None),
+                "post": op("Start an A/B test of a candidate version", true, json!([]), Some("AbStart"))
+            },
+            "/api/v1/ab/{id}/stop": {"post": op("End a running A/B test: promote, rollback or stop", true, json!([p("id")]), Some("AbStop"))},
             "/healthz": {"get": op("Liveness and store access", false, json!([]), None)},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text format", "content": {"text/plain": {}}}}}}
         },
@@ -64,6 +69,8 @@ pub async fn document() -> HttpResponse {
                 "Error": s(json!({"error": {"type": "string"}}), json!(["error"])),
                 "Register": s(json!({"name": {"type": "string"}, "run_id": {"type": "string"}, "actor": {"type": "string"}}), json!(["name", "run_id"])),
                 "Promote": s(json!({"version": {"type": "integer"}, "actor": {"type": "string"}}), json!(["version"])),
+                "AbStart": s(json!({"model": {"type": "string"}, "candidate": {"type": "integer"}, "share": {"type": "number"}, "actor": {"type": "string"}}), json!(["model", "candidate", "share"])),
+                "AbStop": s(json!({"action": {"type": "string", "enum": ["promote", "rollback", "stop"]}, "actor": {"type": "string"}}), json!(["action"])),
                 "Predict": s(json!({"model": {"type": "string"}, "version": {"type": "integer"}, "text": {"type": "string"}, "texts": {"type": "array", "items": {"type": "string"}}, "session": {"type": "string"}}), json!(["model"])),
                 "Feedback": s(json!({"prediction_id": {"type": "string"}, "rating": {"type": "string", "enum": ["correct", "wrong"]}, "corrected_label": {"type": "string"}, "comment": {"type": "string"}, "author": {"type": "string"}}), json!(["prediction_id", "rating"]))
             }

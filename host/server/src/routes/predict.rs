@@ -27,7 +27,8 @@ pub struct PredictBody {
     text: Option<String>,
     #[serde(default)]
     texts: Option<Vec<String>>,
-    /// Reserved for A/B assignment.
+    /// A stable key of the user's session: with an A/B test running, it decides (stickily)
+    /// whether the production or the candidate version answers.
     #[serde(default)]
     session: Option<String>,
 }
@@ -97,6 +98,19 @@ pub async fn predict_and_record(
     texts: Vec<String>,
     session: Option<&str>,
 ) -> Result<(i64, Vec<Recorded>), ApiError> {
+    // With a running A/B test and a session key (and no pinned version), the session's arm
+    // decides the version.
+    let (version, arm) = match (version, session) {
+        (None, Some(session)) if !session.is_empty() => match state.store.running_ab(model_name).await? {
+            Some(test) => {
+                let arm = tuneforge_store::assign_arm(&test.id, session, test.share);
+                let v = if arm == "candidate" { test.candidate_version } else { test.production_version };
+                (Some(v), Some(arm))
+            }
+            None => (None, None),
+        },
+        _ => (version, None),
+    };
     let (version, model) = load(state, model_name, version).await?;
     let started = Instant::now();
     let inputs = texts.clone();
@@ -117,7 +131,7 @@ pub async fn predict_and_record(
                 output: p.label.clone(),
                 probabilities: probabilities.clone(),
                 latency_ms,
-                arm: session.map(|_| "production".to_owned()),
+                arm: arm.map(str::to_owned),
             })
             .await?;
         out.push((id, text, p, probabilities));

@@ -46,6 +46,8 @@ async fn every_write_needs_the_token() {
         ("/api/v1/models/m/rollback", json!({})),
         ("/api/v1/predict", json!({"model": "m", "text": "x"})),
         ("/api/v1/feedback", json!({"prediction_id": "p", "rating": "wrong"})),
+        ("/api/v1/ab", json!({"model": "m", "candidate": 2, "share": 0.2})),
+        ("/api/v1/ab/x/stop", json!({"action": "stop"})),
     ];
     for (path, body) in &writes {
         for token in [None, Some("wrong-token-0123456789abcdef")] {
@@ -113,4 +115,80 @@ async fn register_promote_predict_feedback_and_rollback() {
     let metrics = app.get("/metrics").await.body;
     assert!(metrics.contains("tuneforge_predictions_total{model=\"triage\"} 3"), "{metrics}");
     assert!(metrics.contains("tuneforge_feedback_total{rating=\"wrong\"} 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ab_tests_assign_sessions_stably_judge_the_arms_and_end_as_decided() {
+    let app = spawn_app().await;
+    for hint in ["one", "two"] {
+        let run = trained_run(&app, hint).await;
+        assert_eq!(app.post("/api/v1/models", &json!({"name": "m", "run_id": run})).await.status, 201);
+    }
+    assert_eq!(app.post("/api/v1/models/m/promote", &json!({"version": 1})).await.status, 200);
+    let r = app.post("/api/v1/ab", &json!({"model": "m", "candidate": 2, "share": 0.3})).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let test_id = r.json()["test"]["id"].as_str().expect("id").to_owned();
+    let r = app.post("/api/v1/ab", &json!({"model": "m", "candidate": 2, "share": 0.3})).await;
+    assert_eq!(r.status, 400, "one running test per model: {}", r.body);
+
+    // 1,000 sessions: each keeps its version; about 30% get the candidate.
+    let mut version_of = Vec::new();
+    for i in 0..1000 {
+        let r = app
+            .post("/api/v1/predict", &json!({"model": "m", "text": "fever cough", "session": format!("s{i}")}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let p = r.json();
+        version_of.push((
+            p["version"].as_i64().expect("version"),
+            p["predictions"][0]["id"].as_str().expect("id").to_owned(),
+        ));
+    }
+    for i in (0..1000).step_by(10) {
+        let r = app.post("/api/v1/predict", &json!({"model": "m", "text": "rash", "session": format!("s{i}")})).await;
+        assert_eq!(r.json()["version"].as_i64(), Some(version_of[i].0), "session s{i} changed arm");
+    }
+    let candidate = version_of.iter().filter(|(v, _)| *v == 2).count();
+    assert!((240..=360).contains(&candidate), "{candidate} of 1000 sessions on the candidate at share 0.3");
+    let r = app.post("/api/v1/predict", &json!({"model": "m", "text": "fever"})).await;
+    assert_eq!(r.json()["version"], 1, "without a session, production answers");
+
+    // Users rate the candidate's answers wrong and production's right: the verdict says worse.
+    for (v, id) in version_of.iter().take(300) {
+        let rating = if *v == 2 { "wrong" } else { "correct" };
+        let r = app.post("/api/v1/feedback", &json!({"prediction_id": id, "rating": rating})).await;
+        assert_eq!(r.status, 201);
+    }
+    let status = app.get("/api/v1/ab?model=m").await.json();
+    let t = &status["tests"][0];
+    assert_eq!(t["verdict"], "worse", "{t}");
+    assert_eq!(t["candidate"]["accuracy"].as_f64(), Some(0.0));
+    assert_eq!(t["production"]["accuracy"].as_f64(), Some(1.0));
+    assert!(t["candidate"]["predictions"].as_i64().expect("n") >= 240);
+
+    let r = app.post(&format!("/api/v1/ab/{test_id}/stop"), &json!({"action": "rollback"})).await;
+    assert_eq!((r.status, r.json()["test"]["status"].as_str()), (200, Some("rolled_back")), "{}", r.body);
+    let r = app.post("/api/v1/predict", &json!({"model": "m", "text": "fever", "session": "s1"})).await;
+    assert_eq!(r.json()["version"], 1, "after the rollback every session gets production");
+    let r = app.post(&format!("/api/v1/ab/{test_id}/stop"), &json!({"action": "rollback"})).await;
+    assert_eq!(r.status, 404, "a test ends once");
+
+    // A second test that ends with promotion moves production to the candidate.
+    let r = app.post("/api/v1/ab", &json!({"model": "m", "candidate": 2, "share": 0.5})).await;
+    let second = r.json()["test"]["id"].as_str().expect("id").to_owned();
+    let r = app.post(&format!("/api/v1/ab/{second}/stop"), &json!({"action": "promote", "actor": "ann"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(app.post("/api/v1/predict", &json!({"model": "m", "text": "x"})).await.json()["version"], 2);
+    let kinds: Vec<String> = app
+        .get("/api/v1/events?subject=m@2")
+        .await
+        .json()
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["kind"].as_str().expect("kind").to_owned())
+        .collect();
+    for k in ["ab-start", "ab-rolled_back", "ab-promoted", "promote"] {
+        assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
+    }
 }

@@ -242,7 +242,13 @@ async fn ab_tests_start_once_count_arms_and_end_audited(url: String) {
         let id = s.record_prediction(&predict(version, arm)).await.expect("predict");
         let rating = if i % 2 == 0 { "correct" } else { "wrong" };
         if i != 3 {
-            let fb = NewFeedback { prediction_id: id, rating: rating.into(), corrected_label: None, comment: None, author: None };
+            let fb = NewFeedback {
+                prediction_id: id,
+                rating: rating.into(),
+                corrected_label: None,
+                comment: None,
+                author: None,
+            };
             s.record_feedback(&fb).await.expect("feedback");
         }
     }
