@@ -37,6 +37,11 @@ impl Driver {
 
     /// A new headless Chromium session with a fresh profile.
     pub fn session(&self, profile: &std::path::Path) -> Session {
+        self.session_with(profile, true)
+    }
+
+    /// A session with JavaScript on or off.
+    pub fn session_with(&self, profile: &std::path::Path, javascript: bool) -> Session {
         let args = [
             "--headless=new",
             "--no-sandbox",
@@ -50,6 +55,9 @@ impl Driver {
         ];
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         args.push(format!("--user-data-dir={}", profile.display()));
+        if !javascript {
+            args.push("--blink-settings=scriptEnabled=false".into());
+        }
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args}

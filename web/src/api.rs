@@ -11,6 +11,7 @@ pub const PREFIX: &str = "/dashboard/api";
 /// Rows per page of the runs list.
 pub const PER_PAGE: i64 = 50;
 /// Points per chart line.
+#[cfg(feature = "ssr")]
 const MAX_POINTS: i64 = 400;
 
 /// A run as a row of the list.

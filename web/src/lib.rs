@@ -20,8 +20,35 @@ use leptos_router::{SsrMode, path};
 /// The stylesheet, inlined into every page (no asset pipeline).
 pub const CSS: &str = include_str!("../style.css");
 
-/// The HTML document around the app.
+/// The name of the browser bundle's files (`pkg/tuneforge_web.js`, `_bg.wasm`).
+pub const BUNDLE: &str = "tuneforge_web";
+
+/// Where the browser bundle is: `$TUNEFORGE_WEB_PKG`, else `site/pkg` beside one of the
+/// directories above the running program (`cargo xtask web` writes `<target>/site/pkg`).
+/// Without it the pages are served as plain HTML, which works too.
+#[cfg(feature = "ssr")]
+pub fn pkg_dir() -> Option<&'static std::path::Path> {
+    static DIR: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let has_bundle = |d: &std::path::Path| d.join(format!("{BUNDLE}.js")).is_file();
+        if let Some(d) = std::env::var_os("TUNEFORGE_WEB_PKG").map(std::path::PathBuf::from) {
+            return has_bundle(&d).then_some(d);
+        }
+        let exe = std::env::current_exe().ok()?;
+        exe.ancestors().skip(1).take(4).map(|a| a.join("site/pkg")).find(|d| has_bundle(d))
+    })
+    .as_deref()
+}
+
+/// The HTML document around the app (with the hydration scripts when the bundle exists).
 pub fn shell() -> impl IntoView {
+    #[cfg(feature = "ssr")]
+    let hydration = pkg_dir().map(|_| {
+        let options = leptos::config::LeptosOptions::builder().output_name(BUNDLE).build();
+        view! { <HydrationScripts options=options/> }
+    });
+    #[cfg(not(feature = "ssr"))]
+    let hydration: Option<()> = None;
     view! {
         <!DOCTYPE html>
         <html lang="en">
@@ -30,6 +57,7 @@ pub fn shell() -> impl IntoView {
                 <meta name="viewport" content="width=device-width, initial-scale=1"/>
                 <title>"tuneforge"</title>
                 <style>{CSS}</style>
+                {hydration}
             </head>
             <body>
                 <App/>
@@ -92,5 +120,25 @@ where
         provide_context(predict.clone());
     };
     app.route(&format!("{}/{{tail:.*}}", api::PREFIX), handle_server_fns_with_context(context.clone()))
+        .route("/pkg/{file}", actix_web::web::get().to(bundle_file))
         .leptos_routes_with_context(routes, context, shell)
+}
+
+/// The browser bundle's files, by exact name only.
+#[cfg(feature = "ssr")]
+async fn bundle_file(file: actix_web::web::Path<String>) -> actix_web::HttpResponse {
+    use actix_web::HttpResponse;
+    let js = format!("{BUNDLE}.js");
+    let wasm = format!("{BUNDLE}_bg.wasm");
+    let content_type = if *file == js {
+        "text/javascript"
+    } else if *file == wasm {
+        "application/wasm"
+    } else {
+        return HttpResponse::NotFound().finish();
+    };
+    match pkg_dir().map(|d| std::fs::read(d.join(file.as_str()))) {
+        Some(Ok(bytes)) => HttpResponse::Ok().content_type(content_type).body(bytes),
+        _ => HttpResponse::NotFound().finish(),
+    }
 }

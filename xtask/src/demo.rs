@@ -26,6 +26,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     }
     println!("== 1/6 build tuneforge and its plugins");
     let bin = build_tuneforge()?;
+    crate::web::build()?;
     let home = tuneforge_plugin_runtime::plugin_home();
     for p in crate::plugins::install_all(&home)? {
         println!("plugin {} {} ({}) sha256 {}", p.manifest.name, p.manifest.version, p.manifest.kind, &p.sha256[..16]);

@@ -13,6 +13,7 @@ mod plugins;
 mod postgres;
 mod process;
 mod test;
+mod web;
 
 use std::path::PathBuf;
 
@@ -25,6 +26,7 @@ commands:
   test                 the whole test suite: format checks, the plugins' own unit tests, and
                        every workspace test under cargo nextest
   plugins [--home DIR] build the plugins in plugins/ for wasm32-wasip2 and install them
+  web                  build the dashboard's browser bundle (hydration) into <target>/site/pkg
   api-fuzz [--max-examples N]
                        Schemathesis (PyPI) against the server's OpenAPI document; fails on 5xx
   bench train [--data FILE] [--steps N] [--with-pytorch]
@@ -44,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Some("demo") => demo::run(rest),
         Some("test") => test::run(rest),
         Some("plugins") => plugins::run(rest),
+        Some("web") => web::run(rest),
         Some("api-fuzz") => api_fuzz::run(rest),
         Some("bench") => bench::run(rest),
         Some("bench-one") => bench::run_one(rest),

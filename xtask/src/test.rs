@@ -14,10 +14,13 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         eprintln!("warning: python3 with pip is missing; the test that fetches the all-MiniLM-L6-v2 wheel will fail");
     }
     crate::plugins::ensure_target()?;
+    // The dashboard's end-to-end test checks that the pages hydrate.
+    crate::web::build()?;
     let plugins = root.join("plugins/Cargo.toml");
     if available("cargo", &["fmt", "--version"]) {
         run_cmd(cargo().args(["fmt", "--all", "--check"]).current_dir(&root))?;
         run_cmd(cargo().args(["fmt", "--all", "--check", "--manifest-path"]).arg(&plugins))?;
+        run_cmd(cargo().args(["fmt", "--check", "--manifest-path"]).arg(root.join("web/frontend/Cargo.toml")))?;
     }
     // The guest crates' own unit tests, natively, one plugin at a time (kind features).
     let target = crate::target_dir().join("plugins");

@@ -46,9 +46,12 @@ pub fn FeedbackPage() -> impl IntoView {
         let q = query.read();
         (q.get("model"), q.get("label"), q.get("rating"), q.get("reviewed"))
     };
-    let data = Resource::new(args, |(m, l, r, v)| feedback_queue(m, l, r, v));
+    let data = Resource::new(move || (args(), review.version().get()), |((m, l, r, v), _)| feedback_queue(m, l, r, v));
     let get = move |k: &str| query.read().get(k).unwrap_or_default();
-    let failure = move || query.read().get("__err").and_then(|e| error_message(&e));
+    let failure = move || {
+        let from_action = review.value().get().and_then(|r| r.err()).map(|e| e.to_string());
+        from_action.or_else(|| query.read().get("__err").and_then(|e| error_message(&e)))
+    };
     let export = move || {
         let model = get("model");
         if model.is_empty() {

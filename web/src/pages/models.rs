@@ -67,9 +67,17 @@ fn version_row(m: ModelItem, promote: ServerAction<Promote>) -> impl IntoView {
 pub fn ModelsPage() -> impl IntoView {
     let promote = ServerAction::<Promote>::new();
     let rollback = ServerAction::<Rollback>::new();
-    let data = Resource::new(|| (), |_| registry());
+    // Hydrated, the forms post in the background: reload the registry after each action.
+    let data = Resource::new(move || (promote.version().get(), rollback.version().get()), |_| registry());
     let query = use_query_map();
-    let failure = move || query.read().get("__err").and_then(|e| error_message(&e));
+    let failure = move || {
+        let from_action = [promote.value().get(), rollback.value().get()]
+            .into_iter()
+            .flatten()
+            .find_map(|r| r.err())
+            .map(|e| e.to_string().split_once(": ").map_or(e.to_string(), |(_, m)| m.to_string()));
+        from_action.or_else(|| query.read().get("__err").and_then(|e| error_message(&e)))
+    };
     view! {
         <h1>"Models"</h1>
         {move || failure().map(|m| view! { <p class="error">{format!("The last action failed: {m}")}</p> })}
