@@ -158,7 +158,7 @@ fn the_dashboard_in_a_real_browser() {
     s.wait_for("table.runs");
     let rows = s.find_all("table.runs tbody tr");
     assert_eq!(rows.len(), 1);
-    assert!(s.text(&rows[0]).contains("alpha"));
+    assert!(s.text(&rows[0]).contains("alpha") && s.text(&rows[0]).contains("data hash"));
 
     s.goto(&format!("{base}/?q=nothing-like-this"));
     s.wait_for("p.empty");

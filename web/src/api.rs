@@ -22,6 +22,8 @@ pub struct RunItem {
     pub status: String,
     pub method: String,
     pub model_source: String,
+    /// SHA-256 of the training examples (`None` until the run has read its data).
+    pub dataset_hash: Option<String>,
     pub accuracy: Option<f64>,
     pub macro_f1: Option<f64>,
     pub steps: i64,
@@ -93,6 +95,7 @@ mod server {
             status: r.status.as_str().to_string(),
             method: r.method,
             model_source: r.model_source,
+            dataset_hash: r.dataset_hash,
             accuracy: r.accuracy,
             macro_f1: r.macro_f1,
             steps: r.steps,

@@ -110,9 +110,10 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     println!("model:             {best}");
     println!("try it:            {} predict --model {best} \"Sprain of the left ankle\"", bin.display());
     println!("runs and models:   {} runs ls; {} models ls icd10-chapters", bin.display(), bin.display());
+    println!("serve them:        {} serve   (REST API under /api/v1, metrics at /metrics)", bin.display());
     println!(
-        "serve them:        {} serve   (dashboard at http://127.0.0.1:8080/ , REST API under /api/v1, metrics at /metrics)",
-        bin.display()
+        "dashboard:         after `serve`, open http://127.0.0.1:8080/runs/{} (the run's curves) or http://127.0.0.1:8080/",
+        summary["run_id"].as_str().unwrap_or("?")
     );
     println!("demo took {:.0} s", started.elapsed().as_secs_f64());
     if accuracy < data.majority_share + REQUIRED_MARGIN {

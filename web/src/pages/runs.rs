@@ -18,6 +18,9 @@ fn row(r: RunItem) -> impl IntoView {
             <td><input type="checkbox" name="id" value=r.id.clone() aria-label="compare"/></td>
             <td><a href=format!("/runs/{}", r.id)>{r.name.clone()}</a><div class="sub">{r.id.clone()}</div></td>
             <td><span class=format!("badge {}", r.status)>{r.status.clone()}</span></td>
+            <td class="sub" title=r.model_source.clone()>
+                {r.dataset_hash.as_deref().map_or_else(|| "—".to_string(), |h| format!("data {}", &h[..h.len().min(10)]))}
+            </td>
             <td>{r.method.clone()}</td>
             <td class="num">{metric(r.accuracy)}</td>
             <td class="num">{metric(r.macro_f1)}</td>
@@ -102,7 +105,7 @@ pub fn RunsPage() -> impl IntoView {
                             <form method="get" action="/compare">
                                 <table class="runs">
                                     <thead><tr>
-                                        <th></th><th>"Run"</th><th>"Status"</th><th>"Method"</th><th>"Accuracy"</th>
+                                        <th></th><th>"Run"</th><th>"Status"</th><th>"Dataset"</th><th>"Method"</th><th>"Accuracy"</th>
                                         <th>"Macro-F1"</th><th>"Progress"</th><th>"Started (UTC)"</th><th>"Duration"</th>
                                     </tr></thead>
                                     <tbody>{page.runs.into_iter().map(row).collect_view()}</tbody>
