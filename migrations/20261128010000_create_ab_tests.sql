@@ -5,6 +5,8 @@ CREATE TABLE ab_tests (
     production_version BIGINT NOT NULL,
     candidate_version  BIGINT NOT NULL,
     share              DOUBLE PRECISION NOT NULL,
+    -- 1: the server promotes or rolls back on its own once the verdict is significant.
+    auto_decide        BIGINT NOT NULL DEFAULT 1,
     status             TEXT NOT NULL,
     started_ms         BIGINT NOT NULL,
     ended_ms           BIGINT,

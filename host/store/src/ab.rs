@@ -21,6 +21,9 @@ pub struct AbTest {
     pub candidate_version: i64,
     /// The share of sessions the candidate serves, in (0, 1).
     pub share: f64,
+    /// Whether the server decides on its own once the verdict is significant: `better`
+    /// promotes the candidate, `worse` rolls it back.
+    pub auto_decide: bool,
     /// `running`, `promoted`, `rolled_back` or `stopped`.
     pub status: String,
     pub started_ms: i64,
@@ -38,8 +41,8 @@ pub struct ArmStats {
     pub mean_latency_ms: Option<f64>,
 }
 
-const COLUMNS: &str =
-    "id, model_name, production_version, candidate_version, share, status, started_ms, ended_ms, verdict";
+const COLUMNS: &str = "id, model_name, production_version, candidate_version, share, auto_decide, status, \
+                       started_ms, ended_ms, verdict";
 
 fn test_from_row(r: &AnyRow) -> Result<AbTest> {
     Ok(AbTest {
@@ -48,6 +51,7 @@ fn test_from_row(r: &AnyRow) -> Result<AbTest> {
         production_version: r.try_get("production_version")?,
         candidate_version: r.try_get("candidate_version")?,
         share: r.try_get("share")?,
+        auto_decide: r.try_get::<i64, _>("auto_decide")? != 0,
         status: r.try_get("status")?,
         started_ms: r.try_get("started_ms")?,
         ended_ms: r.try_get("ended_ms")?,
@@ -57,7 +61,14 @@ fn test_from_row(r: &AnyRow) -> Result<AbTest> {
 
 impl Store {
     /// Starts a test of `candidate` against the model's production version.
-    pub async fn start_ab(&self, model: &str, candidate: i64, share: f64, actor: &str) -> Result<AbTest> {
+    pub async fn start_ab(
+        &self,
+        model: &str,
+        candidate: i64,
+        share: f64,
+        auto_decide: bool,
+        actor: &str,
+    ) -> Result<AbTest> {
         if !(share > 0.0 && share < 1.0) {
             return Err(StoreError::Invalid(format!("share must be between 0 and 1 (exclusive), got {share}")));
         }
@@ -78,20 +89,22 @@ impl Store {
             production_version: production.version,
             candidate_version: candidate,
             share,
+            auto_decide,
             status: "running".into(),
             started_ms: now_ms(),
             ended_ms: None,
             verdict: None,
         };
         sqlx::query(
-            "INSERT INTO ab_tests (id, model_name, production_version, candidate_version, share, status, started_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO ab_tests (id, model_name, production_version, candidate_version, share, auto_decide, status, \
+             started_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&test.id)
         .bind(&test.model_name)
         .bind(test.production_version)
         .bind(test.candidate_version)
         .bind(test.share)
+        .bind(i64::from(test.auto_decide))
         .bind(&test.status)
         .bind(test.started_ms)
         .execute(&self.pool)
@@ -170,6 +183,25 @@ impl Store {
             "rollback" => self.end_ab(id, "rolled_back", &note, actor).await,
             "stop" => self.end_ab(id, "stopped", &note, actor).await,
             other => Err(StoreError::Invalid(format!("action: `promote`, `rollback` or `stop`, got `{other}`"))),
+        }
+    }
+
+    /// Applies the model's automatic rule: when its running test decides on its own and the
+    /// verdict is significant, `better` promotes the candidate and `worse` rolls it back
+    /// (audited as `auto-rule`). Called as feedback arrives; returns the test it ended.
+    pub async fn decide_ab(&self, model: &str) -> Result<Option<AbTest>> {
+        let Some(test) = self.running_ab(model).await?.filter(|t| t.auto_decide) else { return Ok(None) };
+        let (production, candidate) = self.ab_stats(&test).await?;
+        let action = match verdict(&production, &candidate, MIN_RATED).0 {
+            "better" => "promote",
+            "worse" => "rollback",
+            _ => return Ok(None),
+        };
+        // Another request may have decided first; then there is nothing left to do.
+        match self.conclude_ab(&test.id, action, "auto-rule").await {
+            Ok(t) => Ok(Some(t)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
         }
     }
 

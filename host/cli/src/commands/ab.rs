@@ -21,6 +21,10 @@ pub enum AbCommand {
         /// The share of sessions the candidate serves, between 0 and 1.
         #[arg(long, default_value_t = 0.2)]
         share: f64,
+        /// Decide by hand: without it the server promotes or rolls back on its own once the
+        /// feedback-rated verdict is significant.
+        #[arg(long)]
+        manual: bool,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -53,9 +57,9 @@ fn pct(x: Option<(f64, f64, f64)>) -> String {
 pub fn run(cmd: AbCommand) -> anyhow::Result<Outcome> {
     let rt = runtime()?;
     match cmd {
-        AbCommand::Start { model, candidate, share, db } => {
+        AbCommand::Start { model, candidate, share, manual, db } => {
             let store = open_store(&rt, &db.url())?;
-            let t = rt.block_on(store.start_ab(&model, candidate, share, &actor()))?;
+            let t = rt.block_on(store.start_ab(&model, candidate, share, !manual, &actor()))?;
             println!(
                 "A/B test {} started: {model}@{candidate} serves {:.0}% of sessions, @{} the rest",
                 t.id,

@@ -50,6 +50,10 @@ pub struct StartBody {
     model: String,
     candidate: i64,
     share: f64,
+    /// Let the server promote or roll back on its own once the verdict is significant
+    /// (default true).
+    #[serde(default)]
+    auto: Option<bool>,
     #[serde(default)]
     actor: Option<String>,
 }
@@ -57,7 +61,8 @@ pub struct StartBody {
 pub async fn start(req: HttpRequest, state: State, body: web::Bytes) -> Result<HttpResponse, ApiError> {
     require_token(&req, &state)?;
     let b: StartBody = parse_json(&body)?;
-    let t = state.store.start_ab(&b.model, b.candidate, b.share, b.actor.as_deref().unwrap_or("api")).await?;
+    let auto = b.auto.unwrap_or(true);
+    let t = state.store.start_ab(&b.model, b.candidate, b.share, auto, b.actor.as_deref().unwrap_or("api")).await?;
     Ok(HttpResponse::Created().json(describe(&state, &t).await?))
 }
 

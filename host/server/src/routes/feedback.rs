@@ -26,13 +26,14 @@ pub struct FeedbackBody {
 pub async fn create(req: HttpRequest, state: State, body: web::Bytes) -> Result<HttpResponse, ApiError> {
     require_token(&req, &state)?;
     let b: FeedbackBody = parse_json(&body)?;
+    let b_prediction = b.prediction_id.clone();
     if b.comment.as_ref().is_some_and(|c| c.len() > 10_000) {
         return Err(ApiError::BadRequest("comment: at most 10000 bytes".into()));
     }
     let id = state
         .store
         .record_feedback(&NewFeedback {
-            prediction_id: b.prediction_id,
+            prediction_id: b.prediction_id.clone(),
             rating: b.rating.clone(),
             corrected_label: b.corrected_label,
             comment: b.comment,
@@ -40,7 +41,8 @@ pub async fn create(req: HttpRequest, state: State, body: web::Bytes) -> Result<
         })
         .await?;
     state.counters.feedback(&b.rating);
-    Ok(HttpResponse::Created().json(serde_json::json!({ "id": id })))
+    let decided = decide_after_feedback(&state.store, &b_prediction).await;
+    Ok(HttpResponse::Created().json(serde_json::json!({ "id": id, "ab_decision": decided })))
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,4 +91,20 @@ pub async fn export(state: State, q: web::Query<ExportQuery>) -> Result<HttpResp
         .content_type("application/x-ndjson")
         .insert_header(("Content-Disposition", "attachment; filename=\"feedback.jsonl\""))
         .body(out))
+}
+
+/// Applies the automatic A/B rule of the prediction's model (a failure is logged: the
+/// feedback itself is recorded either way). Returns the test it ended, if any.
+pub async fn decide_after_feedback(
+    store: &tuneforge_store::Store,
+    prediction_id: &str,
+) -> Option<tuneforge_store::AbTest> {
+    let model = store.prediction(prediction_id).await.ok()?.0.model_name;
+    match store.decide_ab(&model).await {
+        Ok(decided) => decided,
+        Err(e) => {
+            tracing::warn!(model = %model, "automatic A/B decision failed: {e}");
+            None
+        }
+    }
 }

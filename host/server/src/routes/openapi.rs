@@ -69,7 +69,7 @@ pub async fn document() -> HttpResponse {
                 "Error": s(json!({"error": {"type": "string"}}), json!(["error"])),
                 "Register": s(json!({"name": {"type": "string"}, "run_id": {"type": "string"}, "actor": {"type": "string"}}), json!(["name", "run_id"])),
                 "Promote": s(json!({"version": {"type": "integer"}, "actor": {"type": "string"}}), json!(["version"])),
-                "AbStart": s(json!({"model": {"type": "string"}, "candidate": {"type": "integer"}, "share": {"type": "number"}, "actor": {"type": "string"}}), json!(["model", "candidate", "share"])),
+                "AbStart": s(json!({"model": {"type": "string"}, "candidate": {"type": "integer"}, "share": {"type": "number"}, "auto": {"type": "boolean"}, "actor": {"type": "string"}}), json!(["model", "candidate", "share"])),
                 "AbStop": s(json!({"action": {"type": "string", "enum": ["promote", "rollback", "stop"]}, "actor": {"type": "string"}}), json!(["action"])),
                 "Predict": s(json!({"model": {"type": "string"}, "version": {"type": "integer"}, "text": {"type": "string"}, "texts": {"type": "array", "items": {"type": "string"}}, "session": {"type": "string"}}), json!(["model"])),
                 "Feedback": s(json!({"prediction_id": {"type": "string"}, "rating": {"type": "string", "enum": ["correct", "wrong"]}, "corrected_label": {"type": "string"}, "comment": {"type": "string"}, "author": {"type": "string"}}), json!(["prediction_id", "rating"]))

@@ -118,7 +118,7 @@ async fn register_promote_predict_feedback_and_rollback() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ab_tests_assign_sessions_stably_judge_the_arms_and_end_as_decided() {
+async fn ab_tests_assign_sessions_stably_and_the_rules_roll_back_the_worse_and_promote_the_better() {
     let app = spawn_app().await;
     for hint in ["one", "two"] {
         let run = trained_run(&app, hint).await;
@@ -153,32 +153,51 @@ async fn ab_tests_assign_sessions_stably_judge_the_arms_and_end_as_decided() {
     let r = app.post("/api/v1/predict", &json!({"model": "m", "text": "fever"})).await;
     assert_eq!(r.json()["version"], 1, "without a session, production answers");
 
-    // Users rate the candidate's answers wrong and production's right: the verdict says worse.
-    for (v, id) in version_of.iter().take(300) {
+    // Users rate the candidate's answers wrong and production's right: once each arm has 30
+    // ratings the verdict is "worse" and the server rolls the candidate back on its own.
+    let mut decided = None;
+    for (v, id) in version_of.iter().take(400) {
         let rating = if *v == 2 { "wrong" } else { "correct" };
         let r = app.post("/api/v1/feedback", &json!({"prediction_id": id, "rating": rating})).await;
         assert_eq!(r.status, 201);
+        if !r.json()["ab_decision"].is_null() {
+            decided.get_or_insert(r.json()["ab_decision"].clone());
+        }
     }
-    let status = app.get("/api/v1/ab?model=m").await.json();
-    let t = &status["tests"][0];
-    assert_eq!(t["verdict"], "worse", "{t}");
+    let decided = decided.expect("the rule decided");
+    assert_eq!(decided["status"], "rolled_back", "{decided}");
+    assert!(decided["verdict"].as_str().expect("verdict").contains("auto-rule"), "{decided}");
+    let t = &app.get("/api/v1/ab?model=m").await.json()["tests"][0];
+    assert_eq!((t["test"]["status"].as_str(), t["verdict"].as_str()), (Some("rolled_back"), Some("worse")), "{t}");
     assert_eq!(t["candidate"]["accuracy"].as_f64(), Some(0.0));
     assert_eq!(t["production"]["accuracy"].as_f64(), Some(1.0));
-    assert!(t["candidate"]["predictions"].as_i64().expect("n") >= 240);
-
-    let r = app.post(&format!("/api/v1/ab/{test_id}/stop"), &json!({"action": "rollback"})).await;
-    assert_eq!((r.status, r.json()["test"]["status"].as_str()), (200, Some("rolled_back")), "{}", r.body);
     let r = app.post("/api/v1/predict", &json!({"model": "m", "text": "fever", "session": "s1"})).await;
-    assert_eq!(r.json()["version"], 1, "after the rollback every session gets production");
+    assert_eq!(r.json()["version"], 1, "production kept answering and now answers every session");
     let r = app.post(&format!("/api/v1/ab/{test_id}/stop"), &json!({"action": "rollback"})).await;
     assert_eq!(r.status, 404, "a test ends once");
 
-    // A second test that ends with promotion moves production to the candidate.
+    // A better candidate: users rate it right and production wrong; the rule promotes it.
     let r = app.post("/api/v1/ab", &json!({"model": "m", "candidate": 2, "share": 0.5})).await;
-    let second = r.json()["test"]["id"].as_str().expect("id").to_owned();
-    let r = app.post(&format!("/api/v1/ab/{second}/stop"), &json!({"action": "promote", "actor": "ann"})).await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 201, "{}", r.body);
+    for i in 0..300 {
+        let r = app.post("/api/v1/predict", &json!({"model": "m", "text": "rash", "session": format!("b{i}")})).await;
+        let p = r.json();
+        let rating = if p["version"] == 2 { "correct" } else { "wrong" };
+        let id = p["predictions"][0]["id"].as_str().expect("id").to_owned();
+        let r = app.post("/api/v1/feedback", &json!({"prediction_id": id, "rating": rating})).await;
+        if r.json()["ab_decision"]["status"] == "promoted" {
+            break;
+        }
+    }
     assert_eq!(app.post("/api/v1/predict", &json!({"model": "m", "text": "x"})).await.json()["version"], 2);
+    let t = &app.get("/api/v1/ab?model=m").await.json()["tests"][0];
+    assert_eq!(t["test"]["status"], "promoted", "{t}");
+
+    // By hand: a manual test waits for a decision and ends as told.
+    let r = app.post("/api/v1/ab", &json!({"model": "m", "candidate": 1, "share": 0.5, "auto": false})).await;
+    let manual = r.json()["test"]["id"].as_str().expect("id").to_owned();
+    let r = app.post(&format!("/api/v1/ab/{manual}/stop"), &json!({"action": "stop", "actor": "ann"})).await;
+    assert_eq!((r.status, r.json()["test"]["status"].as_str()), (200, Some("stopped")), "{}", r.body);
     let kinds: Vec<String> = app
         .get("/api/v1/events?subject=m@2")
         .await

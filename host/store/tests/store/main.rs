@@ -221,12 +221,12 @@ async fn ab_tests_start_once_count_arms_and_end_audited(url: String) {
         s.start_run(&run(id, id)).await.expect("start");
         s.register_model("m", id, "/x", None, "t").await.expect("register");
     }
-    assert!(s.start_ab("m", 2, 0.2, "t").await.is_err(), "no production version yet");
+    assert!(s.start_ab("m", 2, 0.2, true, "t").await.is_err(), "no production version yet");
     s.promote("m", 1, "t").await.expect("promote");
-    assert!(s.start_ab("m", 2, 1.5, "t").await.is_err(), "share out of range");
-    assert!(s.start_ab("m", 1, 0.2, "t").await.is_err(), "production against itself");
-    let test = s.start_ab("m", 2, 0.2, "t").await.expect("start");
-    assert!(s.start_ab("m", 2, 0.3, "t").await.is_err(), "one running test per model");
+    assert!(s.start_ab("m", 2, 1.5, true, "t").await.is_err(), "share out of range");
+    assert!(s.start_ab("m", 1, 0.2, true, "t").await.is_err(), "production against itself");
+    let test = s.start_ab("m", 2, 0.2, true, "t").await.expect("start");
+    assert!(s.start_ab("m", 2, 0.3, true, "t").await.is_err(), "one running test per model");
     assert_eq!(s.running_ab("m").await.expect("running").map(|t| t.id), Some(test.id.clone()));
     let predict = |version: i64, arm: &str| NewPrediction {
         model_name: "m".into(),
@@ -261,6 +261,6 @@ async fn ab_tests_start_once_count_arms_and_end_audited(url: String) {
     assert!(s.running_ab("m").await.expect("none").is_none());
     assert!(s.end_ab(&test.id, "stopped", "again", "t").await.is_err(), "ends once");
     assert_eq!(s.events(Some("m@2"), 5).await.expect("events")[0].kind, "ab-rolled_back");
-    s.start_ab("m", 2, 0.5, "t").await.expect("a new test after the first ended");
+    s.start_ab("m", 2, 0.5, true, "t").await.expect("a new test after the first ended");
     assert_eq!(s.ab_tests(Some("m")).await.expect("list").len(), 2);
 }
