@@ -24,11 +24,35 @@ struct Histogram {
     count: u64,
 }
 
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if seconds <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum += seconds;
+        self.count += 1;
+    }
+
+    /// Writes the series of `name` with `labels` (already formatted, no braces).
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {}", self.counts[i]);
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Counters {
     requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
     predictions: Mutex<BTreeMap<String, u64>>,
+    /// Model inference time per batch, by (model, version, arm).
+    inference: Mutex<BTreeMap<(String, i64, String), Histogram>>,
     feedback: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -41,21 +65,18 @@ impl Counters {
         *lock(&self.predictions).entry(model.to_owned()).or_default() += n;
     }
 
+    /// One batch through a model version (the arm is `production`, `candidate` or `none`).
+    pub fn inference(&self, model: &str, version: i64, arm: &str, seconds: f64) {
+        lock(&self.inference).entry((model.to_owned(), version, arm.to_owned())).or_default().observe(seconds);
+    }
+
     pub fn feedback(&self, rating: &str) {
         *lock(&self.feedback).entry(rating.to_owned()).or_default() += 1;
     }
 
     fn request(&self, method: &str, route: &str, status: u16, seconds: f64) {
         *lock(&self.requests).entry((method.to_owned(), route.to_owned(), status)).or_default() += 1;
-        let mut latency = lock(&self.latency);
-        let h = latency.entry(route.to_owned()).or_default();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if seconds <= *b {
-                h.counts[i] += 1;
-            }
-        }
-        h.sum += seconds;
-        h.count += 1;
+        lock(&self.latency).entry(route.to_owned()).or_default().observe(seconds);
     }
 
     /// The text format (without the store's gauges).
@@ -74,18 +95,18 @@ impl Counters {
         out.push_str("# HELP tuneforge_http_request_seconds Request latency by route.\n");
         out.push_str("# TYPE tuneforge_http_request_seconds histogram\n");
         for (r, h) in lock(&self.latency).iter() {
-            for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "tuneforge_http_request_seconds_bucket{{route=\"{}\",le=\"{b}\"}} {}",
-                    esc(r),
-                    h.counts[i]
-                );
-            }
-            let _ =
-                writeln!(out, "tuneforge_http_request_seconds_bucket{{route=\"{}\",le=\"+Inf\"}} {}", esc(r), h.count);
-            let _ = writeln!(out, "tuneforge_http_request_seconds_sum{{route=\"{}\"}} {}", esc(r), h.sum);
-            let _ = writeln!(out, "tuneforge_http_request_seconds_count{{route=\"{}\"}} {}", esc(r), h.count);
+            h.render(out, "tuneforge_http_request_seconds", &format!("route=\"{}\"", esc(r)));
+        }
+        out.push_str(
+            "# HELP tuneforge_inference_seconds Model inference time per batch, by model, version and A/B arm.\n",
+        );
+        out.push_str("# TYPE tuneforge_inference_seconds histogram\n");
+        for ((m, v, a), h) in lock(&self.inference).iter() {
+            h.render(
+                out,
+                "tuneforge_inference_seconds",
+                &format!("model=\"{}\",version=\"{v}\",arm=\"{}\"", esc(m), esc(a)),
+            );
         }
         out.push_str("# HELP tuneforge_predictions_total Predictions served by model.\n");
         out.push_str("# TYPE tuneforge_predictions_total counter\n");

@@ -116,7 +116,9 @@ pub async fn predict_and_record(
     let inputs = texts.clone();
     let predictions =
         web::block(move || model.predict(&inputs, 32)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
-    let latency_ms = started.elapsed().as_secs_f64() * 1000.0 / texts.len().max(1) as f64;
+    let seconds = started.elapsed().as_secs_f64();
+    state.counters.inference(model_name, version, arm.unwrap_or("none"), seconds);
+    let latency_ms = seconds * 1000.0 / texts.len().max(1) as f64;
     let mut out = Vec::with_capacity(texts.len());
     for (text, p) in texts.into_iter().zip(predictions) {
         let probabilities: serde_json::Map<String, serde_json::Value> =

@@ -192,6 +192,14 @@ async fn ab_tests_assign_sessions_stably_and_the_rules_roll_back_the_worse_and_p
     assert_eq!(app.post("/api/v1/predict", &json!({"model": "m", "text": "x"})).await.json()["version"], 2);
     let t = &app.get("/api/v1/ab?model=m").await.json()["tests"][0];
     assert_eq!(t["test"]["status"], "promoted", "{t}");
+    let metrics = app.get("/metrics").await.body;
+    for series in [
+        "tuneforge_inference_seconds_count{model=\"m\",version=\"2\",arm=\"candidate\"}",
+        "tuneforge_inference_seconds_count{model=\"m\",version=\"1\",arm=\"production\"}",
+        "tuneforge_inference_seconds_bucket{model=\"m\",version=\"1\",arm=\"none\",le=\"+Inf\"}",
+    ] {
+        assert!(metrics.contains(series), "{series} missing");
+    }
 
     // By hand: a manual test waits for a decision and ends as told.
     let r = app.post("/api/v1/ab", &json!({"model": "m", "candidate": 1, "share": 0.5, "auto": false})).await;
