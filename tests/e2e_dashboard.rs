@@ -203,7 +203,6 @@ fn the_dashboard_in_a_real_browser() {
     s.goto(&format!("{base}/models"));
     s.wait_for("table.models");
     assert_eq!(s.find_all("table.models tbody tr").len(), 2);
-    s.screenshot(&shots().join("models.png"));
     let submit = |token: &str, form: &str| {
         s.type_text(&s.find(&format!("{form} input[name=token]")), token);
         s.click(&s.find(&format!("{form} input[name=confirm]")));
@@ -226,6 +225,24 @@ fn the_dashboard_in_a_real_browser() {
     assert_eq!(rt.block_on(production(&db)), 1);
     let trail = s.text(&s.find("table.events"));
     assert!(trail.contains("promote") && trail.contains("rollback") && trail.contains("dashboard"), "{trail}");
+
+    // An A/B test from the dashboard: start it, see it running, end it.
+    s.type_text(&s.find("form.ab-start input[name=token]"), "e2e-token-0123456789");
+    s.click(&s.find("form.ab-start button"));
+    s.wait_for("tr.ab-running");
+    assert!(s.text(&s.find("tr.ab-running")).contains("20% of sessions"));
+    let running = rt.block_on(async {
+        let store = Store::open(&db).await.expect("store");
+        let t = store.running_ab("triage").await.expect("running");
+        store.close().await;
+        t
+    });
+    assert_eq!(running.map(|t| (t.production_version, t.candidate_version)), Some((1, 2)));
+    s.screenshot(&shots().join("models.png"));
+    s.click(&s.find("form.ab-stop select[name=action] option[value=stop]"));
+    s.type_text(&s.find("form.ab-stop input[name=token]"), "e2e-token-0123456789");
+    s.click(&s.find("form.ab-stop button"));
+    s.wait_for("tr.ab-stopped");
 
     // The playground: classify a text, call the answer wrong and correct it; the feedback
     // reaches the queue, the database and the REST API; marking it reviewed sticks; the export

@@ -507,3 +507,82 @@ pub async fn mark_reviewed(id: String, token: String) -> Result<(), ServerFnErro
     check_token(&token)?;
     server::store()?.mark_feedback_reviewed(&id, "dashboard").await.map_err(server::err)
 }
+
+/// One arm of an A/B test, as the dashboard shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArmView {
+    pub version: i64,
+    pub predictions: i64,
+    pub rated: i64,
+    /// Feedback-rated accuracy and its 95% interval.
+    pub accuracy: Option<(f64, f64, f64)>,
+    pub mean_latency_ms: Option<f64>,
+}
+
+/// An A/B test with both arms and the verdict so far.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AbView {
+    pub id: String,
+    pub model: String,
+    pub share: f64,
+    pub auto_decide: bool,
+    pub status: String,
+    pub started_ms: i64,
+    pub note: Option<String>,
+    pub production: ArmView,
+    pub candidate: ArmView,
+    pub verdict: String,
+}
+
+/// Every A/B test, newest first.
+#[server(prefix = "/dashboard/api", endpoint = "ab_overview")]
+pub async fn ab_overview() -> Result<Vec<AbView>, ServerFnError> {
+    let store = server::store()?;
+    let mut out = Vec::new();
+    for t in store.ab_tests(None).await.map_err(server::err)? {
+        let (p, c) = store.ab_stats(&t).await.map_err(server::err)?;
+        let arm = |version: i64, a: &tuneforge_store::ArmStats| ArmView {
+            version,
+            predictions: a.predictions,
+            rated: a.rated,
+            accuracy: tuneforge_store::wilson(a.correct, a.rated),
+            mean_latency_ms: a.mean_latency_ms,
+        };
+        out.push(AbView {
+            verdict: tuneforge_store::verdict(&p, &c, tuneforge_store::MIN_RATED).0.to_string(),
+            production: arm(t.production_version, &p),
+            candidate: arm(t.candidate_version, &c),
+            id: t.id,
+            model: t.model_name,
+            share: t.share,
+            auto_decide: t.auto_decide,
+            status: t.status,
+            started_ms: t.started_ms,
+            note: t.verdict,
+        });
+    }
+    Ok(out)
+}
+
+/// Starts an A/B test of a candidate version; needs the token.
+#[server(prefix = "/dashboard/api", endpoint = "start_ab")]
+pub async fn start_ab(
+    model: String,
+    candidate: i64,
+    share: f64,
+    manual: Option<String>,
+    token: String,
+) -> Result<(), ServerFnError> {
+    check_token(&token)?;
+    let auto = manual.as_deref() != Some("yes");
+    server::store()?.start_ab(&model, candidate, share, auto, "dashboard").await.map_err(server::err)?;
+    Ok(())
+}
+
+/// Ends a running A/B test: `promote`, `rollback` or `stop`; needs the token.
+#[server(prefix = "/dashboard/api", endpoint = "stop_ab")]
+pub async fn stop_ab(id: String, action: String, token: String) -> Result<(), ServerFnError> {
+    check_token(&token)?;
+    server::store()?.conclude_ab(&id, &action, "dashboard").await.map_err(server::err)?;
+    Ok(())
+}

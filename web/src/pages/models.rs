@@ -7,7 +7,7 @@ use leptos::server::ServerAction;
 use leptos_router::hooks::use_query_map;
 
 use super::{metric, when};
-use crate::api::{ModelItem, Promote, Rollback, registry};
+use crate::api::{AbView, ModelItem, Promote, Rollback, StartAb, StopAb, ab_overview, registry};
 
 /// The message of a server function error carried back in `__err` (URL-safe base64 of
 /// `Kind|message`).
@@ -63,15 +63,87 @@ fn version_row(m: ModelItem, promote: ServerAction<Promote>) -> impl IntoView {
     }
 }
 
+fn accuracy(a: Option<(f64, f64, f64)>) -> String {
+    a.map_or_else(|| "—".into(), |(p, lo, hi)| format!("{:.1}% [{:.1}, {:.1}]", p * 100.0, lo * 100.0, hi * 100.0))
+}
+
+/// A model's A/B tests, and the forms to start or end one.
+fn ab_section(
+    name: String,
+    tests: Vec<AbView>,
+    candidates: Vec<i64>,
+    start: ServerAction<StartAb>,
+    stop: ServerAction<StopAb>,
+) -> impl IntoView {
+    let running = tests.iter().any(|t| t.status == "running");
+    let rows = tests
+        .into_iter()
+        .take(5)
+        .map(|t| {
+            let arm = |a: &crate::api::ArmView| format!("v{}: {} predictions, {} rated, accuracy {}", a.version, a.predictions, a.rated, accuracy(a.accuracy));
+            let live = t.status == "running";
+            let id = t.id.clone();
+            view! {
+                <tr class=format!("ab-{}", t.status)>
+                    <td><span class=format!("badge {}", t.status)>{t.status.clone()}</span><div class="sub">{when(t.started_ms)}</div></td>
+                    <td>{format!("{:.0}% of sessions", t.share * 100.0)}<div class="sub">{if t.auto_decide { "decides on its own" } else { "decided by hand" }}</div></td>
+                    <td>{arm(&t.production)}</td>
+                    <td>{arm(&t.candidate)}</td>
+                    <td><b>{t.verdict.clone()}</b><div class="sub">{t.note.clone().unwrap_or_default()}</div></td>
+                    <td>{live.then(|| view! {
+                        <ActionForm action=stop attr:class="inline ab-stop">
+                            <input type="hidden" name="id" value=id.clone()/>
+                            <select name="action">
+                                <option value="promote">"promote the candidate"</option>
+                                <option value="rollback">"roll it back"</option>
+                                <option value="stop">"just stop"</option>
+                            </select>
+                            <input type="password" name="token" placeholder="write token" required autocomplete="off"/>
+                            <button type="submit">"End test"</button>
+                        </ActionForm>
+                    })}</td>
+                </tr>
+            }
+        })
+        .collect_view();
+    view! {
+        <h3>"A/B tests"</h3>
+        <table class="ab">
+            <thead><tr><th>"Status"</th><th>"Share"</th><th>"Production"</th><th>"Candidate"</th><th>"Verdict"</th><th></th></tr></thead>
+            <tbody>{rows}</tbody>
+        </table>
+        {(!running && !candidates.is_empty()).then(|| view! {
+            <ActionForm action=start attr:class="inline ab-start">
+                <input type="hidden" name="model" value=name.clone()/>
+                "Test version "
+                <select name="candidate">
+                    {candidates.into_iter().map(|v| view! { <option value=v>{format!("v{v}")}</option> }).collect_view()}
+                </select>
+                " on "
+                <input type="number" name="share" value="0.2" min="0.01" max="0.99" step="0.01"/>
+                " of sessions"
+                <label class="confirm"><input type="checkbox" name="manual" value="yes"/>" decide by hand"</label>
+                <input type="password" name="token" placeholder="write token" required autocomplete="off"/>
+                <button type="submit">"Start A/B test"</button>
+            </ActionForm>
+        })}
+    }
+}
+
 #[component]
 pub fn ModelsPage() -> impl IntoView {
     let promote = ServerAction::<Promote>::new();
     let rollback = ServerAction::<Rollback>::new();
+    let start = ServerAction::<StartAb>::new();
+    let stop = ServerAction::<StopAb>::new();
     // Hydrated, the forms post in the background: reload the registry after each action.
-    let data = Resource::new(move || (promote.version().get(), rollback.version().get()), |_| registry());
+    let versions =
+        move || (promote.version().get(), rollback.version().get(), start.version().get(), stop.version().get());
+    let data = Resource::new(versions, |_| registry());
+    let tests = Resource::new(versions, |_| ab_overview());
     let query = use_query_map();
     let failure = move || {
-        let from_action = [promote.value().get(), rollback.value().get()]
+        let from_action = [promote.value().get(), rollback.value().get(), start.value().get(), stop.value().get()]
             .into_iter()
             .flatten()
             .find_map(|r| r.err())
@@ -90,10 +162,15 @@ pub fn ModelsPage() -> impl IntoView {
                             <code>"tuneforge models register RUN_ID --name NAME"</code>" (the demo registers one)."</p>
                     }.into_any(),
                     Ok(r) => {
+                        let all_tests = tests.await.unwrap_or_default();
                         let mut names: Vec<String> = r.models.iter().map(|m| m.name.clone()).collect();
                         names.dedup();
                         let groups = names.into_iter().map(|name| {
                             let versions: Vec<ModelItem> = r.models.iter().filter(|m| m.name == name).cloned().collect();
+                            let candidates: Vec<i64> = versions.iter().filter(|m| m.stage != "production").map(|m| m.version).collect();
+                            let has_production = versions.iter().any(|m| m.stage == "production");
+                            let mine: Vec<AbView> = all_tests.iter().filter(|t| t.model == name).cloned().collect();
+                            let ab = has_production.then(|| ab_section(name.clone(), mine, candidates, start, stop));
                             view! {
                                 <section class="model">
                                     <h2>{name.clone()}</h2>
@@ -106,6 +183,7 @@ pub fn ModelsPage() -> impl IntoView {
                                         {write_fields()}
                                         <button type="submit">"Roll back to the previous production version"</button>
                                     </ActionForm>
+                                    {ab}
                                 </section>
                             }
                         }).collect_view();
