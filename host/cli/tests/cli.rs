@@ -446,3 +446,125 @@ fn plugin_new_refuses_bad_kinds_names_and_non_empty_directories() {
     let o = env.run(&["plugin", "new", "loss", "taken"]);
     assert!(!o.status.success() && stderr(&o).contains("is not empty"));
 }
+
+/// `tuneforge serve` on a free port over the test's store; killed on drop.
+struct Served {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Served {
+    fn start(env: &Env) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+        let child = env
+            .command()
+            .args(["serve", "--addr", &format!("127.0.0.1:{port}"), "--token", "kill-test-token-0123456789"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("serve");
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < std::time::Duration::from_secs(30), "serve did not start");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Self { child, port }
+    }
+
+    fn post(&self, path: &str, body: &serde_json::Value) -> serde_json::Value {
+        use std::io::{Read, Write};
+        let body = body.to_string();
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        write!(
+            s,
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer kill-test-token-0123456789\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .expect("send");
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).expect("read");
+        let (head, body) = raw.split_once("\r\n\r\n").expect("response");
+        assert!(head.starts_with("HTTP/1.1 20"), "{path}: {head}\n{body}");
+        serde_json::from_str(body).expect("json")
+    }
+
+    fn kill(mut self) {
+        self.child.kill().expect("kill -9");
+        self.child.wait().expect("wait");
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn killing_the_server_during_an_ab_test_loses_no_feedback_and_the_test_resumes() {
+    let env = Env::new();
+    let exp = env.experiment("");
+    let exp = exp.to_str().expect("utf8");
+    for lr in ["1e-2", "3e-3"] {
+        let o = env.run(&["train", "--config", exp, "--quiet", "--json", "--set", &format!("train.lr={lr}")]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let id = json(&o)["run_id"].as_str().expect("id").to_owned();
+        assert!(env.run(&["models", "register", &id, "--name", "triage"]).status.success());
+    }
+    assert!(env.run(&["models", "promote", "triage", "1"]).status.success());
+    let o = env.run(&["ab", "start", "--model", "triage", "--candidate", "2", "--share", "0.5", "--manual"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let rate = |server: &Served, sessions: std::ops::Range<u32>| {
+        for i in sessions {
+            let p = server.post(
+                "/api/v1/predict",
+                &serde_json::json!({"model": "triage", "text": "fever cough", "session": format!("u{i}")}),
+            );
+            let id = p["predictions"][0]["id"].as_str().expect("id").to_owned();
+            server.post("/api/v1/feedback", &serde_json::json!({"prediction_id": id, "rating": "correct"}));
+        }
+    };
+    let server = Served::start(&env);
+    rate(&server, 0..40);
+    server.kill();
+
+    // Everything acknowledged before the kill is in the store, and the test still runs.
+    let o = env.run(&["ab", "status", "--model", "triage", "--json"]);
+    let t = &json(&o)[0];
+    assert_eq!(t["test"]["status"], "running", "{t}");
+    let rated = |t: &serde_json::Value| {
+        t["production"]["rated"].as_i64().expect("n") + t["candidate"]["rated"].as_i64().expect("n")
+    };
+    assert_eq!(rated(t), 40, "{t}");
+
+    // After a restart the same sessions keep their arms and the test goes on counting.
+    let server = Served::start(&env);
+    let before: Vec<i64> = (0..5)
+        .map(|i| {
+            server.post(
+                "/api/v1/predict",
+                &serde_json::json!({"model": "triage", "text": "x", "session": format!("u{i}")}),
+            )["version"]
+                .as_i64()
+                .expect("v")
+        })
+        .collect();
+    let again: Vec<i64> = (0..5)
+        .map(|i| {
+            server.post(
+                "/api/v1/predict",
+                &serde_json::json!({"model": "triage", "text": "y", "session": format!("u{i}")}),
+            )["version"]
+                .as_i64()
+                .expect("v")
+        })
+        .collect();
+    assert_eq!(before, again);
+    rate(&server, 40..50);
+    drop(server);
+    let o = env.run(&["ab", "status", "--model", "triage", "--json"]);
+    assert_eq!(rated(&json(&o)[0]), 50);
+}
