@@ -38,6 +38,9 @@ enum Command {
     Models(commands::models::ModelsCommand),
     /// Serve the REST API and Prometheus metrics over the experiment store.
     Serve(commands::serve::ServeArgs),
+    /// A candidate from user feedback: retrain on the original data plus corrections,
+    /// register it if its gates pass, and start an A/B test against production.
+    Retrain(commands::retrain::RetrainArgs),
     /// A/B tests of a candidate version against production: start, status, stop.
     #[command(subcommand)]
     Ab(commands::ab::AbCommand),
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => commands::serve::run(args),
         Command::Plugin(cmd) => commands::plugin::run(cmd),
         Command::Ab(cmd) => commands::ab::run(cmd),
+        Command::Retrain(args) => commands::retrain::run(args),
     };
     match result {
         Ok(commands::Outcome::Success) => ExitCode::SUCCESS,

@@ -568,3 +568,82 @@ fn killing_the_server_during_an_ab_test_loses_no_feedback_and_the_test_resumes()
     let o = env.run(&["ab", "status", "--model", "triage", "--json"]);
     assert_eq!(rated(&json(&o)[0]), 50);
 }
+
+#[test]
+fn retrain_builds_a_dataset_from_feedback_trains_registers_and_starts_an_ab_test() {
+    let env = Env::new();
+    let exp = env.experiment("");
+    let o = env.run(&["train", "--config", exp.to_str().expect("utf8"), "--quiet", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let id = json(&o)["run_id"].as_str().expect("id").to_owned();
+    assert!(env.run(&["models", "register", &id, "--name", "triage"]).status.success());
+    assert!(env.run(&["models", "promote", "triage", "1"]).status.success());
+    let o = env.run(&["retrain", "--model", "triage"]);
+    assert!(o.status.success(), "no feedback is fine too: {}", stderr(&o));
+
+    // Corrections: one new text, one that is in the validation set (this experiment validates
+    // on its training file), one unreviewed, one wrong answer without a correction.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let db = env.path("store.db");
+    rt.block_on(async {
+        let store = tuneforge_store::Store::open(db.to_str().expect("utf8")).await.expect("store");
+        for (input, rating, label, reviewed) in [
+            ("itch chest pain tired", "wrong", Some("angina"), true),
+            ("rash itch red", "wrong", Some("angina"), true),
+            ("cough cough", "correct", None, false),
+            ("hot hot", "wrong", None, true),
+        ] {
+            let p = tuneforge_store::NewPrediction {
+                model_name: "triage".into(),
+                model_version: 1,
+                input: input.into(),
+                output: "flu".into(),
+                probabilities: serde_json::json!({"flu": 0.9}),
+                latency_ms: 1.0,
+                arm: None,
+            };
+            let pid = store.record_prediction(&p).await.expect("prediction");
+            let f = tuneforge_store::NewFeedback {
+                prediction_id: pid,
+                rating: rating.into(),
+                corrected_label: label.map(String::from),
+                comment: None,
+                author: None,
+            };
+            let fid = store.record_feedback(&f).await.expect("feedback");
+            if reviewed {
+                store.mark_feedback_reviewed(&fid, "t").await.expect("review");
+            }
+        }
+        // The A/B test of the first retrain is still running: end it so a new one can start.
+        if let Some(t) = store.running_ab("triage").await.expect("running") {
+            store.conclude_ab(&t.id, "stop", "t").await.expect("stop");
+        }
+        store.close().await;
+    });
+    let o = env.run(&["retrain", "--model", "triage", "--share", "0.3", "--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("1 added and 0 relabelled from 3 feedback"), "{out}");
+    assert!(
+        out.contains("1 in the validation set left out") && out.contains("1 wrong answers without a correction"),
+        "{out}"
+    );
+    assert!(
+        out.contains("registered triage@3 (candidate)") && out.contains("serves 30% of sessions against @1"),
+        "{out}"
+    );
+    let data = std::fs::read_dir(env.path("runs/retrain-data"))
+        .expect("retrain data")
+        .flatten()
+        .map(|e| e.path())
+        .max()
+        .expect("dir");
+    let lines = std::fs::read_to_string(data.join("train.jsonl")).expect("train.jsonl");
+    let corrected = lines.lines().find(|l| l.contains("itch chest pain tired")).expect("the correction is in");
+    assert!(corrected.contains("\"label\":\"angina\"") && corrected.contains("\"source\":\"feedback:"), "{corrected}");
+    assert!(!lines.contains("cough cough"), "unreviewed feedback stays out");
+    let o = env.run(&["ab", "status", "--model", "triage", "--json"]);
+    let t = &json(&o)[0]["test"];
+    assert_eq!((t["status"].as_str(), t["candidate_version"].as_i64()), (Some("running"), Some(3)), "{t}");
+}

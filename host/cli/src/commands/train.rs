@@ -38,29 +38,24 @@ pub struct TrainArgs {
     no_db: bool,
 }
 
-pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
-    let config = match (&args.config, &args.resume) {
-        (Some(path), _) => ExperimentConfig::from_file(path, &args.overrides)?,
-        (None, Some(dir)) => ExperimentConfig::from_file(&dir.join("config.toml"), &[])
-            .with_context(|| format!("{} is not a run directory to resume", dir.display()))?,
-        (None, None) => anyhow::bail!("give --config EXP.toml or --resume RUN_DIR"),
-    };
-    let options = RunOptions { resume: args.resume.clone(), stop_after_steps: args.stop_after_steps };
-    // The run directory is the record that matters: without a usable store, train anyway.
-    let mut recorder = if args.no_db {
-        None
-    } else {
-        match Recorder::new(&args.db.url(), &config, args.resume.is_some()) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                eprintln!("warning: not recording this run in the experiment store: {e:#}");
-                None
-            }
+/// Trains with plugins, a progress display and (unless `db` is `None`) the run recorded in
+/// the experiment store; a store that cannot be written is reported and training goes on.
+pub fn train_recorded(
+    config: ExperimentConfig,
+    options: &RunOptions,
+    db: Option<&str>,
+    quiet: bool,
+) -> tuneforge_core::Result<tuneforge_core::TrainOutcome> {
+    let mut recorder = db.and_then(|db| match Recorder::new(db, &config, options.resume.is_some()) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("warning: not recording this run in the experiment store: {e:#}");
+            None
         }
-    };
-    let mut progress = TrainProgress::new(args.quiet);
+    });
+    let mut progress = TrainProgress::new(quiet);
     let hooks = RuntimeHooks::lazy(plugin_home());
-    let outcome = train_experiment_with(config, &options, &hooks, &mut |e| {
+    let outcome = train_experiment_with(config, options, &hooks, &mut |e| {
         if let Some(r) = recorder.as_mut() {
             r.on_event(&e);
         }
@@ -73,6 +68,19 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
             Err(e) => r.finish(Err(&format!("{e:#}"))),
         }
     }
+    outcome
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
+    let config = match (&args.config, &args.resume) {
+        (Some(path), _) => ExperimentConfig::from_file(path, &args.overrides)?,
+        (None, Some(dir)) => ExperimentConfig::from_file(&dir.join("config.toml"), &[])
+            .with_context(|| format!("{} is not a run directory to resume", dir.display()))?,
+        (None, None) => anyhow::bail!("give --config EXP.toml or --resume RUN_DIR"),
+    };
+    let options = RunOptions { resume: args.resume.clone(), stop_after_steps: args.stop_after_steps };
+    let db = (!args.no_db).then(|| args.db.url());
+    let outcome = train_recorded(config, &options, db.as_deref(), args.quiet);
     let outcome = outcome?;
     let s = &outcome.summary;
     if args.json {
