@@ -10,12 +10,18 @@ use crate::helpers::{TestApp, new_run, spawn_app};
 
 const WORDS: &[&str] = &["fever", "cough", "rash", "itch", "red", "hot"];
 
+const CSV: &str =
+    "label,text\nflu,fever cough\nflu,cough hot\nflu,fever hot\nacne,rash itch\nacne,red rash\nacne,itch red\n";
+
 /// Trains a tiny model and records its run; returns the run id.
 async fn trained_run(app: &TestApp, id_hint: &str) -> String {
+    trained_run_on(app, id_hint, CSV).await
+}
+
+/// [`trained_run`] on the given CSV.
+async fn trained_run_on(app: &TestApp, id_hint: &str, csv: &str) -> String {
     let root = app.dir.path().join(id_hint);
     write_tiny_model_dir(&root.join("model"), WORDS, 1).expect("tiny model");
-    let csv =
-        "label,text\nflu,fever cough\nflu,cough hot\nflu,fever hot\nacne,rash itch\nacne,red rash\nacne,itch red\n";
     std::fs::write(root.join("train.csv"), csv).expect("csv");
     let text = format!(
         "[experiment]\noutput_dir = \"{0}/runs\"\n[model]\nsource = \"{0}/model\"\nmax_len = 8\n[data]\ntrain = \"{0}/train.csv\"\nvalidation = \"{0}/train.csv\"\n[train]\nepochs = 15\nbatch_size = 6\nlr = 1e-2\n",
@@ -218,4 +224,46 @@ async fn ab_tests_assign_sessions_stably_and_the_rules_roll_back_the_worse_and_p
     for k in ["ab-start", "ab-rolled_back", "ab-promoted", "promote"] {
         assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_trained_on_swapped_labels_is_rolled_back_by_honest_feedback() {
+    let app = spawn_app().await;
+    let good = trained_run(&app, "good").await;
+    // The same data with the labels swapped: a deliberately worse model.
+    let swapped = CSV.replace("flu,", "tmp,").replace("acne,", "flu,").replace("tmp,", "acne,");
+    let bad = trained_run_on(&app, "bad", &swapped).await;
+    for run in [&good, &bad] {
+        assert_eq!(app.post("/api/v1/models", &json!({"name": "clf", "run_id": run})).await.status, 201);
+    }
+    assert_eq!(app.post("/api/v1/models/clf/promote", &json!({"version": 1})).await.status, 200);
+    assert_eq!(app.post("/api/v1/ab", &json!({"model": "clf", "candidate": 2, "share": 0.5})).await.status, 201);
+
+    // Simulated users know the right answer and say whether the model gave it.
+    let truth = [("fever cough", "flu"), ("rash itch", "acne"), ("cough hot", "flu"), ("red rash", "acne")];
+    let mut served = 0;
+    let mut outcome = None;
+    for i in 0..400 {
+        let (text, label) = truth[i % truth.len()];
+        let r =
+            app.post("/api/v1/predict", &json!({"model": "clf", "text": text, "session": format!("user-{i}")})).await;
+        assert_eq!(r.status, 200, "production keeps answering: {}", r.body);
+        served += 1;
+        let p = &r.json()["predictions"][0];
+        let rating = if p["label"] == label { "correct" } else { "wrong" };
+        let fb = json!({"prediction_id": p["id"], "rating": rating, "corrected_label": label});
+        let d = app.post("/api/v1/feedback", &fb).await.json()["ab_decision"].clone();
+        if !d.is_null() {
+            outcome = Some(d);
+            break;
+        }
+    }
+    let outcome = outcome.expect("the rule decided within 400 sessions");
+    assert_eq!(outcome["status"], "rolled_back", "{outcome}");
+    let t = &app.get("/api/v1/ab?model=clf").await.json()["tests"][0];
+    assert_eq!(t["verdict"], "worse", "{t}");
+    assert!(t["production"]["accuracy"].as_f64() > t["candidate"]["accuracy"].as_f64(), "{t}");
+    assert!(served >= 60, "both arms needed 30 ratings: {served}");
+    let r = app.post("/api/v1/predict", &json!({"model": "clf", "text": "fever cough", "session": "user-1"})).await;
+    assert_eq!((r.json()["version"].as_i64(), r.json()["predictions"][0]["label"].as_str()), (Some(1), Some("flu")));
 }
