@@ -7,6 +7,7 @@
 //! It knows HTTP; SQL stays in `tuneforge-store`, models in `tuneforge-core`.
 
 mod auth;
+mod batcher;
 mod error;
 mod prometheus;
 mod routes;

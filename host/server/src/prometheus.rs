@@ -51,6 +51,8 @@ pub struct Counters {
     requests: Mutex<BTreeMap<(String, String, u16), u64>>,
     latency: Mutex<BTreeMap<String, Histogram>>,
     predictions: Mutex<BTreeMap<String, u64>>,
+    /// Batches run and texts in them, by (model, version): their ratio is the mean batch size.
+    batches: Mutex<BTreeMap<(String, i64), (u64, u64)>>,
     /// Model inference time per batch, by (model, version, arm).
     inference: Mutex<BTreeMap<(String, i64, String), Histogram>>,
     feedback: Mutex<BTreeMap<String, u64>>,
@@ -65,7 +67,16 @@ impl Counters {
         *lock(&self.predictions).entry(model.to_owned()).or_default() += n;
     }
 
-    /// One batch through a model version (the arm is `production`, `candidate` or `none`).
+    /// A micro-batch of `texts` texts went through a model version.
+    pub fn batch(&self, model: &str, version: i64, texts: u64) {
+        let mut b = lock(&self.batches);
+        let e = b.entry((model.to_owned(), version)).or_default();
+        e.0 += 1;
+        e.1 += texts;
+    }
+
+    /// One request's texts through a model version, queueing for its micro-batch included
+    /// (the arm is `production`, `candidate` or `none`).
     pub fn inference(&self, model: &str, version: i64, arm: &str, seconds: f64) {
         lock(&self.inference).entry((model.to_owned(), version, arm.to_owned())).or_default().observe(seconds);
     }
@@ -97,8 +108,20 @@ impl Counters {
         for (r, h) in lock(&self.latency).iter() {
             h.render(out, "tuneforge_http_request_seconds", &format!("route=\"{}\"", esc(r)));
         }
+        out.push_str("# HELP tuneforge_inference_batches_total Micro-batches run, by model and version.\n");
+        out.push_str("# TYPE tuneforge_inference_batches_total counter\n");
+        for ((m, v), (batches, _)) in lock(&self.batches).iter() {
+            let _ =
+                writeln!(out, "tuneforge_inference_batches_total{{model=\"{}\",version=\"{v}\"}} {batches}", esc(m));
+        }
+        out.push_str("# HELP tuneforge_inference_batch_texts_total Texts in those batches.\n");
+        out.push_str("# TYPE tuneforge_inference_batch_texts_total counter\n");
+        for ((m, v), (_, texts)) in lock(&self.batches).iter() {
+            let _ =
+                writeln!(out, "tuneforge_inference_batch_texts_total{{model=\"{}\",version=\"{v}\"}} {texts}", esc(m));
+        }
         out.push_str(
-            "# HELP tuneforge_inference_seconds Model inference time per batch, by model, version and A/B arm.\n",
+            "# HELP tuneforge_inference_seconds Time to answer a request: its micro-batch wait and inference, by model, version and A/B arm.\n",
         );
         out.push_str("# TYPE tuneforge_inference_seconds histogram\n");
         for ((m, v, a), h) in lock(&self.inference).iter() {

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tuneforge_plugin_runtime::{PluginRuntime, Predictor};
+use tuneforge_plugin_runtime::PluginRuntime;
 use tuneforge_store::Store;
 
 use crate::prometheus::Counters;
@@ -12,7 +12,7 @@ pub struct AppState {
     pub store: Store,
     pub token: String,
     /// Models loaded once and kept warm, by (name, version).
-    pub models: Mutex<HashMap<(String, i64), Arc<Predictor>>>,
+    pub models: Mutex<HashMap<(String, i64), Arc<crate::batcher::Batcher>>>,
     pub counters: Arc<Counters>,
     /// Runs the cleaners and feature plugins that models carry; started on first use.
     pub plugins: std::sync::OnceLock<PluginRuntime>,

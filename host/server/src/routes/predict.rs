@@ -7,6 +7,8 @@ use std::time::Instant;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use tuneforge_plugin_runtime::{PluginRuntime, Predictor};
+
+use crate::batcher::{BatchPolicy, Batcher};
 use tuneforge_store::NewPrediction;
 
 use super::State;
@@ -33,7 +35,7 @@ pub struct PredictBody {
     session: Option<String>,
 }
 
-async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, Arc<Predictor>), ApiError> {
+async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, Arc<Batcher>), ApiError> {
     let v = match version {
         Some(v) => state.store.model_version(name, v).await?,
         None => state.store.production(name).await?.ok_or_else(|| {
@@ -52,9 +54,12 @@ async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, A
             state.plugins.get_or_init(|| r).clone()
         }
     };
-    let model =
+    let predictor =
         web::block(move || Predictor::load(&runtime, &path)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
-    let model = Arc::new(model);
+    let model = Arc::new(
+        Batcher::start(Arc::new(predictor), BatchPolicy::default(), state.counters.clone(), v.name.clone(), v.version)
+            .map_err(|e| ApiError::Internal(format!("cannot start the batch worker: {e}")))?,
+    );
     state.models.lock().unwrap_or_else(|e| e.into_inner()).insert(key, model.clone());
     Ok((v.version, model))
 }
@@ -113,9 +118,7 @@ pub async fn predict_and_record(
     };
     let (version, model) = load(state, model_name, version).await?;
     let started = Instant::now();
-    let inputs = texts.clone();
-    let predictions =
-        web::block(move || model.predict(&inputs, 32)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    let predictions = model.predict(texts.clone()).await.map_err(ApiError::Internal)?;
     let seconds = started.elapsed().as_secs_f64();
     state.counters.inference(model_name, version, arm.unwrap_or("none"), seconds);
     let latency_ms = seconds * 1000.0 / texts.len().max(1) as f64;

@@ -267,3 +267,40 @@ async fn a_candidate_trained_on_swapped_labels_is_rolled_back_by_honest_feedback
     let r = app.post("/api/v1/predict", &json!({"model": "clf", "text": "fever cough", "session": "user-1"})).await;
     assert_eq!((r.json()["version"].as_i64(), r.json()["predictions"][0]["label"].as_str()), (Some(1), Some("flu")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_predictions_share_micro_batches() {
+    let app = std::sync::Arc::new(spawn_app().await);
+    let run = trained_run(&app, "batch").await;
+    assert_eq!(app.post("/api/v1/models", &json!({"name": "b", "run_id": run})).await.status, 201);
+    assert_eq!(app.post("/api/v1/models/b/promote", &json!({"version": 1})).await.status, 200);
+    // Warm the model up (the first request loads it), then fire 48 requests at once.
+    assert_eq!(app.post("/api/v1/predict", &json!({"model": "b", "text": "fever"})).await.status, 200);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..48 {
+        let app = app.clone();
+        set.spawn(async move {
+            let text = if i % 2 == 0 { "fever cough hot" } else { "rash itch red" };
+            let r = app.post("/api/v1/predict", &json!({"model": "b", "text": text})).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            let label = r.json()["predictions"][0]["label"].as_str().expect("label").to_owned();
+            (i, label)
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        let (i, label) = done.expect("task");
+        assert_eq!(label, if i % 2 == 0 { "flu" } else { "acne" }, "request {i} got another's answer");
+    }
+    let metrics = app.get("/metrics").await.body;
+    let value = |name: &str| -> u64 {
+        let prefix = format!("{name}{{model=\"b\",version=\"1\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name}"))
+    };
+    assert_eq!(value("tuneforge_inference_batch_texts_total"), 49);
+    let batches = value("tuneforge_inference_batches_total");
+    assert!(batches < 49, "49 requests ran in {batches} batches: nothing was batched");
+}
