@@ -7,11 +7,9 @@
 //!
 //! Requests are bounded in number and go to 127.0.0.1 only.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use tuneforge_server::{Application, ServerConfig};
 use tuneforge_store::{MetricPoint, NewPrediction, NewRun, RunStatus, Store};
 
@@ -22,16 +20,7 @@ const RUNS: usize = 10_000;
 const POINTS_PER_RUN: usize = 100;
 
 fn http(port: u16, method: &str, path: &str, body: &str) -> anyhow::Result<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no status line")
+    Ok(crate::http::request(port, method, path, body, TOKEN)?.0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

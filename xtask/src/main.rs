@@ -8,6 +8,8 @@ mod bench;
 mod bench_plugins;
 mod bench_serve;
 mod demo;
+mod demo_loop;
+mod http;
 mod icd10;
 mod plugins;
 mod postgres;
