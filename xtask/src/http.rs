@@ -19,23 +19,9 @@ pub fn request(port: u16, method: &str, path: &str, body: &str, token: &str) -> 
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).into_owned();
     let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no status line")?;
-    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body =
-        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(rest) } else { rest.into() };
+    // The API answers JSON with a Content-Length, never chunked.
+    let body = text.split_once("\r\n\r\n").map_or(String::new(), |(_, rest)| rest.to_owned());
     Ok((status, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n.min(rest.len())]);
-        s = rest.get(n + 2..).unwrap_or("");
-    }
-    out
 }
 
 /// A JSON request that must succeed (2xx); returns the parsed body.
