@@ -381,6 +381,15 @@ fn runs_are_recorded_and_models_promoted_and_rolled_back() {
     assert_eq!(json(&o)[0]["stage"], "production", "v2 (listed first) went to production");
     let o = env.run(&["ab", "stop", "--model", "triage"]);
     assert!(!o.status.success() && stderr(&o).contains("no running A/B test"));
+
+    let o = env.run(&["models", "rules", "triage"]);
+    assert!(stdout(&o).contains("triage: min_rated 30, heldout_delta off, max_error_rate off"), "{}", stdout(&o));
+    let o = env.run(&["models", "rules", "triage", "--heldout-delta", "0.02", "--max-error-rate", "0.4"]);
+    assert!(stdout(&o).contains("heldout_delta 0.02, max_error_rate 0.4"), "{}{}", stdout(&o), stderr(&o));
+    let o = env.run(&["models", "rules", "triage", "--max-error-rate", "-1", "--min-rated", "50"]);
+    assert!(stdout(&o).contains("min_rated 50, heldout_delta 0.02, max_error_rate off"), "{}", stdout(&o));
+    let o = env.run(&["models", "rules", "triage", "--max-error-rate", "7"]);
+    assert!(!o.status.success() && stderr(&o).contains("max_error_rate must be between 0 and 1"));
 }
 
 #[test]

@@ -31,6 +31,25 @@ pub struct AbTest {
     pub verdict: Option<String>,
 }
 
+/// How a model's self-deciding A/B tests decide.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelRules {
+    pub model_name: String,
+    /// Rated predictions each arm needs before the feedback verdict or the error-rate bound.
+    pub min_rated: i64,
+    /// Roll back when the candidate's held-out accuracy is below production's minus this.
+    pub heldout_delta: Option<f64>,
+    /// Roll back when the candidate arm's feedback-rated error rate is above this.
+    pub max_error_rate: Option<f64>,
+}
+
+impl ModelRules {
+    /// The rules of a model that has none set: the feedback verdict after 30 ratings per arm.
+    pub fn defaults(model: &str) -> Self {
+        Self { model_name: model.to_owned(), min_rated: MIN_RATED, heldout_delta: None, max_error_rate: None }
+    }
+}
+
 /// What one arm has seen since the test started.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ArmStats {
@@ -166,6 +185,17 @@ impl Store {
     /// Ends the model's running test as decided: `promote` (the candidate goes to
     /// production), `rollback` (production stays) or `stop`; the verdict so far is noted.
     pub async fn conclude_ab(&self, id: &str, action: &str, actor: &str) -> Result<AbTest> {
+        self.conclude_ab_because(id, action, actor, None).await
+    }
+
+    /// [`Store::conclude_ab`] with the reason a rule gave.
+    pub async fn conclude_ab_because(
+        &self,
+        id: &str,
+        action: &str,
+        actor: &str,
+        reason: Option<&str>,
+    ) -> Result<AbTest> {
         let test = self
             .ab_tests(None)
             .await?
@@ -174,7 +204,10 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound { kind: "running A/B test", id: id.to_owned() })?;
         let (production, candidate) = self.ab_stats(&test).await?;
         let (so_far, _) = verdict(&production, &candidate, MIN_RATED);
-        let note = format!("{action} by {actor}; verdict so far: {so_far}");
+        let note = match reason {
+            Some(r) => format!("{action} by {actor}: {r}; verdict so far: {so_far}"),
+            None => format!("{action} by {actor}; verdict so far: {so_far}"),
+        };
         match action {
             "promote" => {
                 self.promote(&test.model_name, test.candidate_version, actor).await?;
@@ -191,18 +224,90 @@ impl Store {
     /// (audited as `auto-rule`). Called as feedback arrives; returns the test it ended.
     pub async fn decide_ab(&self, model: &str) -> Result<Option<AbTest>> {
         let Some(test) = self.running_ab(model).await?.filter(|t| t.auto_decide) else { return Ok(None) };
+        let rules = self.model_rules(model).await?;
         let (production, candidate) = self.ab_stats(&test).await?;
-        let action = match verdict(&production, &candidate, MIN_RATED).0 {
-            "better" => "promote",
-            "worse" => "rollback",
-            _ => return Ok(None),
+        let heldout = |v: i64| async move {
+            Ok::<_, StoreError>(self.model_version(model, v).await?.metrics.and_then(|m| m["accuracy"].as_f64()))
         };
+        let mut decision: Option<(&str, String)> = None;
+        if let (Some(delta), Some(p), Some(c)) =
+            (rules.heldout_delta, heldout(test.production_version).await?, heldout(test.candidate_version).await?)
+            && c < p - delta
+        {
+            decision = Some(("rollback", format!("held-out accuracy {c:.4} is below production's {p:.4} - {delta}")));
+        }
+        if decision.is_none()
+            && let Some(bound) = rules.max_error_rate
+            && candidate.rated >= rules.min_rated
+        {
+            let error_rate = 1.0 - candidate.correct as f64 / candidate.rated as f64;
+            if error_rate > bound {
+                decision = Some(("rollback", format!("error rate {error_rate:.4} is above the bound {bound}")));
+            }
+        }
+        if decision.is_none() {
+            decision = match verdict(&production, &candidate, rules.min_rated).0 {
+                "better" => Some(("promote", "feedback-rated accuracy is significantly better".into())),
+                "worse" => Some(("rollback", "feedback-rated accuracy is significantly worse".into())),
+                _ => None,
+            };
+        }
+        let Some((action, reason)) = decision else { return Ok(None) };
         // Another request may have decided first; then there is nothing left to do.
-        match self.conclude_ab(&test.id, action, "auto-rule").await {
+        match self.conclude_ab_because(&test.id, action, "auto-rule", Some(&reason)).await {
             Ok(t) => Ok(Some(t)),
             Err(StoreError::NotFound { .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// A model's rules (the defaults when none are set).
+    pub async fn model_rules(&self, model: &str) -> Result<ModelRules> {
+        let row = sqlx::query(
+            "SELECT model_name, min_rated, heldout_delta, max_error_rate FROM model_rules WHERE model_name = $1",
+        )
+        .bind(model)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            None => Ok(ModelRules::defaults(model)),
+            Some(r) => Ok(ModelRules {
+                model_name: r.try_get("model_name")?,
+                min_rated: r.try_get("min_rated")?,
+                heldout_delta: r.try_get("heldout_delta")?,
+                max_error_rate: r.try_get("max_error_rate")?,
+            }),
+        }
+    }
+
+    /// Sets a model's rules (audited).
+    pub async fn set_model_rules(&self, rules: &ModelRules, actor: &str) -> Result<()> {
+        if rules.min_rated < 1 {
+            return Err(StoreError::Invalid("min_rated must be at least 1".into()));
+        }
+        if rules.heldout_delta.is_some_and(|d| !(d.is_finite() && d >= 0.0)) {
+            return Err(StoreError::Invalid("heldout_delta must be a number >= 0".into()));
+        }
+        if rules.max_error_rate.is_some_and(|r| !(0.0..=1.0).contains(&r)) {
+            return Err(StoreError::Invalid("max_error_rate must be between 0 and 1".into()));
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM model_rules WHERE model_name = $1").bind(&rules.model_name).execute(&mut *tx).await?;
+        sqlx::query(
+            "INSERT INTO model_rules (model_name, min_rated, heldout_delta, max_error_rate) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&rules.model_name)
+        .bind(rules.min_rated)
+        .bind(rules.heldout_delta)
+        .bind(rules.max_error_rate)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let detail = format!(
+            "min_rated {}, heldout_delta {:?}, max_error_rate {:?}",
+            rules.min_rated, rules.heldout_delta, rules.max_error_rate
+        );
+        self.record_event("rules", &rules.model_name, &detail, actor).await
     }
 
     /// Per-arm figures of a test: `(production, candidate)`.

@@ -16,7 +16,7 @@ mod runs;
 mod serving;
 mod store;
 
-pub use ab::{AbTest, ArmStats, MIN_RATED, assign_arm, verdict, wilson};
+pub use ab::{AbTest, ArmStats, MIN_RATED, ModelRules, assign_arm, verdict, wilson};
 pub use artifacts::Artifact;
 pub use error::StoreError;
 pub use events::Event;

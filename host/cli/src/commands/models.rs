@@ -38,6 +38,22 @@ pub enum ModelsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Show (and with flags, change) how NAME's self-deciding A/B tests decide.
+    Rules {
+        name: String,
+        /// Rated predictions each arm needs before the feedback verdict and the error bound.
+        #[arg(long)]
+        min_rated: Option<i64>,
+        /// Roll back when the candidate's held-out accuracy is below production's minus this
+        /// (a negative value switches the rule off).
+        #[arg(long, allow_negative_numbers = true)]
+        heldout_delta: Option<f64>,
+        /// Roll back when the candidate's feedback-rated error rate is above this (negative: off).
+        #[arg(long, allow_negative_numbers = true)]
+        max_error_rate: Option<f64>,
+        #[command(flatten)]
+        db: DbArgs,
+    },
     /// The audit trail, newest first.
     Events {
         #[arg(long, default_value_t = 20)]
@@ -72,6 +88,24 @@ pub fn run(cmd: ModelsCommand) -> anyhow::Result<Outcome> {
                 &actor(),
             ))?;
             println!("registered {}@{} ({})", v.name, v.version, v.stage.as_str());
+        }
+        ModelsCommand::Rules { name, min_rated, heldout_delta, max_error_rate, db } => {
+            let store = open_store(&rt, &db.url())?;
+            let mut rules = rt.block_on(store.model_rules(&name))?;
+            if min_rated.is_some() || heldout_delta.is_some() || max_error_rate.is_some() {
+                let off = |v: f64| (v >= 0.0).then_some(v);
+                rules.min_rated = min_rated.unwrap_or(rules.min_rated);
+                rules.heldout_delta = heldout_delta.map_or(rules.heldout_delta, off);
+                rules.max_error_rate = max_error_rate.map_or(rules.max_error_rate, off);
+                rt.block_on(store.set_model_rules(&rules, &actor()))?;
+            }
+            let show = |v: Option<f64>| v.map_or_else(|| "off".to_string(), |v| v.to_string());
+            println!(
+                "{name}: min_rated {}, heldout_delta {}, max_error_rate {}",
+                rules.min_rated,
+                show(rules.heldout_delta),
+                show(rules.max_error_rate)
+            );
         }
         ModelsCommand::Promote { name, model_version, db } => {
             let store = open_store(&rt, &db.url())?;

@@ -172,6 +172,7 @@ backends::on_every_backend!(
     run_plugins_record_lineage_in_order_and_find_runs_by_plugin,
     feedback_is_filtered_reviewed_and_predictions_read_back,
     ab_tests_start_once_count_arms_and_end_audited,
+    model_rules_roll_back_on_held_out_accuracy_and_error_rate,
 );
 
 async fn feedback_is_filtered_reviewed_and_predictions_read_back(url: String) {
@@ -263,4 +264,57 @@ async fn ab_tests_start_once_count_arms_and_end_audited(url: String) {
     assert_eq!(s.events(Some("m@2"), 5).await.expect("events")[0].kind, "ab-rolled_back");
     s.start_ab("m", 2, 0.5, true, "t").await.expect("a new test after the first ended");
     assert_eq!(s.ab_tests(Some("m")).await.expect("list").len(), 2);
+}
+
+async fn model_rules_roll_back_on_held_out_accuracy_and_error_rate(url: String) {
+    let s = Store::open(&url).await.expect("open");
+    for (id, acc) in [("r1", 0.9), ("r2", 0.8)] {
+        s.start_run(&run(id, id)).await.expect("start");
+        let metrics = serde_json::json!({"accuracy": acc});
+        s.register_model("m", id, "/x", Some(&metrics), "t").await.expect("register");
+    }
+    s.promote("m", 1, "t").await.expect("promote");
+    assert_eq!(s.model_rules("m").await.expect("defaults"), tuneforge_store::ModelRules::defaults("m"));
+    let mut rules =
+        tuneforge_store::ModelRules { heldout_delta: Some(0.05), ..tuneforge_store::ModelRules::defaults("m") };
+    assert!(s.set_model_rules(&tuneforge_store::ModelRules { min_rated: 0, ..rules.clone() }, "t").await.is_err());
+    s.set_model_rules(&rules, "t").await.expect("set");
+    assert_eq!(s.model_rules("m").await.expect("read"), rules);
+
+    // Held out: 0.8 < 0.9 - 0.05, so the test ends at the first decision.
+    s.start_ab("m", 2, 0.5, true, "t").await.expect("start");
+    let ended = s.decide_ab("m").await.expect("decide").expect("decided");
+    assert_eq!(ended.status, "rolled_back");
+    assert!(ended.verdict.as_deref().expect("note").contains("held-out accuracy 0.8000 is below"), "{ended:?}");
+
+    // Error rate: with the held-out rule off, two wrong answers out of two exceed 30%.
+    rules.heldout_delta = None;
+    rules.max_error_rate = Some(0.3);
+    rules.min_rated = 2;
+    s.set_model_rules(&rules, "t").await.expect("set");
+    let test = s.start_ab("m", 2, 0.5, true, "t").await.expect("start");
+    assert!(s.decide_ab("m").await.expect("decide").is_none(), "no ratings yet");
+    for _ in 0..2 {
+        let p = NewPrediction {
+            model_name: "m".into(),
+            model_version: 2,
+            input: "x".into(),
+            output: "a".into(),
+            probabilities: serde_json::json!({"a": 1.0}),
+            latency_ms: 1.0,
+            arm: Some("candidate".into()),
+        };
+        let pid = s.record_prediction(&p).await.expect("predict");
+        let fb = NewFeedback {
+            prediction_id: pid,
+            rating: "wrong".into(),
+            corrected_label: None,
+            comment: None,
+            author: None,
+        };
+        s.record_feedback(&fb).await.expect("feedback");
+    }
+    let ended = s.decide_ab("m").await.expect("decide").expect("decided");
+    assert_eq!((ended.id.as_str(), ended.status.as_str()), (test.id.as_str(), "rolled_back"));
+    assert!(ended.verdict.as_deref().expect("note").contains("error rate 1.0000 is above the bound 0.3"), "{ended:?}");
 }
