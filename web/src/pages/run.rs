@@ -175,7 +175,16 @@ pub fn RunPage() -> impl IntoView {
             {move || Suspend::new(async move {
                 match data.await {
                     Ok(d) => detail(d).into_any(),
-                    Err(e) => view! { <p class="error">{e.to_string()}</p> }.into_any(),
+                    Err(e) => {
+                        // Rendered on the server: an unknown run is a 404, not a page that says so.
+                        #[cfg(feature = "ssr")]
+                        if e.to_string().contains("not found")
+                            && let Some(response) = use_context::<leptos_actix::ResponseOptions>()
+                        {
+                            response.set_status(actix_web::http::StatusCode::NOT_FOUND);
+                        }
+                        view! { <p class="error">{e.to_string()}</p> }.into_any()
+                    }
                 }
             })}
         </Suspense>

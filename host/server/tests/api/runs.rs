@@ -69,6 +69,11 @@ async fn bad_requests_get_400_naming_the_field_and_unknown_ids_404() {
     let r = app.get("/api/v1/runs/nope").await;
     assert_eq!(r.status, 404);
     assert!(r.json()["error"].as_str().expect("error").contains("nope"));
+    // The dashboard's page of an unknown run is a 404 too, and says why.
+    let page = app.get("/runs/nope").await;
+    assert_eq!(page.status, 404);
+    assert!(page.body.contains("not found"));
+    assert_eq!(app.get("/").await.status, 200);
     let r = app.get("/api/v1/runs?limit=0").await;
     assert_eq!((r.status, r.json()["error"].as_str().map(|e| e.starts_with("limit:"))), (400, Some(true)));
     let r = app.get("/api/v1/runs?status=bogus").await;
