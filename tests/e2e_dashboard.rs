@@ -130,14 +130,19 @@ fn shots() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e-screenshots")
 }
 
-#[test]
-fn the_dashboard_in_a_real_browser() {
+/// A seeded store served on a free port, and chromedriver: `(dir, db, base URL, driver)`.
+fn setup() -> (tempfile::TempDir, String, String, Driver) {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("store.db").to_str().expect("utf-8").to_owned();
     tiny_model(&dir.path().join("model"));
     tokio::runtime::Runtime::new().expect("runtime").block_on(seed(&db, &dir.path().join("model")));
     let base = format!("http://127.0.0.1:{}", serve(db.clone()));
-    let driver = Driver::start();
+    (dir, db, base, Driver::start())
+}
+
+#[test]
+fn the_dashboard_in_a_real_browser() {
+    let (dir, db, base, driver) = setup();
     let s = driver.session(&dir.path().join("profile"));
 
     // The runs list, newest first, and its filter. The page hydrates (the bundle that
@@ -304,12 +309,7 @@ fn http_get(url: &str) -> String {
 
 #[test]
 fn without_javascript_pages_read_and_forms_work() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join("store.db").to_str().expect("utf-8").to_owned();
-    tiny_model(&dir.path().join("model"));
-    tokio::runtime::Runtime::new().expect("runtime").block_on(seed(&db, &dir.path().join("model")));
-    let base = format!("http://127.0.0.1:{}", serve(db.clone()));
-    let driver = Driver::start();
+    let (dir, db, base, driver) = setup();
     let s = driver.session_with(&dir.path().join("profile"), false);
 
     s.goto(&format!("{base}/"));
