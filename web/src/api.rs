@@ -457,7 +457,9 @@ pub async fn give_feedback(
         .await
         .map_err(server::err)?;
     // The model's A/B rule may decide now; the feedback is recorded either way.
-    if let Err(e) = store.decide_ab(&row.model_name).await {
+    if row.arm.is_some()
+        && let Err(e) = store.decide_ab(&row.model_name).await
+    {
         leptos::logging::warn!("automatic A/B decision for {}: {e}", row.model_name);
     }
     leptos_actix::redirect(&format!("/feedback?model={}", row.model_name));

@@ -99,7 +99,10 @@ pub async fn decide_after_feedback(
     store: &tuneforge_store::Store,
     prediction_id: &str,
 ) -> Option<tuneforge_store::AbTest> {
-    let model = store.prediction(prediction_id).await.ok()?.0.model_name;
+    // Only feedback on a prediction served in an A/B arm changes a test's figures.
+    let row = store.prediction(prediction_id).await.ok()?.0;
+    row.arm.as_ref()?;
+    let model = row.model_name;
     match store.decide_ab(&model).await {
         Ok(decided) => decided,
         Err(e) => {
