@@ -300,6 +300,8 @@ impl Store {
         .bind(rules.min_rated)
         .bind(rules.heldout_delta)
         .bind(rules.max_error_rate)
+        // Optional floats: see `finish_run` on why this statement is not cached.
+        .persistent(false)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -233,6 +233,10 @@ impl Store {
         .bind(macro_f1)
         .bind(error)
         .bind(now_ms())
+        // Through the Any driver a `None` float is sent with a non-float type; PostgreSQL
+        // caches the prepared statement with that type and then refuses a later `Some`
+        // ("incorrect binary data format"). Preparing afresh each time avoids it.
+        .persistent(false)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -173,6 +173,7 @@ backends::on_every_backend!(
     feedback_is_filtered_reviewed_and_predictions_read_back,
     ab_tests_start_once_count_arms_and_end_audited,
     model_rules_roll_back_on_held_out_accuracy_and_error_rate,
+    optional_numbers_alternate_between_null_and_values,
 );
 
 async fn feedback_is_filtered_reviewed_and_predictions_read_back(url: String) {
@@ -317,4 +318,26 @@ async fn model_rules_roll_back_on_held_out_accuracy_and_error_rate(url: String) 
     let ended = s.decide_ab("m").await.expect("decide").expect("decided");
     assert_eq!((ended.id.as_str(), ended.status.as_str()), (test.id.as_str(), "rolled_back"));
     assert!(ended.verdict.as_deref().expect("note").contains("error rate 1.0000 is above the bound 0.3"), "{ended:?}");
+}
+
+/// Optional numbers bound as NULL and then as values through one connection: PostgreSQL must
+/// not reuse a statement prepared with the NULL's type (it did, and refused the value).
+async fn optional_numbers_alternate_between_null_and_values(url: String) {
+    let s = Store::open(&url).await.expect("open");
+    for i in 0..12 {
+        let rules = tuneforge_store::ModelRules {
+            min_rated: 2,
+            heldout_delta: (i % 2 == 0).then_some(0.1),
+            max_error_rate: (i % 3 != 0).then_some(0.3),
+            ..tuneforge_store::ModelRules::defaults("m")
+        };
+        s.set_model_rules(&rules, "t").await.unwrap_or_else(|e| panic!("rules {i}: {e}"));
+        let id = format!("r{i}");
+        s.start_run(&run(&id, "x")).await.expect("start");
+        let acc = (i % 2 == 1).then_some(0.5);
+        s.finish_run(&id, RunStatus::Succeeded, None, None, acc, acc, None)
+            .await
+            .unwrap_or_else(|e| panic!("finish {i}: {e}"));
+    }
+    assert_eq!(s.model_rules("m").await.expect("rules").max_error_rate, Some(0.3));
 }
