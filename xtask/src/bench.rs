@@ -53,9 +53,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         Some("peft") => return peft_check(&args[1..]),
         Some("serve") => return crate::bench_serve::run(),
         Some("plugins") => return crate::bench_plugins::run(&args[1..]),
+        Some("compress") => return crate::bench_compress::run(&args[1..]),
+        Some("kernels") => return crate::bench_compress::kernels(),
         Some("train") => {}
         _ => bail!(
-            "usage: cargo xtask bench train [--data FILE] [--steps N] [--warmup N] [--with-pytorch] | peft RUN_DIR | serve | plugins"
+            "usage: cargo xtask bench train [--data FILE] [--steps N] [--warmup N] [--with-pytorch] | compress --model RUN_DIR [--student RUN_DIR] | kernels | peft RUN_DIR | serve | plugins"
         ),
     }
     let o = parse(&args[1..])?;
@@ -220,7 +222,7 @@ pub(crate) fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown CPU".into())
 }
 
-fn peak_rss_mib() -> f64 {
+pub(crate) fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -308,7 +310,7 @@ pub fn run_one(args: &[String]) -> anyhow::Result<()> {
             };
             for (i, b) in batches.iter().enumerate() {
                 let prefix = cache.as_ref().map(|c| c.collate(b)).transpose()?;
-                let batch = TrainBatch { tokens: b.clone(), prefix, texts: Vec::new() };
+                let batch = TrainBatch { tokens: b.clone(), prefix, texts: Vec::new(), teacher: None };
                 let s = train_step(&model, &trainable, &mut opt, &[batch], &[i as u64], 0.0, 5e-5)?;
                 if i >= o.warmup {
                     tokens += s.tokens;

@@ -160,8 +160,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         for s in 0..warmup + steps {
             let idx: Vec<usize> = (s * ROWS..(s + 1) * ROWS).map(|i| i % encoded.len()).collect();
             let tokens = EncodedBatch::collate(&encoded, &idx, Some(&ids), model.text_encoder().pad_id());
-            let batch =
-                TrainBatch { tokens, prefix: None, texts: idx.iter().map(|&i| examples[i].text.clone()).collect() };
+            let batch = TrainBatch {
+                tokens,
+                prefix: None,
+                texts: idx.iter().map(|&i| examples[i].text.clone()).collect(),
+                teacher: None,
+            };
             *spent.lock().unwrap_or_else(|p| p.into_inner()) = 0.0;
             let t = Instant::now();
             train_step_with(&model, &trainable, &mut opt, &[batch], &[s as u64], 1.0, 5e-5, &mut hooks)?;

@@ -5,6 +5,7 @@
 
 mod api_fuzz;
 mod bench;
+mod bench_compress;
 mod bench_plugins;
 mod bench_serve;
 mod demo;
@@ -34,6 +35,10 @@ commands:
   bench train [--data FILE] [--steps N] [--with-pytorch]
                        training and inference speed of all-MiniLM-L6-v2 (full, freeze, cache,
                        adapters, LoRA), side by side with PyTorch when asked
+  bench compress --model RUN_DIR [--student RUN_DIR]
+                       f32 vs int8 (and a distilled student): held-out accuracy, size,
+                       peak memory, inference tokens/s, batch-1 latency
+  bench kernels        the int8 matrix product against f32 on MiniLM's shapes
   bench peft RUN_DIR   load a LoRA run's PEFT export in Hugging Face PEFT and compare outputs
   bench plugins [--steps N]
                        a loss plugin's cost per call (32x24 logits) and its share of a
@@ -52,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         Some("api-fuzz") => api_fuzz::run(rest),
         Some("bench") => bench::run(rest),
         Some("bench-one") => bench::run_one(rest),
+        Some("bench-compress-one") => bench_compress::run_one(rest),
         Some("-h" | "--help" | "help") | None => {
             println!("{USAGE}");
             Ok(())

@@ -30,6 +30,8 @@ enum Command {
     Predict(commands::predict::PredictArgs),
     /// Export a LoRA model for Hugging Face PEFT, or with LoRA merged into the weights.
     Export(commands::export::ExportArgs),
+    /// Quantize a trained model's weights to int8 for faster, smaller serving.
+    Quantize(commands::quantize::QuantizeArgs),
     /// Runs recorded in the experiment store: list, show, compare.
     #[command(subcommand)]
     Runs(commands::runs::RunsCommand),
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => commands::eval::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Export(args) => commands::export::run(args),
+        Command::Quantize(args) => commands::quantize::run(args),
         Command::Runs(cmd) => commands::runs::run(cmd),
         Command::Models(cmd) => commands::models::run(cmd),
         Command::Serve(args) => commands::serve::run(args),

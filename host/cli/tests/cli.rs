@@ -312,6 +312,26 @@ fn lora_runs_export_for_peft_and_merged() {
     }
     let o = env.run(&["export", run, "x"]);
     assert_eq!(o.status.code(), Some(2), "--peft or --merged is required");
+
+    // int8: LoRA is merged on the way; eval and predict load the quantized directory.
+    let o = env.run(&["quantize", "--model", run, "--to", "int8", "int8"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("int8"), "{}", stdout(&o));
+    let c = env.run(&["predict", "--model", "int8", "--json", "rash itch red", "chest pain"]);
+    assert!(c.status.success(), "{}", stderr(&c));
+    let c = json(&c);
+    for i in 0..2 {
+        assert_eq!(a[i]["label"], c[i]["label"]);
+        assert!((a[i]["score"].as_f64().expect("p") - c[i]["score"].as_f64().expect("p")).abs() < 0.05);
+    }
+    let o = env.run(&["eval", "--model", "int8", "--data", "train.csv", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let f = env.run(&["eval", "--model", &format!("{run}/best"), "--data", "train.csv", "--json"]);
+    let (acc8, acc32) = (json(&o)["accuracy"].as_f64().expect("acc"), json(&f)["accuracy"].as_f64().expect("acc"));
+    assert!(acc8 >= acc32 - 0.12, "int8 accuracy {acc8} vs f32 {acc32}");
+    let o = env.run(&["quantize", "--model", "int8", "again"]);
+    assert!(!o.status.success() && stderr(&o).contains("already quantized"), "{}", stderr(&o));
+    assert_no_panic(&o);
 }
 
 /// Runs land in the experiment store; the registry promotes and rolls back with an audit trail.

@@ -5,8 +5,11 @@
 //! (`embeddings.word_embeddings.weight`, `encoder.layer.{i}.attention.self.query.weight`, …),
 //! so the same code loads published weights and trains from a seeded random start.
 
-use candle_core::Tensor;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
+use tuneforge_kernels::Int8Matrix;
 
 use crate::layers::{Adapter, ForwardCtx, LayerNorm, Linear, Lora, layer_norm, linear};
 use crate::peft::{AdapterPlacement, PeftSpec};
@@ -102,10 +105,67 @@ impl BertConfig {
     }
 }
 
+impl BertConfig {
+    /// Reads a `config.json`, errors naming the file and line.
+    pub fn read(path: &std::path::Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(CoreError::io(path))?;
+        serde_json::from_str(&text).map_err(|e| CoreError::file(path, format!("line {}: {e}", e.line())))
+    }
+}
+
 const INIT_STD: f64 = 0.02;
 
+/// The word-embedding table: f32, or int8 rows with a scale each (a quantized model).
+enum WordTable {
+    Float(Tensor),
+    Int8(Arc<Int8Matrix>),
+}
+
+impl WordTable {
+    fn n_rows(&self) -> candle_core::Result<usize> {
+        match self {
+            Self::Float(t) => t.dim(0),
+            Self::Int8(m) => Ok(m.rows()),
+        }
+    }
+
+    fn width(&self) -> candle_core::Result<usize> {
+        match self {
+            Self::Float(t) => t.dim(1),
+            Self::Int8(m) => Ok(m.cols()),
+        }
+    }
+
+    fn dtype(&self) -> DType {
+        match self {
+            Self::Float(t) => t.dtype(),
+            Self::Int8(_) => DType::F32,
+        }
+    }
+
+    /// Rows `[n, hidden]` for flat ids (dequantized for int8).
+    fn rows(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::Float(t) => t.embedding_rows(ids),
+            Self::Int8(m) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let h = m.cols();
+                let mut out = vec![0f32; ids.len() * h];
+                for (i, id) in ids.iter().enumerate() {
+                    let r = *id as usize;
+                    if r >= m.rows() {
+                        candle_core::bail!("token id {r} is outside the {}-row embedding table", m.rows());
+                    }
+                    m.dequantize_row(r, &mut out[i * h..(i + 1) * h]);
+                }
+                Tensor::from_vec(out, (ids.len(), h), &candle_core::Device::Cpu)
+            }
+        }
+    }
+}
+
 struct Embeddings {
-    word: Tensor,
+    word: WordTable,
     /// Rows of tokens added by vocabulary extension (ids from `word.dim(0)` on), kept apart
     /// so that they can train while the original rows stay frozen.
     word_extra: Option<Tensor>,
@@ -120,7 +180,10 @@ impl Embeddings {
         let h = cfg.hidden_size;
         let word_pb = pb.pp("word_embeddings");
         Ok(Self {
-            word: word_pb.get(&[cfg.vocab_size, h], "weight", Init::Normal(INIT_STD))?,
+            word: match word_pb.get_int8("weight", &[cfg.vocab_size, h])? {
+                Some(m) => WordTable::Int8(m),
+                None => WordTable::Float(word_pb.get(&[cfg.vocab_size, h], "weight", Init::Normal(INIT_STD))?),
+            },
             word_extra: match n_extra_tokens {
                 0 => None,
                 n => Some(word_pb.get_new(&[n, h], "extra", Init::Normal(INIT_STD))?),
@@ -149,7 +212,7 @@ impl Embeddings {
                 message: format!("sequence of {l} tokens is longer than the model's {max_pos} positions"),
             });
         }
-        let h = self.word.dim(1)?;
+        let h = self.word.width()?;
         let words = self.word_rows(&ids.flatten_all()?)?.reshape((b, l, h))?;
         let types = self.token_type.embedding_rows(&type_ids.flatten_all()?)?.reshape((b, l, h))?;
         let positions = self.position.narrow(0, 0, l)?.unsqueeze(0)?;
@@ -162,16 +225,16 @@ impl Embeddings {
 impl Embeddings {
     /// Word vectors `[n, hidden]` for flat ids, from the original or the added rows.
     fn word_rows(&self, ids: &Tensor) -> Result<Tensor> {
-        let Some(extra) = &self.word_extra else { return Ok(self.word.embedding_rows(ids)?) };
-        let v = self.word.dim(0)? as u32;
+        let Some(extra) = &self.word_extra else { return Ok(self.word.rows(ids)?) };
+        let v = self.word.n_rows()? as u32;
         let ids = ids.to_vec1::<u32>()?;
         let n = ids.len();
         let base: Vec<u32> = ids.iter().map(|&i| if i < v { i } else { 0 }).collect();
         let added: Vec<u32> = ids.iter().map(|&i| i.saturating_sub(v)).collect();
         let is_added: Vec<f32> = ids.iter().map(|&i| if i >= v { 1.0 } else { 0.0 }).collect();
-        let device = self.word.device();
+        let device = extra.device();
         let m = Tensor::from_vec(is_added, (n, 1), device)?.to_dtype(self.word.dtype())?;
-        let from_base = self.word.embedding_rows(&Tensor::from_vec(base, n, device)?)?;
+        let from_base = self.word.rows(&Tensor::from_vec(base, n, device)?)?;
         let from_added = extra.embedding_rows(&Tensor::from_vec(added, n, device)?)?;
         Ok((from_base.broadcast_mul(&(1.0 - &m)?)? + from_added.broadcast_mul(&m)?)?)
     }

@@ -62,6 +62,9 @@ pub struct ModelMeta {
     /// Numeric features from a plugin fused with the text embedding, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fusion: Option<Fusion>,
+    /// Set when the weights are quantized (`tuneforge quantize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantization: Option<crate::quantize::Quantization>,
 }
 
 /// Feature fusion: which plugin's features, how they are standardised and the layer width.
@@ -117,6 +120,7 @@ impl ModelMeta {
             trained_last_layers: options.trainability.train_last_layers,
             extra_tokens: options.extra_tokens.clone(),
             fusion: options.fusion.clone(),
+            quantization: None,
         }
     }
 }
@@ -233,8 +237,41 @@ impl ClassifierModel {
     /// A classifier with a new head over the pretrained encoder in `dir`
     /// (`config.json`, `model.safetensors`, `tokenizer.json`).
     pub fn from_base(dir: &Path, options: &ClassifierOptions) -> Result<Self> {
-        let config: BertConfig = read_json(&dir.join("config.json"))?;
+        Self::from_base_layers(dir, options, None)
+    }
+
+    /// [`ClassifierModel::from_base`] keeping only the encoder layers `keep` (in order,
+    /// renumbered from 0): a smaller student initialised from chosen layers.
+    pub fn from_base_layers(dir: &Path, options: &ClassifierOptions, keep: Option<&[usize]>) -> Result<Self> {
+        if let Ok(meta) = read_json::<ModelMeta>(&dir.join(META_FILE))
+            && meta.quantization.is_some()
+        {
+            return Err(CoreError::file(
+                dir,
+                "is an int8 model for serving; fine-tune from the f32 model it came from",
+            ));
+        }
+        let mut config: BertConfig = read_json(&dir.join("config.json"))?;
         let mut weights = load_weights(dir)?;
+        if let Some(keep) = keep {
+            if keep.is_empty() || keep.iter().any(|&l| l >= config.num_hidden_layers) {
+                return Err(CoreError::file(
+                    dir,
+                    format!("cannot keep layers {keep:?} of a {}-layer model", config.num_hidden_layers),
+                ));
+            }
+            weights = weights
+                .into_iter()
+                .filter_map(|(name, t)| match BertEncoder::layer_of(&name) {
+                    None => Some((name, t)),
+                    Some(l) => keep.iter().position(|&k| k == l).map(|new| {
+                        let rest = &name[format!("encoder.layer.{l}.").len()..];
+                        (format!("encoder.layer.{new}.{rest}"), t)
+                    }),
+                })
+                .collect();
+            config.num_hidden_layers = keep.len();
+        }
         let mut text = TextEncoder::from_file(&dir.join("tokenizer.json"), options.max_len)?;
         Self::check_sizes(&config, &text, options.max_len, dir, 0)?;
         if !options.extra_tokens.is_empty() {
@@ -291,8 +328,15 @@ impl ClassifierModel {
         let config: BertConfig = read_json(&dir.join("config.json"))?;
         let text = TextEncoder::from_file(&dir.join("tokenizer.json"), meta.max_len)?;
         Self::check_sizes(&config, &text, meta.max_len, dir, meta.extra_tokens.len())?;
-        let weights = load_weights(dir)?;
-        let pb = ParamBuilder::with_loaded(weights, true, 0, DType::F32, &Device::Cpu);
+        let pb = match &meta.quantization {
+            None => ParamBuilder::with_loaded(load_weights(dir)?, true, 0, DType::F32, &Device::Cpu),
+            Some(q) => {
+                let (floats, int8) = crate::quantize::load_int8_weights(&dir.join("model.safetensors"), q)?;
+                let pb = ParamBuilder::with_loaded(floats, true, 0, DType::F32, &Device::Cpu);
+                pb.set_int8(int8);
+                pb
+            }
+        };
         pb.set_trainable(|_| false);
         pb.set_strict();
         Self::build_inner(config, pb, text, meta)
@@ -567,6 +611,9 @@ impl ClassifierModel {
     /// [`ClassifierModel::save`], with the plugins the model needs at inference (cleaners,
     /// features) copied into `plugins/<name>/` and listed in `plugins.json`.
     pub fn save_with_plugins(&self, dir: &Path, plugins: &[crate::hooks::InferencePlugin]) -> Result<()> {
+        if self.meta.quantization.is_some() {
+            return Err(CoreError::file(dir, "a quantized model is saved by `tuneforge quantize`, not re-saved"));
+        }
         let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
         let staging = dir.with_file_name(format!(".{name}.staging-{}", std::process::id()));
         if staging.exists() {

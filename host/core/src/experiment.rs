@@ -69,6 +69,9 @@ pub struct ExperimentConfig {
     pub train: TrainSection,
     #[serde(default)]
     pub gates: GatesConfig,
+    /// `[distill]`: learn from a trained teacher's logits as well as from the labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillSection>,
     /// `[[plugins]]`: the WebAssembly plugins the run calls, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<PluginSpec>,
@@ -366,6 +369,52 @@ pub enum BestMetric {
     Loss,
 }
 
+/// Knowledge distillation (Hinton et al. 2015): the loss is
+/// `alpha · T² · KL(softmax(teacher/T) ‖ softmax(student/T)) + (1 − alpha) · CE(student, label)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSection {
+    /// A trained model directory (a run's `best/`) or run directory.
+    pub teacher: PathBuf,
+    /// Softening temperature T (default 2).
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Weight of the teacher term (default 0.5; 1 = teacher only, 0 = labels only).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// The student keeps this many of the encoder's layers, evenly spaced and ending at the
+    /// last one (3 of 6: layers 1, 3, 5). Unset: the student has every layer.
+    #[serde(default)]
+    pub student_layers: Option<usize>,
+    /// Where the student's weights start: `"teacher"` (the teacher's fine-tuned layers and
+    /// head, as DistilBERT does) or `"base"` (the `[model] source`).
+    #[serde(default)]
+    pub student_init: StudentInit,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StudentInit {
+    #[default]
+    Teacher,
+    Base,
+}
+
+fn default_temperature() -> f64 {
+    2.0
+}
+
+fn default_alpha() -> f64 {
+    0.5
+}
+
+impl DistillSection {
+    /// The layers a student of `n` layers keeps out of `total`, evenly spaced, ending at the last.
+    pub fn layers_to_keep(n: usize, total: usize) -> Vec<usize> {
+        (1..=n).map(|j| (j * total).div_ceil(n) - 1).collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatesConfig {
@@ -432,6 +481,9 @@ impl ExperimentConfig {
             abs(v);
         }
         abs(&mut self.experiment.output_dir);
+        if let Some(d) = &mut self.distill {
+            abs(&mut d.teacher);
+        }
         for p in &mut self.plugins {
             if let Some(path) = &mut p.path {
                 abs(path);
@@ -519,6 +571,17 @@ impl ExperimentConfig {
             return Err(("model.source", "is empty".into()));
         }
         self.validate_peft()?;
+        if let Some(d) = &self.distill {
+            if !(d.temperature.is_finite() && d.temperature > 0.0) {
+                return Err(("distill.temperature", format!("must be a positive number, got {}", d.temperature)));
+            }
+            if !(0.0..=1.0).contains(&d.alpha) {
+                return Err(("distill.alpha", format!("must be in [0, 1], got {}", d.alpha)));
+            }
+            if d.student_layers == Some(0) {
+                return Err(("distill.student_layers", "must be at least 1".into()));
+            }
+        }
         if let Some(r) = self.gates.max_trainable_ratio
             && !(0.0..=1.0).contains(&r)
         {

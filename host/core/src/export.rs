@@ -19,7 +19,7 @@ pub fn model_dir_of(path: &Path) -> PathBuf {
     if path.join(META_FILE).exists() { path.to_path_buf() } else { path.join("best") }
 }
 
-fn read_model(dir: &Path) -> Result<(ModelMeta, BTreeMap<String, Tensor>)> {
+pub(crate) fn read_model(dir: &Path) -> Result<(ModelMeta, BTreeMap<String, Tensor>)> {
     let meta_path = dir.join(META_FILE);
     let text = std::fs::read_to_string(&meta_path).map_err(CoreError::io(&meta_path))?;
     let meta: ModelMeta = serde_json::from_str(&text).map_err(|e| CoreError::file(&meta_path, e.to_string()))?;
@@ -27,7 +27,7 @@ fn read_model(dir: &Path) -> Result<(ModelMeta, BTreeMap<String, Tensor>)> {
     Ok((meta, tensors))
 }
 
-fn stage(out: &Path) -> Result<PathBuf> {
+pub(crate) fn stage(out: &Path) -> Result<PathBuf> {
     let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("export");
     let staging = out.with_file_name(format!(".{name}.staging-{}", std::process::id()));
     if staging.exists() {
@@ -119,7 +119,29 @@ pub fn export_peft(model: &Path, out: &Path) -> Result<()> {
 pub fn export_merged(model: &Path, out: &Path) -> Result<()> {
     let model_dir = &model_dir_of(model);
     let (mut meta, mut tensors) = read_model(model_dir)?;
-    let (rank, alpha, ..) = lora_params(&meta, model_dir)?;
+    lora_params(&meta, model_dir)?;
+    merge_lora(&mut meta, &mut tensors, model_dir)?;
+    let staging = stage(out)?;
+    for file in ["config.json", "tokenizer.json"] {
+        let from = model_dir.join(file);
+        let bytes = std::fs::read(&from).map_err(CoreError::io(&from))?;
+        write_synced(&staging.join(file), &bytes)?;
+    }
+    copy_model_plugins(model_dir, &staging)?;
+    let list: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    write_synced(&staging.join("model.safetensors"), &to_safetensors_bytes(&list)?)?;
+    let meta_json = serde_json::to_vec_pretty(&meta).map_err(|e| CoreError::file(out, e.to_string()))?;
+    write_synced(&staging.join(META_FILE), &meta_json)?;
+    replace_dir(&staging, out)
+}
+
+/// Folds every LoRA update into its base weight (`W + (α/r) B A`) and clears the model's
+/// PEFT spec; a model without LoRA is left as it is.
+pub(crate) fn merge_lora(meta: &mut ModelMeta, tensors: &mut BTreeMap<String, Tensor>, dir: &Path) -> Result<()> {
+    if !matches!(meta.peft, PeftSpec::Lora { .. }) {
+        return Ok(());
+    }
+    let (rank, alpha, ..) = lora_params(meta, dir)?;
     let scale = alpha / rank as f64;
     let modules: Vec<String> =
         tensors.keys().filter_map(|k| k.strip_suffix(".lora_A.weight").map(str::to_owned)).collect();
@@ -132,15 +154,29 @@ pub fn export_merged(model: &Path, out: &Path) -> Result<()> {
         tensors.insert(format!("{m}.weight"), merged);
     }
     meta.peft = PeftSpec::None;
-    let staging = stage(out)?;
-    for file in ["config.json", "tokenizer.json"] {
-        let from = model_dir.join(file);
-        let bytes = std::fs::read(&from).map_err(CoreError::io(&from))?;
-        write_synced(&staging.join(file), &bytes)?;
+    Ok(())
+}
+
+/// Copies the inference plugins a model carries (`plugins.json`, `plugins/`) into `to`.
+pub(crate) fn copy_model_plugins(from: &Path, to: &Path) -> Result<()> {
+    let list = from.join(crate::MODEL_PLUGINS_FILE);
+    if !list.exists() {
+        return Ok(());
     }
-    let list: Vec<(String, Tensor)> = tensors.into_iter().collect();
-    write_synced(&staging.join("model.safetensors"), &to_safetensors_bytes(&list)?)?;
-    let meta_json = serde_json::to_vec_pretty(&meta).map_err(|e| CoreError::file(out, e.to_string()))?;
-    write_synced(&staging.join(META_FILE), &meta_json)?;
-    replace_dir(&staging, out)
+    let bytes = std::fs::read(&list).map_err(CoreError::io(&list))?;
+    write_synced(&to.join(crate::MODEL_PLUGINS_FILE), &bytes)?;
+    let dir = from.join("plugins");
+    let entries = std::fs::read_dir(&dir).map_err(CoreError::io(&dir))?;
+    for entry in entries {
+        let entry = entry.map_err(CoreError::io(&dir))?;
+        let name = entry.file_name();
+        for file in ["plugin.wasm", "plugin.toml"] {
+            let src = entry.path().join(file);
+            let bytes = std::fs::read(&src).map_err(CoreError::io(&src))?;
+            let dst_dir = to.join("plugins").join(&name);
+            std::fs::create_dir_all(&dst_dir).map_err(CoreError::io(&dst_dir))?;
+            write_synced(&dst_dir.join(file), &bytes)?;
+        }
+    }
+    Ok(())
 }

@@ -8,6 +8,7 @@
 pub mod bert;
 mod checkpoint;
 mod classifier;
+pub mod distill;
 mod error;
 pub mod eval;
 pub mod experiment;
@@ -21,6 +22,7 @@ mod optim;
 mod params;
 mod peft;
 mod prefix_cache;
+pub mod quantize;
 mod run;
 mod schedule;
 mod source;

@@ -13,6 +13,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr_lite::normal;
 
+use tuneforge_kernels::Int8Matrix;
+
 use crate::{CoreError, Result};
 
 /// How a parameter that is not in the loaded weights starts.
@@ -36,6 +38,8 @@ struct BuilderState {
     /// When true, even parameters asked for with [`ParamBuilder::get_new`] must be loaded.
     strict: bool,
     params: BTreeMap<String, Param>,
+    /// int8 matrices of a quantized model, by the name of the weight they stand for.
+    int8: HashMap<String, Arc<Int8Matrix>>,
     rng: StdRng,
     trainable: TrainablePredicate,
 }
@@ -81,6 +85,7 @@ impl ParamBuilder {
             require_loaded,
             strict: false,
             params: BTreeMap::new(),
+            int8: HashMap::new(),
             rng: StdRng::seed_from_u64(seed),
             trainable: Box::new(|_| true),
         };
@@ -98,6 +103,30 @@ impl ParamBuilder {
         let mut state = self.lock();
         state.strict = true;
         state.require_loaded = true;
+    }
+
+    /// Hands int8 matrices (a quantized model's weights) to the layers that ask for them.
+    pub fn set_int8(&self, matrices: HashMap<String, Arc<Int8Matrix>>) {
+        self.lock().int8 = matrices;
+    }
+
+    /// The int8 matrix standing for parameter `name`, if the model is quantized there;
+    /// its shape must be `shape`.
+    pub fn get_int8(&self, name: &str, shape: &[usize]) -> Result<Option<Arc<Int8Matrix>>> {
+        let full = self.full_name(name);
+        let state = self.lock();
+        let Some(m) = state.int8.get(&full) else { return Ok(None) };
+        if [m.rows(), m.cols()] != shape {
+            return Err(CoreError::Param {
+                name: full,
+                message: format!(
+                    "has shape [{}, {}] in the weights file, the model expects {shape:?}",
+                    m.rows(),
+                    m.cols()
+                ),
+            });
+        }
+        Ok(Some(m.clone()))
     }
 
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {

@@ -20,6 +20,7 @@ use tuneforge_data::{
 use crate::checkpoint::{CheckpointState, Checkpoints};
 use crate::classifier::Fusion;
 use crate::classifier::{ClassifierOptions, FrozenPrefix, Trainability};
+use crate::distill::{Teacher, TeacherTargets, distill_loss, student_base};
 use crate::experiment::{BestMetric, ExperimentConfig, FusionKind, PeftMethod};
 use crate::hooks::{Hook, HookFactory, Hooks, LossHook, LossInput, NoHooks, PluginLineage};
 use crate::layers::ForwardCtx;
@@ -293,8 +294,13 @@ pub fn train_experiment_with(
             Some((Fusion::fit(&name, names, &rows, cfg.model.fusion_dim), rows))
         }
     };
-    let model = ClassifierModel::from_base(
-        &base_dir,
+    let base_layers = crate::bert::BertConfig::read(&base_dir.join("config.json"))?.num_hidden_layers;
+    let (student_dir, keep) = match &cfg.distill {
+        Some(d) => student_base(d, &base_dir, base_layers)?,
+        None => (base_dir.clone(), None),
+    };
+    let model = ClassifierModel::from_base_layers(
+        &student_dir,
         &ClassifierOptions {
             labels: vocab.labels().to_vec(),
             pooling: cfg.model.pooling,
@@ -308,8 +314,22 @@ pub fn train_experiment_with(
             extra_tokens: cfg.data.read_extra_tokens()?,
             fusion: fusion.as_ref().map(|(f, _)| f.clone()),
         },
+        keep.as_deref(),
     )?;
     let texts: Vec<&str> = train.iter().map(|e| e.text.as_str()).collect();
+    let teacher = match &cfg.distill {
+        Some(d) => {
+            let teacher = Teacher::prepare(d, vocab.labels(), &texts, t.eval_batch_size.unwrap_or(t.batch_size * 2))?;
+            tracing::info!(
+                teacher = %teacher.dir.display(),
+                layers = ?keep,
+                seconds = teacher.seconds,
+                "cached the teacher's outputs over the training split"
+            );
+            Some(teacher)
+        }
+        None => None,
+    };
     let encoded = model.text_encoder().encode(&texts)?;
     let label_ids: Vec<u32> =
         train.iter().map(|e| vocab.require_id(&e.label).map(|i| i as u32)).collect::<Result<_, _>>()?;
@@ -389,7 +409,8 @@ pub fn train_experiment_with(
                     } else {
                         indices.iter().map(|&i| train[i].text.clone()).collect()
                     };
-                    Ok(TrainBatch { tokens, prefix, texts })
+                    let teacher = teacher.as_ref().map(|t| t.targets(indices)).transpose()?;
+                    Ok(TrainBatch { tokens, prefix, texts, teacher })
                 })
                 .collect::<Result<Vec<_>>>()?;
             let lr = schedule.lr(state.step);
@@ -571,11 +592,13 @@ pub struct TrainBatch {
     pub prefix: Option<FrozenPrefix>,
     /// The rows' texts, for loss plugins (empty when no plugin needs them).
     pub texts: Vec<String>,
+    /// Distillation: the teacher's softened outputs for these rows.
+    pub teacher: Option<TeacherTargets>,
 }
 
 impl From<EncodedBatch> for TrainBatch {
     fn from(tokens: EncodedBatch) -> Self {
-        Self { tokens, prefix: None, texts: Vec::new() }
+        Self { tokens, prefix: None, texts: Vec::new(), teacher: None }
     }
 }
 
@@ -616,6 +639,10 @@ pub fn train_step_with(
         let ctx = ForwardCtx::train(seed);
         let phase = Instant::now();
         let (mut loss, logits) = model.loss_from(&batch.tokens, batch.prefix.as_ref(), &ctx)?;
+        if let Some(t) = &batch.teacher {
+            let kd = distill_loss(&logits, &t.probs, t.temperature)?;
+            loss = ((loss * (1.0 - t.alpha))? + (kd * t.alpha)?)?;
+        }
         let mut value = scalar(&loss)?;
         if !losses.is_empty() {
             let (rows, classes) = logits.dims2()?;

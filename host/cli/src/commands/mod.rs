@@ -6,6 +6,7 @@ pub mod export;
 pub mod models;
 pub mod plugin;
 pub mod predict;
+pub mod quantize;
 pub mod retrain;
 pub mod runs;
 pub mod serve;

@@ -4,7 +4,10 @@
 //! zero, so a fresh LoRA layer computes exactly the base layer. Names follow Hugging Face
 //! PEFT: `<module>.lora_A.weight`, `<module>.lora_B.weight`.
 
+use std::sync::Arc;
+
 use candle_core::{Module, Tensor};
+use tuneforge_kernels::Int8Matrix;
 
 use crate::layers::ForwardCtx;
 use crate::{Init, ParamBuilder, Result};
@@ -44,6 +47,8 @@ impl Lora {
 #[derive(Debug, Clone)]
 pub struct Linear {
     weight: Tensor,
+    /// The int8 weight of a quantized model (inference only); `weight` is then empty.
+    int8: Option<Arc<Int8Matrix>>,
     bias: Option<Tensor>,
     lora: Option<Lora>,
 }
@@ -56,9 +61,34 @@ fn matmul_t(xs: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// `xs · Wᵀ` with an int8 `W`, for `xs: [..., in]` in f32.
+fn int8_matmul_t(xs: &Tensor, w: &Int8Matrix) -> candle_core::Result<Tensor> {
+    let dims = xs.dims().to_vec();
+    let k = *dims.last().unwrap_or(&0);
+    if k != w.cols() {
+        candle_core::bail!("int8 linear layer expects {} inputs, got shape {dims:?}", w.cols());
+    }
+    let m = xs.elem_count() / k.max(1);
+    let x = xs.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let y = w.matmul_t(&x, m);
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap_or(&mut 0) = w.rows();
+    Tensor::from_vec(y, out_dims, xs.device())?.to_dtype(xs.dtype())
+}
+
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, lora: None }
+        Self { weight, int8: None, bias, lora: None }
+    }
+
+    /// A layer over an int8 weight `[out, in]` (inference only: no gradient reaches it).
+    pub fn int8(weight: Arc<Int8Matrix>, bias: Option<Tensor>) -> Result<Self> {
+        let empty = Tensor::zeros(0, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+        Ok(Self { weight: empty, int8: Some(weight), bias, lora: None })
+    }
+
+    pub fn is_int8(&self) -> bool {
+        self.int8.is_some()
     }
 
     pub fn with_lora(mut self, lora: Lora) -> Self {
@@ -101,7 +131,10 @@ impl Linear {
 impl Module for Linear {
     /// The base layer only (no LoRA update); use [`Linear::forward_t`] in models.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let y = matmul_t(xs, &self.weight)?;
+        let y = match &self.int8 {
+            Some(q) => int8_matmul_t(xs, q)?,
+            None => matmul_t(xs, &self.weight)?,
+        };
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -110,7 +143,13 @@ impl Module for Linear {
 }
 
 /// A linear layer named `weight`/`bias` under `pb`, initialised N(0, `std`) with zero bias.
+///
+/// When the builder holds an int8 matrix under `weight` (a quantized model), the layer uses it.
 pub fn linear(in_dim: usize, out_dim: usize, std: f64, pb: &ParamBuilder) -> Result<Linear> {
+    if let Some(q) = pb.get_int8("weight", &[out_dim, in_dim])? {
+        let bias = pb.get(&[out_dim], "bias", Init::Zeros)?;
+        return Linear::int8(q, Some(bias));
+    }
     let weight = pb.get(&[out_dim, in_dim], "weight", Init::Normal(std))?;
     let bias = pb.get(&[out_dim], "bias", Init::Zeros)?;
     Ok(Linear::new(weight, Some(bias)))
