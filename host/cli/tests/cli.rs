@@ -332,6 +332,12 @@ fn lora_runs_export_for_peft_and_merged() {
     let o = env.run(&["quantize", "--model", "int8", "again"]);
     assert!(!o.status.success() && stderr(&o).contains("already quantized"), "{}", stderr(&o));
     assert_no_panic(&o);
+    // The int8 copy registers as a version of the run's model (what the server loads).
+    let id = s["run_id"].as_str().expect("id");
+    let o = env.run(&["models", "register", id, "--name", "q", "--model-dir", "int8"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = env.run(&["models", "register", id, "--name", "q", "--model-dir", "train.csv"]);
+    assert!(!o.status.success() && stderr(&o).contains("not a model directory"), "{}", stderr(&o));
 }
 
 /// Runs land in the experiment store; the registry promotes and rolls back with an audit trail.

@@ -13,6 +13,10 @@ pub enum ModelsCommand {
         run: String,
         #[arg(long)]
         name: String,
+        /// Serve this model directory instead of the run's best/ — one derived from that run,
+        /// such as its int8 copy from `tuneforge quantize` (made absolute before storing).
+        #[arg(long, value_name = "DIR")]
+        model_dir: Option<std::path::PathBuf>,
         #[command(flatten)]
         db: DbArgs,
     },
@@ -72,13 +76,18 @@ pub(crate) fn actor() -> String {
 pub fn run(cmd: ModelsCommand) -> anyhow::Result<Outcome> {
     let rt = runtime()?;
     match cmd {
-        ModelsCommand::Register { run, name, db } => {
+        ModelsCommand::Register { run, name, model_dir, db } => {
             let store = open_store(&rt, &db.url())?;
             let r = rt.block_on(store.get_run(&run))?;
-            let best = std::path::Path::new(&r.run_dir).join("best");
+            let best = match model_dir {
+                Some(dir) => std::path::absolute(&dir)?,
+                None => std::path::Path::new(&r.run_dir).join("best"),
+            };
             if !best.join("tuneforge.json").exists() {
-                anyhow::bail!("run {run} has no best model in {}", best.display());
+                anyhow::bail!("{} is not a model directory of run {run} (tuneforge.json is missing)", best.display());
             }
+            // Refuse what would fail at serving time.
+            tuneforge_core::ClassifierModel::load(&best)?;
             let metrics = r.summary.as_ref().and_then(|s| s.get("validation").cloned());
             let v = rt.block_on(store.register_model(
                 &name,

@@ -304,3 +304,22 @@ async fn concurrent_predictions_share_micro_batches() {
     let batches = value("tuneforge_inference_batches_total");
     assert!(batches < 49, "49 requests ran in {batches} batches: nothing was batched");
 }
+
+/// An int8 copy of a run's model (`tuneforge quantize`) serves like the f32 one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_int8_model_serves_predictions() {
+    let app = spawn_app().await;
+    let run = trained_run(&app, "q").await;
+    let r = app.store.get_run(&run).await.expect("run");
+    let int8 = app.dir.path().join("int8");
+    tuneforge_core::quantize::quantize_int8(std::path::Path::new(&r.run_dir), &int8, false).expect("quantize");
+    let v =
+        app.store.register_model("triage", &run, &int8.display().to_string(), None, "test").await.expect("register");
+    assert_eq!(app.post("/api/v1/models/triage/promote", &json!({"version": v.version})).await.status, 200);
+    let r =
+        app.post("/api/v1/predict", &json!({"model": "triage", "texts": ["rash itch red", "fever cough hot"]})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = r.json();
+    assert_eq!(p["predictions"][0]["label"], "acne");
+    assert_eq!(p["predictions"][1]["label"], "flu");
+}
