@@ -47,6 +47,7 @@ commands:
                        over 10,000 runs and 1,000,000 metric points";
 
 fn main() -> anyhow::Result<()> {
+    tuneforge_kernels::tune_allocator();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest = &args.get(1..).unwrap_or_default();
     match args.first().map(String::as_str) {

@@ -1,16 +1,19 @@
-//! CPU kernels that candle does not offer, behind a safe API. Today: the int8 matrix
-//! product used by quantized models (`tuneforge quantize`).
+//! CPU kernels that candle does not offer, behind a safe API: the int8 matrix product used
+//! by quantized models (`tuneforge quantize`), and the allocator settings that keep candle's
+//! per-op buffers from being unmapped and re-zeroed on every step (`tune_allocator`).
 //!
 //! Weights are int8 with one symmetric scale per output channel (row of `W: [n, k]`);
 //! activations are quantized per row on the fly (dynamic quantization), so
 //! `y[i, j] ≈ sx[i] · sw[j] · Σ_t xq[i, t] · wq[j, t]`.
 //!
-//! On x86-64 CPUs with AVX-512 VNNI the product runs in `x86.rs`, the only place in the
-//! workspace with `unsafe` (intrinsics, chosen at run time); elsewhere a portable loop
-//! gives the same integers. Tests check both against each other and against f32.
+//! On x86-64 CPUs with AVX-512 VNNI the product runs in `x86.rs` (intrinsics, chosen at run
+//! time); elsewhere a portable loop gives the same integers. `x86.rs` and `alloc.rs`
+//! (`mallopt`) are the only places in the workspace with `unsafe`. Tests check both against each other and against f32.
 
+mod alloc;
 mod int8;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+pub use alloc::tune_allocator;
 pub use int8::{Int8Matrix, KernelPath, quantize_row};
