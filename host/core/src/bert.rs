@@ -321,7 +321,7 @@ impl Layer {
         let x = self.attn_norm.forward(&attn.add(x)?, ctx)?;
         let inter = self.intermediate.forward_t(&x, ctx)?;
         let inter = match self.act {
-            Activation::Gelu => inter.gelu_erf()?,
+            Activation::Gelu => crate::layers::fused::gelu_erf(&inter)?,
             Activation::GeluTanh => inter.gelu()?,
             Activation::Relu => inter.relu()?,
         };

@@ -539,7 +539,7 @@ impl ClassifierModel {
                 let x =
                     Tensor::from_slice(&batch.features, (batch.batch_size, k), &self.device)?.to_dtype(self.dtype)?;
                 let x = x.broadcast_sub(mean)?.broadcast_div(std)?;
-                let g = dense.forward(&x)?.gelu_erf()?;
+                let g = crate::layers::fused::gelu_erf(&dense.forward(&x)?)?;
                 Tensor::cat(&[&pooled, &g], 1)?
             }
             _ => pooled,

@@ -2,8 +2,8 @@
 //! and the seeded generator that draws dropout masks (so a step's masks depend only on the
 //! seed and the step).
 //!
-//! A pass that will not be differentiated uses candle's fused kernels (softmax, layer norm),
-//! which are faster but have no backward; one that will be uses the composed ops.
+//! A pass that may be differentiated uses our fused softmax and layer norm (`fused.rs`, with
+//! a backward); one that will not uses candle's, which are faster and have none.
 
 use std::sync::Mutex;
 
@@ -45,10 +45,11 @@ impl ForwardCtx {
         self.differentiable
     }
 
-    /// Softmax over the last dimension: fused when the pass is not differentiated.
+    /// Softmax over the last dimension: our fused op with its backward when the pass may be
+    /// differentiated, candle's (faster, no backward) otherwise.
     pub fn softmax_last(&self, xs: &Tensor) -> Result<Tensor> {
         if self.differentiable {
-            super::softmax_last(xs)
+            super::fused::softmax_last(xs)
         } else {
             Ok(candle_nn::ops::softmax_last_dim(&xs.contiguous()?)?)
         }

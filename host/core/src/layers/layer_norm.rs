@@ -1,8 +1,9 @@
 //! Layer normalisation over the last dimension:
-//! `y = (x - mean) / sqrt(var + eps) * weight + bias`, from differentiable ops when the pass
-//! may be differentiated and with candle's fused kernel otherwise.
+//! `y = (x - mean) / sqrt(var + eps) * weight + bias`: our fused op with its own backward
+//! (`fused::layer_norm`) when the pass may be differentiated, candle's kernel otherwise; the
+//! composed form is kept as the reference the tests compare with.
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 
 use crate::layers::ForwardCtx;
 use crate::{Init, ParamBuilder, Result};
@@ -25,10 +26,13 @@ impl LayerNorm {
         if !ctx.is_differentiable() {
             return Ok(candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps as f32)?);
         }
-        Ok(self.forward_differentiable(xs)?)
+        super::fused::layer_norm(xs, &self.weight, &self.bias, self.eps)
     }
 
-    fn forward_differentiable(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+    /// The composed form (the reference for tests).
+    #[cfg(test)]
+    fn forward_composed(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        use candle_core::D;
         let hidden = xs.dim(D::Minus1)? as f64;
         let mean = (xs.sum_keepdim(D::Minus1)? / hidden)?;
         let centred = xs.broadcast_sub(&mean)?;
@@ -55,8 +59,12 @@ mod tests {
         let pb = ParamBuilder::random(3, DType::F32, &Device::Cpu);
         let ln = LayerNorm::new(pb.get(&[8], "w", Init::Normal(1.0))?, pb.get(&[8], "b", Init::Normal(1.0))?, 1e-12);
         let x = pb.get(&[2, 3, 8], "x", Init::Normal(2.0))?;
-        let fused = ln.forward(&x, &ForwardCtx::eval())?.flatten_all()?.to_vec1::<f32>()?;
-        let composed = ln.forward(&x, &ForwardCtx::eval_differentiable())?.flatten_all()?.to_vec1::<f32>()?;
+        let fused = ln.forward(&x, &ForwardCtx::eval_differentiable())?.flatten_all()?.to_vec1::<f32>()?;
+        let candle = ln.forward(&x, &ForwardCtx::eval())?.flatten_all()?.to_vec1::<f32>()?;
+        let composed = ln.forward_composed(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        for (a, b) in fused.iter().zip(&candle) {
+            assert!((a - b).abs() < 1e-5, "{a} vs candle {b}");
+        }
         for (a, b) in fused.iter().zip(&composed) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }

@@ -1,11 +1,13 @@
-//! Building blocks made only of candle ops that have a backward pass.
+//! Building blocks that have a backward pass.
 //!
 //! candle 0.11's fused `LayerNorm`, `softmax_last_dim`, `rms_norm` and rope have no backward:
-//! gradients silently stop at them. Everything here that training touches is composed of
-//! differentiable primitives, and the gradient tests check it against finite differences.
+//! gradients silently stop at them. Everything here that training touches is either composed
+//! of differentiable primitives or one of our own fused ops with its backward (`fused.rs`:
+//! layer norm, softmax, GELU), and the gradient tests check it against finite differences.
 
 mod adapter;
 mod ctx;
+pub mod fused;
 mod layer_norm;
 mod linear;
 mod ops;
