@@ -30,6 +30,10 @@ enum Command {
     Predict(commands::predict::PredictArgs),
     /// Export a LoRA model for Hugging Face PEFT, or with LoRA merged into the weights.
     Export(commands::export::ExportArgs),
+    /// Generate text with a decoder language model (GGUF or Hugging Face), streamed.
+    Generate(commands::generate::GenerateArgs),
+    /// Chat with a decoder language model on the terminal.
+    Chat(commands::generate::ChatArgs),
     /// Quantize a trained model's weights to int8 for faster, smaller serving.
     Quantize(commands::quantize::QuantizeArgs),
     /// Runs recorded in the experiment store: list, show, compare.
@@ -63,6 +67,8 @@ fn main() -> ExitCode {
         Command::Predict(args) => commands::predict::run(args),
         Command::Export(args) => commands::export::run(args),
         Command::Quantize(args) => commands::quantize::run(args),
+        Command::Generate(args) => commands::generate::generate(args),
+        Command::Chat(args) => commands::generate::chat(args),
         Command::Runs(cmd) => commands::runs::run(cmd),
         Command::Models(cmd) => commands::models::run(cmd),
         Command::Serve(args) => commands::serve::run(args),

@@ -682,3 +682,25 @@ fn retrain_builds_a_dataset_from_feedback_trains_registers_and_starts_an_ab_test
     let t = &json(&o)[0]["test"];
     assert_eq!((t["status"].as_str(), t["candidate_version"].as_i64()), (Some("running"), Some(3)), "{t}");
 }
+
+/// `tuneforge generate` on a tiny GGUF decoder: streams text, or prints JSON with counts;
+/// bad sampling settings and a missing model are errors, not panics.
+#[test]
+fn generate_runs_a_gguf_decoder() {
+    let env = Env::new();
+    tuneforge_core::testing::write_tiny_decoder(env.dir.path(), "llama").expect("tiny decoder");
+    let o = env.run(&["generate", "--model", "model.gguf", "--max-tokens", "5", "--json", "--raw", "the cat"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = json(&o);
+    assert!(v["ids"].as_array().expect("ids").len() <= 5);
+    assert_eq!(v["prompt_tokens"], 4, "t, he, Ġca, t: merges apply");
+    let o = env.run(&["generate", "--model", "model.gguf", "--max-tokens", "3", "hello"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tokens/s"), "{}", stderr(&o));
+    let o = env.run(&["generate", "--model", "model.gguf", "--top-p", "0", "x"]);
+    assert!(!o.status.success() && stderr(&o).contains("top_p"), "{}", stderr(&o));
+    assert_no_panic(&o);
+    let o = env.run(&["generate", "--model", "missing.gguf", "x"]);
+    assert!(!o.status.success() && stderr(&o).contains("missing.gguf"), "{}", stderr(&o));
+    assert_no_panic(&o);
+}

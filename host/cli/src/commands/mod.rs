@@ -3,6 +3,7 @@
 pub mod ab;
 pub mod eval;
 pub mod export;
+pub mod generate;
 pub mod models;
 pub mod plugin;
 pub mod predict;

