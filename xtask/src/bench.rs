@@ -55,9 +55,11 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         Some("plugins") => return crate::bench_plugins::run(&args[1..]),
         Some("compress") => return crate::bench_compress::run(&args[1..]),
         Some("kernels") => return crate::bench_compress::kernels(),
+        Some("generate") => return crate::bench_decoder::generate(&args[1..]),
+        Some("sft") => return crate::bench_decoder::sft(&args[1..]),
         Some("train") => {}
         _ => bail!(
-            "usage: cargo xtask bench train [--data FILE] [--steps N] [--warmup N] [--with-pytorch] | compress --model RUN_DIR [--student RUN_DIR] | kernels | peft RUN_DIR | serve | plugins"
+            "usage: cargo xtask bench train [--data FILE] [--steps N] [--warmup N] [--with-pytorch] | compress --model RUN_DIR [--student RUN_DIR] | kernels | generate [--tokens N] | sft [--epochs N] | peft RUN_DIR | serve | plugins"
         ),
     }
     let o = parse(&args[1..])?;

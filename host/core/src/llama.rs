@@ -14,7 +14,7 @@ use candle_core::{D, DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{ForwardCtx, Linear};
-use crate::{CoreError, Init, ParamBuilder, ParamStore, Result};
+use crate::{CoreError, Init, ParamBuilder, ParamStore, PeftSpec, Result};
 
 /// The hyper-parameters of a Llama/Qwen2 decoder (a Hugging Face `config.json`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -241,6 +241,18 @@ impl std::fmt::Debug for DecoderModel {
 impl DecoderModel {
     /// Builds the model from parameters under `pb` (Hugging Face names).
     pub fn new(config: &LlamaConfig, pb: ParamBuilder) -> Result<Self> {
+        Self::with_peft(config, pb, &PeftSpec::None)
+    }
+
+    /// [`DecoderModel::new`] with LoRA on the block projections `peft` targets (module names
+    /// as in PEFT: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`).
+    pub fn with_peft(config: &LlamaConfig, pb: ParamBuilder, peft: &PeftSpec) -> Result<Self> {
+        if matches!(peft, PeftSpec::Adapter { .. }) {
+            return Err(CoreError::Param {
+                name: "peft.method".into(),
+                message: "bottleneck adapters are for encoders; decoders take LoRA".into(),
+            });
+        }
         config.validate().map_err(|message| CoreError::Param { name: "config.json".into(), message })?;
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let (d, kv) = (config.head_dim(), config.kv_heads());
@@ -249,6 +261,16 @@ impl DecoderModel {
             let w = pb.get(&[out, inp], "weight", Init::Normal(std))?;
             let b = if bias { Some(pb.get(&[out], "bias", Init::Zeros)?) } else { None };
             Ok(Linear::new(w, b))
+        };
+        // A block projection at `path` (e.g. `self_attn.q_proj`) of layer `l`, with LoRA when
+        // the spec targets it.
+        let proj = |b: &ParamBuilder, l: usize, path: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let mpb = path.split('.').fold(b.clone(), |p, part| p.pp(part));
+            let lin = linear(&mpb, out, inp, bias)?;
+            match peft.lora_for(l, path) {
+                Some(cfg) => Ok(lin.with_lora(crate::layers::Lora::new(inp, out, cfg, &mpb)?)),
+                None => Ok(lin),
+            }
         };
         let norm = |pb: &ParamBuilder| -> Result<RmsNorm> {
             Ok(RmsNorm { weight: pb.get(&[h], "weight", Init::Ones)?, eps: config.rms_norm_eps })
@@ -259,16 +281,14 @@ impl DecoderModel {
         let blocks = (0..config.num_hidden_layers)
             .map(|l| {
                 let b = m.pp("layers").pp(l);
-                let a = b.pp("self_attn");
-                let mlp = b.pp("mlp");
                 Ok(Block {
-                    q: linear(&a.pp("q_proj"), config.num_attention_heads * d, h, bias)?,
-                    k: linear(&a.pp("k_proj"), kv * d, h, bias)?,
-                    v: linear(&a.pp("v_proj"), kv * d, h, bias)?,
-                    o: linear(&a.pp("o_proj"), h, config.num_attention_heads * d, false)?,
-                    gate: linear(&mlp.pp("gate_proj"), i, h, false)?,
-                    up: linear(&mlp.pp("up_proj"), i, h, false)?,
-                    down: linear(&mlp.pp("down_proj"), h, i, false)?,
+                    q: proj(&b, l, "self_attn.q_proj", config.num_attention_heads * d, h, bias)?,
+                    k: proj(&b, l, "self_attn.k_proj", kv * d, h, bias)?,
+                    v: proj(&b, l, "self_attn.v_proj", kv * d, h, bias)?,
+                    o: proj(&b, l, "self_attn.o_proj", h, config.num_attention_heads * d, false)?,
+                    gate: proj(&b, l, "mlp.gate_proj", i, h, false)?,
+                    up: proj(&b, l, "mlp.up_proj", i, h, false)?,
+                    down: proj(&b, l, "mlp.down_proj", h, i, false)?,
                     in_norm: norm(&b.pp("input_layernorm"))?,
                     post_norm: norm(&b.pp("post_attention_layernorm"))?,
                 })
@@ -351,6 +371,30 @@ impl DecoderModel {
             Some(head) => head.forward_t(&x, ctx)?,
             None => x.reshape((b * l, h))?.matmul(&self.embed.t()?)?.reshape((b, l, self.config.vocab_size))?,
         })
+    }
+
+    /// Mean next-token cross-entropy over the positions where `loss_mask` is 1:
+    /// `ids: [b, l]`, `loss_mask: [b, l]` marks the tokens to predict (response tokens);
+    /// position `t`'s logits predict token `t + 1`. Returns `(loss, n_predicted)`.
+    pub fn lm_loss(&self, ids: &Tensor, loss_mask: &Tensor, ctx: &ForwardCtx) -> Result<(Tensor, usize)> {
+        let (b, l) = ids.dims2()?;
+        if l < 2 {
+            return Err(CoreError::Param { name: "batch".into(), message: "needs at least 2 tokens".into() });
+        }
+        let logits = self.forward(ids, None, ctx)?;
+        let v = self.config.vocab_size;
+        let logits = logits.narrow(1, 0, l - 1)?.reshape((b * (l - 1), v))?;
+        let targets = ids.narrow(1, 1, l - 1)?.flatten_all()?;
+        let mask = loss_mask.narrow(1, 1, l - 1)?.flatten_all()?.to_dtype(logits.dtype())?;
+        let n = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()? as usize;
+        // log-softmax with a detached max, then the target's log-probability.
+        let m = logits.max_keepdim(D::Minus1)?.detach();
+        let z = logits.broadcast_sub(&m)?;
+        let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
+        let logp = z.broadcast_sub(&lse)?;
+        let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+        let loss = ((picked * &mask)?.sum_all()? / -(n.max(1) as f64))?;
+        Ok((loss, n))
     }
 
     fn block_forward(

@@ -132,7 +132,17 @@ pub fn write_tiny_decoder(dir: &Path, kind: &str) -> Result<LlamaConfig> {
     let mut cfg = LlamaConfig::tiny(kind, tokens.len());
     cfg.eos_token_id = Some(serde_json::json!(2));
     let model = DecoderModel::random(&cfg, 9, DType::F32)?;
-    let tensors: HashMap<String, Tensor> = model.params().tensors().into_iter().collect();
+    // Embeddings (and an untied head) at unit scale, so that logits can move far from
+    // uniform when only the blocks train (LoRA), as in a pretrained model.
+    let tensors: HashMap<String, Tensor> = model
+        .params()
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let big = n == "model.embed_tokens.weight" || n == "lm_head.weight";
+            Ok((n, if big { (t * 25.0)? } else { t }))
+        })
+        .collect::<Result<_>>()?;
     let hf = dir.join("hf");
     std::fs::create_dir_all(&hf).map_err(CoreError::io(&hf))?;
     candle_core::safetensors::save(&tensors, hf.join("model.safetensors"))?;
@@ -173,5 +183,10 @@ pub fn write_tiny_decoder(dir: &Path, kind: &str) -> Result<LlamaConfig> {
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let q_refs: Vec<(&str, &QTensor)> = q.iter().map(|(k, v)| (k.as_str(), v)).collect();
     gguf_file::write(&mut f, &meta_refs, &q_refs)?;
+    drop(f);
+    // The Hugging Face copy gets the same tokenizer as a tokenizer.json.
+    let tok = crate::gguf::GgufFile::open(&path)?.tokenizer()?;
+    let json = tok.to_string(true).map_err(|e| CoreError::file(&hf, e.to_string()))?;
+    std::fs::write(hf.join("tokenizer.json"), json).map_err(CoreError::io(&hf))?;
     Ok(cfg)
 }

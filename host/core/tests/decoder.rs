@@ -67,3 +67,112 @@ fn generation_streams_and_respects_the_limit() -> Result<()> {
     assert!(e.to_string().contains("prompt"), "{e}");
     Ok(())
 }
+
+/// LoRA starts as the identity: a decoder with LoRA on every projection computes exactly
+/// the base model, and only the LoRA tensors train.
+#[test]
+fn lora_on_a_decoder_starts_equal_to_the_base() -> Result<()> {
+    use tuneforge_core::PeftSpec;
+    use tuneforge_core::sft::Base;
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_model(tmp.path(), "qwen2")?;
+    let base = Base::load(&tmp.path().join("hf"), DType::F32)?;
+    let plain = base.model(&PeftSpec::None, Default::default(), 0)?;
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    let spec = PeftSpec::Lora {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: targets.iter().map(|s| s.to_string()).collect(),
+        first_layer: 0,
+    };
+    let lora = base.model(&spec, Default::default(), 0)?;
+    let ids = Tensor::new(&[[5u32, 60, 7, 200]], &Device::Cpu)?;
+    let a = plain.forward(&ids, None, &ForwardCtx::eval())?.flatten_all()?.to_vec1::<f32>()?;
+    let b = lora.forward(&ids, None, &ForwardCtx::eval())?.flatten_all()?.to_vec1::<f32>()?;
+    assert_eq!(a, b);
+    let trainable = lora.params().trainable();
+    // 2 layers x 7 projections x (A and B).
+    assert_eq!(trainable.len(), 28);
+    assert!(trainable.iter().all(|(n, _)| n.contains(".lora_")));
+    Ok(())
+}
+
+/// Prompt tokens carry no loss: the loss is the mean cross-entropy over response tokens only,
+/// whatever the prompt's tokens are predicted to be.
+#[test]
+fn only_response_tokens_carry_loss() -> Result<()> {
+    use tuneforge_core::generate::ChatFormat;
+    use tuneforge_core::sft::{SftExample, encode_example};
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_model(tmp.path(), "llama")?;
+    let lm = LanguageModel::load(&tmp.path().join("model.gguf"))?;
+    let ex = SftExample { context: vec![("user".into(), "the cat".into())], response: "in the hat".into() };
+    let e = encode_example(&lm.tokenizer, ChatFormat::ChatMl, &ex, 64)?.expect("fits");
+    let prompt_len = lm.encode(&ChatFormat::ChatMl.render(&ex.context))?.len();
+    assert!(e.loss_mask[..prompt_len].iter().all(|m| *m == 0));
+    assert!(e.loss_mask[prompt_len..].iter().all(|m| *m == 1));
+    assert_eq!(*e.ids.last().expect("ids"), 2, "the answer ends with <|im_end|>");
+    // The masked loss equals a hand computation over the response positions.
+    let ids = Tensor::new(e.ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let mask = Tensor::new(e.loss_mask.iter().map(|m| f32::from(*m)).collect::<Vec<_>>().as_slice(), &Device::Cpu)?
+        .unsqueeze(0)?;
+    let (loss, n) = lm.model.lm_loss(&ids, &mask, &ForwardCtx::eval())?;
+    assert_eq!(n, e.ids.len() - prompt_len);
+    let logits = lm.model.forward(&ids, None, &ForwardCtx::eval())?.squeeze(0)?.to_vec2::<f32>()?;
+    let mut sum = 0.0f64;
+    for t in prompt_len..e.ids.len() {
+        let row = &logits[t - 1];
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+        let lse = f64::from(max) + row.iter().map(|v| f64::from(v - max).exp()).sum::<f64>().ln();
+        sum += lse - f64::from(row[e.ids[t] as usize]);
+    }
+    let expected = sum / n as f64;
+    let got = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    assert!((got - expected).abs() < 1e-4, "{got} vs {expected}");
+    // Too short a max_len leaves no response: the example is dropped, not trained on.
+    assert!(encode_example(&lm.tokenizer, ChatFormat::ChatMl, &ex, prompt_len)?.is_none());
+    Ok(())
+}
+
+/// A short LoRA instruction tuning run on the tiny decoder lowers validation loss below the
+/// base model's, saves an adapter, and the adapter generates.
+#[test]
+fn lora_instruction_tuning_lowers_validation_loss() -> Result<()> {
+    use tuneforge_core::ExperimentConfig;
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_model(tmp.path(), "llama")?;
+    let mut data = String::new();
+    for i in 0..40 {
+        let (p, r) = if i % 2 == 0 { ("the cat", "in the hat") } else { ("the hat", "on the cat") };
+        data.push_str(&serde_json::json!({"prompt": p, "response": r}).to_string());
+        data.push('\n');
+    }
+    data.push_str(
+        r#"{"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "in the hat"}]}"#,
+    );
+    data.push('\n');
+    std::fs::write(tmp.path().join("sft.jsonl"), data).expect("data");
+    let text = format!(
+        "[experiment]\noutput_dir = \"{root}/runs\"\nseed = 3\n[model]\nsource = \"{root}/model.gguf\"\ntask = \"causal-lm\"\nmax_len = 64\n\
+         [data]\ntrain = \"{root}/sft.jsonl\"\nvalidation_split = 0.2\n\
+         [peft]\nmethod = \"lora\"\nrank = 8\nalpha = 16\nlora_dropout = 0.0\ntarget_modules = [\"q_proj\", \"v_proj\", \"up_proj\", \"down_proj\"]\n\
+         [train]\nepochs = 12\nbatch_size = 8\nlr = 3e-2\nwarmup_steps = 1\n",
+        root = tmp.path().display()
+    );
+    let cfg = ExperimentConfig::from_toml(&text, "sft.toml", &[])?;
+    let mut lines = Vec::new();
+    let s = tuneforge_core::sft::train_causal_lm(cfg, &mut |l| lines.push(l.to_owned()))?;
+    assert!(s.validation_loss < s.base_validation_loss * 0.7, "{} -> {}", s.base_validation_loss, s.validation_loss);
+    assert!(s.trainable_ratio < 0.5 && s.params_trainable > 0);
+    assert_eq!(s.n_train + s.n_validation, 41);
+    let lm = LanguageModel::load(&s.best_model_dir)?;
+    let out = lm.generate(&lm.chat.render(&[("user".into(), "the cat".into())]), &Sampling::default(), &mut |_| {})?;
+    assert!(!out.ids.is_empty());
+    // The bad data line names the file and line.
+    std::fs::write(tmp.path().join("bad.jsonl"), "{\"prompt\": \"x\", \"response\": \"y\"}\n{\"text\": 1}\n")
+        .expect("bad");
+    let e = tuneforge_core::sft::read_sft(&tmp.path().join("bad.jsonl")).expect_err("bad");
+    assert!(e.to_string().contains("bad.jsonl: line 2"), "{e}");
+    Ok(())
+}

@@ -78,6 +78,9 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
             .with_context(|| format!("{} is not a run directory to resume", dir.display()))?,
         (None, None) => anyhow::bail!("give --config EXP.toml or --resume RUN_DIR"),
     };
+    if config.model.task == tuneforge_core::experiment::Task::CausalLm {
+        return train_causal_lm(config, &args);
+    }
     let options = RunOptions { resume: args.resume.clone(), stop_after_steps: args.stop_after_steps };
     let db = (!args.no_db).then(|| args.db.url());
     let outcome = train_recorded(config, &options, db.as_deref(), args.quiet);
@@ -115,4 +118,39 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
         }
     }
     Ok(report_gates(&s.gates))
+}
+
+/// `task = "causal-lm"`: instruction tuning of a decoder (not recorded in the store yet).
+fn train_causal_lm(config: ExperimentConfig, args: &TrainArgs) -> anyhow::Result<Outcome> {
+    if args.resume.is_some() || args.stop_after_steps.is_some() {
+        anyhow::bail!("--resume and --stop-after-steps are not available for task = \"causal-lm\" yet");
+    }
+    let quiet = args.quiet;
+    let s = tuneforge_core::sft::train_causal_lm(config, &mut |line| {
+        if !quiet {
+            eprintln!("{line}");
+        }
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    } else {
+        println!("run:        {}", s.run_dir.display());
+        println!(
+            "parameters: {} trainable of {} ({:.2}%)",
+            s.params_trainable,
+            s.params_total,
+            100.0 * s.trainable_ratio
+        );
+        println!("training:   {} steps, {:.1} s, {:.0} tokens/s", s.steps, s.train_seconds, s.tokens_per_s);
+        println!(
+            "validation: loss {:.4} -> {:.4}, perplexity {:.2} -> {:.2} (base -> best, step {}) on {} examples",
+            s.base_validation_loss, s.validation_loss, s.base_perplexity, s.perplexity, s.best_step, s.n_validation
+        );
+        println!(
+            "model:      {} (tuneforge generate --model {} \"...\")",
+            s.best_model_dir.display(),
+            s.best_model_dir.display()
+        );
+    }
+    Ok(Outcome::Success)
 }

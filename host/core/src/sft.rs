@@ -1,0 +1,465 @@
+//! Instruction tuning of a decoder (`[model] task = "causal-lm"`): prompt/response pairs or
+//! chat transcripts in JSONL, rendered with the model's chat template, loss only on the
+//! response tokens, LoRA on the attention and MLP projections (or full fine-tuning),
+//! evaluation by validation loss and perplexity — the base model's first, so every run
+//! says what tuning bought. The best LoRA weights are saved as an adapter over the base
+//! model (`best/adapter_model.safetensors` + `best/tuneforge.json`), which `generate` and
+//! `chat` load.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::experiment::Task;
+use crate::fs_atomic::{replace_dir, write_synced};
+use crate::generate::ChatFormat;
+use crate::gguf::GgufFile;
+use crate::llama::{DecoderModel, LlamaConfig};
+use crate::{AdamW, AdamWConfig, CoreError, ExperimentConfig, ForwardCtx, ModelSource, ParamBuilder, PeftSpec, Result};
+
+/// One training conversation: the turns before the answer, and the answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SftExample {
+    pub context: Vec<(String, String)>,
+    pub response: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Line {
+    Pair {
+        prompt: String,
+        response: String,
+        #[serde(default)]
+        system: Option<String>,
+    },
+    Chat {
+        messages: Vec<Message>,
+    },
+}
+
+/// Reads JSONL with `{"prompt": ..., "response": ...}` (optional `"system"`) or
+/// `{"messages": [{"role": ..., "content": ...}, ...]}` ending with the assistant's turn.
+pub fn read_sft(path: &Path) -> Result<Vec<SftExample>> {
+    let f = std::fs::File::open(path).map_err(CoreError::io(path))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.map_err(CoreError::io(path))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |m: String| CoreError::file(path, format!("line {}: {m}", i + 1));
+        let parsed: Line = serde_json::from_str(&line).map_err(|_| {
+            at("expected {\"prompt\": ..., \"response\": ...} or {\"messages\": [{\"role\": ..., \"content\": ...}]}".into())
+        })?;
+        let ex = match parsed {
+            Line::Pair { prompt, response, system } => {
+                let mut context = Vec::new();
+                if let Some(s) = system {
+                    context.push(("system".to_owned(), s));
+                }
+                context.push(("user".to_owned(), prompt));
+                SftExample { context, response }
+            }
+            Line::Chat { mut messages } => {
+                let last = messages.pop().ok_or_else(|| at("`messages` is empty".into()))?;
+                if last.role != "assistant" {
+                    return Err(at(format!("the last message must be the assistant's, not `{}`", last.role)));
+                }
+                if let Some(m) = messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant")) {
+                    return Err(at(format!("unknown role `{}`", m.role)));
+                }
+                SftExample {
+                    context: messages.into_iter().map(|m| (m.role, m.content)).collect(),
+                    response: last.content,
+                }
+            }
+        };
+        if ex.response.trim().is_empty() {
+            return Err(at("the response is empty".into()));
+        }
+        out.push(ex);
+    }
+    if out.is_empty() {
+        return Err(CoreError::file(path, "holds no examples"));
+    }
+    Ok(out)
+}
+
+/// Token ids and which of them carry loss (the response and its end marker).
+#[derive(Debug, Clone)]
+pub struct SftTokens {
+    pub ids: Vec<u32>,
+    pub loss_mask: Vec<u8>,
+}
+
+/// Renders and tokenizes one example: the prompt (chat template up to the assistant's
+/// header) carries no loss; the response and the end-of-turn marker do. Truncated to
+/// `max_len`; `None` when nothing of the response fits.
+pub fn encode_example(tok: &Tokenizer, chat: ChatFormat, ex: &SftExample, max_len: usize) -> Result<Option<SftTokens>> {
+    let enc = |t: &str| -> Result<Vec<u32>> {
+        Ok(tok
+            .encode(t, false)
+            .map_err(|e| CoreError::Param { name: "tokenizer".into(), message: e.to_string() })?
+            .get_ids()
+            .to_vec())
+    };
+    let prompt = enc(&chat.render(&ex.context))?;
+    let end = chat.stop_strings()[0];
+    let answer = enc(&format!("{}{end}", ex.response))?;
+    let mut ids = prompt.clone();
+    ids.extend(&answer);
+    let mut mask = vec![0u8; prompt.len()];
+    mask.extend(std::iter::repeat_n(1u8, answer.len()));
+    ids.truncate(max_len);
+    mask.truncate(max_len);
+    // Position 0 never carries loss (nothing predicts it); one response token must remain.
+    if mask.iter().skip(1).all(|m| *m == 0) {
+        return Ok(None);
+    }
+    Ok(Some(SftTokens { ids, loss_mask: mask }))
+}
+
+/// `best/tuneforge.json` of an instruction-tuned decoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterMeta {
+    pub task: Task,
+    /// The base model (a model source string).
+    pub base_model: String,
+    pub peft: PeftSpec,
+}
+
+pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
+
+/// The base model's parts: config, weights, tokenizer, chat format.
+pub struct Base {
+    pub config: LlamaConfig,
+    pub weights: HashMap<String, Tensor>,
+    pub tokenizer: Tokenizer,
+    pub chat: ChatFormat,
+}
+
+impl std::fmt::Debug for Base {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Base").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Base {
+    /// A `.gguf` file or a Hugging Face directory.
+    pub fn load(path: &Path, dtype: DType) -> Result<Self> {
+        if path.extension().is_some_and(|x| x == "gguf") {
+            let g = GgufFile::open(path)?;
+            let config = g.config()?;
+            let weights = g.weights(&config, dtype)?;
+            return Ok(Self {
+                weights,
+                tokenizer: g.tokenizer()?,
+                chat: ChatFormat::from_template(g.chat_template().as_deref()),
+                config,
+            });
+        }
+        let config = LlamaConfig::read(&path.join("config.json"))?;
+        let tok_path = path.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| CoreError::file(&tok_path, e.to_string()))?;
+        let template = std::fs::read_to_string(path.join("tokenizer_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["chat_template"].as_str().map(str::to_owned));
+        let mut weights = HashMap::new();
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(CoreError::io(path))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        for f in files {
+            weights.extend(crate::weights::load_safetensors(&f)?);
+        }
+        Ok(Self { config, weights, tokenizer, chat: ChatFormat::from_template(template.as_deref()) })
+    }
+
+    /// The decoder with `peft` added; only the LoRA tensors train when `peft` is LoRA
+    /// (everything when it is none). `extra` overrides loaded tensors (a saved adapter).
+    pub fn model(&self, peft: &PeftSpec, extra: HashMap<String, Tensor>, seed: u64) -> Result<DecoderModel> {
+        let mut weights = self.weights.clone();
+        weights.extend(extra);
+        let pb = ParamBuilder::with_loaded(weights, true, seed, DType::F32, &Device::Cpu);
+        match peft {
+            PeftSpec::None => pb.set_trainable(|_| true),
+            _ => pb.set_trainable(PeftSpec::is_peft_param),
+        }
+        DecoderModel::with_peft(&self.config, pb, peft)
+    }
+}
+
+/// Loads an adapter directory written by [`train_causal_lm`]: the base, with the adapter's
+/// LoRA weights (frozen).
+pub fn load_adapter(dir: &Path) -> Result<(DecoderModel, Tokenizer, ChatFormat)> {
+    let meta_path = dir.join(crate::classifier::META_FILE);
+    let text = std::fs::read_to_string(&meta_path).map_err(CoreError::io(&meta_path))?;
+    let meta: AdapterMeta =
+        serde_json::from_str(&text).map_err(|e| CoreError::file(&meta_path, format!("line {}: {e}", e.line())))?;
+    let base = Base::load(&ModelSource::parse(&meta.base_model)?.resolve()?, DType::F32)?;
+    let adapter = crate::weights::load_safetensors(&dir.join(ADAPTER_FILE))?;
+    let mut weights = base.weights.clone();
+    weights.extend(adapter);
+    let pb = ParamBuilder::with_loaded(weights, true, 0, DType::F32, &Device::Cpu);
+    pb.set_trainable(|_| false);
+    pb.set_strict();
+    let model = DecoderModel::with_peft(&base.config, pb, &meta.peft)?;
+    Ok((model, base.tokenizer, base.chat))
+}
+
+/// Validation loss (mean over response tokens) and token count.
+fn evaluate(model: &DecoderModel, data: &[SftTokens], batch: usize, pad: u32) -> Result<(f64, usize)> {
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in data.chunks(batch.max(1)) {
+        let (ids, mask) = collate(chunk, pad)?;
+        let (loss, k) = model.lm_loss(&ids, &mask, &ForwardCtx::eval())?;
+        sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()? * k as f64;
+        n += k;
+    }
+    Ok((sum / n.max(1) as f64, n))
+}
+
+/// Right-padded `[b, l]` ids and loss mask (pads carry no loss; causal attention keeps real
+/// tokens from seeing them).
+fn collate(rows: &[SftTokens], pad: u32) -> Result<(Tensor, Tensor)> {
+    let l = rows.iter().map(|r| r.ids.len()).max().unwrap_or(2).max(2);
+    let mut ids = Vec::with_capacity(rows.len() * l);
+    let mut mask = Vec::with_capacity(rows.len() * l);
+    for r in rows {
+        ids.extend(&r.ids);
+        ids.extend(std::iter::repeat_n(pad, l - r.ids.len()));
+        mask.extend(r.loss_mask.iter().map(|m| f32::from(*m)));
+        mask.extend(std::iter::repeat_n(0f32, l - r.ids.len()));
+    }
+    Ok((Tensor::from_vec(ids, (rows.len(), l), &Device::Cpu)?, Tensor::from_vec(mask, (rows.len(), l), &Device::Cpu)?))
+}
+
+/// What an instruction-tuning run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SftSummary {
+    pub run_id: String,
+    pub run_dir: PathBuf,
+    pub best_model_dir: PathBuf,
+    pub task: Task,
+    pub base_model: String,
+    pub peft: PeftSpec,
+    pub params_trainable: usize,
+    pub params_total: usize,
+    pub trainable_ratio: f64,
+    pub n_train: usize,
+    pub n_validation: usize,
+    pub skipped_too_long: usize,
+    pub steps: u64,
+    pub base_validation_loss: f64,
+    pub base_perplexity: f64,
+    pub validation_loss: f64,
+    pub perplexity: f64,
+    pub best_step: u64,
+    pub train_seconds: f64,
+    pub tokens_per_s: f64,
+}
+
+/// Runs a `causal-lm` experiment; `on_line` receives progress lines.
+pub fn train_causal_lm(mut cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str)) -> Result<SftSummary> {
+    let cwd = std::env::current_dir().map_err(CoreError::io("."))?;
+    cfg.absolutize(&cwd);
+    let t = cfg.train.clone();
+    let seed = cfg.experiment.seed;
+    let run = crate::RunDir::new(cfg.experiment.output_dir.join(crate::new_run_id(cfg.experiment.name.as_deref())));
+    std::fs::create_dir_all(run.root()).map_err(CoreError::io(run.root()))?;
+    crate::fs_atomic::write_atomic(&run.config(), cfg.to_toml().as_bytes())?;
+    let source = ModelSource::parse(&cfg.model.source)?;
+    let base = Base::load(&source.resolve()?, DType::F32)?;
+    let peft = cfg.peft.spec();
+    let model = base.model(&peft, HashMap::new(), seed)?;
+    let (n_trainable, n_total) = (model.params().n_trainable(), model.params().n_params());
+    on_line(&format!(
+        "model: {} ({} layers), {n_trainable} of {n_total} parameters train ({:.2}%)",
+        source.spec(),
+        base.config.num_hidden_layers,
+        100.0 * n_trainable as f64 / n_total.max(1) as f64
+    ));
+
+    // Data: a separate validation file, or a seeded split of the training file.
+    let mut train = read_sft(&cfg.data.train)?;
+    let validation = match &cfg.data.validation {
+        Some(v) => read_sft(v)?,
+        None => {
+            train.shuffle(&mut StdRng::seed_from_u64(seed));
+            let n_val = ((train.len() as f64) * cfg.data.validation_split).round().max(1.0) as usize;
+            if n_val >= train.len() {
+                return Err(CoreError::Config {
+                    file: "experiment".into(),
+                    field: "data.validation_split".into(),
+                    message: format!("leaves no training examples out of {}", train.len()),
+                });
+            }
+            train.split_off(train.len() - n_val)
+        }
+    };
+    if let Some(m) = cfg.data.max_train_examples {
+        train.truncate(m);
+    }
+    let mut skipped = 0;
+    let mut encode_all = |rows: &[SftExample]| -> Result<Vec<SftTokens>> {
+        let mut out = Vec::new();
+        for r in rows {
+            match encode_example(&base.tokenizer, base.chat, r, cfg.model.max_len)? {
+                Some(e) => out.push(e),
+                None => skipped += 1,
+            }
+        }
+        Ok(out)
+    };
+    let train_tok = encode_all(&train)?;
+    let val_tok = encode_all(&validation)?;
+    if train_tok.is_empty() || val_tok.is_empty() {
+        return Err(CoreError::Config {
+            file: "experiment".into(),
+            field: "model.max_len".into(),
+            message: format!("{} leaves no response tokens in the training or validation examples", cfg.model.max_len),
+        });
+    }
+    let pad = base.config.eos_ids().first().copied().unwrap_or(0);
+    let eval_bs = t.eval_batch_size.unwrap_or(t.batch_size);
+    let (base_loss, val_tokens) = evaluate(&model, &val_tok, eval_bs, pad)?;
+    on_line(&format!(
+        "base model: validation loss {base_loss:.4}, perplexity {:.2} over {val_tokens} response tokens",
+        base_loss.exp()
+    ));
+
+    let trainable = model.params().trainable();
+    let mut opt = AdamW::new(trainable.clone(), AdamWConfig { weight_decay: t.weight_decay, ..Default::default() })?;
+    let steps_per_epoch = train_tok.len().div_ceil(t.batch_size.max(1)) as u64;
+    let total = steps_per_epoch * t.epochs;
+    let warmup = t.warmup_steps.unwrap_or((t.warmup_ratio * total as f64).round() as u64);
+    let schedule = crate::LrSchedule { kind: t.schedule, peak_lr: t.lr, warmup_steps: warmup, total_steps: total };
+    let mut log = std::fs::File::create(run.metrics()).map_err(CoreError::io(run.metrics()))?;
+    let mut write_metric = |v: serde_json::Value| -> Result<()> {
+        use std::io::Write;
+        writeln!(log, "{v}").map_err(CoreError::io(run.metrics()))
+    };
+    write_metric(
+        serde_json::json!({"kind": "eval", "step": 0, "validation_loss": base_loss, "perplexity": base_loss.exp()}),
+    )?;
+    let (mut best_loss, mut best_step, mut step) = (f64::INFINITY, 0u64, 0u64);
+    let (mut tokens, mut seconds) = (0u64, 0f64);
+    let best_dir = run.best();
+    for epoch in 0..t.epochs {
+        let mut order: Vec<usize> = (0..train_tok.len()).collect();
+        order.shuffle(&mut StdRng::seed_from_u64(seed.wrapping_add(epoch)));
+        for chunk in order.chunks(t.batch_size.max(1)) {
+            let started = Instant::now();
+            let rows: Vec<SftTokens> = chunk.iter().map(|&i| train_tok[i].clone()).collect();
+            let (ids, mask) = collate(&rows, pad)?;
+            let ctx = ForwardCtx::train(seed.wrapping_mul(31).wrapping_add(step));
+            let (loss, n) = model.lm_loss(&ids, &mask, &ctx)?;
+            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !value.is_finite() {
+                return Err(CoreError::Diverged { step: step + 1, loss: value as f32 });
+            }
+            let store = loss.backward()?;
+            let mut grads = HashMap::new();
+            for (name, var) in &trainable {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    grads.insert(name.clone(), g.clone());
+                }
+            }
+            let grad_norm = crate::optim::clip_grad_norm(&mut grads, t.max_grad_norm)?;
+            let lr = schedule.lr(step);
+            opt.step(&grads, lr)?;
+            step += 1;
+            let secs = started.elapsed().as_secs_f64();
+            let batch_tokens: usize = rows.iter().map(|r| r.ids.len()).sum();
+            tokens += batch_tokens as u64;
+            seconds += secs;
+            write_metric(serde_json::json!({"kind": "train", "step": step, "epoch": epoch, "loss": value, "lr": lr,
+                "grad_norm": grad_norm, "tokens": batch_tokens, "response_tokens": n, "seconds": secs}))?;
+            if step % 10 == 0 || step == total {
+                on_line(&format!(
+                    "step {step}/{total} loss {value:.4} lr {lr:.2e} {:.0} tok/s",
+                    tokens as f64 / seconds
+                ));
+            }
+        }
+        let (val, _) = evaluate(&model, &val_tok, eval_bs, pad)?;
+        write_metric(
+            serde_json::json!({"kind": "eval", "step": step, "epoch": epoch, "validation_loss": val, "perplexity": val.exp()}),
+        )?;
+        let better = val < best_loss;
+        on_line(&format!(
+            "eval at step {step}: validation loss {val:.4}, perplexity {:.2}{}",
+            val.exp(),
+            if better { " (best so far, saved)" } else { "" }
+        ));
+        if better {
+            best_loss = val;
+            best_step = step;
+            save_best(
+                &model,
+                &best_dir,
+                &AdapterMeta { task: Task::CausalLm, base_model: source.spec(), peft: peft.clone() },
+            )?;
+        }
+    }
+    let summary = SftSummary {
+        run_id: run.id(),
+        run_dir: run.root().to_path_buf(),
+        best_model_dir: best_dir,
+        task: Task::CausalLm,
+        base_model: source.spec(),
+        peft,
+        params_trainable: n_trainable,
+        params_total: n_total,
+        trainable_ratio: n_trainable as f64 / n_total.max(1) as f64,
+        n_train: train_tok.len(),
+        n_validation: val_tok.len(),
+        skipped_too_long: skipped,
+        steps: step,
+        base_validation_loss: base_loss,
+        base_perplexity: base_loss.exp(),
+        validation_loss: best_loss,
+        perplexity: best_loss.exp(),
+        best_step,
+        train_seconds: seconds,
+        tokens_per_s: tokens as f64 / seconds.max(1e-9),
+    };
+    let json = serde_json::to_vec_pretty(&summary).map_err(|e| CoreError::file(run.summary(), e.to_string()))?;
+    crate::fs_atomic::write_atomic(&run.summary(), &json)?;
+    Ok(summary)
+}
+
+/// Writes the trainable tensors (the LoRA weights, or every weight for full fine-tuning)
+/// and the metadata into `dir`, atomically.
+fn save_best(model: &DecoderModel, dir: &Path, meta: &AdapterMeta) -> Result<()> {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("best");
+    let staging = dir.with_file_name(format!(".{name}.staging-{}", std::process::id()));
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(CoreError::io(&staging))?;
+    }
+    std::fs::create_dir_all(&staging).map_err(CoreError::io(&staging))?;
+    let tensors: Vec<(String, Tensor)> =
+        model.params().trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+    write_synced(&staging.join(ADAPTER_FILE), &crate::weights::to_safetensors_bytes(&tensors)?)?;
+    let json = serde_json::to_vec_pretty(meta).map_err(|e| CoreError::file(dir, e.to_string()))?;
+    write_synced(&staging.join(crate::classifier::META_FILE), &json)?;
+    replace_dir(&staging, dir)
+}
