@@ -49,6 +49,15 @@ impl std::fmt::Debug for Application {
 impl Application {
     /// Opens the store, binds the address and prepares the server.
     pub async fn build(config: ServerConfig) -> Result<Self, ApiError> {
+        Self::build_with_generator(config, None).await
+    }
+
+    /// [`Application::build`], with a decoder (`.gguf`, Hugging Face directory, or a tuned
+    /// adapter; `source` names it in answers) behind `POST /api/v1/generate`.
+    pub async fn build_with_generator(
+        config: ServerConfig,
+        generator: Option<(String, std::sync::Arc<tuneforge_core::generate::LanguageModel>)>,
+    ) -> Result<Self, ApiError> {
         if config.token.trim().len() < 16 {
             return Err(ApiError::BadRequest("the token must have at least 16 characters".into()));
         }
@@ -57,7 +66,12 @@ impl Application {
             .map_err(|e| ApiError::Internal(format!("cannot bind {}: {e}", config.addr)))?;
         let port = listener.local_addr().map_err(|e| ApiError::Internal(e.to_string()))?.port();
         let token = config.token.clone();
-        let state = web::Data::new(AppState::new(store.clone(), config.token));
+        let mut app_state = AppState::new(store.clone(), config.token);
+        if let Some((name, lm)) = generator {
+            app_state.generator = Some(lm);
+            app_state.generator_name = Some(name);
+        }
+        let state = web::Data::new(app_state);
         let for_dashboard = state.clone();
         let predict = tuneforge_web::api::PredictService(std::sync::Arc::new(move |model: String, text: String| {
             let state = for_dashboard.clone();

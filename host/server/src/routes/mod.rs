@@ -2,6 +2,7 @@
 
 mod ab;
 mod feedback;
+mod generate;
 mod health;
 mod models;
 mod openapi;
@@ -31,6 +32,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .route("/models/{name}/rollback", web::post().to(models::rollback))
                 .route("/events", web::get().to(models::events))
                 .route("/predict", web::post().to(predict::predict))
+                .route("/generate", web::post().to(generate::generate))
                 .route("/feedback", web::post().to(feedback::create))
                 .route("/feedback", web::get().to(feedback::list))
                 .route("/feedback/export", web::get().to(feedback::export))

@@ -49,6 +49,7 @@ pub async fn document() -> HttpResponse {
             "/api/v1/models/{name}/rollback": {"post": op("Roll back to the previous production version", true, json!([p("name")]), None)},
             "/api/v1/events": {"get": op("The audit trail", false, json!([q("subject", "string", false), q("limit", "integer", false)]), None)},
             "/api/v1/predict": {"post": op("Classify texts with a registered model", true, json!([]), Some("Predict"))},
+            "/api/v1/generate": {"post": op("Generate text with the server's decoder (serve --generator)", true, json!([]), Some("Generate"))},
             "/api/v1/feedback": {
                 "get": op("Feedback, newest first", false, json!([q("model", "string", false), q("limit", "integer", false)]), None),
                 "post": op("Rate or correct a prediction", true, json!([]), Some("Feedback"))
@@ -72,6 +73,7 @@ pub async fn document() -> HttpResponse {
                 "AbStart": s(json!({"model": {"type": "string"}, "candidate": {"type": "integer"}, "share": {"type": "number"}, "auto": {"type": "boolean"}, "actor": {"type": "string"}}), json!(["model", "candidate", "share"])),
                 "AbStop": s(json!({"action": {"type": "string", "enum": ["promote", "rollback", "stop"]}, "actor": {"type": "string"}}), json!(["action"])),
                 "Predict": s(json!({"model": {"type": "string"}, "version": {"type": "integer"}, "text": {"type": "string"}, "texts": {"type": "array", "items": {"type": "string"}}, "session": {"type": "string"}}), json!(["model"])),
+                "Generate": s(json!({"prompt": {"type": "string"}, "messages": {"type": "array", "items": s(json!({"role": {"type": "string", "enum": ["system", "user", "assistant"]}, "content": {"type": "string"}}), json!(["role", "content"]))}, "raw": {"type": "boolean"}, "max_tokens": {"type": "integer", "minimum": 1, "maximum": 1024}, "temperature": {"type": "number", "minimum": 0}, "top_k": {"type": "integer", "minimum": 1}, "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}, "repetition_penalty": {"type": "number", "exclusiveMinimum": 0}, "seed": {"type": "integer", "minimum": 0}}), json!([])),
                 "Feedback": s(json!({"prediction_id": {"type": "string"}, "rating": {"type": "string", "enum": ["correct", "wrong"]}, "corrected_label": {"type": "string"}, "comment": {"type": "string"}, "author": {"type": "string"}}), json!(["prediction_id", "rating"]))
             }
         }

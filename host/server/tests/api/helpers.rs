@@ -27,11 +27,18 @@ impl Reply {
 }
 
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| None).await
+}
+
+/// [`spawn_app`] with a decoder behind `/api/v1/generate`, made by `generator` in the app's
+/// temporary directory.
+pub async fn spawn_app_with(
+    generator: impl FnOnce(&std::path::Path) -> Option<(String, std::sync::Arc<tuneforge_core::generate::LanguageModel>)>,
+) -> TestApp {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("store.db").display().to_string();
-    let app = Application::build(ServerConfig { addr: "127.0.0.1:0".into(), db: db.clone(), token: TOKEN.into() })
-        .await
-        .expect("build");
+    let config = ServerConfig { addr: "127.0.0.1:0".into(), db: db.clone(), token: TOKEN.into() };
+    let app = Application::build_with_generator(config, generator(dir.path())).await.expect("build");
     let port = app.port();
     tokio::spawn(app.run_until_stopped());
     let store = Store::open(&db).await.expect("store");

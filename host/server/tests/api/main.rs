@@ -1,5 +1,6 @@
 //! The REST API over real HTTP on a random port with a fresh database per test.
 
+mod generate;
 mod helpers;
 mod models;
 mod runs;
