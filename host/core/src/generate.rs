@@ -8,7 +8,6 @@ use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tokenizers::Tokenizer;
 
-use crate::gguf::GgufFile;
 use crate::layers::ForwardCtx;
 use crate::llama::{DecoderModel, KvCache};
 use crate::{CoreError, Result};
@@ -163,19 +162,9 @@ impl LanguageModel {
             let (model, tokenizer, chat) = crate::sft::load_adapter(path)?;
             return Ok(Self::assemble(model, tokenizer, chat));
         }
-        let (model, tokenizer, template) = if path.extension().is_some_and(|x| x == "gguf") {
-            let g = GgufFile::open(path)?;
-            (g.model(DType::F32)?, g.tokenizer()?, g.chat_template())
-        } else {
-            let tok_path = path.join("tokenizer.json");
-            let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| CoreError::file(&tok_path, e.to_string()))?;
-            let template = std::fs::read_to_string(path.join("tokenizer_config.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                .and_then(|v| v["chat_template"].as_str().map(str::to_owned));
-            (DecoderModel::from_hf_dir(path, DType::F32)?, tokenizer, template)
-        };
-        Ok(Self::assemble(model, tokenizer, ChatFormat::from_template(template.as_deref())))
+        let base = crate::sft::Base::load(path, DType::F32)?;
+        let model = DecoderModel::from_weights(&base.config, base.weights, DType::F32)?;
+        Ok(Self::assemble(model, base.tokenizer, base.chat))
     }
 
     fn assemble(model: DecoderModel, tokenizer: Tokenizer, chat: ChatFormat) -> Self {

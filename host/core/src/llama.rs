@@ -325,20 +325,7 @@ impl DecoderModel {
     /// (`model-00001-of-00002.safetensors`, …).
     pub fn from_hf_dir(dir: &Path, dtype: DType) -> Result<Self> {
         let config = LlamaConfig::read(&dir.join("config.json"))?;
-        let mut files: Vec<_> = std::fs::read_dir(dir)
-            .map_err(CoreError::io(dir))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            return Err(CoreError::file(dir, "holds no .safetensors weights"));
-        }
-        let mut weights = HashMap::new();
-        for f in files {
-            weights.extend(crate::weights::load_safetensors(&f)?);
-        }
-        Self::from_weights(&config, weights, dtype)
+        Self::from_weights(&config, read_hf_weights(dir)?, dtype)
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -443,6 +430,24 @@ impl DecoderModel {
         let mlp = blk.down.forward_t(&(act * blk.up.forward_t(&xn, ctx)?)?, ctx)?;
         Ok((x + mlp)?)
     }
+}
+
+/// Every tensor of every `.safetensors` file in `dir` (one file or shards).
+pub fn read_hf_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(CoreError::io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(CoreError::file(dir, "holds no .safetensors weights"));
+    }
+    let mut weights = HashMap::new();
+    for f in files {
+        weights.extend(crate::weights::load_safetensors(&f)?);
+    }
+    Ok(weights)
 }
 
 /// `[l, start + l]`: 0 where query `i` (at position `start + i`) may look, -inf after it;

@@ -180,16 +180,7 @@ impl Base {
             .ok()
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
             .and_then(|v| v["chat_template"].as_str().map(str::to_owned));
-        let mut weights = HashMap::new();
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
-            .map_err(CoreError::io(path))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
-        for f in files {
-            weights.extend(crate::weights::load_safetensors(&f)?);
-        }
+        let weights = crate::llama::read_hf_weights(path)?;
         Ok(Self { config, weights, tokenizer, chat: ChatFormat::from_template(template.as_deref()) })
     }
 
