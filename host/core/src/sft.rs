@@ -1,6 +1,7 @@
 //! Instruction tuning of a decoder (`[model] task = "causal-lm"`): prompt/response pairs or
 //! chat transcripts in JSONL, rendered with the model's chat template, loss only on the
-//! response tokens, LoRA on the attention and MLP projections (or full fine-tuning),
+//! response tokens, batches grouped by length (`train.group_by_length`), LoRA on the
+//! attention and MLP projections (or full fine-tuning),
 //! evaluation by validation loss and perplexity — the base model's first, so every run
 //! says what tuning bought. The best LoRA weights are saved as an adapter over the base
 //! model (`best/adapter_model.safetensors` + `best/tuneforge.json`), which `generate` and
@@ -228,6 +229,27 @@ fn evaluate(model: &DecoderModel, data: &[SftTokens], batch: usize, pad: u32) ->
     Ok((sum / n.max(1) as f64, n))
 }
 
+/// One epoch's batches of example indices, in a seeded random order. With `group`, the
+/// shuffled examples are cut into windows of 50 batches and sorted by length inside each
+/// window, so a batch holds examples of similar length (less padding) while the order of
+/// the batches stays random.
+pub fn length_grouped_batches(lengths: &[usize], batch: usize, group: bool, seed: u64) -> Vec<Vec<usize>> {
+    let batch = batch.max(1);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.shuffle(&mut rng);
+    if group {
+        for window in order.chunks_mut(batch * 50) {
+            window.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        }
+    }
+    let mut batches: Vec<Vec<usize>> = order.chunks(batch).map(<[usize]>::to_vec).collect();
+    if group {
+        batches.shuffle(&mut rng);
+    }
+    batches
+}
+
 /// Right-padded `[b, l]` ids and loss mask (pads carry no loss; causal attention keeps real
 /// tokens from seeing them).
 fn collate(rows: &[SftTokens], pad: u32) -> Result<(Tensor, Tensor)> {
@@ -355,9 +377,9 @@ pub fn train_causal_lm(mut cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str))
     let (mut tokens, mut seconds) = (0u64, 0f64);
     let best_dir = run.best();
     for epoch in 0..t.epochs {
-        let mut order: Vec<usize> = (0..train_tok.len()).collect();
-        order.shuffle(&mut StdRng::seed_from_u64(seed.wrapping_add(epoch)));
-        for chunk in order.chunks(t.batch_size.max(1)) {
+        let lengths: Vec<usize> = train_tok.iter().map(|e| e.ids.len()).collect();
+        let batches = length_grouped_batches(&lengths, t.batch_size, t.group_by_length, seed.wrapping_add(epoch));
+        for chunk in &batches {
             let started = Instant::now();
             let rows: Vec<SftTokens> = chunk.iter().map(|&i| train_tok[i].clone()).collect();
             let (ids, mask) = collate(&rows, pad)?;
@@ -453,4 +475,32 @@ fn save_best(model: &DecoderModel, dir: &Path, meta: &AdapterMeta) -> Result<()>
     let json = serde_json::to_vec_pretty(meta).map_err(|e| CoreError::file(dir, e.to_string()))?;
     write_synced(&staging.join(crate::classifier::META_FILE), &json)?;
     replace_dir(&staging, dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn padded(lengths: &[usize], batches: &[Vec<usize>]) -> usize {
+        batches.iter().map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap_or(0)).sum()
+    }
+
+    #[test]
+    fn length_grouping_covers_every_example_once_and_pads_less() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let lengths: Vec<usize> = (0..1000).map(|_| rand::Rng::random_range(&mut rng, 5..200)).collect();
+        for group in [false, true] {
+            let b = length_grouped_batches(&lengths, 8, group, 3);
+            let mut all: Vec<usize> = b.iter().flatten().copied().collect();
+            all.sort_unstable();
+            assert_eq!(all, (0..1000).collect::<Vec<_>>());
+            assert_eq!(b, length_grouped_batches(&lengths, 8, group, 3), "seeded");
+        }
+        let (plain, grouped) = (
+            padded(&lengths, &length_grouped_batches(&lengths, 8, false, 3)),
+            padded(&lengths, &length_grouped_batches(&lengths, 8, true, 3)),
+        );
+        let real: usize = lengths.iter().sum();
+        assert!(grouped - real < (plain - real) / 4, "padding {} grouped vs {} plain", grouped - real, plain - real);
+    }
 }
