@@ -220,7 +220,7 @@ impl std::fmt::Debug for ClassifierModel {
     }
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(CoreError::io(path))?;
     serde_json::from_str(&text).map_err(|e| CoreError::file(path, format!("line {}: {e}", e.line())))
 }
@@ -233,6 +233,11 @@ fn load_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
     Ok(load_safetensors(&path)?.into_iter().map(|(k, v)| (normalize_weight_name(&k), v)).collect())
 }
 
+/// The `tuneforge.json` of the model directory `dir`.
+pub(crate) fn read_meta(dir: &Path) -> Result<ModelMeta> {
+    read_json(&dir.join(META_FILE))
+}
+
 impl ClassifierModel {
     /// A classifier with a new head over the pretrained encoder in `dir`
     /// (`config.json`, `model.safetensors`, `tokenizer.json`).
@@ -243,7 +248,7 @@ impl ClassifierModel {
     /// [`ClassifierModel::from_base`] keeping only the encoder layers `keep` (in order,
     /// renumbered from 0): a smaller student initialised from chosen layers.
     pub fn from_base_layers(dir: &Path, options: &ClassifierOptions, keep: Option<&[usize]>) -> Result<Self> {
-        if let Ok(meta) = read_json::<ModelMeta>(&dir.join(META_FILE))
+        if let Ok(meta) = read_meta(dir)
             && meta.quantization.is_some()
         {
             return Err(CoreError::file(
@@ -578,29 +583,47 @@ impl ClassifierModel {
         features: Option<&[Vec<f32>]>,
         batch_size: usize,
     ) -> Result<Vec<Prediction>> {
+        let ctx = ForwardCtx::eval();
+        let probs = ctx.softmax_last(&self.logits_for(texts, features, batch_size)?)?.to_vec2::<f32>()?;
+        Ok(probs
+            .into_iter()
+            .map(|row| {
+                let (best, score) = row
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::NEG_INFINITY), |acc, (i, &p)| if p > acc.1 { (i, p) } else { acc });
+                Prediction {
+                    label: self.meta.labels[best].clone(),
+                    score,
+                    probabilities: self.meta.labels.iter().cloned().zip(row).collect(),
+                }
+            })
+            .collect())
+    }
+
+    /// Raw logits `[texts, labels]` in f32 (inference mode), in batches of `batch_size`;
+    /// `features` holds one row per text when the model fuses plugin features.
+    pub fn logits_for<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        features: Option<&[Vec<f32>]>,
+        batch_size: usize,
+    ) -> Result<Tensor> {
         let encoded = self.text.encode(texts)?;
-        let mut out = Vec::with_capacity(texts.len());
         let ctx = ForwardCtx::eval();
         let all: Vec<usize> = (0..encoded.len()).collect();
+        let mut parts = Vec::new();
         for chunk in all.chunks(batch_size.max(1)) {
             let mut batch = EncodedBatch::collate(&encoded, chunk, None, self.text.pad_id());
             if let Some(f) = features {
                 batch = batch.with_features(f);
             }
-            let probs = ctx.softmax_last(&self.logits(&batch, &ctx)?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-            for row in probs {
-                let (best, score) = row
-                    .iter()
-                    .enumerate()
-                    .fold((0, f32::NEG_INFINITY), |acc, (i, &p)| if p > acc.1 { (i, p) } else { acc });
-                out.push(Prediction {
-                    label: self.meta.labels[best].clone(),
-                    score,
-                    probabilities: self.meta.labels.iter().cloned().zip(row).collect(),
-                });
-            }
+            parts.push(self.logits(&batch, &ctx)?.to_dtype(DType::F32)?);
         }
-        Ok(out)
+        if parts.is_empty() {
+            return Ok(Tensor::zeros((0, self.meta.labels.len()), DType::F32, &self.device)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// Saves the whole model into `dir` atomically (staged next to it, then renamed in).

@@ -4,13 +4,12 @@
 
 use std::path::Path;
 
-use candle_core::{D, DType, Device, Tensor};
-use tuneforge_data::EncodedBatch;
+use candle_core::{D, Device, Tensor};
 
 use crate::experiment::{DistillSection, StudentInit};
 use crate::export::model_dir_of;
 use crate::peft::PeftSpec;
-use crate::{ClassifierModel, CoreError, ForwardCtx, Result};
+use crate::{ClassifierModel, CoreError, Result};
 
 /// `T² · mean over rows of KL(p ‖ softmax(student / T))`, with `p` the teacher's softened
 /// probabilities `[rows, classes]` (a constant). Differentiable in `student`.
@@ -77,7 +76,7 @@ impl Teacher {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let logits = teacher_logits(&teacher, texts, batch_size)?;
+        let logits = teacher.logits_for(texts, None, batch_size)?;
         let idx = Tensor::from_vec(columns.iter().map(|c| *c as u32).collect::<Vec<_>>(), columns.len(), &Device::Cpu)?;
         let probs = candle_nn::ops::softmax_last_dim(&(logits.index_select(&idx, 1)? / d.temperature)?)?;
         Ok(Self { probs, temperature: d.temperature, alpha: d.alpha, dir, seconds: started.elapsed().as_secs_f64() })
@@ -94,33 +93,13 @@ impl Teacher {
     }
 }
 
-/// Raw logits `[n, classes]` (the teacher's label order) for `texts`, in eval mode.
-fn teacher_logits<S: AsRef<str>>(model: &ClassifierModel, texts: &[S], batch_size: usize) -> Result<Tensor> {
-    let encoded = model.text_encoder().encode(texts)?;
-    let all: Vec<usize> = (0..encoded.len()).collect();
-    let mut parts = Vec::new();
-    for chunk in all.chunks(batch_size.max(1)) {
-        let batch = EncodedBatch::collate(&encoded, chunk, None, model.text_encoder().pad_id());
-        parts.push(model.logits(&batch, &ForwardCtx::eval())?.to_dtype(DType::F32)?);
-    }
-    Ok(Tensor::cat(&parts, 0)?)
-}
-
 /// Where the student starts and which layers it keeps: `(base directory, layers)`.
-pub fn student_base(
-    d: &DistillSection,
-    base_dir: &Path,
-    base_layers: usize,
-) -> Result<(std::path::PathBuf, Option<Vec<usize>>)> {
+pub fn student_base(d: &DistillSection, base_dir: &Path) -> Result<(std::path::PathBuf, Option<Vec<usize>>)> {
     let dir = match d.student_init {
         StudentInit::Base => base_dir.to_path_buf(),
         StudentInit::Teacher => {
             let dir = model_dir_of(&d.teacher);
-            let meta: crate::ModelMeta = {
-                let p = dir.join(crate::classifier::META_FILE);
-                let text = std::fs::read_to_string(&p).map_err(CoreError::io(&p))?;
-                serde_json::from_str(&text).map_err(|e| CoreError::file(&p, format!("line {}: {e}", e.line())))?
-            };
+            let meta = crate::classifier::read_meta(&dir)?;
             if meta.peft != PeftSpec::None || !meta.extra_tokens.is_empty() || meta.quantization.is_some() {
                 return Err(CoreError::Config {
                     file: "experiment".into(),
@@ -135,6 +114,8 @@ pub fn student_base(
             dir
         }
     };
+    // The layers to choose from are those of the model the student starts from.
+    let base_layers = crate::bert::BertConfig::read(&dir.join("config.json"))?.num_hidden_layers;
     let layers = d.student_layers.map(|n| {
         if n > base_layers {
             Err(CoreError::Config {

@@ -20,9 +20,7 @@ pub fn model_dir_of(path: &Path) -> PathBuf {
 }
 
 pub(crate) fn read_model(dir: &Path) -> Result<(ModelMeta, BTreeMap<String, Tensor>)> {
-    let meta_path = dir.join(META_FILE);
-    let text = std::fs::read_to_string(&meta_path).map_err(CoreError::io(&meta_path))?;
-    let meta: ModelMeta = serde_json::from_str(&text).map_err(|e| CoreError::file(&meta_path, e.to_string()))?;
+    let meta = crate::classifier::read_meta(dir)?;
     let tensors = load_safetensors(&dir.join("model.safetensors"))?.into_iter().collect();
     Ok((meta, tensors))
 }

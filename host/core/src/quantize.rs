@@ -66,11 +66,8 @@ pub fn is_quantized_name(name: &str, keep_embeddings_float: bool) -> bool {
 /// Quantizes the model in `model` (a model or run directory) into `out`.
 pub fn quantize_int8(model: &Path, out: &Path, keep_embeddings_float: bool) -> Result<QuantizeReport> {
     let dir = model_dir_of(model);
-    let meta_path = dir.join(META_FILE);
-    let text = std::fs::read_to_string(&meta_path).map_err(CoreError::io(&meta_path))?;
-    let meta: crate::ModelMeta =
-        serde_json::from_str(&text).map_err(|e| CoreError::file(&meta_path, format!("line {}: {e}", e.line())))?;
-    if meta.quantization.is_some() {
+    // Checked before the weights are read: candle cannot read an int8 file.
+    if crate::classifier::read_meta(&dir)?.quantization.is_some() {
         return Err(CoreError::file(&dir, "is already quantized"));
     }
     let (mut meta, mut tensors) = read_model(&dir)?;

@@ -188,29 +188,28 @@ impl Base {
     /// The decoder with `peft` added; only the LoRA tensors train when `peft` is LoRA
     /// (everything when it is none). `extra` overrides loaded tensors (a saved adapter).
     pub fn model(&self, peft: &PeftSpec, extra: HashMap<String, Tensor>, seed: u64) -> Result<DecoderModel> {
-        let mut weights = self.weights.clone();
-        weights.extend(extra);
-        let pb = ParamBuilder::with_loaded(weights, true, seed, DType::F32, &Device::Cpu);
+        let pb = self.builder(extra, seed);
         match peft {
             PeftSpec::None => pb.set_trainable(|_| true),
             _ => pb.set_trainable(PeftSpec::is_peft_param),
         }
         DecoderModel::with_peft(&self.config, pb, peft)
     }
+
+    /// A parameter builder over the base weights, `extra` taking precedence.
+    fn builder(&self, extra: HashMap<String, Tensor>, seed: u64) -> ParamBuilder {
+        let mut weights = self.weights.clone();
+        weights.extend(extra);
+        ParamBuilder::with_loaded(weights, true, seed, DType::F32, &Device::Cpu)
+    }
 }
 
 /// Loads an adapter directory written by [`train_causal_lm`]: the base, with the adapter's
 /// LoRA weights (frozen).
 pub fn load_adapter(dir: &Path) -> Result<(DecoderModel, Tokenizer, ChatFormat)> {
-    let meta_path = dir.join(crate::classifier::META_FILE);
-    let text = std::fs::read_to_string(&meta_path).map_err(CoreError::io(&meta_path))?;
-    let meta: AdapterMeta =
-        serde_json::from_str(&text).map_err(|e| CoreError::file(&meta_path, format!("line {}: {e}", e.line())))?;
+    let meta: AdapterMeta = crate::classifier::read_json(&dir.join(crate::classifier::META_FILE))?;
     let base = Base::load(&ModelSource::parse(&meta.base_model)?.resolve()?, DType::F32)?;
-    let adapter = crate::weights::load_safetensors(&dir.join(ADAPTER_FILE))?;
-    let mut weights = base.weights.clone();
-    weights.extend(adapter);
-    let pb = ParamBuilder::with_loaded(weights, true, 0, DType::F32, &Device::Cpu);
+    let pb = base.builder(crate::weights::load_safetensors(&dir.join(ADAPTER_FILE))?, 0);
     pb.set_trainable(|_| false);
     pb.set_strict();
     let model = DecoderModel::with_peft(&base.config, pb, &meta.peft)?;
@@ -296,8 +295,8 @@ pub fn train_causal_lm(mut cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str))
     cfg.absolutize(&cwd);
     let t = cfg.train.clone();
     let seed = cfg.experiment.seed;
-    let run = crate::RunDir::new(cfg.experiment.output_dir.join(crate::new_run_id(cfg.experiment.name.as_deref())));
-    std::fs::create_dir_all(run.root()).map_err(CoreError::io(run.root()))?;
+    let run =
+        crate::run::create_run_dir(&cfg.experiment.output_dir, &crate::new_run_id(cfg.experiment.name.as_deref()))?;
     crate::fs_atomic::write_atomic(&run.config(), cfg.to_toml().as_bytes())?;
     let source = ModelSource::parse(&cfg.model.source)?;
     let base = Base::load(&source.resolve()?, DType::F32)?;
@@ -365,19 +364,16 @@ pub fn train_causal_lm(mut cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str))
     let total = steps_per_epoch * t.epochs;
     let warmup = t.warmup_steps.unwrap_or((t.warmup_ratio * total as f64).round() as u64);
     let schedule = crate::LrSchedule { kind: t.schedule, peak_lr: t.lr, warmup_steps: warmup, total_steps: total };
-    let mut log = std::fs::File::create(run.metrics()).map_err(CoreError::io(run.metrics()))?;
-    let mut write_metric = |v: serde_json::Value| -> Result<()> {
-        use std::io::Write;
-        writeln!(log, "{v}").map_err(CoreError::io(run.metrics()))
-    };
+    let mut log = crate::run::MetricsLog::open(&run.metrics(), None)?;
+    let mut write_metric = |v: serde_json::Value| log.append(&v);
     write_metric(
         serde_json::json!({"kind": "eval", "step": 0, "validation_loss": base_loss, "perplexity": base_loss.exp()}),
     )?;
     let (mut best_loss, mut best_step, mut step) = (f64::INFINITY, 0u64, 0u64);
     let (mut tokens, mut seconds) = (0u64, 0f64);
     let best_dir = run.best();
+    let lengths: Vec<usize> = train_tok.iter().map(|e| e.ids.len()).collect();
     for epoch in 0..t.epochs {
-        let lengths: Vec<usize> = train_tok.iter().map(|e| e.ids.len()).collect();
         let batches = length_grouped_batches(&lengths, t.batch_size, t.group_by_length, seed.wrapping_add(epoch));
         for chunk in &batches {
             let started = Instant::now();
@@ -389,13 +385,8 @@ pub fn train_causal_lm(mut cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str))
             if !value.is_finite() {
                 return Err(CoreError::Diverged { step: step + 1, loss: value as f32 });
             }
-            let store = loss.backward()?;
             let mut grads = HashMap::new();
-            for (name, var) in &trainable {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    grads.insert(name.clone(), g.clone());
-                }
-            }
+            crate::train::accumulate_grads(&loss.backward()?, &trainable, &mut grads)?;
             let grad_norm = crate::optim::clip_grad_norm(&mut grads, t.max_grad_norm)?;
             let lr = schedule.lr(step);
             opt.step(&grads, lr)?;
@@ -463,12 +454,7 @@ pub fn train_causal_lm(mut cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str))
 /// Writes the trainable tensors (the LoRA weights, or every weight for full fine-tuning)
 /// and the metadata into `dir`, atomically.
 fn save_best(model: &DecoderModel, dir: &Path, meta: &AdapterMeta) -> Result<()> {
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("best");
-    let staging = dir.with_file_name(format!(".{name}.staging-{}", std::process::id()));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(CoreError::io(&staging))?;
-    }
-    std::fs::create_dir_all(&staging).map_err(CoreError::io(&staging))?;
+    let staging = crate::export::stage(dir)?;
     let tensors: Vec<(String, Tensor)> =
         model.params().trainable().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
     write_synced(&staging.join(ADAPTER_FILE), &crate::weights::to_safetensors_bytes(&tensors)?)?;

@@ -294,9 +294,8 @@ pub fn train_experiment_with(
             Some((Fusion::fit(&name, names, &rows, cfg.model.fusion_dim), rows))
         }
     };
-    let base_layers = crate::bert::BertConfig::read(&base_dir.join("config.json"))?.num_hidden_layers;
     let (student_dir, keep) = match &cfg.distill {
-        Some(d) => student_base(d, &base_dir, base_layers)?,
+        Some(d) => student_base(d, &base_dir)?,
         None => (base_dir.clone(), None),
     };
     let model = ClassifierModel::from_base_layers(
@@ -665,16 +664,7 @@ pub fn train_step_with(
         }
         loss_sum += value;
         let phase = Instant::now();
-        let store = (loss / batches.len() as f64)?.backward()?;
-        for (name, var) in trainable {
-            if let Some(g) = store.get(var.as_tensor()) {
-                let sum = match grads.remove(name) {
-                    Some(acc) => (acc + g)?,
-                    None => g.clone(),
-                };
-                grads.insert(name.clone(), sum);
-            }
-        }
+        accumulate_grads(&(loss / batches.len() as f64)?.backward()?, trainable, &mut grads)?;
         backward_s += phase.elapsed().as_secs_f64();
     }
     let phase = Instant::now();
@@ -694,6 +684,24 @@ pub fn train_step_with(
             .map(|(h, (s, n))| (h.name.clone(), s / *n as f64))
             .collect(),
     })
+}
+
+/// Adds each trainable tensor's gradient in `store` to its running sum in `grads`.
+pub(crate) fn accumulate_grads(
+    store: &candle_core::backprop::GradStore,
+    trainable: &[(String, candle_core::Var)],
+    grads: &mut HashMap<String, Tensor>,
+) -> Result<()> {
+    for (name, var) in trainable {
+        if let Some(g) = store.get(var.as_tensor()) {
+            let sum = match grads.remove(name) {
+                Some(acc) => (acc + g)?,
+                None => g.clone(),
+            };
+            grads.insert(name.clone(), sum);
+        }
+    }
+    Ok(())
 }
 
 /// The frozen-prefix cache, when the run has a frozen prefix, the experiment allows it and
