@@ -45,6 +45,7 @@ fn tiny_model(dir: &std::path::Path) {
         trainability: Default::default(),
         base_model: "tiny".into(),
         dtype: candle_core::DType::F32,
+        device: candle_core::Device::Cpu,
         peft: Default::default(),
         extra_tokens: Vec::new(),
         fusion: None,

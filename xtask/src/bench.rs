@@ -276,6 +276,7 @@ pub fn run_one(args: &[String]) -> anyhow::Result<()> {
             trainability,
             base_model: MODEL.into(),
             dtype: candle_core::DType::F32,
+            device: candle_core::Device::Cpu,
             peft,
             extra_tokens: Vec::new(),
             fusion: None,

@@ -131,6 +131,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         trainability: Default::default(),
         base_model: MODEL.into(),
         dtype: candle_core::DType::F32,
+        device: candle_core::Device::Cpu,
         peft: Default::default(),
         extra_tokens: Vec::new(),
         fusion: None,
@@ -168,7 +169,17 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
             };
             *spent.lock().unwrap_or_else(|p| p.into_inner()) = 0.0;
             let t = Instant::now();
-            train_step_with(&model, &trainable, &mut opt, &[batch], &[s as u64], 1.0, 5e-5, &mut hooks)?;
+            train_step_with(
+                &model,
+                &trainable,
+                &mut opt,
+                &[batch],
+                &[s as u64],
+                1.0,
+                5e-5,
+                &mut hooks,
+                Default::default(),
+            )?;
             if s >= warmup {
                 wall.push(t.elapsed().as_secs_f64());
                 inside.push(*spent.lock().unwrap_or_else(|p| p.into_inner()));

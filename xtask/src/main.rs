@@ -11,6 +11,7 @@ mod bench_plugins;
 mod bench_serve;
 mod demo;
 mod demo_loop;
+mod gpu_check;
 mod http;
 mod icd10;
 mod plugins;
@@ -49,6 +50,10 @@ commands:
   bench plugins [--steps N]
                        a loss plugin's cost per call (32x24 logits) and its share of a
                        MiniLM training step
+  gpu-check [--bundle DIR]
+                       build with --features cuda,nccl and run the CUDA tests and the GPU
+                       training benchmark (MiniLM, SmolLM2 LoRA: tokens/s, MFU, memory);
+                       --bundle gathers the binaries and bench/gpu-check.sh for another machine
   bench serve          the server under load: 10,000 feedback posts from 64 clients, reads
                        over 10,000 runs and 1,000,000 metric points";
 
@@ -63,6 +68,7 @@ fn main() -> anyhow::Result<()> {
         Some("web") => web::run(rest),
         Some("api-fuzz") => api_fuzz::run(rest),
         Some("bench") => bench::run(rest),
+        Some("gpu-check") => gpu_check::run(rest),
         Some("bench-one") => bench::run_one(rest),
         Some("bench-compress-one") => bench_compress::run_one(rest),
         Some("-h" | "--help" | "help") | None => {

@@ -704,3 +704,30 @@ fn generate_runs_a_gguf_decoder() {
     assert!(!o.status.success() && stderr(&o).contains("missing.gguf"), "{}", stderr(&o));
     assert_no_panic(&o);
 }
+
+/// Device choices that this machine or this build cannot honour are refused with a message
+/// that says why, before anything is trained or written; `cpu` works as given.
+#[test]
+fn device_errors_say_what_is_missing() {
+    let env = Env::new();
+    let exp = env.experiment("");
+    let exp = exp.to_str().expect("utf8");
+    let o = env.run(&["train", "--config", exp, "--quiet", "--no-db", "--device", "tpu"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("`tpu` is not a device"), "{}", stderr(&o));
+    let o = env.run(&["train", "--config", exp, "--quiet", "--no-db", "--set", "train.precision=\"bf16\""]);
+    assert_ne!(o.status.code(), Some(0));
+    assert!(stderr(&o).contains("train.precision") && stderr(&o).contains("CUDA device"), "{}", stderr(&o));
+    if cfg!(not(feature = "cuda")) {
+        let o = env.run(&["train", "--config", exp, "--quiet", "--no-db", "--device", "cuda:1"]);
+        assert_ne!(o.status.code(), Some(0));
+        assert!(stderr(&o).contains("cuda:1") && stderr(&o).contains("--features cuda"), "{}", stderr(&o));
+        let o = env.run(&["train", "--config", exp, "--quiet", "--no-db", "--gpus", "2"]);
+        assert_ne!(o.status.code(), Some(0));
+        assert!(stderr(&o).contains("--features nccl"), "{}", stderr(&o));
+        assert!(!env.path("runs").exists(), "nothing was written");
+    }
+    assert_no_panic(&o);
+    let o = env.run(&["train", "--config", exp, "--quiet", "--no-db", "--device", "cpu", "--set", "train.epochs=1"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+}

@@ -7,11 +7,14 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use std::collections::HashMap;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use tuneforge_kernels::Int8Matrix;
 
-use crate::layers::{Adapter, ForwardCtx, LayerNorm, Linear, Lora, layer_norm, linear};
+use crate::layers::{Adapter, CheckpointRecord, ForwardCtx, LayerNorm, Linear, Lora, layer_norm, linear};
 use crate::peft::{AdapterPlacement, PeftSpec};
 use crate::{CoreError, Init, ParamBuilder, Result};
 
@@ -380,21 +383,54 @@ impl BertEncoder {
         self.forward_from(x, mask, 0..n_layers.min(self.layers.len()), ctx)
     }
 
-    /// Runs `layers` on hidden states `x: [batch, seq, hidden]`.
+    /// Runs `layers` on hidden states `x: [batch, seq, hidden]`, in the context's compute
+    /// dtype. With gradient checkpointing the layers keep only their inputs (see
+    /// [`BertEncoder::checkpointed_backward`]).
     pub fn forward_from(
         &self,
-        mut x: Tensor,
+        x: Tensor,
         mask: &Tensor,
         layers: std::ops::Range<usize>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
-        let dtype = self.embeddings.word.dtype();
+        let dtype = ctx.compute_dtype().unwrap_or(self.embeddings.word.dtype());
         // 0 where attended, -10000 at padding; broadcast over heads and query positions.
         let mask_bias = ((mask.to_dtype(dtype)? - 1.0)? * 10_000.0)?.unsqueeze(1)?.unsqueeze(1)?;
-        for layer in &self.layers[layers.start.min(self.layers.len())..layers.end.min(self.layers.len())] {
-            x = layer.forward(&x, &mask_bias, ctx)?;
+        let range = layers.start.min(self.layers.len())..layers.end.min(self.layers.len());
+        let mut x = ctx.cast(&x)?;
+        if ctx.is_checkpointing() {
+            let start = x.clone();
+            let mut inputs = Vec::with_capacity(range.len());
+            x = x.detach();
+            for i in range {
+                ctx.enter_layer(i, x.device())?;
+                inputs.push((i, x.clone()));
+                x = self.layers[i].forward(&x, &mask_bias, ctx)?.detach();
+            }
+            let top = Var::from_tensor(&x)?;
+            let out = top.as_tensor().clone();
+            ctx.set_record(CheckpointRecord { start, inputs, extras: vec![mask_bias], top });
+            return Ok(out);
+        }
+        for i in range {
+            ctx.enter_layer(i, x.device())?;
+            x = self.layers[i].forward(&x, &mask_bias, ctx)?;
         }
         Ok(x)
+    }
+
+    /// The backward pass of a checkpointed forward: `store` holds the gradients of the loss
+    /// (up to the record's `top`); each layer is recomputed from its saved input, with the
+    /// same dropout masks, and differentiated in turn, from the last to the first. The
+    /// gradients of `trainable` are added to `grads`.
+    pub fn checkpointed_backward(
+        &self,
+        ctx: &ForwardCtx,
+        store: &GradStore,
+        trainable: &[(String, Var)],
+        grads: &mut HashMap<String, Tensor>,
+    ) -> Result<()> {
+        ctx.checkpointed_backward(store, trainable, grads, |i, x, extras| self.layers[i].forward(x, &extras[0], ctx))
     }
 
     pub fn n_layers(&self) -> usize {

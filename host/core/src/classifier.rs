@@ -176,6 +176,8 @@ pub struct ClassifierOptions {
     pub trainability: Trainability,
     pub base_model: String,
     pub dtype: DType,
+    /// Where the parameters live and the model computes.
+    pub device: Device,
     /// Adapters or LoRA to add to the base model.
     pub peft: PeftSpec,
     /// Domain terms to add to the vocabulary as whole tokens; their embedding rows start
@@ -301,7 +303,7 @@ impl ClassifierModel {
                 .collect::<Result<Vec<_>>>()?;
             weights.insert(EXTRA_ROWS.into(), Tensor::cat(&rows, 0)?);
         }
-        let pb = ParamBuilder::with_loaded(weights, true, options.seed, options.dtype, &Device::Cpu);
+        let pb = ParamBuilder::with_loaded(weights, true, options.seed, options.dtype, &options.device);
         Self::build(config, pb, text, ModelMeta::for_new_head(options), options.trainability)
     }
 
@@ -310,12 +312,17 @@ impl ClassifierModel {
         if !options.extra_tokens.is_empty() {
             text.add_terms(&options.extra_tokens)?;
         }
-        let pb = ParamBuilder::random(options.seed, options.dtype, &Device::Cpu);
+        let pb = ParamBuilder::random(options.seed, options.dtype, &options.device);
         Self::build(config, pb, text, ModelMeta::for_new_head(options), options.trainability)
     }
 
-    /// A fine-tuned model saved by [`ClassifierModel::save`], for inference.
+    /// A fine-tuned model saved by [`ClassifierModel::save`], for inference on the CPU.
     pub fn load(dir: &Path) -> Result<Self> {
+        Self::load_on(dir, &Device::Cpu)
+    }
+
+    /// [`ClassifierModel::load`] onto `device` (an int8 model runs on the CPU only).
+    pub fn load_on(dir: &Path, device: &Device) -> Result<Self> {
         let meta_path = dir.join(META_FILE);
         if !meta_path.exists() {
             return Err(CoreError::file(
@@ -334,7 +341,10 @@ impl ClassifierModel {
         let text = TextEncoder::from_file(&dir.join("tokenizer.json"), meta.max_len)?;
         Self::check_sizes(&config, &text, meta.max_len, dir, meta.extra_tokens.len())?;
         let pb = match &meta.quantization {
-            None => ParamBuilder::with_loaded(load_weights(dir)?, true, 0, DType::F32, &Device::Cpu),
+            None => ParamBuilder::with_loaded(load_weights(dir)?, true, 0, DType::F32, device),
+            Some(_) if !device.is_cpu() => {
+                return Err(CoreError::file(dir, "is an int8 model; its kernels run on the CPU (use `--device cpu`)"));
+            }
             Some(q) => {
                 let (floats, int8) = crate::quantize::load_int8_weights(&dir.join("model.safetensors"), q)?;
                 let pb = ParamBuilder::with_loaded(floats, true, 0, DType::F32, &Device::Cpu);
@@ -399,6 +409,7 @@ impl ClassifierModel {
             });
         }
         let dtype = pb.dtype();
+        let pb_device = pb.device().clone();
         let encoder = BertEncoder::new(&config, &pb, &meta.peft, meta.extra_tokens.len())?;
         let h = config.hidden_size;
         let n = meta.labels.len();
@@ -418,8 +429,8 @@ impl ClassifierModel {
                     fp.get_new(&[f.dim, k], "weight", Init::Normal(0.1))?,
                     Some(fp.get_new(&[f.dim], "bias", Init::Zeros)?),
                 );
-                let mean = Tensor::from_slice(&f.mean, (1, k), &Device::Cpu)?.to_dtype(dtype)?;
-                let std = Tensor::from_slice(&f.std, (1, k), &Device::Cpu)?.to_dtype(dtype)?;
+                let mean = Tensor::from_slice(&f.mean, (1, k), pb.device())?.to_dtype(dtype)?;
+                let std = Tensor::from_slice(&f.std, (1, k), pb.device())?.to_dtype(dtype)?;
                 Some((dense, mean, std))
             }
         };
@@ -433,7 +444,8 @@ impl ClassifierModel {
         if !unused.is_empty() {
             tracing::debug!(?unused, "weights not used by the model");
         }
-        Ok(Self { encoder, head, fusion, params, text, meta, device: Device::Cpu, dtype })
+        let device = pb_device;
+        Ok(Self { encoder, head, fusion, params, text, meta, device, dtype })
     }
 
     pub fn params(&self) -> &ParamStore {
@@ -476,12 +488,14 @@ impl ClassifierModel {
         let hidden = match prefix {
             None => self.encoder.forward(&ids, &type_ids, &mask, ctx)?,
             Some(p) => self.encoder.forward_from(
-                p.hidden.to_dtype(self.dtype)?,
+                p.hidden.to_device(&self.device)?.to_dtype(self.dtype)?,
                 &mask,
                 p.layers..self.encoder.n_layers(),
                 ctx,
             )?,
         };
+        // Mixed precision: pooling, head and loss in the parameters' dtype.
+        let hidden = hidden.to_dtype(self.dtype)?;
         match self.meta.pooling {
             Pooling::Mean => masked_mean(&hidden, &mask),
             Pooling::Cls => Ok(hidden.i((.., 0))?),
@@ -550,6 +564,24 @@ impl ClassifierModel {
             _ => pooled,
         };
         Ok(self.head.forward(&input)?)
+    }
+
+    /// Finishes the backward pass of a forward run with gradient checkpointing
+    /// ([`ForwardCtx::with_checkpointing`]): `store` holds the loss's gradients; the encoder's
+    /// layers are recomputed and differentiated, adding to `grads`. Nothing to do otherwise.
+    pub fn checkpointed_backward(
+        &self,
+        ctx: &ForwardCtx,
+        store: &candle_core::backprop::GradStore,
+        trainable: &[(String, candle_core::Var)],
+        grads: &mut HashMap<String, Tensor>,
+    ) -> Result<()> {
+        self.encoder.checkpointed_backward(ctx, store, trainable, grads)
+    }
+
+    /// The device the model's parameters live on.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Mean cross-entropy of a labelled batch, and the logits.

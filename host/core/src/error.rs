@@ -27,6 +27,8 @@ pub enum CoreError {
     /// A plugin failed; the message names the plugin, the function and the cause.
     #[error("{message}")]
     Plugin { message: String },
+    #[error("device `{device}`: {message}")]
+    Device { device: String, message: String },
     #[error("training diverged at step {step}: loss is {loss}")]
     Diverged { step: u64, loss: f32 },
 }

@@ -67,6 +67,9 @@ pub struct ExperimentConfig {
     pub peft: PeftSection,
     #[serde(default)]
     pub train: TrainSection,
+    /// `[run]`: where the run computes.
+    #[serde(default)]
+    pub run: RunSection,
     #[serde(default)]
     pub gates: GatesConfig,
     /// `[distill]`: learn from a trained teacher's logits as well as from the labels.
@@ -340,6 +343,23 @@ pub struct TrainSection {
     /// The most memory the frozen-prefix cache may take.
     #[serde(default = "default_cache_max_mib")]
     pub cache_max_mib: usize,
+    /// `f32`, or `bf16` mixed precision (CUDA): bf16 products and activations, f32 master
+    /// weights, optimizer state, normalisation, softmax and loss.
+    #[serde(default)]
+    pub precision: crate::Precision,
+    /// Keep only each transformer layer's input in the forward pass and recompute the layer
+    /// in the backward pass: less activation memory for about one more forward.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+}
+
+/// `[run]`: the execution environment of a run (not its hyper-parameters).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// `cpu`, `cuda` or `cuda:N`; `--device` overrides it.
+    #[serde(default)]
+    pub device: crate::DeviceSpec,
 }
 
 fn default_cache_max_mib() -> usize {
@@ -367,6 +387,8 @@ impl Default for TrainSection {
             early_stopping_min_delta: 0.0,
             cache_frozen_prefix: true,
             cache_max_mib: default_cache_max_mib(),
+            precision: crate::Precision::default(),
+            gradient_checkpointing: false,
         }
     }
 }
@@ -552,6 +574,7 @@ impl ExperimentConfig {
         if t.keep_checkpoints == 0 {
             return Err(("train.keep_checkpoints", "must be at least 1".into()));
         }
+        t.precision.check(&self.run.device).map_err(|m| ("train.precision", m))?;
         for p in &self.plugins {
             if p.name.is_some() == p.path.is_some() {
                 return Err(("plugins", format!("`{}`: give exactly one of `name` or `path`", p.display_name())));

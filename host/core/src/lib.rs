@@ -8,6 +8,7 @@
 pub mod bert;
 mod checkpoint;
 mod classifier;
+pub mod device;
 pub mod distill;
 mod error;
 pub mod eval;
@@ -22,6 +23,7 @@ pub mod layers;
 pub mod llama;
 mod metrics;
 mod optim;
+pub mod parallel;
 mod params;
 mod peft;
 mod prefix_cache;
@@ -39,6 +41,7 @@ pub use classifier::{
     ClassifierModel, ClassifierOptions, FrozenPrefix, Fusion, MODEL_PLUGINS_FILE, ModelMeta, Pooling, Prediction,
     Trainability,
 };
+pub use device::{DeviceSpec, Precision};
 pub use error::CoreError;
 pub use eval::{EvalReport, evaluate, evaluate_with};
 pub use experiment::{ExperimentConfig, PluginSpec};
@@ -54,8 +57,8 @@ pub use run::{RunDir, new_run_id};
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use source::{ModelSource, cache_dir};
 pub use train::{
-    RunOptions, RunSummary, StepStats, TrainBatch, TrainEvent, TrainOutcome, apply_data_hooks, load_experiment_data,
-    train_experiment, train_experiment_with, train_step, train_step_with,
+    RunOptions, RunSummary, StepMode, StepStats, TrainBatch, TrainEvent, TrainOutcome, apply_data_hooks,
+    load_experiment_data, train_experiment, train_experiment_with, train_step, train_step_with,
 };
 
 /// Result type of this crate.

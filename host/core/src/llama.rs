@@ -13,7 +13,7 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{ForwardCtx, Linear};
+use crate::layers::{CheckpointRecord, ForwardCtx, Linear};
 use crate::{CoreError, Init, ParamBuilder, ParamStore, PeftSpec, Result};
 
 /// The hyper-parameters of a Llama/Qwen2 decoder (a Hugging Face `config.json`).
@@ -136,10 +136,13 @@ struct RmsNorm {
 
 impl RmsNorm {
     /// `x / sqrt(mean(x²) + eps) * weight`, composed from differentiable ops.
+    /// Half-precision inputs are normalised in f32 and returned in their own dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = if dtype == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
         let inv = (ms + self.eps)?.sqrt()?.recip()?;
-        Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)?)
+        Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight.to_dtype(x.dtype())?)?.to_dtype(dtype)?)
     }
 }
 
@@ -150,7 +153,7 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(cfg: &LlamaConfig, dtype: DType) -> Result<Self> {
+    fn new(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
         let d = cfg.head_dim();
         let inv: Vec<f64> = (0..d / 2).map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64)).collect();
         let n = cfg.max_position_embeddings;
@@ -163,8 +166,8 @@ impl Rope {
                 sin.push(a.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (n, d / 2), &Device::Cpu)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (n, d / 2), &Device::Cpu)?.to_dtype(dtype)?;
+        let cos = Tensor::from_vec(cos, (n, d / 2), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (n, d / 2), device)?.to_dtype(dtype)?;
         Ok(Self { cos, sin })
     }
 
@@ -177,8 +180,8 @@ impl Rope {
                 message: format!("position {} is past the model's {} positions", start + l, self.cos.dim(0)?),
             });
         }
-        let cos = self.cos.narrow(0, start, l)?;
-        let sin = self.sin.narrow(0, start, l)?;
+        let cos = self.cos.narrow(0, start, l)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, start, l)?.to_dtype(x.dtype())?;
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;
         let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
         let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
@@ -300,7 +303,7 @@ impl DecoderModel {
         } else {
             Some(linear(&pb.pp("lm_head"), config.vocab_size, h, false)?)
         };
-        let rope = Rope::new(config, pb.dtype())?;
+        let rope = Rope::new(config, pb.dtype(), pb.device())?;
         let (params, unused) = pb.finish();
         if !unused.is_empty() {
             tracing::debug!(?unused, "weights not used by the decoder");
@@ -310,7 +313,17 @@ impl DecoderModel {
 
     /// A model with random weights (tests).
     pub fn random(config: &LlamaConfig, seed: u64, dtype: DType) -> Result<Self> {
-        Self::new(config, ParamBuilder::random(seed, dtype, &Device::Cpu))
+        Self::random_on(config, seed, dtype, &Device::Cpu)
+    }
+
+    /// [`DecoderModel::random`] on `device` (the same values on every device for a seed).
+    pub fn random_on(config: &LlamaConfig, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        Self::new(config, ParamBuilder::random(seed, dtype, device))
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> &Device {
+        self.embed.device()
     }
 
     /// Loads weights by name (every parameter must be there), frozen.
@@ -342,21 +355,67 @@ impl DecoderModel {
         let (b, l) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |c| c.len());
         let h = self.config.hidden_size;
-        let mut x = self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, l, h))?;
+        let ids = ids.to_device(self.device())?;
+        let x = ctx.cast(&self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, l, h))?)?;
         if let Some(c) = cache.as_mut()
             && c.layers.len() != self.blocks.len()
         {
             c.layers = vec![None; self.blocks.len()];
         }
-        let mask = causal_mask(l, start, x.dtype())?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = self.block_forward(block, &x, start, mask.as_ref(), slot, ctx)?;
-        }
+        let mask = causal_mask(l, start, x.dtype(), x.device())?;
+        let x = match cache {
+            None if ctx.is_checkpointing() => {
+                let record_start = x.clone();
+                let mut x = x.detach();
+                let mut inputs = Vec::with_capacity(self.blocks.len());
+                for (i, block) in self.blocks.iter().enumerate() {
+                    ctx.enter_layer(i, x.device())?;
+                    inputs.push((i, x.clone()));
+                    x = self.block_forward(block, &x, 0, mask.as_ref(), None, ctx)?.detach();
+                }
+                let top = candle_core::Var::from_tensor(&x)?;
+                let out = top.as_tensor().clone();
+                ctx.set_record(CheckpointRecord {
+                    start: record_start,
+                    inputs,
+                    extras: mask.into_iter().collect(),
+                    top,
+                });
+                out
+            }
+            mut cache => {
+                let mut x = x;
+                for (i, block) in self.blocks.iter().enumerate() {
+                    ctx.enter_layer(i, x.device())?;
+                    let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+                    x = self.block_forward(block, &x, start, mask.as_ref(), slot, ctx)?;
+                }
+                x
+            }
+        };
         let x = self.norm.forward(&x)?;
-        Ok(match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) => head.forward_t(&x, ctx)?,
-            None => x.reshape((b * l, h))?.matmul(&self.embed.t()?)?.reshape((b, l, self.config.vocab_size))?,
+            None => {
+                x.reshape((b * l, h))?.matmul(&ctx.cast(&self.embed)?.t()?)?.reshape((b, l, self.config.vocab_size))?
+            }
+        };
+        // Mixed precision: the loss and sampling see f32 logits.
+        Ok(logits.to_dtype(self.embed.dtype())?)
+    }
+
+    /// Finishes the backward pass of a checkpointed forward (see
+    /// [`crate::bert::BertEncoder::checkpointed_backward`]): each block is recomputed from
+    /// its saved input and differentiated, last to first; trainable gradients go to `grads`.
+    pub fn checkpointed_backward(
+        &self,
+        ctx: &ForwardCtx,
+        store: &candle_core::backprop::GradStore,
+        trainable: &[(String, candle_core::Var)],
+        grads: &mut HashMap<String, Tensor>,
+    ) -> Result<()> {
+        ctx.checkpointed_backward(store, trainable, grads, |i, x, extras| {
+            self.block_forward(&self.blocks[i], x, 0, extras.first(), None, ctx)
         })
     }
 
@@ -368,6 +427,7 @@ impl DecoderModel {
         if l < 2 {
             return Err(CoreError::Param { name: "batch".into(), message: "needs at least 2 tokens".into() });
         }
+        let (ids, loss_mask) = (&ids.to_device(self.device())?, &loss_mask.to_device(self.device())?);
         let logits = self.forward(ids, None, ctx)?;
         let v = self.config.vocab_size;
         let logits = logits.narrow(1, 0, l - 1)?.reshape((b * (l - 1), v))?;
@@ -452,14 +512,14 @@ pub fn read_hf_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
 
 /// `[l, start + l]`: 0 where query `i` (at position `start + i`) may look, -inf after it;
 /// `None` for a single new position (it may look at everything).
-fn causal_mask(l: usize, start: usize, dtype: DType) -> Result<Option<Tensor>> {
+fn causal_mask(l: usize, start: usize, dtype: DType, device: &Device) -> Result<Option<Tensor>> {
     if l <= 1 {
         return Ok(None);
     }
     let total = start + l;
     let v: Vec<f32> =
         (0..l).flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY })).collect();
-    Ok(Some(Tensor::from_vec(v, (l, total), &Device::Cpu)?.to_dtype(dtype)?))
+    Ok(Some(Tensor::from_vec(v, (l, total), device)?.to_dtype(dtype)?))
 }
 
 #[cfg(test)]

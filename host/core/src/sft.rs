@@ -188,7 +188,18 @@ impl Base {
     /// The decoder with `peft` added; only the LoRA tensors train when `peft` is LoRA
     /// (everything when it is none). `extra` overrides loaded tensors (a saved adapter).
     pub fn model(&self, peft: &PeftSpec, extra: HashMap<String, Tensor>, seed: u64) -> Result<DecoderModel> {
-        let pb = self.builder(extra, seed);
+        self.model_on(peft, extra, seed, &Device::Cpu)
+    }
+
+    /// [`Base::model`] with the parameters on `device`.
+    pub fn model_on(
+        &self,
+        peft: &PeftSpec,
+        extra: HashMap<String, Tensor>,
+        seed: u64,
+        device: &Device,
+    ) -> Result<DecoderModel> {
+        let pb = self.builder(extra, seed, device);
         match peft {
             PeftSpec::None => pb.set_trainable(|_| true),
             _ => pb.set_trainable(PeftSpec::is_peft_param),
@@ -197,10 +208,10 @@ impl Base {
     }
 
     /// A parameter builder over the base weights, `extra` taking precedence.
-    fn builder(&self, extra: HashMap<String, Tensor>, seed: u64) -> ParamBuilder {
+    fn builder(&self, extra: HashMap<String, Tensor>, seed: u64, device: &Device) -> ParamBuilder {
         let mut weights = self.weights.clone();
         weights.extend(extra);
-        ParamBuilder::with_loaded(weights, true, seed, DType::F32, &Device::Cpu)
+        ParamBuilder::with_loaded(weights, true, seed, DType::F32, device)
     }
 }
 
@@ -209,11 +220,48 @@ impl Base {
 pub fn load_adapter(dir: &Path) -> Result<(DecoderModel, Tokenizer, ChatFormat)> {
     let meta: AdapterMeta = crate::classifier::read_json(&dir.join(crate::classifier::META_FILE))?;
     let base = Base::load(&ModelSource::parse(&meta.base_model)?.resolve()?, DType::F32)?;
-    let pb = base.builder(crate::weights::load_safetensors(&dir.join(ADAPTER_FILE))?, 0);
+    let pb = base.builder(crate::weights::load_safetensors(&dir.join(ADAPTER_FILE))?, 0, &Device::Cpu);
     pb.set_trainable(|_| false);
     pb.set_strict();
     let model = DecoderModel::with_peft(&base.config, pb, &meta.peft)?;
     Ok((model, base.tokenizer, base.chat))
+}
+
+/// What one SFT optimizer step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SftStep {
+    pub loss: f64,
+    pub response_tokens: usize,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// One optimizer step of causal-LM fine-tuning on a padded batch (`ids`, `loss_mask`), in
+/// `ctx` (dropout seed, mixed precision, gradient checkpointing), clipping at
+/// `max_grad_norm` (0: off).
+#[allow(clippy::too_many_arguments)]
+pub fn sft_step(
+    model: &DecoderModel,
+    trainable: &[(String, candle_core::Var)],
+    opt: &mut AdamW,
+    ids: &Tensor,
+    loss_mask: &Tensor,
+    ctx: &ForwardCtx,
+    max_grad_norm: f64,
+    lr: f64,
+) -> Result<SftStep> {
+    let (loss, n) = model.lm_loss(ids, loss_mask, ctx)?;
+    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    if !value.is_finite() {
+        return Err(CoreError::Diverged { step: opt.step_count() + 1, loss: value as f32 });
+    }
+    let mut grads = HashMap::new();
+    let store = loss.backward()?;
+    crate::train::accumulate_grads(&store, trainable, &mut grads)?;
+    model.checkpointed_backward(ctx, &store, trainable, &mut grads)?;
+    let grad_norm = crate::optim::clip_grad_norm(&mut grads, max_grad_norm)?;
+    opt.step(&grads, lr)?;
+    Ok(SftStep { loss: value, response_tokens: n, grad_norm })
 }
 
 /// Validation loss (mean over response tokens) and token count.
@@ -299,9 +347,15 @@ pub fn train_causal_lm(mut cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str))
         crate::run::create_run_dir(&cfg.experiment.output_dir, &crate::new_run_id(cfg.experiment.name.as_deref()))?;
     crate::fs_atomic::write_atomic(&run.config(), cfg.to_toml().as_bytes())?;
     let source = ModelSource::parse(&cfg.model.source)?;
+    t.precision.check(&cfg.run.device).map_err(|message| CoreError::Config {
+        file: "experiment".into(),
+        field: "train.precision".into(),
+        message,
+    })?;
+    let device = cfg.run.device.open()?;
     let base = Base::load(&source.resolve()?, DType::F32)?;
     let peft = cfg.peft.spec();
-    let model = base.model(&peft, HashMap::new(), seed)?;
+    let model = base.model_on(&peft, HashMap::new(), seed, &device)?;
     let (n_trainable, n_total) = (model.params().n_trainable(), model.params().n_params());
     on_line(&format!(
         "model: {} ({} layers), {n_trainable} of {n_total} parameters train ({:.2}%)",
@@ -379,17 +433,17 @@ pub fn train_causal_lm(mut cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str))
             let started = Instant::now();
             let rows: Vec<SftTokens> = chunk.iter().map(|&i| train_tok[i].clone()).collect();
             let (ids, mask) = collate(&rows, pad)?;
-            let ctx = ForwardCtx::train(seed.wrapping_mul(31).wrapping_add(step));
-            let (loss, n) = model.lm_loss(&ids, &mask, &ctx)?;
-            let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !value.is_finite() {
-                return Err(CoreError::Diverged { step: step + 1, loss: value as f32 });
-            }
-            let mut grads = HashMap::new();
-            crate::train::accumulate_grads(&loss.backward()?, &trainable, &mut grads)?;
-            let grad_norm = crate::optim::clip_grad_norm(&mut grads, t.max_grad_norm)?;
+            let ctx = ForwardCtx::train(seed.wrapping_mul(31).wrapping_add(step))
+                .with_compute_dtype(t.precision.compute_dtype())
+                .with_checkpointing(t.gradient_checkpointing);
             let lr = schedule.lr(step);
-            opt.step(&grads, lr)?;
+            let SftStep { loss: value, response_tokens: n, grad_norm } =
+                sft_step(&model, &trainable, &mut opt, &ids, &mask, &ctx, t.max_grad_norm, lr).map_err(
+                    |e| match e {
+                        CoreError::Diverged { loss, .. } => CoreError::Diverged { step: step + 1, loss },
+                        other => other,
+                    },
+                )?;
             step += 1;
             let secs = started.elapsed().as_secs_f64();
             let batch_tokens: usize = rows.iter().map(|r| r.ids.len()).sum();

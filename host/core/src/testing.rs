@@ -190,3 +190,100 @@ pub fn write_tiny_decoder(dir: &Path, kind: &str) -> Result<LlamaConfig> {
     std::fs::write(hf.join("tokenizer.json"), json).map_err(CoreError::io(&hf))?;
     Ok(cfg)
 }
+
+/// A tiny random classifier over [`TINY_WORDS`] on `device` (three labels, mean pooling,
+/// dropout `dropout` everywhere, everything trainable): the same values on every device for
+/// a seed, so CPU and GPU results can be compared.
+pub fn tiny_classifier(device: &Device, dropout: f64, seed: u64) -> Result<crate::ClassifierModel> {
+    let text = tuneforge_data::TextEncoder::new(tiny_tokenizer(TINY_WORDS)?, 16)?;
+    let mut config = BertConfig::tiny(text.vocab_size());
+    config.hidden_dropout_prob = dropout;
+    config.attention_probs_dropout_prob = dropout;
+    crate::ClassifierModel::random(
+        config,
+        text,
+        &crate::ClassifierOptions {
+            labels: vec!["flu".into(), "acne".into(), "angina".into()],
+            pooling: crate::Pooling::Mean,
+            max_len: 16,
+            classifier_dropout: dropout,
+            seed,
+            trainability: crate::Trainability::default(),
+            base_model: "tiny".into(),
+            dtype: DType::F32,
+            device: device.clone(),
+            peft: crate::PeftSpec::None,
+            extra_tokens: Vec::new(),
+            fusion: None,
+        },
+    )
+}
+
+/// A labelled batch of four rows of different lengths (padding included) for
+/// [`tiny_classifier`].
+pub fn tiny_batch(model: &crate::ClassifierModel) -> Result<tuneforge_data::EncodedBatch> {
+    let texts = ["fever cough hot", "rash itch red skin", "chest pain", "head pain tired sneeze fever"];
+    let encoded = model.text_encoder().encode(&texts)?;
+    Ok(tuneforge_data::EncodedBatch::collate(&encoded, &[0, 1, 2, 3], Some(&[0, 1, 2, 0]), 0))
+}
+
+/// The loss and the gradient of every trainable tensor (as f32 values, by name) of one
+/// forward and backward pass in `ctx` (with gradient checkpointing when `ctx` asks for it).
+pub fn classifier_gradients(
+    model: &crate::ClassifierModel,
+    batch: &tuneforge_data::EncodedBatch,
+    ctx: &crate::ForwardCtx,
+) -> Result<(f32, HashMap<String, Vec<f32>>)> {
+    let trainable = model.params().trainable();
+    let (loss, _) = model.loss(batch, ctx)?;
+    let store = loss.backward()?;
+    let mut grads = HashMap::new();
+    crate::train::accumulate_grads(&store, &trainable, &mut grads)?;
+    model.checkpointed_backward(ctx, &store, &trainable, &mut grads)?;
+    loss_and_values(&loss, grads)
+}
+
+fn loss_and_values(loss: &Tensor, grads: HashMap<String, Tensor>) -> Result<(f32, HashMap<String, Vec<f32>>)> {
+    let values = grads
+        .into_iter()
+        .map(|(k, g)| Ok((k, g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    Ok((loss.to_dtype(DType::F32)?.to_scalar::<f32>()?, values))
+}
+
+/// Like [`classifier_gradients`] for a decoder's language-model loss over `ids` (every
+/// position after the first predicted).
+pub fn decoder_gradients(
+    model: &DecoderModel,
+    ids: &Tensor,
+    ctx: &crate::ForwardCtx,
+) -> Result<(f32, HashMap<String, Vec<f32>>)> {
+    let trainable = model.params().trainable();
+    let mask = ids.ones_like()?;
+    let (loss, _) = model.lm_loss(ids, &mask, ctx)?;
+    let store = loss.backward()?;
+    let mut grads = HashMap::new();
+    crate::train::accumulate_grads(&store, &trainable, &mut grads)?;
+    model.checkpointed_backward(ctx, &store, &trainable, &mut grads)?;
+    loss_and_values(&loss, grads)
+}
+
+/// The largest difference between two gradient sets relative to the largest gradient
+/// value (0 when they agree exactly); an error names a tensor present in only one.
+pub fn max_relative_difference(a: &HashMap<String, Vec<f32>>, b: &HashMap<String, Vec<f32>>) -> Result<f32> {
+    let mut worst = 0f32;
+    for (name, x) in a {
+        let y =
+            b.get(name).ok_or_else(|| CoreError::Param { name: name.clone(), message: "gradient missing".into() })?;
+        let scale = x.iter().chain(y).fold(1e-6f32, |m, v| m.max(v.abs()));
+        let diff = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        worst = worst.max(diff / scale);
+    }
+    if a.len() != b.len() {
+        return Err(CoreError::Param {
+            name: "gradients".into(),
+            message: format!("{} vs {} tensors", a.len(), b.len()),
+        });
+    }
+    Ok(worst)
+}

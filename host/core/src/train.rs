@@ -25,6 +25,7 @@ use crate::experiment::{BestMetric, ExperimentConfig, FusionKind, PeftMethod};
 use crate::hooks::{Hook, HookFactory, Hooks, LossHook, LossInput, NoHooks, PluginLineage};
 use crate::layers::ForwardCtx;
 use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
+use crate::parallel::DataParallel;
 use crate::prefix_cache::PrefixCache;
 use crate::run::{MetricsLog, create_run_dir};
 use crate::{
@@ -242,6 +243,17 @@ pub fn train_experiment_with(
     factory: &dyn HookFactory,
     on_event: &mut dyn FnMut(TrainEvent<'_>),
 ) -> Result<TrainOutcome> {
+    // The device first: a run that cannot start leaves nothing behind.
+    cfg.train.precision.check(&cfg.run.device).map_err(|message| CoreError::Config {
+        file: "experiment".into(),
+        field: "train.precision".into(),
+        message,
+    })?;
+    let device = cfg.run.device.open()?;
+    let secondary_scratch = match std::env::var(crate::parallel::ENV_RANK) {
+        Ok(r) if r != "0" => Some(tempfile::tempdir().map_err(CoreError::io(std::env::temp_dir()))?),
+        _ => None,
+    };
     let (cfg, run) = match &options.resume {
         Some(dir) => {
             let run = RunDir::new(dir);
@@ -254,6 +266,10 @@ pub fn train_experiment_with(
             let mut cfg = cfg;
             let cwd = std::env::current_dir().map_err(CoreError::io("."))?;
             cfg.absolutize(&cwd);
+            if let Some(scratch) = &secondary_scratch {
+                // Ranks other than 0 of a data-parallel group write nothing that lasts.
+                cfg.experiment.output_dir = scratch.path().to_path_buf();
+            }
             let run = create_run_dir(&cfg.experiment.output_dir, &new_run_id(cfg.experiment.name.as_deref()))?;
             crate::fs_atomic::write_atomic(&run.config(), cfg.to_toml().as_bytes())?;
             (cfg, run)
@@ -263,6 +279,7 @@ pub fn train_experiment_with(
     let seed = cfg.experiment.seed;
     let source = ModelSource::parse(&cfg.model.source)?;
     let base_dir = source.resolve()?;
+    let parallel = DataParallel::from_env(&device)?;
     let (mut train, mut validation, skipped) = load_experiment_data(&cfg)?;
     let vocab = LabelVocab::from_examples(&train);
     let mut hooks = factory.build(&cfg, vocab.labels())?;
@@ -309,6 +326,7 @@ pub fn train_experiment_with(
             trainability: trainability(&cfg),
             base_model: source.spec(),
             dtype: DType::F32,
+            device: device.clone(),
             peft: cfg.peft.spec(),
             extra_tokens: cfg.data.read_extra_tokens()?,
             fusion: fusion.as_ref().map(|(f, _)| f.clone()),
@@ -337,7 +355,15 @@ pub fn train_experiment_with(
         BatchPlanConfig { batch_size: t.batch_size, shuffle: true, group_by_length: t.group_by_length, seed },
     );
     let batches_per_epoch = plan.batches_per_epoch();
-    let steps_per_epoch = batches_per_epoch.div_ceil(t.grad_accum) as u64;
+    // A data-parallel step takes `grad_accum` micro-batches on each rank; a last step that
+    // cannot give every rank one is dropped.
+    let world = parallel.world();
+    let span = t.grad_accum * world;
+    let steps_per_epoch = if world > 1 {
+        (batches_per_epoch / world).max(1).div_ceil(t.grad_accum) as u64
+    } else {
+        batches_per_epoch.div_ceil(t.grad_accum) as u64
+    };
     let total_steps = steps_per_epoch * t.epochs;
     let warmup = t.warmup_steps.unwrap_or((t.warmup_ratio * total_steps as f64).round() as u64);
     let schedule = LrSchedule { kind: t.schedule, peak_lr: t.lr, warmup_steps: warmup, total_steps };
@@ -393,8 +419,12 @@ pub fn train_experiment_with(
                 break 'epochs;
             }
             let started = Instant::now();
-            let end = (state.batch_in_epoch + t.grad_accum).min(batches.len());
-            let micro = &batches[state.batch_in_epoch..end];
+            let end = (state.batch_in_epoch + span).min(batches.len());
+            if end - state.batch_in_epoch < world {
+                state.batch_in_epoch = batches.len();
+                break;
+            }
+            let micro = parallel.shard(&batches[state.batch_in_epoch..end]);
             let step_batches = micro
                 .iter()
                 .map(|indices| {
@@ -423,6 +453,7 @@ pub fn train_experiment_with(
                 t.max_grad_norm,
                 lr,
                 &mut hooks.losses,
+                StepMode::from_config(t).with_parallel(&parallel),
             )
             .map_err(|e| match e {
                 CoreError::Diverged { loss, .. } => CoreError::Diverged { step: state.step + 1, loss },
@@ -613,11 +644,36 @@ pub fn train_step(
     max_grad_norm: f64,
     lr: f64,
 ) -> Result<StepStats> {
-    train_step_with(model, trainable, optimizer, batches, seeds, max_grad_norm, lr, &mut [])
+    train_step_with(model, trainable, optimizer, batches, seeds, max_grad_norm, lr, &mut [], StepMode::default())
 }
 
-/// [`train_step`] with loss plugins: each adds `weight * sum(logits * stop_grad(grad))` to a
-/// micro-batch's loss, where `grad` is the plugin's d value / d logits.
+/// How a training step computes: mixed precision and gradient checkpointing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepMode<'a> {
+    /// Activations and products in this dtype (bf16), parameters in their own.
+    pub compute_dtype: Option<DType>,
+    /// Recompute each encoder layer in the backward pass instead of keeping its activations.
+    pub checkpointing: bool,
+    /// Data parallelism: gradients (and the reported loss) averaged over the group.
+    pub parallel: Option<&'a DataParallel>,
+}
+
+impl<'a> StepMode<'a> {
+    pub fn from_config(t: &crate::experiment::TrainSection) -> Self {
+        Self { compute_dtype: t.precision.compute_dtype(), checkpointing: t.gradient_checkpointing, parallel: None }
+    }
+
+    pub fn with_parallel(self, parallel: &'a DataParallel) -> Self {
+        Self { parallel: Some(parallel), ..self }
+    }
+
+    fn ctx(self, seed: u64) -> ForwardCtx {
+        ForwardCtx::train(seed).with_compute_dtype(self.compute_dtype).with_checkpointing(self.checkpointing)
+    }
+}
+
+/// [`train_step`] with loss plugins (each adds `weight * sum(logits * stop_grad(grad))` to a
+/// micro-batch's loss, where `grad` is the plugin's d value / d logits) and a [`StepMode`].
 #[allow(clippy::too_many_arguments)]
 pub fn train_step_with(
     model: &ClassifierModel,
@@ -628,6 +684,7 @@ pub fn train_step_with(
     max_grad_norm: f64,
     lr: f64,
     losses: &mut [Hook<dyn LossHook>],
+    mode: StepMode<'_>,
 ) -> Result<StepStats> {
     let mut grads: HashMap<String, Tensor> = HashMap::new();
     let mut plugin_sums: Vec<(f64, u32)> = vec![(0.0, 0); losses.len()];
@@ -635,7 +692,7 @@ pub fn train_step_with(
     let (mut forward_s, mut backward_s) = (0.0f64, 0.0f64);
     for (batch, &seed) in batches.iter().zip(seeds) {
         tokens += batch.tokens.n_tokens as u64;
-        let ctx = ForwardCtx::train(seed);
+        let ctx = mode.ctx(seed);
         let phase = Instant::now();
         let (mut loss, logits) = model.loss_from(&batch.tokens, batch.prefix.as_ref(), &ctx)?;
         if let Some(t) = &batch.teacher {
@@ -664,14 +721,21 @@ pub fn train_step_with(
         }
         loss_sum += value;
         let phase = Instant::now();
-        accumulate_grads(&(loss / batches.len() as f64)?.backward()?, trainable, &mut grads)?;
+        let store = (loss / batches.len() as f64)?.backward()?;
+        accumulate_grads(&store, trainable, &mut grads)?;
+        model.checkpointed_backward(&ctx, &store, trainable, &mut grads)?;
         backward_s += phase.elapsed().as_secs_f64();
     }
     let phase = Instant::now();
+    let mut loss = loss_sum / batches.len().max(1) as f64;
+    if let Some(dp) = mode.parallel {
+        dp.all_reduce_mean(&mut grads)?;
+        loss = dp.mean_scalar(loss, model.device())?;
+    }
     let grad_norm = clip_grad_norm(&mut grads, max_grad_norm)?;
     optimizer.step(&grads, lr)?;
     Ok(StepStats {
-        loss: loss_sum / batches.len().max(1) as f64,
+        loss,
         tokens,
         grad_norm,
         forward_s,

@@ -28,6 +28,7 @@ fn saved_model(dir: &Path) -> Result<ClassifierModel> {
         trainability: Trainability::default(),
         base_model: "tiny".into(),
         dtype: DType::F32,
+        device: candle_core::Device::Cpu,
         peft: PeftSpec::None,
         extra_tokens: Vec::new(),
         fusion: None,

@@ -29,6 +29,7 @@ fn minilm_loads_from_the_wheel_and_embeds_meaningfully() -> Result<()> {
             trainability: Trainability::default(),
             base_model: source.spec(),
             dtype: DType::F32,
+            device: candle_core::Device::Cpu,
             peft: tuneforge_core::PeftSpec::None,
             extra_tokens: Vec::new(),
             fusion: None,

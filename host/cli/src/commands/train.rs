@@ -36,6 +36,14 @@ pub struct TrainArgs {
     /// Do not record the run in the experiment store.
     #[arg(long, conflicts_with = "db")]
     no_db: bool,
+    /// Where to compute: `cpu`, `cuda` or `cuda:N` (overrides `[run] device`).
+    #[arg(long, value_name = "DEVICE", value_parser = |s: &str| s.parse::<tuneforge_core::DeviceSpec>())]
+    device: Option<tuneforge_core::DeviceSpec>,
+    /// Data parallelism over N GPUs of this machine: one process per GPU (cuda:0 … cuda:N-1),
+    /// gradients all-reduced with NCCL, each step taking N times the batch; rank 0 writes the
+    /// run and the store. Needs a build with `--features nccl`.
+    #[arg(long, value_name = "N", conflicts_with = "device")]
+    gpus: Option<usize>,
 }
 
 /// Trains with plugins, a progress display and (unless `db` is `None`) the run recorded in
@@ -72,18 +80,28 @@ pub fn train_recorded(
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
+    if let Some(n) = args.gpus
+        && std::env::var(tuneforge_core::parallel::ENV_RANK).is_err()
+    {
+        return launch_data_parallel(n);
+    }
+    let mut overrides = args.overrides.clone();
+    if let Some(spec) = &args.device {
+        overrides.push(format!("run.device=\"{spec}\""));
+    }
     let config = match (&args.config, &args.resume) {
-        (Some(path), _) => ExperimentConfig::from_file(path, &args.overrides)?,
-        (None, Some(dir)) => ExperimentConfig::from_file(&dir.join("config.toml"), &[])
+        (Some(path), _) => ExperimentConfig::from_file(path, &overrides)?,
+        (None, Some(dir)) => ExperimentConfig::from_file(&dir.join("config.toml"), &overrides[args.overrides.len()..])
             .with_context(|| format!("{} is not a run directory to resume", dir.display()))?,
         (None, None) => anyhow::bail!("give --config EXP.toml or --resume RUN_DIR"),
     };
+    let primary = std::env::var(tuneforge_core::parallel::ENV_RANK).map_or(true, |r| r == "0");
     if config.model.task == tuneforge_core::experiment::Task::CausalLm {
         return train_causal_lm(config, &args);
     }
     let options = RunOptions { resume: args.resume.clone(), stop_after_steps: args.stop_after_steps };
-    let db = (!args.no_db).then(|| args.db.url());
-    let outcome = train_recorded(config, &options, db.as_deref(), args.quiet);
+    let db = (!args.no_db && primary).then(|| args.db.url());
+    let outcome = train_recorded(config, &options, db.as_deref(), args.quiet || !primary);
     let outcome = outcome?;
     let s = &outcome.summary;
     if args.json {
@@ -120,10 +138,78 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
     Ok(report_gates(&s.gates))
 }
 
+/// `--gpus N`: starts this command again once per GPU (`--device cuda:R` and the
+/// `TUNEFORGE_DP_*` variables of [`tuneforge_core::parallel`]), waits for every rank, and
+/// stops the others when one fails.
+fn launch_data_parallel(n: usize) -> anyhow::Result<Outcome> {
+    if n == 0 {
+        anyhow::bail!("--gpus must be at least 1");
+    }
+    let id = group_id()?;
+    let exe = std::env::current_exe().context("cannot find the tuneforge executable to launch ranks")?;
+    // The same arguments without `--gpus N`, plus each rank's device.
+    let mut rest = Vec::new();
+    let mut argv = std::env::args().skip(1);
+    while let Some(a) = argv.next() {
+        if a == "--gpus" {
+            argv.next();
+        } else if !a.starts_with("--gpus=") {
+            rest.push(a);
+        }
+    }
+    let mut children = Vec::with_capacity(n);
+    for rank in 0..n {
+        let child = std::process::Command::new(&exe)
+            .args(&rest)
+            .args(["--device", &format!("cuda:{rank}")])
+            .env(tuneforge_core::parallel::ENV_RANK, rank.to_string())
+            .env(tuneforge_core::parallel::ENV_WORLD, n.to_string())
+            .env(tuneforge_core::parallel::ENV_ID, &id)
+            .spawn()
+            .with_context(|| format!("cannot start rank {rank}"))?;
+        children.push(child);
+    }
+    let mut failed = None;
+    loop {
+        let mut running = 0;
+        for (rank, child) in children.iter_mut().enumerate() {
+            match child.try_wait()? {
+                Some(status) if !status.success() && failed.is_none() => failed = Some((rank, status)),
+                Some(_) => {}
+                None => running += 1,
+            }
+        }
+        if let Some((rank, status)) = failed {
+            for child in &mut children {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            anyhow::bail!("rank {rank} of {n} failed ({status}); the other ranks were stopped");
+        }
+        if running == 0 {
+            return Ok(Outcome::Success);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[cfg(feature = "nccl")]
+fn group_id() -> anyhow::Result<String> {
+    Ok(tuneforge_core::parallel::new_group_id()?)
+}
+
+#[cfg(not(feature = "nccl"))]
+fn group_id() -> anyhow::Result<String> {
+    anyhow::bail!("--gpus needs a tuneforge built with `--features nccl` (CUDA and NCCL)")
+}
+
 /// `task = "causal-lm"`: instruction tuning of a decoder (not recorded in the store yet).
 fn train_causal_lm(config: ExperimentConfig, args: &TrainArgs) -> anyhow::Result<Outcome> {
     if args.resume.is_some() || args.stop_after_steps.is_some() {
         anyhow::bail!("--resume and --stop-after-steps are not available for task = \"causal-lm\" yet");
+    }
+    if std::env::var(tuneforge_core::parallel::ENV_RANK).is_ok() {
+        anyhow::bail!("--gpus (data parallelism) trains classifiers for now; train task = \"causal-lm\" on one device");
     }
     let quiet = args.quiet;
     let s = tuneforge_core::sft::train_causal_lm(config, &mut |line| {

@@ -3,7 +3,7 @@
 //! zero, so a fresh adapter is the identity and the adapted model starts as the base model.
 //! Parameters: `<place>.adapter.down.{weight,bias}`, `<place>.adapter.up.{weight,bias}`.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 
 use crate::layers::{ForwardCtx, Linear};
 use crate::{Init, ParamBuilder, Result};
@@ -30,8 +30,8 @@ impl Adapter {
         Ok(Self { down, up })
     }
 
-    pub fn forward(&self, h: &Tensor, _ctx: &ForwardCtx) -> Result<Tensor> {
-        let z = self.down.forward(h)?.relu()?;
-        Ok((h + self.up.forward(&z)?)?)
+    pub fn forward(&self, h: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
+        let z = self.down.forward_t(h, ctx)?.relu()?;
+        Ok((ctx.cast(h)? + self.up.forward_t(&z, ctx)?)?)
     }
 }

@@ -3,37 +3,88 @@
 //! seed and the step).
 //!
 //! A pass that may be differentiated uses our fused softmax and layer norm (`fused.rs`, with
-//! a backward); one that will not uses candle's, which are faster and have none.
+//! a backward); one that will not uses candle's, which are faster and have none. The context
+//! also carries the compute dtype of mixed precision (parameters are cast where they are
+//! used) and, with gradient checkpointing, what the recomputation in the backward pass needs.
 
 use std::sync::Mutex;
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::Result;
 
-/// Whether a forward pass trains (dropout on, differentiable) and where its randomness
-/// comes from.
+/// What a checkpointed forward pass keeps for the recomputation in the backward pass
+/// (`[train] gradient_checkpointing`): the input of each transformer layer (detached), the
+/// tensor the layers started from (with its graph, e.g. the embeddings) and the variable
+/// standing for the last layer's output.
+#[derive(Debug)]
+pub struct CheckpointRecord {
+    /// What the first recorded layer read, with its graph (e.g. the embeddings' output): the
+    /// recomputation ends by differentiating it.
+    pub start: Tensor,
+    /// `(layer index, input)`, in forward order.
+    pub inputs: Vec<(usize, Tensor)>,
+    /// Per-pass tensors the layers need besides their input (masks, rope tables).
+    pub extras: Vec<Tensor>,
+    /// The last layer's output as a leaf variable: the loss is differentiated up to it.
+    pub top: Var,
+}
+
+/// Whether a forward pass trains (dropout on, differentiable), where its randomness comes
+/// from, the dtype it computes in and whether it checkpoints its layers.
 #[derive(Debug)]
 pub struct ForwardCtx {
     rng: Option<Mutex<StdRng>>,
+    seed: u64,
     differentiable: bool,
+    compute_dtype: Option<DType>,
+    checkpointing: bool,
+    record: Mutex<Option<CheckpointRecord>>,
+    /// Whether a GPU's generator has been seeded for this pass (its first dropout does it).
+    device_seeded: std::sync::atomic::AtomicBool,
 }
 
 impl ForwardCtx {
+    fn new(rng: Option<u64>, differentiable: bool) -> Self {
+        Self {
+            rng: rng.map(|s| Mutex::new(StdRng::seed_from_u64(s))),
+            seed: rng.unwrap_or(0),
+            differentiable,
+            compute_dtype: None,
+            checkpointing: false,
+            record: Mutex::new(None),
+            device_seeded: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     /// Inference: dropout off, fused kernels.
     pub fn eval() -> Self {
-        Self { rng: None, differentiable: false }
+        Self::new(None, false)
     }
 
     /// Dropout off but differentiable ops (gradient checks, deterministic training steps).
     pub fn eval_differentiable() -> Self {
-        Self { rng: None, differentiable: true }
+        Self::new(None, true)
     }
 
     /// Training with dropout masks drawn from `seed`.
     pub fn train(seed: u64) -> Self {
-        Self { rng: Some(Mutex::new(StdRng::seed_from_u64(seed))), differentiable: true }
+        Self::new(Some(seed), true)
+    }
+
+    /// Mixed precision: activations and matrix products in `dtype` (bf16), parameters kept in
+    /// their own dtype and cast where they are used; `None` computes in the parameters' dtype.
+    pub fn with_compute_dtype(mut self, dtype: Option<DType>) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    /// Gradient checkpointing: the transformer layers keep only their inputs; the caller runs
+    /// the model's checkpointed backward after differentiating the loss.
+    pub fn with_checkpointing(mut self, on: bool) -> Self {
+        self.checkpointing = on && self.differentiable;
+        self
     }
 
     pub fn is_train(&self) -> bool {
@@ -45,10 +96,83 @@ impl ForwardCtx {
         self.differentiable
     }
 
+    pub fn compute_dtype(&self) -> Option<DType> {
+        self.compute_dtype
+    }
+
+    pub fn is_checkpointing(&self) -> bool {
+        self.checkpointing
+    }
+
+    /// `t` in the compute dtype (differentiable: the gradient flows back to `t`'s dtype).
+    pub fn cast(&self, t: &Tensor) -> Result<Tensor> {
+        match self.compute_dtype {
+            Some(d) if t.dtype() != d && t.dtype().is_float() => Ok(t.to_dtype(d)?),
+            _ => Ok(t.clone()),
+        }
+    }
+
+    /// Called at the start of transformer layer `index`: its dropout masks come from a
+    /// generator seeded by (step seed, layer), so recomputing the layer (gradient
+    /// checkpointing) draws the same masks.
+    pub fn enter_layer(&self, index: usize, device: &candle_core::Device) -> Result<()> {
+        let Some(rng) = &self.rng else { return Ok(()) };
+        let seed = self.seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        *rng.lock().unwrap_or_else(|e| e.into_inner()) = StdRng::seed_from_u64(seed);
+        if !device.is_cpu() {
+            device.set_seed(seed)?;
+            self.device_seeded.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Stores what the checkpointed backward needs (see [`CheckpointRecord`]).
+    pub fn set_record(&self, record: CheckpointRecord) {
+        *self.record.lock().unwrap_or_else(|e| e.into_inner()) = Some(record);
+    }
+
+    /// Takes the record a checkpointed forward pass left.
+    pub fn take_record(&self) -> Option<CheckpointRecord> {
+        self.record.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// The backward pass of a checkpointed forward, once `store` holds the loss's gradients
+    /// (up to the record's `top`): each recorded layer is recomputed from its saved input by
+    /// `layer(index, input, extras)` — with the same dropout masks — and differentiated, last
+    /// to first, then the tensor the layers started from. Trainable gradients are added to
+    /// `grads`. Nothing to do when the pass kept no record.
+    pub fn checkpointed_backward(
+        &self,
+        store: &candle_core::backprop::GradStore,
+        trainable: &[(String, Var)],
+        grads: &mut std::collections::HashMap<String, Tensor>,
+        layer: impl Fn(usize, &Tensor, &[Tensor]) -> Result<Tensor>,
+    ) -> Result<()> {
+        let Some(record) = self.take_record() else { return Ok(()) };
+        let Some(mut g) = store.get(record.top.as_tensor()).cloned() else { return Ok(()) };
+        for (i, input) in record.inputs.iter().rev() {
+            let x = Var::from_tensor(input)?;
+            self.enter_layer(*i, input.device())?;
+            let out = layer(*i, x.as_tensor(), &record.extras)?;
+            let step = out.mul(&g)?.sum_all()?.backward()?;
+            crate::train::accumulate_grads(&step, trainable, grads)?;
+            match step.get(x.as_tensor()) {
+                Some(gx) => g = gx.clone(),
+                None => return Ok(()),
+            }
+        }
+        if record.start.track_op() {
+            let step = record.start.mul(&g)?.sum_all()?.backward()?;
+            crate::train::accumulate_grads(&step, trainable, grads)?;
+        }
+        Ok(())
+    }
+
     /// Softmax over the last dimension: our fused op with its backward when the pass may be
-    /// differentiated, candle's (faster, no backward) otherwise.
+    /// differentiated, candle's (faster, no backward) otherwise. Half-precision inputs are
+    /// normalised in f32.
     pub fn softmax_last(&self, xs: &Tensor) -> Result<Tensor> {
-        if self.differentiable {
+        if self.differentiable || !matches!(xs.dtype(), DType::F32 | DType::F64) {
             super::fused::softmax_last(xs)
         } else {
             Ok(candle_nn::ops::softmax_last_dim(&xs.contiguous()?)?)
@@ -56,14 +180,26 @@ impl ForwardCtx {
     }
 
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by
-    /// `1 / (1 - p)`. The identity at inference or when `p` is 0.
+    /// `1 / (1 - p)`. The identity at inference or when `p` is 0. On the CPU the mask comes
+    /// from the context's generator; on a GPU from the device's (seeded per layer).
     pub fn dropout(&self, xs: &Tensor, p: f64) -> Result<Tensor> {
         let Some(rng) = &self.rng else { return Ok(xs.clone()) };
         if p <= 0.0 {
             return Ok(xs.clone());
         }
+        let scale = 1.0 / (1.0 - p);
+        if !xs.device().is_cpu() {
+            // The pass's first mask on a GPU seeds its generator, so the masks before the
+            // first layer (the embeddings') depend only on the step seed too.
+            if !self.device_seeded.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                xs.device().set_seed(self.seed)?;
+            }
+            let keep = Tensor::rand(0f32, 1f32, xs.shape(), xs.device())?.ge(p)?;
+            let mask = (keep.to_dtype(DType::F32)? * scale)?.to_dtype(xs.dtype())?;
+            return Ok(xs.mul(&mask)?);
+        }
         let n = xs.elem_count();
-        let scale = (1.0 / (1.0 - p)) as f32;
+        let scale = scale as f32;
         let threshold = (p * (u32::MAX as f64)) as u32;
         let mask: Vec<f32> = {
             let mut rng = rng.lock().unwrap_or_else(|e| e.into_inner());

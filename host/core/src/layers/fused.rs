@@ -7,7 +7,7 @@
 //! gradient checks in `tests/training.rs` (every parameter against finite differences in
 //! f64) run through them.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
@@ -68,8 +68,40 @@ macro_rules! float_op {
 // ---------------------------------------------------------------- layer norm
 
 /// `y = (x - mean) / sqrt(var + eps) * gamma + beta` over the last dimension.
+///
+/// On the CPU in f32/f64 this is one fused op; elsewhere (CUDA, bf16) the composed form of
+/// differentiable primitives, with the statistics in f32 whatever `x`'s dtype.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fused_here(x) {
+        return layer_norm_composed(x, gamma, beta, eps);
+    }
     Ok(x.contiguous()?.apply_op3(gamma, beta, LayerNormOp { eps })?)
+}
+
+/// True where the fused CPU ops apply: CPU tensors in f32 or f64.
+fn fused_here(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// The compute dtype of the composed forms: f32 for half types, else `x`'s own.
+fn wide(x: &Tensor) -> DType {
+    match x.dtype() {
+        DType::F64 => DType::F64,
+        _ => DType::F32,
+    }
+}
+
+/// Layer norm composed of differentiable primitives (the reference, and the CUDA path).
+pub fn layer_norm_composed(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xw = x.to_dtype(wide(x))?;
+    let hidden = xw.dim(D::Minus1)? as f64;
+    let mean = (xw.sum_keepdim(D::Minus1)? / hidden)?;
+    let centred = xw.broadcast_sub(&mean)?;
+    let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / hidden)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    let out = normed.broadcast_mul(&gamma.to_dtype(xw.dtype())?)?.broadcast_add(&beta.to_dtype(xw.dtype())?)?;
+    Ok(out.to_dtype(dtype)?)
 }
 
 struct LayerNormOp {
@@ -201,7 +233,14 @@ impl CustomOp3 for LayerNormGradX {
 // ---------------------------------------------------------------- softmax
 
 /// Softmax over the last dimension (max-subtracted), with a backward pass.
+/// Fused on the CPU in f32/f64; elsewhere composed, in f32 for half types.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    if !fused_here(x) {
+        let xw = x.to_dtype(wide(x))?;
+        let max = xw.max_keepdim(D::Minus1)?.detach();
+        let e = xw.broadcast_sub(&max)?.exp()?;
+        return Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(x.dtype())?);
+    }
     Ok(x.contiguous()?.apply_op1(SoftmaxOp)?)
 }
 
@@ -267,7 +306,11 @@ impl CustomOp2 for SoftmaxGrad {
 // ---------------------------------------------------------------- GELU
 
 /// GELU, erf form: `x · Φ(x) = 0.5 x (1 + erf(x / √2))`, with a backward pass.
+/// Fused on the CPU in f32/f64; elsewhere candle's `gelu_erf` (which has a backward).
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    if !fused_here(x) {
+        return Ok(x.gelu_erf()?);
+    }
     Ok(x.contiguous()?.apply_op1(GeluOp)?)
 }
 

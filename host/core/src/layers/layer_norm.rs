@@ -23,22 +23,10 @@ impl LayerNorm {
 
 impl LayerNorm {
     pub fn forward(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        if !ctx.is_differentiable() {
+        if !ctx.is_differentiable() && xs.dtype() == self.weight.dtype() {
             return Ok(candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps as f32)?);
         }
         super::fused::layer_norm(xs, &self.weight, &self.bias, self.eps)
-    }
-
-    /// The composed form (the reference for tests).
-    #[cfg(test)]
-    fn forward_composed(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        use candle_core::D;
-        let hidden = xs.dim(D::Minus1)? as f64;
-        let mean = (xs.sum_keepdim(D::Minus1)? / hidden)?;
-        let centred = xs.broadcast_sub(&mean)?;
-        let var = (centred.sqr()?.sum_keepdim(D::Minus1)? / hidden)?;
-        let normed = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
-        normed.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
     }
 }
 
@@ -61,7 +49,9 @@ mod tests {
         let x = pb.get(&[2, 3, 8], "x", Init::Normal(2.0))?;
         let fused = ln.forward(&x, &ForwardCtx::eval_differentiable())?.flatten_all()?.to_vec1::<f32>()?;
         let candle = ln.forward(&x, &ForwardCtx::eval())?.flatten_all()?.to_vec1::<f32>()?;
-        let composed = ln.forward_composed(&x)?.flatten_all()?.to_vec1::<f32>()?;
+        let composed = super::super::fused::layer_norm_composed(&x, &ln.weight, &ln.bias, ln.eps)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         for (a, b) in fused.iter().zip(&candle) {
             assert!((a - b).abs() < 1e-5, "{a} vs candle {b}");
         }

@@ -117,11 +117,23 @@ impl Linear {
     }
 
     /// The forward pass; LoRA's dropout follows `ctx`.
+    /// With a compute dtype in `ctx` (mixed precision) the input, weight and bias are cast to
+    /// it; the gradient still reaches the f32 parameters.
     pub fn forward_t(&self, xs: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let mut y = self.forward(xs)?;
+        let xs = &ctx.cast(xs)?;
+        let mut y = match ctx.compute_dtype() {
+            Some(_) if self.int8.is_none() => {
+                let y = matmul_t(xs, &ctx.cast(&self.weight)?)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(&ctx.cast(b)?)?,
+                    None => y,
+                }
+            }
+            _ => self.forward(xs)?,
+        };
         if let Some(l) = &self.lora {
             let x = ctx.dropout(xs, l.dropout)?;
-            let update = matmul_t(&matmul_t(&x, &l.a)?, &l.b)?;
+            let update = matmul_t(&matmul_t(&x, &ctx.cast(&l.a)?)?, &ctx.cast(&l.b)?)?;
             y = (y + (update * l.scale)?)?;
         }
         Ok(y)

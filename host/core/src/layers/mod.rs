@@ -13,7 +13,7 @@ mod linear;
 mod ops;
 
 pub use adapter::Adapter;
-pub use ctx::ForwardCtx;
+pub use ctx::{CheckpointRecord, ForwardCtx};
 pub use layer_norm::{LayerNorm, layer_norm};
 pub use linear::{Linear, Lora, LoraConfig, linear};
 pub use ops::{masked_mean, softmax_last};

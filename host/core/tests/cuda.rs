@@ -1,0 +1,201 @@
+//! CPU and CUDA agree: tiny encoder and decoder logits and gradients in f32, an AdamW step,
+//! bf16 mixed-precision training against f32, gradient checkpointing on the GPU, and the
+//! NCCL path with a group of one. Built only with `--features cuda` (run by
+//! `cargo xtask gpu-check`); without a GPU the first test fails with the device error.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use tuneforge_core::llama::{DecoderModel, KvCache, LlamaConfig};
+use tuneforge_core::testing::{
+    classifier_gradients, decoder_gradients, max_relative_difference, tiny_batch, tiny_classifier,
+};
+use tuneforge_core::{AdamW, AdamWConfig, DeviceSpec, ForwardCtx, StepMode, TrainBatch, train_step_with};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn gpu() -> Result<Device> {
+    Ok(DeviceSpec::Cuda(0).open()?)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    assert_eq!(a.len(), b.len());
+    Ok(a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())))
+}
+
+#[test]
+fn opening_devices() -> Result<()> {
+    let d = gpu()?;
+    assert!(d.is_cuda());
+    let err = DeviceSpec::Cuda(97).open().expect_err("no 98th GPU here").to_string();
+    assert!(err.contains("cuda:97"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn encoder_logits_and_gradients_match_the_cpu() -> Result<()> {
+    let gpu = gpu()?;
+    let cpu_model = tiny_classifier(&Device::Cpu, 0.0, 3)?;
+    let gpu_model = tiny_classifier(&gpu, 0.0, 3)?;
+    let batch = tiny_batch(&cpu_model)?;
+    let a = cpu_model.logits(&batch, &ForwardCtx::eval())?;
+    let b = gpu_model.logits(&batch, &ForwardCtx::eval())?;
+    let d = max_abs_diff(&a, &b)?;
+    assert!(d < 1e-4, "eval logits differ by {d}");
+    let (la, ga) = classifier_gradients(&cpu_model, &batch, &ForwardCtx::eval_differentiable())?;
+    let (lb, gb) = classifier_gradients(&gpu_model, &batch, &ForwardCtx::eval_differentiable())?;
+    assert!((la - lb).abs() < 1e-4, "loss {la} vs {lb}");
+    assert_eq!(ga.len(), cpu_model.params().trainable().len());
+    let rel = max_relative_difference(&ga, &gb)?;
+    assert!(rel < 1e-3, "gradients differ by {rel} of their scale");
+    Ok(())
+}
+
+#[test]
+fn decoder_logits_gradients_and_kv_cache_match_the_cpu() -> Result<()> {
+    let gpu = gpu()?;
+    for kind in ["llama", "qwen2"] {
+        let config = LlamaConfig::tiny(kind, 40);
+        let cpu_model = DecoderModel::random_on(&config, 5, DType::F32, &Device::Cpu)?;
+        let gpu_model = DecoderModel::random_on(&config, 5, DType::F32, &gpu)?;
+        let ids = Tensor::new(&[[1u32, 5, 9, 3, 17, 2, 8]], &Device::Cpu)?;
+        let a = cpu_model.forward(&ids, None, &ForwardCtx::eval())?;
+        let b = gpu_model.forward(&ids, None, &ForwardCtx::eval())?;
+        let d = max_abs_diff(&a, &b)?;
+        assert!(d < 1e-4, "{kind}: logits differ by {d}");
+        // The cached path on the GPU: the prompt, then one token at a time.
+        let mut cache = KvCache::new();
+        let head = gpu_model.forward(&ids.narrow(1, 0, 4)?, Some(&mut cache), &ForwardCtx::eval())?;
+        let mut last = head.narrow(1, 3, 1)?;
+        for t in 4..7 {
+            last = gpu_model.forward(&ids.narrow(1, t, 1)?, Some(&mut cache), &ForwardCtx::eval())?;
+        }
+        let d = max_abs_diff(&last, &b.narrow(1, 6, 1)?)?;
+        assert!(d < 1e-4, "{kind}: cached logits differ by {d}");
+        let (la, ga) = decoder_gradients(&cpu_model, &ids, &ForwardCtx::eval_differentiable())?;
+        let (lb, gb) = decoder_gradients(&gpu_model, &ids, &ForwardCtx::eval_differentiable())?;
+        assert!((la - lb).abs() < 1e-4, "{kind}: loss {la} vs {lb}");
+        let rel = max_relative_difference(&ga, &gb)?;
+        assert!(rel < 1e-3, "{kind}: gradients differ by {rel}");
+    }
+    Ok(())
+}
+
+#[test]
+fn gradient_checkpointing_on_the_gpu_gives_the_same_gradients() -> Result<()> {
+    let gpu = gpu()?;
+    let model = tiny_classifier(&gpu, 0.2, 3)?;
+    let batch = tiny_batch(&model)?;
+    let (l1, plain) = classifier_gradients(&model, &batch, &ForwardCtx::train(9))?;
+    let (l2, ckpt) = classifier_gradients(&model, &batch, &ForwardCtx::train(9).with_checkpointing(true))?;
+    assert!((l1 - l2).abs() < 1e-6, "{l1} vs {l2}");
+    let rel = max_relative_difference(&plain, &ckpt)?;
+    assert!(rel < 1e-5, "checkpointed gradients differ by {rel}");
+    Ok(())
+}
+
+/// Training steps from the same start: returns the loss of each step.
+fn losses(device: &Device, mode: StepMode<'_>, steps: usize) -> Result<Vec<f64>> {
+    let model = tiny_classifier(device, 0.0, 4)?;
+    let batch: TrainBatch = tiny_batch(&model)?.into();
+    let trainable = model.params().trainable();
+    let mut opt = AdamW::new(trainable.clone(), AdamWConfig::default())?;
+    let mut out = Vec::new();
+    for s in 0..steps {
+        let stats = train_step_with(
+            &model,
+            &trainable,
+            &mut opt,
+            std::slice::from_ref(&batch),
+            &[s as u64],
+            1.0,
+            3e-3,
+            &mut [],
+            mode,
+        )?;
+        out.push(stats.loss);
+    }
+    Ok(out)
+}
+
+#[test]
+fn adamw_and_f32_training_match_the_cpu() -> Result<()> {
+    let gpu = gpu()?;
+    let cpu = losses(&Device::Cpu, StepMode::default(), 8)?;
+    let cuda = losses(&gpu, StepMode::default(), 8)?;
+    for (i, (a, b)) in cpu.iter().zip(&cuda).enumerate() {
+        assert!((a - b).abs() < 1e-3 * (1.0 + a.abs()), "step {i}: cpu {a} vs cuda {b}");
+    }
+    assert!(cpu[7] < cpu[0] - 0.1, "the tiny task trains: {cpu:?}");
+    Ok(())
+}
+
+#[test]
+fn bf16_mixed_precision_tracks_f32_within_bf16_tolerance() -> Result<()> {
+    let gpu = gpu()?;
+    let f32_curve = losses(&gpu, StepMode::default(), 20)?;
+    let bf16 = StepMode { compute_dtype: Some(DType::BF16), ..StepMode::default() };
+    let bf16_curve = losses(&gpu, bf16, 20)?;
+    for (i, (a, b)) in f32_curve.iter().zip(&bf16_curve).enumerate() {
+        assert!((a - b).abs() < 0.05 + 0.05 * a.abs(), "step {i}: f32 {a} vs bf16 {b}");
+    }
+    assert!(f32_curve != bf16_curve, "bf16 steps compute in bf16, so they differ from f32 a little");
+    assert!(bf16_curve[19] < bf16_curve[0] - 0.2, "bf16 trains: {bf16_curve:?}");
+    // Master weights stay f32.
+    let model = tiny_classifier(&gpu, 0.0, 4)?;
+    assert!(model.params().trainable().iter().all(|(_, v)| v.dtype() == DType::F32));
+    Ok(())
+}
+
+#[cfg(feature = "nccl")]
+#[test]
+fn nccl_group_of_one_averages_to_the_same_step() -> Result<()> {
+    use std::collections::HashMap;
+    use tuneforge_core::parallel::{DataParallel, new_group_id};
+    let gpu = gpu()?;
+    let group = DataParallel::join_group(0, 1, &new_group_id()?, &gpu)?;
+    assert!(group.is_distributed() && group.is_primary());
+    let mut grads = HashMap::new();
+    let g = Tensor::new(&[1.5f32, -2.0, 3.25], &gpu)?;
+    grads.insert("w".to_owned(), g.clone());
+    group.all_reduce_mean(&mut grads)?;
+    assert_eq!(max_abs_diff(&grads["w"], &g)?, 0.0);
+    let plain = losses(&gpu, StepMode::default(), 4)?;
+    let parallel = losses(&gpu, StepMode::default().with_parallel(&group), 4)?;
+    for (a, b) in plain.iter().zip(&parallel) {
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
+    Ok(())
+}
+
+#[test]
+fn adamw_on_the_gpu_leaves_parameters_without_a_gradient_alone() -> Result<()> {
+    let gpu = gpu()?;
+    let run = |device: &Device| -> Result<(Vec<f32>, Vec<f32>)> {
+        let a = candle_core::Var::new(&[1.0f32, -2.0, 3.0], device)?;
+        let b = candle_core::Var::new(&[[0.5f32, 0.25], [4.0, -1.0]], device)?;
+        let mut opt = AdamW::new(
+            vec![("a.weight".into(), a.clone()), ("b.bias".into(), b.clone())],
+            AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() },
+        )?;
+        for step in 0..3 {
+            let mut grads = std::collections::HashMap::new();
+            grads.insert("a.weight".to_owned(), Tensor::new(&[0.3f32, -0.1, 2.0], device)?);
+            if step != 1 {
+                grads.insert("b.bias".to_owned(), Tensor::new(&[[1.0f32, -1.0], [0.0, 0.5]], device)?);
+            }
+            opt.step(&grads, 0.1)?;
+        }
+        let flat = |v: &candle_core::Var| -> Result<Vec<f32>> {
+            Ok(v.as_tensor().to_device(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        Ok((flat(&a)?, flat(&b)?))
+    };
+    let (ca, cb) = run(&Device::Cpu)?;
+    let (ga, gb) = run(&gpu)?;
+    for (x, y) in ca.iter().chain(&cb).zip(ga.iter().chain(&gb)) {
+        assert!((x - y).abs() < 1e-5, "cpu {x} vs gpu {y}");
+    }
+    Ok(())
+}
