@@ -122,7 +122,7 @@ pub fn run_one(args: &[String]) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "layers": model.config().num_hidden_layers,
+            "layers": model.backbone_config().n_layers(),
             "accuracy": report.accuracy,
             "macro_f1": report.macro_f1,
             "tokens_per_s": tokens as f64 / seconds.max(1e-9),

@@ -15,6 +15,7 @@ use tuneforge_data::{EncodedBatch, TextEncoder};
 use crate::bert::{BertConfig, BertEncoder, normalize_weight_name};
 use crate::fs_atomic::{replace_dir, write_synced};
 use crate::layers::{ForwardCtx, Linear, masked_mean};
+use crate::llama::{DecoderModel, LlamaConfig};
 use crate::peft::PeftSpec;
 use crate::weights::{load_safetensors, to_safetensors_bytes};
 use crate::{CoreError, Init, ParamBuilder, ParamStore, Result};
@@ -28,6 +29,8 @@ pub enum Pooling {
     Mean,
     /// The first token (`[CLS]`).
     Cls,
+    /// The last real token: a decoder's summary of the whole text (causal attention).
+    Last,
 }
 
 pub const META_FILE: &str = "tuneforge.json";
@@ -142,20 +145,20 @@ impl Trainability {
         move |name: &str| match self.train_last_layers {
             _ if name == EXTRA_ROWS => true,
             _ if self.peft_only => {
-                let in_trained_layer = match (self.train_last_layers, BertEncoder::layer_of(name)) {
+                let in_trained_layer = match (self.train_last_layers, layer_index(name)) {
                     (Some(k), Some(i)) => i + k >= n_layers,
                     _ => false,
                 };
                 name.starts_with("classifier.")
                     || PeftSpec::is_peft_param(name)
                     || in_trained_layer
-                    || (self.train_embeddings && name.starts_with("embeddings."))
+                    || (self.train_embeddings && is_embedding(name))
             }
             None => true,
             Some(k) => {
-                if name.starts_with("embeddings.") {
+                if is_embedding(name) {
                     self.train_embeddings
-                } else if let Some(i) = BertEncoder::layer_of(name) {
+                } else if let Some(i) = layer_index(name) {
                     i + k >= n_layers
                 } else {
                     true
@@ -203,9 +206,77 @@ pub struct Prediction {
     pub probabilities: Vec<(String, f32)>,
 }
 
-/// An encoder with a classification head and its tokenizer.
+/// The configuration of a classifier's backbone: a BERT-family encoder or a Llama/Qwen2
+/// decoder.
+#[derive(Debug, Clone)]
+pub enum BackboneConfig {
+    Encoder(BertConfig),
+    Decoder(LlamaConfig),
+}
+
+impl BackboneConfig {
+    pub fn n_layers(&self) -> usize {
+        match self {
+            Self::Encoder(c) => c.num_hidden_layers,
+            Self::Decoder(c) => c.num_hidden_layers,
+        }
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        match self {
+            Self::Encoder(c) => c.hidden_size,
+            Self::Decoder(c) => c.hidden_size,
+        }
+    }
+
+    /// `bert`, or the decoder's `model_type` (`llama`, `qwen2`): `architecture` in `tuneforge.json`.
+    pub fn architecture(&self) -> String {
+        match self {
+            Self::Encoder(_) => "bert".into(),
+            Self::Decoder(c) => c.model_type.clone(),
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+        match self {
+            Self::Encoder(c) => serde_json::to_vec_pretty(c),
+            Self::Decoder(c) => serde_json::to_vec_pretty(c),
+        }
+    }
+}
+
+/// The network under the head.
+enum Backbone {
+    Encoder(BertEncoder),
+    Decoder(DecoderModel),
+}
+
+/// The index of the transformer layer a parameter belongs to, in either naming.
+fn layer_index(name: &str) -> Option<usize> {
+    BertEncoder::layer_of(name).or_else(|| DecoderModel::layer_of(name))
+}
+
+fn is_embedding(name: &str) -> bool {
+    name.starts_with("embeddings.") || name.starts_with("model.embed_tokens.")
+}
+
+/// True when `path` holds a decoder (a `.gguf` file, or a directory whose `config.json` names
+/// a Llama or Qwen2 model).
+pub fn is_decoder_source(path: &Path) -> bool {
+    if path.extension().is_some_and(|x| x == "gguf") {
+        return true;
+    }
+    std::fs::read_to_string(path.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["model_type"].as_str().map(|m| matches!(m, "llama" | "qwen2")))
+        .unwrap_or(false)
+}
+
+/// An encoder or decoder with a classification head and its tokenizer.
 pub struct ClassifierModel {
-    encoder: BertEncoder,
+    backbone: Backbone,
+    backbone_config: BackboneConfig,
     head: Linear,
     /// With feature fusion: the dense layer, and the standardisation as tensors.
     fusion: Option<(Linear, Tensor, Tensor)>,
@@ -250,6 +321,9 @@ impl ClassifierModel {
     /// [`ClassifierModel::from_base`] keeping only the encoder layers `keep` (in order,
     /// renumbered from 0): a smaller student initialised from chosen layers.
     pub fn from_base_layers(dir: &Path, options: &ClassifierOptions, keep: Option<&[usize]>) -> Result<Self> {
+        if is_decoder_source(dir) {
+            return Self::from_decoder_base(dir, options, keep);
+        }
         if let Ok(meta) = read_meta(dir)
             && meta.quantization.is_some()
         {
@@ -304,7 +378,33 @@ impl ClassifierModel {
             weights.insert(EXTRA_ROWS.into(), Tensor::cat(&rows, 0)?);
         }
         let pb = ParamBuilder::with_loaded(weights, true, options.seed, options.dtype, &options.device);
-        Self::build(config, pb, text, ModelMeta::for_new_head(options), options.trainability)
+        Self::build(BackboneConfig::Encoder(config), pb, text, ModelMeta::for_new_head(options), options.trainability)
+    }
+
+    /// A classifier over a pretrained decoder (a `.gguf` file or a Hugging Face Llama/Qwen2
+    /// directory): last-token pooling by default, a new head; the decoder's LoRA, frozen or
+    /// full training as `options` say.
+    fn from_decoder_base(path: &Path, options: &ClassifierOptions, keep: Option<&[usize]>) -> Result<Self> {
+        let unsupported = |what: &str| CoreError::file(path, format!("is a decoder: {what} is for encoders"));
+        if keep.is_some() {
+            return Err(unsupported("keeping chosen layers (a distilled student)"));
+        }
+        if !options.extra_tokens.is_empty() {
+            return Err(unsupported("vocabulary extension (data.extra_tokens)"));
+        }
+        let base = crate::sft::Base::load(path, DType::F32)?;
+        let text = TextEncoder::new(base.tokenizer, options.max_len)?;
+        let config = base.config;
+        if options.max_len > config.max_position_embeddings {
+            return Err(CoreError::file(
+                path,
+                format!("max_len {} exceeds the model's {} positions", options.max_len, config.max_position_embeddings),
+            ));
+        }
+        let mut meta = ModelMeta::for_new_head(options);
+        meta.architecture = config.model_type.clone();
+        let pb = ParamBuilder::with_loaded(base.weights, true, options.seed, options.dtype, &options.device);
+        Self::build(BackboneConfig::Decoder(config), pb, text, meta, options.trainability)
     }
 
     /// A classifier with random weights (tests and benchmarks).
@@ -313,7 +413,7 @@ impl ClassifierModel {
             text.add_terms(&options.extra_tokens)?;
         }
         let pb = ParamBuilder::random(options.seed, options.dtype, &options.device);
-        Self::build(config, pb, text, ModelMeta::for_new_head(options), options.trainability)
+        Self::build(BackboneConfig::Encoder(config), pb, text, ModelMeta::for_new_head(options), options.trainability)
     }
 
     /// A fine-tuned model saved by [`ClassifierModel::save`], for inference on the CPU.
@@ -337,9 +437,14 @@ impl ClassifierModel {
                 format!("format_version {} is not supported", meta.format_version),
             ));
         }
-        let config: BertConfig = read_json(&dir.join("config.json"))?;
         let text = TextEncoder::from_file(&dir.join("tokenizer.json"), meta.max_len)?;
-        Self::check_sizes(&config, &text, meta.max_len, dir, meta.extra_tokens.len())?;
+        let config = if meta.architecture == "bert" {
+            let config: BertConfig = read_json(&dir.join("config.json"))?;
+            Self::check_sizes(&config, &text, meta.max_len, dir, meta.extra_tokens.len())?;
+            BackboneConfig::Encoder(config)
+        } else {
+            BackboneConfig::Decoder(LlamaConfig::read(&dir.join("config.json"))?)
+        };
         let pb = match &meta.quantization {
             None => ParamBuilder::with_loaded(load_weights(dir)?, true, 0, DType::F32, device),
             Some(_) if !device.is_cpu() => {
@@ -381,26 +486,26 @@ impl ClassifierModel {
     }
 
     fn build(
-        config: BertConfig,
+        config: BackboneConfig,
         pb: ParamBuilder,
         text: TextEncoder,
         meta: ModelMeta,
         t: Trainability,
     ) -> Result<Self> {
         if let Some(k) = t.train_last_layers
-            && k > config.num_hidden_layers
+            && k > config.n_layers()
         {
             return Err(CoreError::Config {
                 file: "experiment".into(),
                 field: "peft.train_last_layers".into(),
-                message: format!("is {k}, but the model has only {} layers", config.num_hidden_layers),
+                message: format!("is {k}, but the model has only {} layers", config.n_layers()),
             });
         }
-        pb.set_trainable(t.predicate(config.num_hidden_layers));
+        pb.set_trainable(t.predicate(config.n_layers()));
         Self::build_inner(config, pb, text, meta)
     }
 
-    fn build_inner(config: BertConfig, pb: ParamBuilder, text: TextEncoder, meta: ModelMeta) -> Result<Self> {
+    fn build_inner(config: BackboneConfig, pb: ParamBuilder, text: TextEncoder, meta: ModelMeta) -> Result<Self> {
         if meta.labels.len() < 2 {
             return Err(CoreError::Config {
                 file: "data".into(),
@@ -410,8 +515,25 @@ impl ClassifierModel {
         }
         let dtype = pb.dtype();
         let pb_device = pb.device().clone();
-        let encoder = BertEncoder::new(&config, &pb, &meta.peft, meta.extra_tokens.len())?;
-        let h = config.hidden_size;
+        let backbone = match &config {
+            BackboneConfig::Encoder(c) => {
+                Backbone::Encoder(BertEncoder::new(c, &pb, &meta.peft, meta.extra_tokens.len())?)
+            }
+            BackboneConfig::Decoder(c) => {
+                if text.vocab_size() > c.vocab_size {
+                    return Err(CoreError::Param {
+                        name: "model.embed_tokens.weight".into(),
+                        message: format!(
+                            "the tokenizer has {} tokens, the model {} rows",
+                            text.vocab_size(),
+                            c.vocab_size
+                        ),
+                    });
+                }
+                Backbone::Decoder(DecoderModel::in_builder(c, &pb, &meta.peft, false)?)
+            }
+        };
+        let h = config.hidden_size();
         let n = meta.labels.len();
         let fusion = match &meta.fusion {
             None => None,
@@ -444,8 +566,20 @@ impl ClassifierModel {
         if !unused.is_empty() {
             tracing::debug!(?unused, "weights not used by the model");
         }
+        if let (PeftSpec::Lora { target_modules, .. }, BackboneConfig::Decoder(_)) = (&meta.peft, &config)
+            && !params.tensors().iter().any(|(n, _)| n.contains(".lora_A."))
+        {
+            return Err(CoreError::Config {
+                file: "experiment".into(),
+                field: "peft.target_modules".into(),
+                message: format!(
+                    "{target_modules:?} names no projection of this decoder: use q_proj, k_proj, v_proj, o_proj, \
+                     gate_proj, up_proj or down_proj"
+                ),
+            });
+        }
         let device = pb_device;
-        Ok(Self { encoder, head, fusion, params, text, meta, device, dtype })
+        Ok(Self { backbone, backbone_config: config, head, fusion, params, text, meta, device, dtype })
     }
 
     pub fn params(&self) -> &ParamStore {
@@ -460,8 +594,16 @@ impl ClassifierModel {
         &self.text
     }
 
-    pub fn config(&self) -> &BertConfig {
-        self.encoder.config()
+    /// The encoder's configuration (`None` for a decoder backbone).
+    pub fn config(&self) -> Option<&BertConfig> {
+        match &self.backbone_config {
+            BackboneConfig::Encoder(c) => Some(c),
+            BackboneConfig::Decoder(_) => None,
+        }
+    }
+
+    pub fn backbone_config(&self) -> &BackboneConfig {
+        &self.backbone_config
     }
 
     pub fn labels(&self) -> &[String] {
@@ -485,20 +627,39 @@ impl ClassifierModel {
     /// first `k` layers instead of the tokens.
     fn pooled_from(&self, batch: &EncodedBatch, prefix: Option<&FrozenPrefix>, ctx: &ForwardCtx) -> Result<Tensor> {
         let (ids, type_ids, mask) = self.batch_tensors(batch)?;
-        let hidden = match prefix {
-            None => self.encoder.forward(&ids, &type_ids, &mask, ctx)?,
-            Some(p) => self.encoder.forward_from(
+        let hidden = match (&self.backbone, prefix) {
+            (Backbone::Encoder(e), None) => e.forward(&ids, &type_ids, &mask, ctx)?,
+            (Backbone::Encoder(e), Some(p)) => e.forward_from(
                 p.hidden.to_device(&self.device)?.to_dtype(self.dtype)?,
                 &mask,
-                p.layers..self.encoder.n_layers(),
+                p.layers..e.n_layers(),
                 ctx,
             )?,
+            // Causal attention: padding after a row's last token cannot reach it.
+            (Backbone::Decoder(d), None) => d.hidden_states(&ids, None, ctx)?,
+            (Backbone::Decoder(_), Some(_)) => {
+                return Err(CoreError::Param {
+                    name: "prefix".into(),
+                    message: "decoders have no prefix cache".into(),
+                });
+            }
         };
         // Mixed precision: pooling, head and loss in the parameters' dtype.
         let hidden = hidden.to_dtype(self.dtype)?;
         match self.meta.pooling {
             Pooling::Mean => masked_mean(&hidden, &mask),
             Pooling::Cls => Ok(hidden.i((.., 0))?),
+            Pooling::Last => {
+                let (b, l) = (batch.batch_size, batch.seq_len);
+                let last: Vec<u32> = (0..b)
+                    .map(|r| {
+                        let n = batch.mask[r * l..(r + 1) * l].iter().filter(|&&m| m > 0.0).count().max(1);
+                        (r * l + n - 1) as u32
+                    })
+                    .collect();
+                let idx = Tensor::from_vec(last, b, &self.device)?;
+                Ok(hidden.reshape((b * l, hidden.dim(2)?))?.index_select(&idx, 0)?)
+            }
         }
     }
 
@@ -509,16 +670,24 @@ impl ClassifierModel {
         if trainable.iter().any(|n| n.starts_with("embeddings.")) {
             return 0;
         }
+        let Backbone::Encoder(encoder) = &self.backbone else { return 0 };
         let first_trainable_layer =
-            trainable.iter().filter_map(|n| BertEncoder::layer_of(n)).min().unwrap_or(self.encoder.n_layers());
-        first_trainable_layer.min(self.encoder.n_layers())
+            trainable.iter().filter_map(|n| BertEncoder::layer_of(n)).min().unwrap_or(encoder.n_layers());
+        first_trainable_layer.min(encoder.n_layers())
     }
 
     /// The hidden states `[batch, seq, hidden]` after the first `n_layers` layers, in
     /// inference mode (no dropout, no gradient).
     pub fn prefix_hidden(&self, batch: &EncodedBatch, n_layers: usize) -> Result<Tensor> {
         let (ids, type_ids, mask) = self.batch_tensors(batch)?;
-        Ok(self.encoder.forward_layers(&ids, &type_ids, &mask, n_layers, &ForwardCtx::eval())?.detach())
+        match &self.backbone {
+            Backbone::Encoder(e) => {
+                Ok(e.forward_layers(&ids, &type_ids, &mask, n_layers, &ForwardCtx::eval())?.detach())
+            }
+            Backbone::Decoder(_) => {
+                Err(CoreError::Param { name: "prefix".into(), message: "decoders have no prefix cache".into() })
+            }
+        }
     }
 
     /// Sentence embeddings (the pooled encoder output) of texts, in their order.
@@ -576,7 +745,10 @@ impl ClassifierModel {
         trainable: &[(String, candle_core::Var)],
         grads: &mut HashMap<String, Tensor>,
     ) -> Result<()> {
-        self.encoder.checkpointed_backward(ctx, store, trainable, grads)
+        match &self.backbone {
+            Backbone::Encoder(e) => e.checkpointed_backward(ctx, store, trainable, grads),
+            Backbone::Decoder(d) => d.checkpointed_backward(ctx, store, trainable, grads),
+        }
     }
 
     /// The device the model's parameters live on.
@@ -675,8 +847,7 @@ impl ClassifierModel {
             std::fs::remove_dir_all(&staging).map_err(CoreError::io(&staging))?;
         }
         std::fs::create_dir_all(&staging).map_err(CoreError::io(&staging))?;
-        let config =
-            serde_json::to_vec_pretty(self.encoder.config()).map_err(|e| CoreError::file(dir, e.to_string()))?;
+        let config = self.backbone_config.to_json().map_err(|e| CoreError::file(dir, e.to_string()))?;
         write_synced(&staging.join("config.json"), &config)?;
         let meta = serde_json::to_vec_pretty(&self.meta).map_err(|e| CoreError::file(dir, e.to_string()))?;
         write_synced(&staging.join(META_FILE), &meta)?;

@@ -250,6 +250,20 @@ impl DecoderModel {
     /// [`DecoderModel::new`] with LoRA on the block projections `peft` targets (module names
     /// as in PEFT: `q_proj`, `k_proj`, `v_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`).
     pub fn with_peft(config: &LlamaConfig, pb: ParamBuilder, peft: &PeftSpec) -> Result<Self> {
+        let mut model = Self::in_builder(config, &pb, peft, true)?;
+        let (params, unused) = pb.finish();
+        if !unused.is_empty() {
+            tracing::debug!(?unused, "weights not used by the decoder");
+        }
+        model.params = params;
+        Ok(model)
+    }
+
+    /// The decoder's parameters taken from `pb`, which the caller goes on using (a model that
+    /// adds its own parameters, such as a classifier's head, and finishes the builder); the
+    /// model's own [`DecoderModel::params`] stay empty. Without `lm_head` the untied output
+    /// layer is not asked for.
+    pub fn in_builder(config: &LlamaConfig, pb: &ParamBuilder, peft: &PeftSpec, lm_head: bool) -> Result<Self> {
         if matches!(peft, PeftSpec::Adapter { .. }) {
             return Err(CoreError::Param {
                 name: "peft.method".into(),
@@ -298,16 +312,13 @@ impl DecoderModel {
             })
             .collect::<Result<Vec<_>>>()?;
         let final_norm = norm(&m.pp("norm"))?;
-        let lm_head = if config.tie_word_embeddings {
+        let lm_head = if config.tie_word_embeddings || !lm_head {
             None
         } else {
             Some(linear(&pb.pp("lm_head"), config.vocab_size, h, false)?)
         };
         let rope = Rope::new(config, pb.dtype(), pb.device())?;
-        let (params, unused) = pb.finish();
-        if !unused.is_empty() {
-            tracing::debug!(?unused, "weights not used by the decoder");
-        }
+        let params = ParamStore::default();
         Ok(Self { config: config.clone(), embed, blocks, norm: final_norm, lm_head, rope, params })
     }
 
@@ -351,7 +362,24 @@ impl DecoderModel {
 
     /// Logits `[b, l, vocab]` for `ids: [b, l]` at positions `cache.len()..`, appending the
     /// new keys and values to `cache` when one is given.
-    pub fn forward(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let h = self.config.hidden_size;
+        let x = self.hidden_states(ids, cache, ctx)?;
+        let logits = match &self.lm_head {
+            Some(head) => head.forward_t(&x, ctx)?,
+            None => {
+                x.reshape((b * l, h))?.matmul(&ctx.cast(&self.embed)?.t()?)?.reshape((b, l, self.config.vocab_size))?
+            }
+        };
+        // Mixed precision: the loss and sampling see f32 logits.
+        Ok(logits.to_dtype(self.embed.dtype())?)
+    }
+
+    /// The last hidden states `[b, l, hidden]` (after the final norm, in the compute dtype),
+    /// for `ids: [b, l]` at positions `cache.len()..`: what the language-model head or a
+    /// classifier reads.
+    pub fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |c| c.len());
         let h = self.config.hidden_size;
@@ -393,15 +421,17 @@ impl DecoderModel {
                 x
             }
         };
-        let x = self.norm.forward(&x)?;
-        let logits = match &self.lm_head {
-            Some(head) => head.forward_t(&x, ctx)?,
-            None => {
-                x.reshape((b * l, h))?.matmul(&ctx.cast(&self.embed)?.t()?)?.reshape((b, l, self.config.vocab_size))?
-            }
-        };
-        // Mixed precision: the loss and sampling see f32 logits.
-        Ok(logits.to_dtype(self.embed.dtype())?)
+        self.norm.forward(&x)
+    }
+
+    /// The index of the block a parameter name belongs to (`model.layers.{i}.…`), if any.
+    pub fn layer_of(name: &str) -> Option<usize> {
+        let rest = name.strip_prefix("model.layers.")?;
+        rest.split('.').next()?.parse().ok()
+    }
+
+    pub fn n_layers(&self) -> usize {
+        self.blocks.len()
     }
 
     /// Finishes the backward pass of a checkpointed forward (see

@@ -26,7 +26,7 @@ impl PrefixCache {
 
     /// Runs the frozen prefix of `model` over every example once.
     pub fn build(model: &ClassifierModel, encoded: &[Encoded], layers: usize, batch_size: usize) -> Result<Self> {
-        let hidden = model.config().hidden_size;
+        let hidden = model.backbone_config().hidden_size();
         let pad = model.text_encoder().pad_id();
         let plan = BatchPlan::new(
             encoded.iter().map(Encoded::len).collect(),

@@ -67,8 +67,15 @@ pub fn is_quantized_name(name: &str, keep_embeddings_float: bool) -> bool {
 pub fn quantize_int8(model: &Path, out: &Path, keep_embeddings_float: bool) -> Result<QuantizeReport> {
     let dir = model_dir_of(model);
     // Checked before the weights are read: candle cannot read an int8 file.
-    if crate::classifier::read_meta(&dir)?.quantization.is_some() {
+    let meta = crate::classifier::read_meta(&dir)?;
+    if meta.quantization.is_some() {
         return Err(CoreError::file(&dir, "is already quantized"));
+    }
+    if meta.architecture != "bert" {
+        return Err(CoreError::file(
+            &dir,
+            format!("has a {} decoder backbone; int8 quantization is for BERT-family encoders", meta.architecture),
+        ));
     }
     let (mut meta, mut tensors) = read_model(&dir)?;
     merge_lora(&mut meta, &mut tensors, &dir)?;

@@ -779,7 +779,7 @@ fn build_prefix_cache(
     if !cfg.train.cache_frozen_prefix || layers == 0 {
         return Ok(None);
     }
-    let bytes = PrefixCache::estimate_bytes(encoded, model.config().hidden_size);
+    let bytes = PrefixCache::estimate_bytes(encoded, model.backbone_config().hidden_size());
     let budget = cfg.train.cache_max_mib * 1024 * 1024;
     if bytes > budget {
         tracing::warn!(

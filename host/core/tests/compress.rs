@@ -152,7 +152,7 @@ fn a_distilled_student_beats_the_same_student_trained_without_the_teacher() -> R
         let cfg = ExperimentConfig::from_toml(&text, "student.toml", &ov)?;
         let out = train_experiment(cfg, &RunOptions::default(), &mut |_| {})?;
         let best = ClassifierModel::load(&out.run.best())?;
-        assert_eq!(best.config().num_hidden_layers, 1, "the student keeps one layer");
+        assert_eq!(best.backbone_config().n_layers(), 1, "the student keeps one layer");
         Ok(out.summary.validation.as_ref().expect("report").accuracy)
     };
     let with_teacher = student(0.9)?;

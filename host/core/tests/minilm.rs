@@ -35,8 +35,8 @@ fn minilm_loads_from_the_wheel_and_embeds_meaningfully() -> Result<()> {
             fusion: None,
         },
     )?;
-    assert_eq!(model.config().num_hidden_layers, 6);
-    assert_eq!(model.config().hidden_size, 384);
+    assert_eq!(model.backbone_config().n_layers(), 6);
+    assert_eq!(model.backbone_config().hidden_size(), 384);
     // The encoder's 22,565,376 parameters (embeddings 11,918,592 + 6 layers of 1,774,464;
     // the unused pooler left out) plus a 2-label head.
     assert_eq!(model.params().n_params(), 22_565_376 + 2 * 384 + 2);

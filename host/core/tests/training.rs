@@ -504,7 +504,7 @@ fn vocabulary_extension_round_trips_through_save_and_load() -> Result<()> {
     let out = train_experiment(cfg, &RunOptions::default(), &mut |_| {})?;
     let model = ClassifierModel::load(&out.run.best())?;
     assert_eq!(model.meta().extra_tokens, ["fever cough", "rash itch"]);
-    let v = model.config().vocab_size as u32;
+    let v = model.config().map_or(0, |c| c.vocab_size) as u32;
     let enc = model.text_encoder().encode(&["fever cough hot", "red rash itch"])?;
     assert_eq!(enc[0].ids, [1, v, 3 + 11, 2], "[CLS] <fever cough> hot [SEP]");
     assert_eq!(enc[1].ids[2], v + 1);

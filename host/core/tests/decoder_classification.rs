@@ -1,0 +1,85 @@
+//! Classification with a decoder backbone: a tiny random Llama or Qwen2 (GGUF or Hugging
+//! Face directory) under a head, pooled at the last real token, trained with LoRA through
+//! the ordinary experiment pipeline; saved, reloaded and served like an encoder classifier.
+
+use tuneforge_core::testing::{TINY_CSV, write_tiny_decoder};
+use tuneforge_core::{ClassifierModel, ExperimentConfig, RunOptions, train_experiment};
+
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+fn experiment(root: &std::path::Path, source: &std::path::Path, peft: &str) -> Result<String> {
+    let csv = root.join("train.csv");
+    std::fs::write(&csv, TINY_CSV)?;
+    Ok(format!(
+        "[experiment]\noutput_dir = \"{out}\"\nseed = 5\n[model]\nsource = \"{model}\"\nmax_len = 24\npooling = \"last\"\n\
+         classifier_dropout = 0.0\n[data]\ntrain = \"{train}\"\nvalidation = \"{train}\"\n{peft}\n\
+         [train]\nepochs = 25\nbatch_size = 8\nlr = 1e-2\nwarmup_steps = 2\n",
+        out = root.join("runs").display(),
+        model = source.display(),
+        train = csv.display(),
+    ))
+}
+
+#[test]
+fn a_decoder_with_lora_learns_the_tiny_task_and_reloads() -> Result<()> {
+    for (kind, from_gguf) in [("llama", true), ("qwen2", false)] {
+        let tmp = tempfile::tempdir()?;
+        write_tiny_decoder(&tmp.path().join("m"), kind)?;
+        let source = if from_gguf { tmp.path().join("m/model.gguf") } else { tmp.path().join("m/hf") };
+        let peft =
+            "[peft]\nmethod = \"lora\"\nrank = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"up_proj\"]";
+        let text = experiment(tmp.path(), &source, peft)?;
+        let out = train_experiment(
+            ExperimentConfig::from_toml(&text, "exp.toml", &[])?,
+            &RunOptions::default(),
+            &mut |_| {},
+        )?;
+        let s = &out.summary;
+        assert!(s.trainable_ratio < 0.5, "{kind}: only LoRA and the head train, ratio {}", s.trainable_ratio);
+        let acc = s.validation.as_ref().expect("report").accuracy;
+        assert!(acc >= 0.9, "{kind}: accuracy {acc} on the training rows");
+        let best = ClassifierModel::load(&out.run.best())?;
+        assert_eq!(best.meta().architecture, kind);
+        assert!(best.config().is_none(), "no encoder config for a decoder");
+        let texts = ["fever cough hot", "rash itch red", "chest pain tired"];
+        let p = best.predict(&texts, 2)?;
+        assert_eq!(p.iter().map(|p| p.label.as_str()).collect::<Vec<_>>(), ["flu", "acne", "angina"], "{kind}");
+        // Padding after a row's last token does not change its prediction (causal attention).
+        let alone = best.predict(&texts[2..], 1)?;
+        assert!((alone[0].score - p[2].score).abs() < 1e-4, "{kind}: {} vs {}", alone[0].score, p[2].score);
+    }
+    Ok(())
+}
+
+#[test]
+fn decoder_only_settings_are_checked() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    write_tiny_decoder(&tmp.path().join("m"), "llama")?;
+    let source = tmp.path().join("m/hf");
+    let bert_targets = "[peft]\nmethod = \"lora\"\ntarget_modules = [\"query\", \"value\"]";
+    let text = experiment(tmp.path(), &source, bert_targets)?;
+    let err =
+        train_experiment(ExperimentConfig::from_toml(&text, "exp.toml", &[])?, &RunOptions::default(), &mut |_| {})
+            .expect_err("BERT module names on a decoder")
+            .to_string();
+    assert!(err.contains("peft.target_modules") && err.contains("q_proj"), "{err}");
+    let adapters = "[peft]\nmethod = \"adapter\"";
+    let text = experiment(tmp.path(), &source, adapters)?;
+    let err =
+        train_experiment(ExperimentConfig::from_toml(&text, "exp.toml", &[])?, &RunOptions::default(), &mut |_| {})
+            .expect_err("adapters on a decoder")
+            .to_string();
+    assert!(err.contains("adapters are for encoders"), "{err}");
+    // A frozen decoder with its last block and the head training.
+    let freeze = "[peft]\nmethod = \"freeze\"\ntrain_last_layers = 1";
+    let text = experiment(tmp.path(), &source, freeze)?;
+    let out =
+        train_experiment(ExperimentConfig::from_toml(&text, "exp.toml", &[])?, &RunOptions::default(), &mut |_| {})?;
+    let best = ClassifierModel::load(&out.run.best())?;
+    let q = tuneforge_core::quantize::quantize_int8(&out.run.best(), &tmp.path().join("q"), false)
+        .expect_err("int8 is for encoders")
+        .to_string();
+    assert!(q.contains("decoder"), "{q}");
+    assert_eq!(best.labels().len(), 3);
+    Ok(())
+}
