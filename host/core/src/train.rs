@@ -443,7 +443,10 @@ pub fn train_experiment_with(
                 })
                 .collect::<Result<Vec<_>>>()?;
             let lr = schedule.lr(state.step);
-            let seeds: Vec<u64> = (0..step_batches.len()).map(|mi| step_seed(seed, state.step, mi)).collect();
+            // Dropout seeds by the micro-batch's place in the whole step, whichever rank runs it.
+            let seeds: Vec<u64> = (0..step_batches.len())
+                .map(|mi| step_seed(seed, state.step, parallel.rank() + mi * parallel.world()))
+                .collect();
             let stats = train_step_with(
                 &model,
                 &trainable,
