@@ -104,7 +104,11 @@ fn open_cuda(n: usize) -> Result<Device> {
     std::panic::set_hook(previous);
     match opened {
         Ok(Ok(d)) => Ok(d),
-        Ok(Err(e)) => Err(CoreError::Device { device, message: format!("CUDA could not start: {e}; {hint}") }),
+        Ok(Err(e)) => {
+            // candle's CUDA errors carry a backtrace after the first line; the cause is enough.
+            let cause = e.to_string().lines().next().unwrap_or_default().to_owned();
+            Err(CoreError::Device { device, message: format!("CUDA could not start: {cause}; {hint}") })
+        }
         Err(panic) => {
             let what = panic
                 .downcast_ref::<String>()
