@@ -1,12 +1,15 @@
 //! `POST /api/v1/generate`: text from the decoder the server was started with
 //! (`tuneforge serve --generator SOURCE`). One generation runs at a time (they are CPU-bound);
-//! others wait their turn.
+//! others wait their turn. With `"stream": true` the answer comes as server-sent events: one
+//! `data: {"text": …}` event per piece of settled text, then `data: {"done": true, …}` with the
+//! counts (or `data: {"error": …}`).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
-use tuneforge_core::generate::Sampling;
+use tuneforge_core::generate::{LanguageModel, Sampling};
 
 use super::State;
 use crate::ApiError;
@@ -47,6 +50,9 @@ pub struct GenerateBody {
     repetition_penalty: f64,
     #[serde(default)]
     seed: u64,
+    /// Server-sent events instead of one JSON answer.
+    #[serde(default)]
+    stream: bool,
 }
 
 fn default_max_tokens() -> usize {
@@ -95,6 +101,9 @@ pub async fn generate(req: HttpRequest, state: State, body: web::Bytes) -> Resul
     if prompt.trim().is_empty() {
         return Err(ApiError::BadRequest("prompt: is empty".into()));
     }
+    if body.stream {
+        return Ok(stream_events(state, generator, prompt, sampling));
+    }
     let _turn = state.generate_turn.lock().await;
     let started = Instant::now();
     let out = web::block(move || generator.generate(&prompt, &sampling, &mut |_| {}))
@@ -110,4 +119,44 @@ pub async fn generate(req: HttpRequest, state: State, body: web::Bytes) -> Resul
         "tokens_per_s": out.tokens_per_s(),
         "seconds": started.elapsed().as_secs_f64(),
     })))
+}
+
+/// One server-sent event carrying `value`.
+fn event(value: &serde_json::Value) -> web::Bytes {
+    web::Bytes::from(format!("data: {value}\n\n"))
+}
+
+/// Streams a generation as server-sent events. The generation waits for its turn and runs on
+/// the blocking pool; a client that goes away only loses the rest of the events.
+fn stream_events(state: State, generator: Arc<LanguageModel>, prompt: String, sampling: Sampling) -> HttpResponse {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<web::Bytes>();
+    actix_web::rt::spawn(async move {
+        let _turn = state.generate_turn.lock().await;
+        let started = Instant::now();
+        let pieces = tx.clone();
+        let out = web::block(move || {
+            generator.generate(&prompt, &sampling, &mut |text| {
+                let _ = pieces.send(event(&serde_json::json!({ "text": text })));
+            })
+        })
+        .await;
+        let last = match out {
+            Ok(Ok(out)) => serde_json::json!({
+                "done": true,
+                "model": state.generator_name,
+                "prompt_tokens": out.prompt_tokens,
+                "completion_tokens": out.ids.len(),
+                "stopped": out.stopped,
+                "tokens_per_s": out.tokens_per_s(),
+                "seconds": started.elapsed().as_secs_f64(),
+            }),
+            Ok(Err(e)) => serde_json::json!({ "error": e.to_string() }),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+        let _ = tx.send(event(&last));
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|bytes| (Ok::<_, actix_web::Error>(bytes), rx))
+    });
+    HttpResponse::Ok().content_type("text/event-stream").insert_header(("Cache-Control", "no-cache")).streaming(body)
 }

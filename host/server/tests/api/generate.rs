@@ -27,6 +27,21 @@ async fn generate_answers_with_the_loaded_decoder() {
     assert!(v["text"].is_string() && v["tokens_per_s"].is_number());
     // The same greedy request gives the same text; messages work too.
     assert_eq!(app.post("/api/v1/generate", &body).await.json()["text"], v["text"]);
+    // Streamed: server-sent events whose pieces make the same text, then the counts.
+    let streamed = app.post("/api/v1/generate", &json!({"prompt": "the cat", "max_tokens": 5, "stream": true})).await;
+    assert_eq!(streamed.status, 200, "{}", streamed.body);
+    let events: Vec<serde_json::Value> = streamed
+        .body
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| serde_json::from_str(e.strip_prefix("data: ").expect("a data event")).expect("JSON event"))
+        .collect();
+    let (last, pieces) = events.split_last().expect("events");
+    assert_eq!(last["done"], true, "{last}");
+    assert_eq!(last["completion_tokens"], v["completion_tokens"]);
+    let text: String = pieces.iter().map(|e| e["text"].as_str().expect("text")).collect();
+    assert_eq!(text, v["text"].as_str().expect("text"));
+    assert!(pieces.len() >= 2 && !text.is_empty(), "{events:?}");
     let m = json!({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hat"}], "max_tokens": 3});
     assert_eq!(app.post("/api/v1/generate", &m).await.status, 200);
     for (bad, what) in [
@@ -36,7 +51,7 @@ async fn generate_answers_with_the_loaded_decoder() {
         (json!({"prompt": "x", "top_p": 1.5}), "top_p"),
         (json!({"prompt": "x", "temperature": -1}), "temperature"),
         (json!({"messages": [{"role": "robot", "content": "x"}]}), "robot"),
-        (json!({"prompt": "x", "stream": true}), "stream"),
+        (json!({"prompt": "x", "stream": "yes"}), "stream"),
     ] {
         let r = app.post("/api/v1/generate", &bad).await;
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
