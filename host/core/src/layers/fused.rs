@@ -233,8 +233,13 @@ impl CustomOp3 for LayerNormGradX {
 // ---------------------------------------------------------------- softmax
 
 /// Softmax over the last dimension (max-subtracted), with a backward pass.
-/// Fused on the CPU in f32/f64; elsewhere composed, in f32 for half types.
+/// Fused on the CPU in f32/f64; on CUDA candle-nn's fused kernel with our backward
+/// (`cuda_ops.rs`); elsewhere composed, in f32 for half types.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return super::cuda_ops::softmax_last(x);
+    }
     if !fused_here(x) {
         let xw = x.to_dtype(wide(x))?;
         let max = xw.max_keepdim(D::Minus1)?.detach();

@@ -7,6 +7,8 @@
 
 mod adapter;
 mod ctx;
+#[cfg(feature = "cuda")]
+mod cuda_ops;
 pub mod fused;
 mod layer_norm;
 mod linear;
