@@ -108,7 +108,7 @@ impl Recorder {
                         run_dir: run.root().display().to_string(),
                         model_source: c.model.source.clone(),
                         method: format!("{:?}", c.peft.method).to_lowercase(),
-                        device: "cpu".into(),
+                        device: c.run.device.to_string(),
                         git_revision: git_revision(),
                         host: host_name(),
                         pid,

@@ -359,6 +359,7 @@ fn runs_are_recorded_and_models_promoted_and_rolled_back() {
     let o = env.run(&["runs", "show", &ids[0], "--json"]);
     let shown = json(&o);
     assert!(shown["run"]["accuracy"].is_number());
+    assert_eq!(shown["run"]["device"], "cpu", "the store records where the run computed");
     assert!(shown["last_metrics"]["val/accuracy"].is_number());
     let kinds: Vec<&str> =
         shown["artifacts"].as_array().expect("artifacts").iter().map(|a| a["kind"].as_str().expect("kind")).collect();
