@@ -19,8 +19,8 @@ use tuneforge_core::device::{MemoryWatch, memory_in_use};
 use tuneforge_core::llama::{DecoderModel, LlamaConfig};
 use tuneforge_core::sft::sft_step;
 use tuneforge_core::{
-    AdamW, AdamWConfig, ClassifierModel, ClassifierOptions, DeviceSpec, ForwardCtx, ParamBuilder, PeftSpec, Precision,
-    StepMode, TrainBatch, train_step_with,
+    AdamW, AdamWConfig, ClassifierModel, ClassifierOptions, DeviceSpec, ParamBuilder, PeftSpec, Precision, StepMode,
+    TrainBatch, train_step_with,
 };
 use tuneforge_data::EncodedBatch;
 
@@ -198,9 +198,7 @@ fn main() -> Result<()> {
             let trainable = model.params().trainable();
             let mut opt = AdamW::new(trainable.clone(), AdamWConfig::default())?;
             let mut step = |i: usize| -> Result<()> {
-                let ctx = ForwardCtx::train(i as u64)
-                    .with_compute_dtype(mode.compute_dtype)
-                    .with_checkpointing(mode.checkpointing);
+                let ctx = mode.ctx(i as u64);
                 sft_step(&model, &trainable, &mut opt, &ids, &mask, &ctx, 1.0, 2e-4)?;
                 Ok(())
             };
@@ -267,6 +265,6 @@ fn timed(
         step(warmup + steps + i)?;
     }
     device.synchronize()?;
-    let peak = watch.stop_absolute();
+    let peak = watch.stop();
     Ok((secs, peak.saturating_sub(before)))
 }

@@ -122,13 +122,11 @@ fn open_cuda(n: usize) -> Result<Device> {
 
 /// Samples the memory in use on a device from a background thread until stopped: on a GPU
 /// the device's used memory (total − free, so the caching allocator's pool counts), on the
-/// CPU the process's resident set. [`MemoryWatch::stop`] returns the peak above what was in
-/// use when watching started.
+/// CPU the process's resident set. [`MemoryWatch::stop`] returns the peak bytes in use.
 #[derive(Debug)]
 pub struct MemoryWatch {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     handle: Option<std::thread::JoinHandle<u64>>,
-    baseline: u64,
 }
 
 /// Bytes in use now on `device` (see [`MemoryWatch`]).
@@ -159,7 +157,6 @@ fn resident_bytes() -> u64 {
 
 impl MemoryWatch {
     pub fn start(device: &Device) -> Result<Self> {
-        let baseline = memory_in_use(device)?;
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (flag, device) = (stop.clone(), device.clone());
         let handle = std::thread::spawn(move || {
@@ -170,17 +167,11 @@ impl MemoryWatch {
             }
             peak.max(memory_in_use(&device).unwrap_or(0))
         });
-        Ok(Self { stop, handle: Some(handle), baseline })
-    }
-
-    /// Stops watching: the peak bytes in use above the baseline.
-    pub fn stop(self) -> u64 {
-        let baseline = self.baseline;
-        self.stop_absolute().saturating_sub(baseline)
+        Ok(Self { stop, handle: Some(handle) })
     }
 
     /// Stops watching: the peak bytes in use.
-    pub fn stop_absolute(mut self) -> u64 {
+    pub fn stop(mut self) -> u64 {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.handle.take().and_then(|h| h.join().ok()).unwrap_or(0)
     }

@@ -225,27 +225,19 @@ fn device_step(
     bias2: f64,
 ) -> Result<()> {
     let device = state.m.device().clone();
+    let missing = slots.iter().any(|s| !grads.contains_key(&s.name));
     let mut gs = Vec::with_capacity(slots.len());
-    let mut present = Vec::new();
-    let mut missing = false;
     for s in slots {
         let n = s.var.elem_count();
         match grads.get(&s.name) {
-            Some(g) => {
-                if g.elem_count() != n {
-                    return Err(CoreError::Param {
-                        name: s.name.clone(),
-                        message: "gradient and parameter differ in size".into(),
-                    });
-                }
-                gs.push(g.to_dtype(DType::F32)?.flatten_all()?);
-                present.extend(std::iter::repeat_n(1f32, n));
+            Some(g) if g.elem_count() != n => {
+                return Err(CoreError::Param {
+                    name: s.name.clone(),
+                    message: "gradient and parameter differ in size".into(),
+                });
             }
-            None => {
-                missing = true;
-                gs.push(Tensor::zeros(n, DType::F32, &device)?);
-                present.extend(std::iter::repeat_n(0f32, n));
-            }
+            Some(g) => gs.push(g.to_dtype(DType::F32)?.flatten_all()?),
+            None => gs.push(Tensor::zeros(n, DType::F32, &device)?),
         }
     }
     let ps =
@@ -258,6 +250,11 @@ fn device_step(
     let denom = v.affine(1.0 / bias2, 0.0)?.sqrt()?.affine(1.0, c.eps)?;
     let mut new_p = ((p.mul(&decay)?) - m.affine(lr / bias1, 0.0)?.div(&denom)?)?;
     if missing {
+        // 1 where the parameter had a gradient: only those elements take the update.
+        let present: Vec<f32> = slots
+            .iter()
+            .flat_map(|s| std::iter::repeat_n(f32::from(u8::from(grads.contains_key(&s.name))), s.var.elem_count()))
+            .collect();
         let keep = Tensor::from_vec(present, p.elem_count(), &device)?;
         let pick = |new: &Tensor, old: &Tensor| -> Result<Tensor> { Ok((old + (new - old)?.mul(&keep)?)?) };
         new_p = pick(&new_p, &p)?;

@@ -433,9 +433,7 @@ pub fn train_causal_lm(mut cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str))
             let started = Instant::now();
             let rows: Vec<SftTokens> = chunk.iter().map(|&i| train_tok[i].clone()).collect();
             let (ids, mask) = collate(&rows, pad)?;
-            let ctx = ForwardCtx::train(seed.wrapping_mul(31).wrapping_add(step))
-                .with_compute_dtype(t.precision.compute_dtype())
-                .with_checkpointing(t.gradient_checkpointing);
+            let ctx = crate::StepMode::from_config(&t).ctx(seed.wrapping_mul(31).wrapping_add(step));
             let lr = schedule.lr(step);
             let SftStep { loss: value, response_tokens: n, grad_norm } =
                 sft_step(&model, &trainable, &mut opt, &ids, &mask, &ctx, t.max_grad_norm, lr).map_err(

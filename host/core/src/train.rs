@@ -670,7 +670,8 @@ impl<'a> StepMode<'a> {
         Self { parallel: Some(parallel), ..self }
     }
 
-    fn ctx(self, seed: u64) -> ForwardCtx {
+    /// The forward context of a training pass with dropout seeded by `seed`.
+    pub fn ctx(self, seed: u64) -> ForwardCtx {
         ForwardCtx::train(seed).with_compute_dtype(self.compute_dtype).with_checkpointing(self.checkpointing)
     }
 }
