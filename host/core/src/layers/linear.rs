@@ -53,7 +53,12 @@ pub struct Linear {
     lora: Option<Lora>,
 }
 
+/// `xs · Wᵀ`: the fused CPU op where it applies (it differentiates only what is tracked),
+/// candle's matmul elsewhere.
 fn matmul_t(xs: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    if super::dense::applies(xs, w) {
+        return super::dense::linear(xs, w, None);
+    }
     let w = w.t()?;
     match xs.dims() {
         [b, l, d] => xs.reshape((b * l, *d))?.matmul(&w)?.reshape((*b, *l, ())),
@@ -145,6 +150,9 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let y = match &self.int8 {
             Some(q) => int8_matmul_t(xs, q)?,
+            None if super::dense::applies(xs, &self.weight) => {
+                return super::dense::linear(xs, &self.weight, self.bias.as_ref());
+            }
             None => matmul_t(xs, &self.weight)?,
         };
         match &self.bias {
