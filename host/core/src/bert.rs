@@ -14,6 +14,7 @@ use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use tuneforge_kernels::Int8Matrix;
 
+use crate::layers::attention::{Packing, packed_attention};
 use crate::layers::{Adapter, CheckpointRecord, ForwardCtx, LayerNorm, Linear, Lora, layer_norm, linear};
 use crate::peft::{AdapterPlacement, PeftSpec};
 use crate::{CoreError, Init, ParamBuilder, Result};
@@ -304,19 +305,27 @@ impl Layer {
         })
     }
 
-    /// `x: [b, l, h]`, `mask_bias: [b, 1, 1, l]` (0 for tokens, a large negative for pads).
-    fn forward(&self, x: &Tensor, mask_bias: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
-        let (b, l, h) = x.dims3()?;
-        let d = h / self.n_heads;
-        let heads = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, l, self.n_heads, d))?.transpose(1, 2)?.contiguous()
+    /// `x`: `[b, l, h]` with a padded mask, or the packed `[tokens, h]`.
+    fn forward(&self, x: &Tensor, mask: &LayerMask, ctx: &ForwardCtx) -> Result<Tensor> {
+        let q = self.query.forward_t(x, ctx)?;
+        let k = self.key.forward_t(x, ctx)?;
+        let v = self.value.forward_t(x, ctx)?;
+        let context = match mask {
+            LayerMask::Packed(packing) => {
+                packed_attention(&q, &k, &v, packing, self.n_heads, ctx.dropout_seed(self.attn_dropout))?
+            }
+            LayerMask::Padded(mask_bias) => {
+                let (b, l, h) = x.dims3()?;
+                let d = h / self.n_heads;
+                let heads = |t: Tensor| -> candle_core::Result<Tensor> {
+                    t.reshape((b, l, self.n_heads, d))?.transpose(1, 2)?.contiguous()
+                };
+                let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
+                let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(mask_bias)?;
+                let probs = ctx.dropout(&ctx.softmax_last(&scores)?, self.attn_dropout)?;
+                probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?
+            }
         };
-        let q = heads(self.query.forward_t(x, ctx)?)?;
-        let k = heads(self.key.forward_t(x, ctx)?)?;
-        let v = heads(self.value.forward_t(x, ctx)?)?;
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(mask_bias)?;
-        let probs = ctx.dropout(&ctx.softmax_last(&scores)?, self.attn_dropout)?;
-        let context = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
         let mut attn = ctx.dropout(&self.attn_out.forward_t(&context, ctx)?, self.hidden_dropout)?;
         if let Some(a) = &self.attn_adapter {
             attn = a.forward(&attn, ctx)?;
@@ -333,6 +342,31 @@ impl Layer {
             out = a.forward(&out, ctx)?;
         }
         self.out_norm.forward(&out.add(&x)?, ctx)
+    }
+}
+
+/// How a layer's attention sees the batch: padded, with `[b, 1, 1, l]` mask biases (0 for
+/// tokens, a large negative for pads), or packed (CPU: only real tokens, see
+/// `layers/attention.rs`).
+enum LayerMask {
+    Padded(Tensor),
+    Packed(Packing),
+}
+
+impl LayerMask {
+    /// The tensors a checkpointed pass keeps, and back.
+    fn to_extras(&self) -> Result<Vec<Tensor>> {
+        match self {
+            Self::Padded(bias) => Ok(vec![bias.clone()]),
+            Self::Packed(p) => Ok(p.to_tensors()?.to_vec()),
+        }
+    }
+
+    fn from_extras(extras: &[Tensor]) -> Result<Self> {
+        match extras {
+            [bias] => Ok(Self::Padded(bias.clone())),
+            parts => Ok(Self::Packed(Packing::from_tensors(parts)?)),
+        }
     }
 }
 
@@ -394,10 +428,28 @@ impl BertEncoder {
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let dtype = ctx.compute_dtype().unwrap_or(self.embeddings.word.dtype());
-        // 0 where attended, -10000 at padding; broadcast over heads and query positions.
-        let mask_bias = ((mask.to_dtype(dtype)? - 1.0)? * 10_000.0)?.unsqueeze(1)?.unsqueeze(1)?;
         let range = layers.start.min(self.layers.len())..layers.end.min(self.layers.len());
         let mut x = ctx.cast(&x)?;
+        // On the CPU the layers run on the packed real tokens; elsewhere on the padded batch
+        // with mask biases: 0 where attended, -10000 at padding, broadcast over heads and
+        // query positions.
+        let packing = match x.device().is_cpu() && matches!(dtype, DType::F32 | DType::F64) {
+            true => Some(Packing::from_mask(mask)?),
+            false => None,
+        };
+        let layer_mask = match &packing {
+            Some(p) => {
+                x = p.pack(&x)?;
+                LayerMask::Packed(p.clone())
+            }
+            None => LayerMask::Padded(((mask.to_dtype(dtype)? - 1.0)? * 10_000.0)?.unsqueeze(1)?.unsqueeze(1)?),
+        };
+        let unpack = |x: Tensor| -> Result<Tensor> {
+            match &packing {
+                Some(p) => p.unpack(&x),
+                None => Ok(x),
+            }
+        };
         if ctx.is_checkpointing() {
             let start = x.clone();
             let mut inputs = Vec::with_capacity(range.len());
@@ -405,18 +457,18 @@ impl BertEncoder {
             for i in range {
                 ctx.enter_layer(i, x.device())?;
                 inputs.push((i, x.clone()));
-                x = self.layers[i].forward(&x, &mask_bias, ctx)?.detach();
+                x = self.layers[i].forward(&x, &layer_mask, ctx)?.detach();
             }
             let top = Var::from_tensor(&x)?;
             let out = top.as_tensor().clone();
-            ctx.set_record(CheckpointRecord { start, inputs, extras: vec![mask_bias], top });
-            return Ok(out);
+            ctx.set_record(CheckpointRecord { start, inputs, extras: layer_mask.to_extras()?, top });
+            return unpack(out);
         }
         for i in range {
             ctx.enter_layer(i, x.device())?;
-            x = self.layers[i].forward(&x, &mask_bias, ctx)?;
+            x = self.layers[i].forward(&x, &layer_mask, ctx)?;
         }
-        Ok(x)
+        unpack(x)
     }
 
     /// The backward pass of a checkpointed forward: `store` holds the gradients of the loss
@@ -430,7 +482,9 @@ impl BertEncoder {
         trainable: &[(String, Var)],
         grads: &mut HashMap<String, Tensor>,
     ) -> Result<()> {
-        ctx.checkpointed_backward(store, trainable, grads, |i, x, extras| self.layers[i].forward(x, &extras[0], ctx))
+        ctx.checkpointed_backward(store, trainable, grads, |i, x, extras| {
+            self.layers[i].forward(x, &LayerMask::from_extras(extras)?, ctx)
+        })
     }
 
     pub fn n_layers(&self) -> usize {

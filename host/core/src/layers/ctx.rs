@@ -179,6 +179,14 @@ impl ForwardCtx {
         }
     }
 
+    /// The `(p, seed)` of a dropout that a fused op draws itself (e.g. on attention
+    /// probabilities): `None` at inference or when `p` is 0; the seed comes from the
+    /// context's generator, so it follows the step and the layer like [`ForwardCtx::dropout`].
+    pub fn dropout_seed(&self, p: f64) -> Option<(f64, u64)> {
+        let rng = self.rng.as_ref().filter(|_| p > 0.0)?;
+        Some((p, rng.lock().unwrap_or_else(|e| e.into_inner()).random::<u64>()))
+    }
+
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by
     /// `1 / (1 - p)`. The identity at inference or when `p` is 0. On the CPU the mask comes
     /// from the context's generator; on a GPU from the device's (seeded per layer).

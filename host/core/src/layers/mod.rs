@@ -6,6 +6,7 @@
 //! layer norm, softmax, GELU; `dense.rs`: the linear layer's product), and the gradient tests check it against finite differences.
 
 mod adapter;
+pub(crate) mod attention;
 mod ctx;
 #[cfg(feature = "cuda")]
 mod cuda_ops;

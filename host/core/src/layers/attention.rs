@@ -1,0 +1,579 @@
+//! Attention over packed sequences, without padding, as one CPU op with its own backward.
+//!
+//! A padded batch spends a third of an encoder's work on padding in a typical batch of
+//! short texts (every row as long as the longest), and its attention is a dozen candle ops
+//! (head reshapes and copies, two batched products, the mask add, softmax, dropout), each a
+//! pass over memory and a buffer. Here the hidden states of a batch are packed — only the
+//! real tokens, row after row, `[tokens, hidden]` — so the linear layers, norms and
+//! activations see no padding, and attention runs per (sequence, head) on the packed rows:
+//! scores, softmax, dropout and the weighted sum in one pass that never leaves the cache,
+//! sequences in parallel. The backward pass recomputes the probabilities from `q` and `k`
+//! (as flash attention does) and redraws the dropout mask from its seed, so nothing of the
+//! forward pass is kept but its inputs.
+//!
+//! The loops are written as row updates (`row += a · other_row`) that the compiler
+//! vectorises; `pulp` compiles them for the CPU's widest vector unit (AVX-512, AVX2) and
+//! picks the version at run time.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use num_traits::Float;
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// Which rows of a padded `[batch, seq]` grid hold real tokens, and the packed sequences.
+#[derive(Debug, Clone)]
+pub(crate) struct Packing {
+    /// `(first packed row, length)` per batch row.
+    seqs: Arc<Vec<(usize, usize)>>,
+    /// For each packed row, its index in the flattened `[batch · seq]` grid (u32).
+    index: Tensor,
+    batch: usize,
+    seq: usize,
+}
+
+impl Packing {
+    /// From a `[batch, seq]` mask (non-zero = token); tokens keep their order within a row.
+    pub fn from_mask(mask: &Tensor) -> Result<Self> {
+        let (batch, seq) = mask.dims2()?;
+        let values = mask.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut index = Vec::with_capacity(values.len());
+        let mut seqs = Vec::with_capacity(batch);
+        for row in values.chunks(seq.max(1)).take(batch) {
+            let start = index.len();
+            let base = (seqs.len() * seq) as u32;
+            index.extend(row.iter().enumerate().filter(|(_, m)| **m != 0.0).map(|(j, _)| base + j as u32));
+            seqs.push((start, index.len() - start));
+        }
+        let n = index.len();
+        let index = Tensor::from_vec(index, n, mask.device())?;
+        Ok(Self { seqs: Arc::new(seqs), index, batch, seq })
+    }
+
+    /// The packing as tensors (kept by gradient checkpointing), and back.
+    /// `[batch, seq, length of each row…]` and the index.
+    pub fn to_tensors(&self) -> Result<[Tensor; 2]> {
+        let meta: Vec<u32> =
+            [self.batch, self.seq].into_iter().chain(self.seqs.iter().map(|&(_, n)| n)).map(|v| v as u32).collect();
+        let n = meta.len();
+        Ok([Tensor::from_vec(meta, n, self.index.device())?, self.index.clone()])
+    }
+
+    /// The packing [`Packing::to_tensors`] stored.
+    pub fn from_tensors(parts: &[Tensor]) -> Result<Self> {
+        let [meta, index] = parts else {
+            return Err(crate::CoreError::Param { name: "packing".into(), message: "expected two tensors".into() });
+        };
+        let meta = meta.to_vec1::<u32>()?;
+        let [batch, seq, lens @ ..] = meta.as_slice() else {
+            return Err(crate::CoreError::Param { name: "packing".into(), message: "no batch shape".into() });
+        };
+        let (batch, seq) = (*batch as usize, *seq as usize);
+        let mut start = 0;
+        let seqs = lens
+            .iter()
+            .map(|&n| {
+                let s = (start, n as usize);
+                start += n as usize;
+                s
+            })
+            .collect();
+        Ok(Self { seqs: Arc::new(seqs), index: index.clone(), batch, seq })
+    }
+
+    /// `[batch, seq, hidden]` → `[tokens, hidden]` (differentiable).
+    pub fn pack(&self, x: &Tensor) -> Result<Tensor> {
+        let h = x.dim(candle_core::D::Minus1)?;
+        Ok(x.reshape((self.batch * self.seq, h))?.index_select(&self.index, 0)?)
+    }
+
+    /// `[tokens, hidden]` → `[batch, seq, hidden]` with zeros at the padding (differentiable).
+    pub fn unpack(&self, x: &Tensor) -> Result<Tensor> {
+        let h = x.dim(1)?;
+        let grid = Tensor::zeros((self.batch * self.seq, h), x.dtype(), x.device())?;
+        Ok(grid.index_add(&self.index, x, 0)?.reshape((self.batch, self.seq, h))?)
+    }
+}
+
+/// Multi-head attention of packed `q`, `k`, `v` (`[tokens, hidden]`, heads side by side in
+/// the hidden dimension) within each sequence of `packing`; `dropout = (p, seed)` drops
+/// attention probabilities. CPU, f32 or f64.
+pub(crate) fn packed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    packing: &Packing,
+    heads: usize,
+    dropout: Option<(f64, u64)>,
+) -> Result<Tensor> {
+    let hidden = q.dim(1)?;
+    if heads == 0 || !hidden.is_multiple_of(heads) {
+        return Err(crate::CoreError::Param {
+            name: "attention".into(),
+            message: format!("{hidden} columns do not split into {heads} heads"),
+        });
+    }
+    let op = PackedAttention {
+        seqs: packing.seqs.clone(),
+        heads,
+        scale: 1.0 / ((hidden / heads) as f64).sqrt(),
+        dropout: dropout.filter(|(p, _)| *p > 0.0),
+    };
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+struct PackedAttention {
+    seqs: Arc<Vec<(usize, usize)>>,
+    heads: usize,
+    scale: f64,
+    dropout: Option<(f64, u64)>,
+}
+
+/// The dropout decision for one attention probability: a counter-based hash of the seed and
+/// the element's coordinates, so the backward pass redraws exactly the forward's mask.
+#[inline(always)]
+fn kept(seed: u64, threshold: u64, seq: usize, head: usize, i: usize, j: usize) -> bool {
+    let key = ((((seq as u64) << 8 | head as u64) << 16 | i as u64) << 16) | j as u64;
+    let mut z = seed.wrapping_add(key.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 32) >= threshold
+}
+
+/// The dropout of one call in the form the kernels use: `(threshold on 32 bits, seed,
+/// 1 / (1 - p))`.
+fn dropout_parts<T: Float>(dropout: Option<(f64, u64)>) -> Option<(u64, u64, T)> {
+    dropout.map(|(p, seed)| {
+        let threshold = (p.clamp(0.0, 1.0) * (u32::MAX as f64)) as u64;
+        (threshold, seed, T::from(1.0 / (1.0 - p).max(1e-12)).unwrap_or_else(T::one))
+    })
+}
+
+/// `dst += a · src`, elementwise.
+#[inline(always)]
+fn axpy<T: Float>(dst: &mut [T], a: T, src: &[T]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = *d + a * s;
+    }
+}
+
+/// Columns `[head·d, (head+1)·d)` of `n` packed rows of width `hidden`, as a row-major `[n, d]`.
+fn gather_head<T: Float>(rows: &[T], hidden: usize, head: usize, d: usize, out: &mut [T]) {
+    for (o, row) in out.chunks_mut(d).zip(rows.chunks(hidden)) {
+        o.copy_from_slice(&row[head * d..head * d + d]);
+    }
+}
+
+/// The transpose `[d, n]` of the head's columns.
+fn gather_head_t<T: Float>(rows: &[T], hidden: usize, head: usize, d: usize, n: usize, out: &mut [T]) {
+    for (i, row) in rows.chunks(hidden).enumerate().take(n) {
+        for t in 0..d {
+            out[t * n + i] = row[head * d + t];
+        }
+    }
+}
+
+/// Row-wise softmax of `scale · q kᵀ` into `p: [n, n]`, with `kt: [d, n]`.
+#[inline(always)]
+fn probabilities<T: Float>(q: &[T], kt: &[T], n: usize, d: usize, scale: T, p: &mut [T]) {
+    for i in 0..n {
+        let row = &mut p[i * n..(i + 1) * n];
+        row.iter_mut().for_each(|v| *v = T::zero());
+        for t in 0..d {
+            axpy(row, q[i * d + t] * scale, &kt[t * n..(t + 1) * n]);
+        }
+        let max = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+        let mut sum = T::zero();
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum = sum + *v;
+        }
+        let inv = sum.recip();
+        row.iter_mut().for_each(|v| *v = *v * inv);
+    }
+}
+
+/// Scratch buffers of one (sequence, head) task.
+struct Scratch<T> {
+    q: Vec<T>,
+    k: Vec<T>,
+    kt: Vec<T>,
+    v: Vec<T>,
+    vt: Vec<T>,
+    p: Vec<T>,
+    dp: Vec<T>,
+    out: Vec<T>,
+    dq: Vec<T>,
+    dk: Vec<T>,
+    dv: Vec<T>,
+}
+
+impl<T: Float> Scratch<T> {
+    fn new(n: usize, d: usize) -> Self {
+        let z = |len: usize| vec![T::zero(); len];
+        Self {
+            q: z(n * d),
+            k: z(n * d),
+            kt: z(n * d),
+            v: z(n * d),
+            vt: z(n * d),
+            p: z(n * n),
+            dp: z(n * n),
+            out: z(n * d),
+            dq: z(n * d),
+            dk: z(n * d),
+            dv: z(n * d),
+        }
+    }
+}
+
+/// One sequence's attention, all heads: `out` (its `[n, hidden]` rows) from its rows of
+/// `q`, `k`, `v`.
+struct SeqForward<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    out: &'a mut [T],
+    seq: usize,
+    n: usize,
+    hidden: usize,
+    heads: usize,
+    scale: T,
+    dropout: Option<(u64, u64, T)>,
+}
+
+impl<T: Float> pulp::WithSimd for SeqForward<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let Self { q, k, v, out, seq, n, hidden, heads, scale, dropout } = self;
+        let d = hidden / heads;
+        let mut s = Scratch::<T>::new(n, d);
+        for head in 0..heads {
+            gather_head(q, hidden, head, d, &mut s.q);
+            gather_head_t(k, hidden, head, d, n, &mut s.kt);
+            gather_head(v, hidden, head, d, &mut s.v);
+            probabilities(&s.q, &s.kt, n, d, scale, &mut s.p);
+            s.out.iter_mut().for_each(|o| *o = T::zero());
+            for i in 0..n {
+                let o = &mut s.out[i * d..(i + 1) * d];
+                for j in 0..n {
+                    let mut a = s.p[i * n + j];
+                    if let Some((threshold, seed, inv_keep)) = dropout {
+                        a = if kept(seed, threshold, seq, head, i, j) { a * inv_keep } else { T::zero() };
+                    }
+                    axpy(o, a, &s.v[j * d..(j + 1) * d]);
+                }
+            }
+            for (row, o) in out.chunks_mut(hidden).zip(s.out.chunks(d)) {
+                row[head * d..head * d + d].copy_from_slice(o);
+            }
+        }
+    }
+}
+
+/// One sequence's gradients, all heads: `dq`, `dk`, `dv` (its rows) from `dout`.
+struct SeqBackward<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    dout: &'a [T],
+    dq: &'a mut [T],
+    dk: &'a mut [T],
+    dv: &'a mut [T],
+    seq: usize,
+    n: usize,
+    hidden: usize,
+    heads: usize,
+    scale: T,
+    dropout: Option<(u64, u64, T)>,
+}
+
+impl<T: Float> pulp::WithSimd for SeqBackward<'_, T> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        let Self { q, k, v, dout, dq, dk, dv, seq, n, hidden, heads, scale, dropout } = self;
+        let d = hidden / heads;
+        let mut s = Scratch::<T>::new(n, d);
+        for head in 0..heads {
+            gather_head(q, hidden, head, d, &mut s.q);
+            gather_head(k, hidden, head, d, &mut s.k);
+            gather_head_t(k, hidden, head, d, n, &mut s.kt);
+            gather_head_t(v, hidden, head, d, n, &mut s.vt);
+            gather_head(dout, hidden, head, d, &mut s.out);
+            probabilities(&s.q, &s.kt, n, d, scale, &mut s.p);
+            s.dq.iter_mut().chain(s.dk.iter_mut()).chain(s.dv.iter_mut()).for_each(|x| *x = T::zero());
+            for i in 0..n {
+                // d(dropped p)_ij = dout_i · v_j, and dv_j += (dropped p)_ij · dout_i.
+                let dp = &mut s.dp[i * n..(i + 1) * n];
+                dp.iter_mut().for_each(|x| *x = T::zero());
+                for t in 0..d {
+                    axpy(dp, s.out[i * d + t], &s.vt[t * n..(t + 1) * n]);
+                }
+                let p = &s.p[i * n..(i + 1) * n];
+                let mut dot = T::zero();
+                for j in 0..n {
+                    let mut pd = p[j];
+                    if let Some((threshold, seed, inv_keep)) = dropout {
+                        let m = if kept(seed, threshold, seq, head, i, j) { inv_keep } else { T::zero() };
+                        pd = pd * m;
+                        dp[j] = dp[j] * m;
+                    }
+                    axpy(&mut s.dv[j * d..(j + 1) * d], pd, &s.out[i * d..(i + 1) * d]);
+                    dot = dot + p[j] * dp[j];
+                }
+                // Softmax backward, then the scores' gradient into dq_i and dk_j.
+                for j in 0..n {
+                    let ds = p[j] * (dp[j] - dot) * scale;
+                    axpy(&mut s.dq[i * d..(i + 1) * d], ds, &s.k[j * d..(j + 1) * d]);
+                    axpy(&mut s.dk[j * d..(j + 1) * d], ds, &s.q[i * d..(i + 1) * d]);
+                }
+            }
+            for (buf, dst) in [(&s.dq, &mut *dq), (&s.dk, &mut *dk), (&s.dv, &mut *dv)] {
+                for (row, g) in dst.chunks_mut(hidden).zip(buf.chunks(d)) {
+                    row[head * d..head * d + d].copy_from_slice(g);
+                }
+            }
+        }
+    }
+}
+
+/// Splits `buf` into the consecutive `[n · hidden]` blocks of the sequences.
+fn split_seqs<'a, T>(mut buf: &'a mut [T], seqs: &[(usize, usize)], hidden: usize) -> Vec<&'a mut [T]> {
+    let mut out = Vec::with_capacity(seqs.len());
+    for &(_, n) in seqs {
+        let (head, rest) = buf.split_at_mut(n * hidden);
+        out.push(head);
+        buf = rest;
+    }
+    out
+}
+
+impl PackedAttention {
+    fn check(&self, rows: usize) -> candle_core::Result<()> {
+        let total: usize = self.seqs.iter().map(|s| s.1).sum();
+        if total != rows {
+            candle_core::bail!("packed attention: {rows} rows for sequences of {total} tokens");
+        }
+        Ok(())
+    }
+
+    fn forward<T: Float + Send + Sync>(&self, q: &[T], k: &[T], v: &[T], hidden: usize) -> Vec<T> {
+        let mut out = vec![T::zero(); q.len()];
+        let blocks = split_seqs(&mut out, &self.seqs, hidden);
+        let scale = T::from(self.scale).unwrap_or_else(T::one);
+        let dropout = dropout_parts::<T>(self.dropout);
+        blocks.into_par_iter().zip(self.seqs.par_iter()).enumerate().for_each(|(seq, (out, &(start, n)))| {
+            let rows = start * hidden..(start + n) * hidden;
+            pulp::Arch::new().dispatch(SeqForward {
+                q: &q[rows.clone()],
+                k: &k[rows.clone()],
+                v: &v[rows],
+                out,
+                seq,
+                n,
+                hidden,
+                heads: self.heads,
+                scale,
+                dropout,
+            });
+        });
+        out
+    }
+
+    fn backward<T: Float + Send + Sync>(&self, q: &[T], k: &[T], v: &[T], dout: &[T], hidden: usize) -> [Vec<T>; 3] {
+        let (mut dq, mut dk, mut dv) = (vec![T::zero(); q.len()], vec![T::zero(); q.len()], vec![T::zero(); q.len()]);
+        let scale = T::from(self.scale).unwrap_or_else(T::one);
+        let dropout = dropout_parts::<T>(self.dropout);
+        let blocks = split_seqs(&mut dq, &self.seqs, hidden)
+            .into_iter()
+            .zip(split_seqs(&mut dk, &self.seqs, hidden))
+            .zip(split_seqs(&mut dv, &self.seqs, hidden))
+            .collect::<Vec<_>>();
+        blocks.into_par_iter().zip(self.seqs.par_iter()).enumerate().for_each(
+            |(seq, (((dq, dk), dv), &(start, n)))| {
+                let rows = start * hidden..(start + n) * hidden;
+                pulp::Arch::new().dispatch(SeqBackward {
+                    q: &q[rows.clone()],
+                    k: &k[rows.clone()],
+                    v: &v[rows.clone()],
+                    dout: &dout[rows],
+                    dq,
+                    dk,
+                    dv,
+                    seq,
+                    n,
+                    hidden,
+                    heads: self.heads,
+                    scale,
+                    dropout,
+                });
+            },
+        );
+        [dq, dk, dv]
+    }
+}
+
+fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s[a..b]),
+        None => candle_core::bail!("packed attention: inputs must be contiguous"),
+    }
+}
+
+impl CustomOp3 for PackedAttention {
+    fn name(&self) -> &'static str {
+        "tuneforge-packed-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        lq: &Layout,
+        k: &CpuStorage,
+        lk: &Layout,
+        v: &CpuStorage,
+        lv: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, hidden) = lq.shape().dims2()?;
+        if lk.shape() != lq.shape() || lv.shape() != lq.shape() {
+            candle_core::bail!("packed attention: q, k and v must have one shape");
+        }
+        self.check(rows)?;
+        let out = match (q, k, v) {
+            (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
+                CpuStorage::F32(self.forward(contiguous(q, lq)?, contiguous(k, lk)?, contiguous(v, lv)?, hidden))
+            }
+            (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
+                CpuStorage::F64(self.forward(contiguous(q, lq)?, contiguous(k, lk)?, contiguous(v, lv)?, hidden))
+            }
+            _ => candle_core::bail!("packed attention: only f32 and f64 (q, k, v of one dtype)"),
+        };
+        Ok((out, lq.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        dout: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, hidden) = q.dims2()?;
+        self.check(rows)?;
+        let dev = q.device();
+        let grads = match q.dtype() {
+            DType::F32 => {
+                let [a, b, c, d] = [q, k, v, dout].map(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()));
+                self.backward(&a?, &b?, &c?, &d?, hidden).map(|g| Tensor::from_vec(g, (rows, hidden), dev))
+            }
+            DType::F64 => {
+                let [a, b, c, d] = [q, k, v, dout].map(|t| t.flatten_all().and_then(|t| t.to_vec1::<f64>()));
+                self.backward(&a?, &b?, &c?, &d?, hidden).map(|g| Tensor::from_vec(g, (rows, hidden), dev))
+            }
+            other => candle_core::bail!("packed attention: no backward for {other:?}"),
+        };
+        let [dq, dk, dv] = grads;
+        Ok((Some(dq?), Some(dk?), Some(dv?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    /// Attention of a padded batch with candle's ops: the reference.
+    fn padded_reference(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, l, h) = q.dims3()?;
+        let d = h / heads;
+        let split = |t: &Tensor| t.reshape((b, l, heads, d))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+        let bias = ((mask - 1.0)? * 1e9)?.unsqueeze(1)?.unsqueeze(1)?;
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(&bias)?;
+        let probs = crate::layers::fused::softmax_last(&scores)?;
+        Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?)
+    }
+
+    #[test]
+    fn packed_attention_matches_the_padded_computation_and_its_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, l, h, heads) = (3, 5, 8, 2);
+        let mask = Tensor::from_vec(vec![1f64, 1., 1., 1., 1., 1., 1., 0., 0., 0., 1., 1., 1., 1., 0.], (b, l), &dev)?;
+        let vars: Vec<Var> = (0..3)
+            .map(|_| Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, l, h), &dev)?))
+            .collect::<candle_core::Result<_>>()?;
+        let packing = Packing::from_mask(&mask)?;
+        let [q, k, v] = [0, 1, 2].map(|i| packing.pack(vars[i].as_tensor()));
+        let ours = packing.unpack(&packed_attention(&q?, &k?, &v?, &packing, heads, None)?)?;
+        let theirs = padded_reference(&vars[0], &vars[1], &vars[2], &mask, heads)?;
+        let m = mask.unsqueeze(2)?;
+        let weights = Tensor::randn(0f64, 1.0, (b, l, h), &dev)?.broadcast_mul(&m)?;
+        let diff = (ours.broadcast_mul(&m)? - theirs.broadcast_mul(&m)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "forward differs by {diff}");
+        let g1 = ours.mul(&weights)?.sum_all()?.backward()?;
+        let g2 = theirs.mul(&weights)?.sum_all()?.backward()?;
+        for v in &vars {
+            let (a, e) = (g1.get(v).expect("grad"), g2.get(v).expect("grad"));
+            let diff = (a.broadcast_mul(&m)? - e.broadcast_mul(&m)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-10, "gradient differs by {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_is_seeded_redrawn_in_the_backward_and_matches_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let mask = Tensor::ones((2, 6), DType::F64, &dev)?;
+        let packing = Packing::from_mask(&mask)?;
+        let (q, k, v) = (
+            Tensor::randn(0f64, 1.0, (12, 4), &dev)?,
+            Tensor::randn(0f64, 1.0, (12, 4), &dev)?,
+            Tensor::randn(0f64, 1.0, (12, 4), &dev)?,
+        );
+        let w = Tensor::randn(0f64, 1.0, (12, 4), &dev)?;
+        let f = |q: &Tensor| -> Result<f64> {
+            Ok(packed_attention(q, &k, &v, &packing, 2, Some((0.3, 7)))?.mul(&w)?.sum_all()?.to_scalar::<f64>()?)
+        };
+        let a = packed_attention(&q, &k, &v, &packing, 2, Some((0.3, 7)))?;
+        let b = packed_attention(&q, &k, &v, &packing, 2, Some((0.3, 7)))?;
+        let c = packed_attention(&q, &k, &v, &packing, 2, Some((0.3, 8)))?;
+        assert_eq!(a.to_vec2::<f64>()?, b.to_vec2::<f64>()?);
+        assert_ne!(a.to_vec2::<f64>()?, c.to_vec2::<f64>()?);
+        let qv = Var::from_tensor(&q)?;
+        let grads = packed_attention(&qv, &k, &v, &packing, 2, Some((0.3, 7)))?.mul(&w)?.sum_all()?.backward()?;
+        let analytic = grads.get(&qv).expect("grad").flatten_all()?.to_vec1::<f64>()?;
+        let base = q.flatten_all()?.to_vec1::<f64>()?;
+        for idx in [0, 5, 17, 30, 47] {
+            let eps = 1e-6;
+            let mut plus = base.clone();
+            plus[idx] += eps;
+            let mut minus = base.clone();
+            minus[idx] -= eps;
+            let numeric = (f(&Tensor::from_vec(plus, (12, 4), &dev)?)? - f(&Tensor::from_vec(minus, (12, 4), &dev)?)?)
+                / (2.0 * eps);
+            assert!((numeric - analytic[idx]).abs() < 1e-6, "element {idx}: {numeric} vs {}", analytic[idx]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn packing_round_trips_through_tensors() -> Result<()> {
+        let mask = Tensor::from_vec(vec![1f32, 1., 0., 1., 0., 0.], (2, 3), &Device::Cpu)?;
+        let p = Packing::from_mask(&mask)?;
+        assert_eq!(*p.seqs, vec![(0, 2), (2, 1)]);
+        assert_eq!(p.index.to_vec1::<u32>()?, vec![0, 1, 3]);
+        let back = Packing::from_tensors(&p.to_tensors()?)?;
+        assert_eq!(*back.seqs, *p.seqs);
+        assert_eq!((back.batch, back.seq), (2, 3));
+        Ok(())
+    }
+}
