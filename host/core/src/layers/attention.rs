@@ -152,6 +152,10 @@ fn dropout_parts<T: Float>(dropout: Option<(f64, u64)>) -> Option<(u64, u64, T)>
     })
 }
 
+/// Rows over keys are padded to a multiple of this (one AVX-512 register of f32), so the
+/// vector loops over them have no scalar tail.
+const LANES: usize = 16;
+
 /// `dst += a · src`, elementwise.
 #[inline(always)]
 fn axpy<T: Float>(dst: &mut [T], a: T, src: &[T]) {
@@ -160,31 +164,33 @@ fn axpy<T: Float>(dst: &mut [T], a: T, src: &[T]) {
     }
 }
 
-/// Columns `[head·d, (head+1)·d)` of `n` packed rows of width `hidden`, as a row-major `[n, d]`.
+/// Columns `[head·d, (head+1)·d)` of packed rows of width `hidden`, as a row-major `[n, d]`.
 fn gather_head<T: Float>(rows: &[T], hidden: usize, head: usize, d: usize, out: &mut [T]) {
     for (o, row) in out.chunks_mut(d).zip(rows.chunks(hidden)) {
         o.copy_from_slice(&row[head * d..head * d + d]);
     }
 }
 
-/// The transpose `[d, n]` of the head's columns.
-fn gather_head_t<T: Float>(rows: &[T], hidden: usize, head: usize, d: usize, n: usize, out: &mut [T]) {
-    for (i, row) in rows.chunks(hidden).enumerate().take(n) {
+/// The transpose `[d, w]` of the head's columns (`w ≥ n`; columns from `n` on stay zero).
+fn gather_head_t<T: Float>(rows: &[T], hidden: usize, head: usize, d: usize, w: usize, out: &mut [T]) {
+    for (i, row) in rows.chunks(hidden).enumerate() {
         for t in 0..d {
-            out[t * n + i] = row[head * d + t];
+            out[t * w + i] = row[head * d + t];
         }
     }
 }
 
-/// Row-wise softmax of `scale · q kᵀ` into `p: [n, n]`, with `kt: [d, n]`.
+/// Row-wise softmax of `scale · q kᵀ` into `p: [n, w]`, with `kt: [d, w]` (entries from `n`
+/// on are zero in both).
 #[inline(always)]
-fn probabilities<T: Float>(q: &[T], kt: &[T], n: usize, d: usize, scale: T, p: &mut [T]) {
+fn probabilities<T: Float>(q: &[T], kt: &[T], n: usize, d: usize, w: usize, scale: T, p: &mut [T]) {
     for i in 0..n {
-        let row = &mut p[i * n..(i + 1) * n];
+        let row = &mut p[i * w..(i + 1) * w];
         row.iter_mut().for_each(|v| *v = T::zero());
         for t in 0..d {
-            axpy(row, q[i * d + t] * scale, &kt[t * n..(t + 1) * n]);
+            axpy(row, q[i * d + t] * scale, &kt[t * w..(t + 1) * w]);
         }
+        let row = &mut row[..n];
         let max = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
         let mut sum = T::zero();
         for v in row.iter_mut() {
@@ -196,7 +202,16 @@ fn probabilities<T: Float>(q: &[T], kt: &[T], n: usize, d: usize, scale: T, p: &
     }
 }
 
-/// Scratch buffers of one (sequence, head) task.
+/// The dropout multipliers of row `i` (`1/(1-p)` or 0) into `out[..n]`.
+#[inline(always)]
+fn dropout_row<T: Float>(out: &mut [T], (threshold, seed, inv_keep): (u64, u64, T), seq: usize, head: usize, i: usize) {
+    for (j, m) in out.iter_mut().enumerate() {
+        *m = if kept(seed, threshold, seq, head, i, j) { inv_keep } else { T::zero() };
+    }
+}
+
+/// Scratch buffers of one sequence's task; rows over keys are `w` wide (`n` rounded up to
+/// [`LANES`]).
 struct Scratch<T> {
     q: Vec<T>,
     k: Vec<T>,
@@ -205,6 +220,7 @@ struct Scratch<T> {
     vt: Vec<T>,
     p: Vec<T>,
     dp: Vec<T>,
+    mask: Vec<T>,
     out: Vec<T>,
     dq: Vec<T>,
     dk: Vec<T>,
@@ -212,16 +228,17 @@ struct Scratch<T> {
 }
 
 impl<T: Float> Scratch<T> {
-    fn new(n: usize, d: usize) -> Self {
+    fn new(n: usize, d: usize, w: usize) -> Self {
         let z = |len: usize| vec![T::zero(); len];
         Self {
             q: z(n * d),
             k: z(n * d),
-            kt: z(n * d),
+            kt: z(d * w),
             v: z(n * d),
-            vt: z(n * d),
-            p: z(n * n),
-            dp: z(n * n),
+            vt: z(d * w),
+            p: z(n * w),
+            dp: z(w),
+            mask: z(n),
             out: z(n * d),
             dq: z(n * d),
             dk: z(n * d),
@@ -251,21 +268,22 @@ impl<T: Float> pulp::WithSimd for SeqForward<'_, T> {
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _simd: S) {
         let Self { q, k, v, out, seq, n, hidden, heads, scale, dropout } = self;
-        let d = hidden / heads;
-        let mut s = Scratch::<T>::new(n, d);
+        let (d, w) = (hidden / heads, n.next_multiple_of(LANES));
+        let mut s = Scratch::<T>::new(n, d, w);
         for head in 0..heads {
             gather_head(q, hidden, head, d, &mut s.q);
-            gather_head_t(k, hidden, head, d, n, &mut s.kt);
+            gather_head_t(k, hidden, head, d, w, &mut s.kt);
             gather_head(v, hidden, head, d, &mut s.v);
-            probabilities(&s.q, &s.kt, n, d, scale, &mut s.p);
+            probabilities(&s.q, &s.kt, n, d, w, scale, &mut s.p);
             s.out.iter_mut().for_each(|o| *o = T::zero());
             for i in 0..n {
+                let p = &mut s.p[i * w..i * w + n];
+                if let Some(drop) = dropout {
+                    dropout_row(&mut s.mask, drop, seq, head, i);
+                    p.iter_mut().zip(&s.mask).for_each(|(p, &m)| *p = *p * m);
+                }
                 let o = &mut s.out[i * d..(i + 1) * d];
-                for j in 0..n {
-                    let mut a = s.p[i * n + j];
-                    if let Some((threshold, seed, inv_keep)) = dropout {
-                        a = if kept(seed, threshold, seq, head, i, j) { a * inv_keep } else { T::zero() };
-                    }
+                for (j, &a) in p.iter().enumerate() {
                     axpy(o, a, &s.v[j * d..(j + 1) * d]);
                 }
             }
@@ -299,36 +317,34 @@ impl<T: Float> pulp::WithSimd for SeqBackward<'_, T> {
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _simd: S) {
         let Self { q, k, v, dout, dq, dk, dv, seq, n, hidden, heads, scale, dropout } = self;
-        let d = hidden / heads;
-        let mut s = Scratch::<T>::new(n, d);
+        let (d, w) = (hidden / heads, n.next_multiple_of(LANES));
+        let mut s = Scratch::<T>::new(n, d, w);
         for head in 0..heads {
             gather_head(q, hidden, head, d, &mut s.q);
             gather_head(k, hidden, head, d, &mut s.k);
-            gather_head_t(k, hidden, head, d, n, &mut s.kt);
-            gather_head_t(v, hidden, head, d, n, &mut s.vt);
+            gather_head_t(k, hidden, head, d, w, &mut s.kt);
+            gather_head_t(v, hidden, head, d, w, &mut s.vt);
             gather_head(dout, hidden, head, d, &mut s.out);
-            probabilities(&s.q, &s.kt, n, d, scale, &mut s.p);
+            probabilities(&s.q, &s.kt, n, d, w, scale, &mut s.p);
             s.dq.iter_mut().chain(s.dk.iter_mut()).chain(s.dv.iter_mut()).for_each(|x| *x = T::zero());
             for i in 0..n {
                 // d(dropped p)_ij = dout_i · v_j, and dv_j += (dropped p)_ij · dout_i.
-                let dp = &mut s.dp[i * n..(i + 1) * n];
-                dp.iter_mut().for_each(|x| *x = T::zero());
+                s.dp.iter_mut().for_each(|x| *x = T::zero());
                 for t in 0..d {
-                    axpy(dp, s.out[i * d + t], &s.vt[t * n..(t + 1) * n]);
+                    axpy(&mut s.dp, s.out[i * d + t], &s.vt[t * w..(t + 1) * w]);
                 }
-                let p = &s.p[i * n..(i + 1) * n];
-                let mut dot = T::zero();
+                let (dp, p) = (&mut s.dp[..n], &s.p[i * w..i * w + n]);
+                if let Some(drop) = dropout {
+                    dropout_row(&mut s.mask, drop, seq, head, i);
+                    dp.iter_mut().zip(&s.mask).for_each(|(g, &m)| *g = *g * m);
+                }
+                let dout_i = &s.out[i * d..(i + 1) * d];
                 for j in 0..n {
-                    let mut pd = p[j];
-                    if let Some((threshold, seed, inv_keep)) = dropout {
-                        let m = if kept(seed, threshold, seq, head, i, j) { inv_keep } else { T::zero() };
-                        pd = pd * m;
-                        dp[j] = dp[j] * m;
-                    }
-                    axpy(&mut s.dv[j * d..(j + 1) * d], pd, &s.out[i * d..(i + 1) * d]);
-                    dot = dot + p[j] * dp[j];
+                    let dropped = if dropout.is_some() { p[j] * s.mask[j] } else { p[j] };
+                    axpy(&mut s.dv[j * d..(j + 1) * d], dropped, dout_i);
                 }
                 // Softmax backward, then the scores' gradient into dq_i and dk_j.
+                let dot = p.iter().zip(dp.iter()).fold(T::zero(), |a, (&p, &g)| a + p * g);
                 for j in 0..n {
                     let ds = p[j] * (dp[j] - dot) * scale;
                     axpy(&mut s.dq[i * d..(i + 1) * d], ds, &s.k[j * d..(j + 1) * d]);
