@@ -1,19 +1,22 @@
 //! CPU kernels that candle does not offer, behind a safe API: the int8 matrix product used
 //! by quantized models (`tuneforge quantize`), and the allocator settings that keep candle's
-//! per-op buffers from being unmapped and re-zeroed on every step (`tune_allocator`).
+//! per-op buffers from being unmapped and re-zeroed on every step (`tune_allocator`), and
+//! the setting that keeps candle's second thread pool off the cores (`single_candle_pool`).
 //!
 //! Weights are int8 with one symmetric scale per output channel (row of `W: [n, k]`);
 //! activations are quantized per row on the fly (dynamic quantization), so
 //! `y[i, j] ≈ sx[i] · sw[j] · Σ_t xq[i, t] · wq[j, t]`.
 //!
 //! On x86-64 CPUs with AVX-512 VNNI the product runs in `x86.rs` (intrinsics, chosen at run
-//! time); elsewhere a portable loop gives the same integers. `x86.rs` and `alloc.rs`
-//! (`mallopt`) are the only places in the workspace with `unsafe`. Tests check both against each other and against f32.
+//! time); elsewhere a portable loop gives the same integers. `x86.rs`, `alloc.rs`
+//! (`mallopt`) and `threads.rs` (`set_var` before threads start) are the only places in the workspace with `unsafe`. Tests check both against each other and against f32.
 
 mod alloc;
 mod int8;
+mod threads;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use alloc::tune_allocator;
+pub use threads::single_candle_pool;
 pub use int8::{Int8Matrix, KernelPath, quantize_row};
