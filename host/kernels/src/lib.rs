@@ -18,5 +18,5 @@ mod threads;
 mod x86;
 
 pub use alloc::tune_allocator;
-pub use threads::single_candle_pool;
 pub use int8::{Int8Matrix, KernelPath, quantize_row};
+pub use threads::single_candle_pool;

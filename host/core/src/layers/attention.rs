@@ -131,24 +131,19 @@ struct PackedAttention {
     dropout: Option<(f64, u64)>,
 }
 
-/// The dropout decision for one attention probability: a counter-based hash of the seed and
-/// the element's coordinates, so the backward pass redraws exactly the forward's mask.
+/// The dropout decision for one attention probability, from its coordinates, so the
+/// backward pass redraws exactly the forward's mask.
 #[inline(always)]
 fn kept(seed: u64, threshold: u64, seq: usize, head: usize, i: usize, j: usize) -> bool {
     let key = ((((seq as u64) << 8 | head as u64) << 16 | i as u64) << 16) | j as u64;
-    let mut z = seed.wrapping_add(key.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 32) >= threshold
+    super::fused::kept(seed, threshold, key)
 }
 
 /// The dropout of one call in the form the kernels use: `(threshold on 32 bits, seed,
 /// 1 / (1 - p))`.
 fn dropout_parts<T: Float>(dropout: Option<(f64, u64)>) -> Option<(u64, u64, T)> {
     dropout.map(|(p, seed)| {
-        let threshold = (p.clamp(0.0, 1.0) * (u32::MAX as f64)) as u64;
-        (threshold, seed, T::from(1.0 / (1.0 - p).max(1e-12)).unwrap_or_else(T::one))
+        (super::fused::dropout_threshold(p), seed, T::from(1.0 / (1.0 - p).max(1e-12)).unwrap_or_else(T::one))
     })
 }
 

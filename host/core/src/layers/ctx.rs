@@ -188,8 +188,10 @@ impl ForwardCtx {
     }
 
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by
-    /// `1 / (1 - p)`. The identity at inference or when `p` is 0. On the CPU the mask comes
-    /// from the context's generator; on a GPU from the device's (seeded per layer).
+    /// `1 / (1 - p)`. The identity at inference or when `p` is 0. On the CPU the mask is a
+    /// hash of a seed from the context's generator and the element's index (one fused op,
+    /// drawn in parallel, redrawn in the backward pass); on a GPU it comes from the device's
+    /// generator (seeded per layer).
     pub fn dropout(&self, xs: &Tensor, p: f64) -> Result<Tensor> {
         let Some(rng) = &self.rng else { return Ok(xs.clone()) };
         if p <= 0.0 {
@@ -205,6 +207,10 @@ impl ForwardCtx {
             let keep = Tensor::rand(0f32, 1f32, xs.shape(), xs.device())?.ge(p)?;
             let mask = (keep.to_dtype(DType::F32)? * scale)?.to_dtype(xs.dtype())?;
             return Ok(xs.mul(&mask)?);
+        }
+        if matches!(xs.dtype(), DType::F32 | DType::F64) {
+            let seed = rng.lock().unwrap_or_else(|e| e.into_inner()).random::<u64>();
+            return super::fused::dropout(xs, p, seed);
         }
         let n = xs.elem_count();
         let scale = scale as f32;
