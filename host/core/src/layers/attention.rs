@@ -334,14 +334,14 @@ impl<T: Float> pulp::WithSimd for SeqBackward<'_, T> {
                     dp.iter_mut().zip(&s.mask).for_each(|(g, &m)| *g = *g * m);
                 }
                 let dout_i = &s.out[i * d..(i + 1) * d];
-                for j in 0..n {
-                    let dropped = if dropout.is_some() { p[j] * s.mask[j] } else { p[j] };
+                for (j, (&pj, &m)) in p.iter().zip(&s.mask).enumerate() {
+                    let dropped = if dropout.is_some() { pj * m } else { pj };
                     axpy(&mut s.dv[j * d..(j + 1) * d], dropped, dout_i);
                 }
                 // Softmax backward, then the scores' gradient into dq_i and dk_j.
                 let dot = p.iter().zip(dp.iter()).fold(T::zero(), |a, (&p, &g)| a + p * g);
-                for j in 0..n {
-                    let ds = p[j] * (dp[j] - dot) * scale;
+                for (j, (&pj, &gj)) in p.iter().zip(dp.iter()).enumerate() {
+                    let ds = pj * (gj - dot) * scale;
                     axpy(&mut s.dq[i * d..(i + 1) * d], ds, &s.k[j * d..(j + 1) * d]);
                     axpy(&mut s.dk[j * d..(j + 1) * d], ds, &s.q[i * d..(i + 1) * d]);
                 }

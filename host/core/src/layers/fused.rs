@@ -420,6 +420,69 @@ impl CustomOp2 for GeluGrad {
     }
 }
 
+// ---------------------------------------------------------------- dropout
+
+/// Whether element `key` of a dropout drawn with `seed` is kept: a counter-based hash
+/// (splitmix64's finaliser) of the two, compared with `threshold` (`p` on 32 bits). The
+/// mask is a function of its coordinates, so it is drawn in parallel and redrawn in the
+/// backward pass instead of being stored.
+#[inline(always)]
+pub(crate) fn kept(seed: u64, threshold: u64, key: u64) -> bool {
+    let mut z = seed.wrapping_add(key.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 32) >= threshold
+}
+
+/// `p` as the threshold [`kept`] compares with.
+pub(crate) fn dropout_threshold(p: f64) -> u64 {
+    (p.clamp(0.0, 1.0) * (u32::MAX as f64)) as u64
+}
+
+/// Inverted dropout with the mask drawn from `seed` (see [`kept`]); the backward pass
+/// applies the same mask to the gradient. CPU, f32/f64.
+pub(crate) fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(DropoutOp { p, seed })?)
+}
+
+struct DropoutOp {
+    p: f64,
+    seed: u64,
+}
+
+/// Elements per parallel task.
+const DROPOUT_CHUNK: usize = 1 << 14;
+
+fn dropout_values<T: Float + Send + Sync>(x: &[T], p: f64, seed: u64) -> Vec<T> {
+    let threshold = dropout_threshold(p);
+    let scale = T::from(1.0 / (1.0 - p).max(1e-12)).unwrap_or_else(T::one);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(DROPOUT_CHUNK).zip(x.par_chunks(DROPOUT_CHUNK)).enumerate().for_each(|(c, (o, x))| {
+        let base = (c * DROPOUT_CHUNK) as u64;
+        for (i, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+            if kept(seed, threshold, base + i as u64) {
+                *o = x * scale;
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp1 for DropoutOp {
+    fn name(&self) -> &'static str {
+        "tuneforge-dropout"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((float_op!(self.name(); (x, l); dropout_values(x, self.p, self.seed)), l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&DropoutOp { p: self.p, seed: self.seed })?))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,68 +572,5 @@ mod tests {
             worst = worst.max((f64::from(Erf::erf(x)) - libm::erf(f64::from(x))).abs());
         }
         assert!(worst < 6e-7, "worst error {worst}");
-    }
-}
-
-// ---------------------------------------------------------------- dropout
-
-/// Whether element `key` of a dropout drawn with `seed` is kept: a counter-based hash
-/// (splitmix64's finaliser) of the two, compared with `threshold` (`p` on 32 bits). The
-/// mask is a function of its coordinates, so it is drawn in parallel and redrawn in the
-/// backward pass instead of being stored.
-#[inline(always)]
-pub(crate) fn kept(seed: u64, threshold: u64, key: u64) -> bool {
-    let mut z = seed.wrapping_add(key.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    (z >> 32) >= threshold
-}
-
-/// `p` as the threshold [`kept`] compares with.
-pub(crate) fn dropout_threshold(p: f64) -> u64 {
-    (p.clamp(0.0, 1.0) * (u32::MAX as f64)) as u64
-}
-
-/// Inverted dropout with the mask drawn from `seed` (see [`kept`]); the backward pass
-/// applies the same mask to the gradient. CPU, f32/f64.
-pub(crate) fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op1(DropoutOp { p, seed })?)
-}
-
-struct DropoutOp {
-    p: f64,
-    seed: u64,
-}
-
-/// Elements per parallel task.
-const DROPOUT_CHUNK: usize = 1 << 14;
-
-fn dropout_values<T: Float + Send + Sync>(x: &[T], p: f64, seed: u64) -> Vec<T> {
-    let threshold = dropout_threshold(p);
-    let scale = T::from(1.0 / (1.0 - p).max(1e-12)).unwrap_or_else(T::one);
-    let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(DROPOUT_CHUNK).zip(x.par_chunks(DROPOUT_CHUNK)).enumerate().for_each(|(c, (o, x))| {
-        let base = (c * DROPOUT_CHUNK) as u64;
-        for (i, (o, &x)) in o.iter_mut().zip(x).enumerate() {
-            if kept(seed, threshold, base + i as u64) {
-                *o = x * scale;
-            }
-        }
-    });
-    out
-}
-
-impl CustomOp1 for DropoutOp {
-    fn name(&self) -> &'static str {
-        "tuneforge-dropout"
-    }
-
-    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((float_op!(self.name(); (x, l); dropout_values(x, self.p, self.seed)), l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&DropoutOp { p: self.p, seed: self.seed })?))
     }
 }
