@@ -81,15 +81,37 @@ fn main() -> ExitCode {
         Ok(commands::Outcome::Success) => ExitCode::SUCCESS,
         Ok(commands::Outcome::GateFailed) => ExitCode::from(EXIT_GATE_FAILED),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
 }
 
+/// The error and its causes, `: `-separated, leaving out a cause that the message already
+/// quotes (our errors print their I/O or database cause and also expose it as `source`).
+fn describe(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !message.contains(&cause) {
+            message.push_str(": ");
+            message.push_str(&cause);
+        }
+    }
+    message
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+
+    #[test]
+    fn an_error_quoting_its_cause_prints_it_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::new(tuneforge_core::CoreError::Io { path: "data.csv".into(), source: io })
+            .context("reading the data");
+        assert_eq!(super::describe(&e), "reading the data: data.csv: No such file or directory");
+    }
 
     /// clap checks the whole command tree (duplicate names, conflicts) only when a command is
     /// used; check every subcommand up front.
