@@ -7,9 +7,8 @@
 //! real tokens, row after row, `[tokens, hidden]` — so the linear layers, norms and
 //! activations see no padding, and attention runs per (sequence, head) on the packed rows:
 //! scores, softmax, dropout and the weighted sum in one pass that never leaves the cache,
-//! sequences in parallel. The backward pass recomputes the probabilities from `q` and `k`
-//! (as flash attention does) and redraws the dropout mask from its seed, so nothing of the
-//! forward pass is kept but its inputs.
+//! sequences in parallel. A forward pass that will be differentiated keeps its probabilities
+//! (a few MB a layer); the backward pass redraws the dropout mask from its seed.
 //!
 //! The loops are written as row updates (`row += a · other_row`) that the compiler
 //! vectorises; `pulp` compiles them for the CPU's widest vector unit (AVX-512, AVX2) and
@@ -120,6 +119,8 @@ pub(crate) fn packed_attention(
         heads,
         scale: 1.0 / ((hidden / heads) as f64).sqrt(),
         dropout: dropout.filter(|(p, _)| *p > 0.0),
+        keep: q.track_op() || k.track_op() || v.track_op(),
+        saved: std::sync::Mutex::new(None),
     };
     Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }
@@ -129,6 +130,32 @@ struct PackedAttention {
     heads: usize,
     scale: f64,
     dropout: Option<(f64, u64)>,
+    /// Whether the forward keeps its probabilities for the backward (when something is
+    /// differentiated: a few MB a layer, against recomputing `q kᵀ` and the exponentials).
+    keep: bool,
+    saved: std::sync::Mutex<Option<Saved>>,
+}
+
+/// The probabilities (before dropout) of a forward pass, per sequence `[heads, n, w]`.
+enum Saved {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+/// Lengths of the per-sequence blocks of saved probabilities.
+fn saved_sizes(seqs: &[(usize, usize)], heads: usize) -> Vec<usize> {
+    seqs.iter().map(|&(_, n)| heads * n * n.next_multiple_of(LANES)).collect()
+}
+
+/// Splits `buf` into consecutive blocks of the given lengths.
+fn split_sizes<'a, T>(mut buf: &'a mut [T], sizes: &[usize]) -> Vec<&'a mut [T]> {
+    let mut out = Vec::with_capacity(sizes.len());
+    for &n in sizes {
+        let (head, rest) = buf.split_at_mut(n);
+        out.push(head);
+        buf = rest;
+    }
+    out
 }
 
 /// The dropout decision for one attention probability, from its coordinates, so the
@@ -249,6 +276,8 @@ struct SeqForward<'a, T> {
     k: &'a [T],
     v: &'a [T],
     out: &'a mut [T],
+    /// Where to keep the probabilities, `[heads, n, w]`, if anywhere.
+    saved: Option<&'a mut [T]>,
     seq: usize,
     n: usize,
     hidden: usize,
@@ -262,7 +291,7 @@ impl<T: Float> pulp::WithSimd for SeqForward<'_, T> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _simd: S) {
-        let Self { q, k, v, out, seq, n, hidden, heads, scale, dropout } = self;
+        let Self { q, k, v, out, mut saved, seq, n, hidden, heads, scale, dropout } = self;
         let (d, w) = (hidden / heads, n.next_multiple_of(LANES));
         let mut s = Scratch::<T>::new(n, d, w);
         for head in 0..heads {
@@ -270,6 +299,9 @@ impl<T: Float> pulp::WithSimd for SeqForward<'_, T> {
             gather_head_t(k, hidden, head, d, w, &mut s.kt);
             gather_head(v, hidden, head, d, &mut s.v);
             probabilities(&s.q, &s.kt, n, d, w, scale, &mut s.p);
+            if let Some(saved) = saved.as_deref_mut() {
+                saved[head * n * w..(head + 1) * n * w].copy_from_slice(&s.p);
+            }
             s.out.iter_mut().for_each(|o| *o = T::zero());
             for i in 0..n {
                 let p = &mut s.p[i * w..i * w + n];
@@ -295,6 +327,8 @@ struct SeqBackward<'a, T> {
     k: &'a [T],
     v: &'a [T],
     dout: &'a [T],
+    /// The forward's probabilities `[heads, n, w]`.
+    saved: &'a [T],
     dq: &'a mut [T],
     dk: &'a mut [T],
     dv: &'a mut [T],
@@ -311,16 +345,15 @@ impl<T: Float> pulp::WithSimd for SeqBackward<'_, T> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _simd: S) {
-        let Self { q, k, v, dout, dq, dk, dv, seq, n, hidden, heads, scale, dropout } = self;
+        let Self { q, k, v, dout, saved, dq, dk, dv, seq, n, hidden, heads, scale, dropout } = self;
         let (d, w) = (hidden / heads, n.next_multiple_of(LANES));
         let mut s = Scratch::<T>::new(n, d, w);
         for head in 0..heads {
             gather_head(q, hidden, head, d, &mut s.q);
             gather_head(k, hidden, head, d, &mut s.k);
-            gather_head_t(k, hidden, head, d, w, &mut s.kt);
             gather_head_t(v, hidden, head, d, w, &mut s.vt);
             gather_head(dout, hidden, head, d, &mut s.out);
-            probabilities(&s.q, &s.kt, n, d, w, scale, &mut s.p);
+            s.p.copy_from_slice(&saved[head * n * w..(head + 1) * n * w]);
             s.dq.iter_mut().chain(s.dk.iter_mut()).chain(s.dv.iter_mut()).for_each(|x| *x = T::zero());
             for i in 0..n {
                 // d(dropped p)_ij = dout_i · v_j, and dv_j += (dropped p)_ij · dout_i.
@@ -356,14 +389,8 @@ impl<T: Float> pulp::WithSimd for SeqBackward<'_, T> {
 }
 
 /// Splits `buf` into the consecutive `[n · hidden]` blocks of the sequences.
-fn split_seqs<'a, T>(mut buf: &'a mut [T], seqs: &[(usize, usize)], hidden: usize) -> Vec<&'a mut [T]> {
-    let mut out = Vec::with_capacity(seqs.len());
-    for &(_, n) in seqs {
-        let (head, rest) = buf.split_at_mut(n * hidden);
-        out.push(head);
-        buf = rest;
-    }
-    out
+fn split_seqs<'a, T>(buf: &'a mut [T], seqs: &[(usize, usize)], hidden: usize) -> Vec<&'a mut [T]> {
+    split_sizes(buf, &seqs.iter().map(|&(_, n)| n * hidden).collect::<Vec<_>>())
 }
 
 impl PackedAttention {
@@ -375,30 +402,40 @@ impl PackedAttention {
         Ok(())
     }
 
-    fn forward<T: Float + Send + Sync>(&self, q: &[T], k: &[T], v: &[T], hidden: usize) -> Vec<T> {
+    /// The output, and the probabilities when the op keeps them.
+    fn forward<T: Float + Send + Sync>(&self, q: &[T], k: &[T], v: &[T], hidden: usize) -> (Vec<T>, Option<Vec<T>>) {
         let mut out = vec![T::zero(); q.len()];
+        let sizes = saved_sizes(&self.seqs, self.heads);
+        let mut saved = self.keep.then(|| vec![T::zero(); sizes.iter().sum()]);
         let blocks = split_seqs(&mut out, &self.seqs, hidden);
+        let saved_blocks: Vec<Option<&mut [T]>> = match saved.as_deref_mut() {
+            Some(buf) => split_sizes(buf, &sizes).into_iter().map(Some).collect(),
+            None => self.seqs.iter().map(|_| None).collect(),
+        };
         let scale = T::from(self.scale).unwrap_or_else(T::one);
         let dropout = dropout_parts::<T>(self.dropout);
-        blocks.into_par_iter().zip(self.seqs.par_iter()).enumerate().for_each(|(seq, (out, &(start, n)))| {
-            let rows = start * hidden..(start + n) * hidden;
-            pulp::Arch::new().dispatch(SeqForward {
-                q: &q[rows.clone()],
-                k: &k[rows.clone()],
-                v: &v[rows],
-                out,
-                seq,
-                n,
-                hidden,
-                heads: self.heads,
-                scale,
-                dropout,
-            });
-        });
-        out
+        blocks.into_par_iter().zip(saved_blocks).zip(self.seqs.par_iter()).enumerate().for_each(
+            |(seq, ((out, saved), &(start, n)))| {
+                let rows = start * hidden..(start + n) * hidden;
+                pulp::Arch::new().dispatch(SeqForward {
+                    q: &q[rows.clone()],
+                    k: &k[rows.clone()],
+                    v: &v[rows],
+                    out,
+                    saved,
+                    seq,
+                    n,
+                    hidden,
+                    heads: self.heads,
+                    scale,
+                    dropout,
+                });
+            },
+        );
+        (out, saved)
     }
 
-    fn backward<T: Float + Send + Sync>(&self, q: &[T], k: &[T], v: &[T], dout: &[T], hidden: usize) -> [Vec<T>; 3] {
+    fn backward<T: Float + Send + Sync>(&self, [q, k, v, dout]: [&[T]; 4], saved: &[T], hidden: usize) -> [Vec<T>; 3] {
         let (mut dq, mut dk, mut dv) = (vec![T::zero(); q.len()], vec![T::zero(); q.len()], vec![T::zero(); q.len()]);
         let scale = T::from(self.scale).unwrap_or_else(T::one);
         let dropout = dropout_parts::<T>(self.dropout);
@@ -407,6 +444,8 @@ impl PackedAttention {
             .zip(split_seqs(&mut dk, &self.seqs, hidden))
             .zip(split_seqs(&mut dv, &self.seqs, hidden))
             .collect::<Vec<_>>();
+        let sizes = saved_sizes(&self.seqs, self.heads);
+        let starts: Vec<usize> = sizes.iter().scan(0, |at, &n| Some(std::mem::replace(at, *at + n))).collect();
         blocks.into_par_iter().zip(self.seqs.par_iter()).enumerate().for_each(
             |(seq, (((dq, dk), dv), &(start, n)))| {
                 let rows = start * hidden..(start + n) * hidden;
@@ -415,6 +454,7 @@ impl PackedAttention {
                     k: &k[rows.clone()],
                     v: &v[rows.clone()],
                     dout: &dout[rows],
+                    saved: &saved[starts[seq]..starts[seq] + sizes[seq]],
                     dq,
                     dk,
                     dv,
@@ -457,15 +497,18 @@ impl CustomOp3 for PackedAttention {
             candle_core::bail!("packed attention: q, k and v must have one shape");
         }
         self.check(rows)?;
-        let out = match (q, k, v) {
+        let (out, saved) = match (q, k, v) {
             (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) => {
-                CpuStorage::F32(self.forward(contiguous(q, lq)?, contiguous(k, lk)?, contiguous(v, lv)?, hidden))
+                let (out, p) = self.forward(contiguous(q, lq)?, contiguous(k, lk)?, contiguous(v, lv)?, hidden);
+                (CpuStorage::F32(out), p.map(Saved::F32))
             }
             (CpuStorage::F64(q), CpuStorage::F64(k), CpuStorage::F64(v)) => {
-                CpuStorage::F64(self.forward(contiguous(q, lq)?, contiguous(k, lk)?, contiguous(v, lv)?, hidden))
+                let (out, p) = self.forward(contiguous(q, lq)?, contiguous(k, lk)?, contiguous(v, lv)?, hidden);
+                (CpuStorage::F64(out), p.map(Saved::F64))
             }
             _ => candle_core::bail!("packed attention: only f32 and f64 (q, k, v of one dtype)"),
         };
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = saved;
         Ok((out, lq.shape().clone()))
     }
 
@@ -480,14 +523,21 @@ impl CustomOp3 for PackedAttention {
         let (rows, hidden) = q.dims2()?;
         self.check(rows)?;
         let dev = q.device();
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner());
         let grads = match q.dtype() {
             DType::F32 => {
                 let [a, b, c, d] = [q, k, v, dout].map(|t| t.flatten_all().and_then(|t| t.to_vec1::<f32>()));
-                self.backward(&a?, &b?, &c?, &d?, hidden).map(|g| Tensor::from_vec(g, (rows, hidden), dev))
+                let Some(Saved::F32(p)) = &*saved else {
+                    candle_core::bail!("packed attention: no saved probabilities")
+                };
+                self.backward([&a?, &b?, &c?, &d?], p, hidden).map(|g| Tensor::from_vec(g, (rows, hidden), dev))
             }
             DType::F64 => {
                 let [a, b, c, d] = [q, k, v, dout].map(|t| t.flatten_all().and_then(|t| t.to_vec1::<f64>()));
-                self.backward(&a?, &b?, &c?, &d?, hidden).map(|g| Tensor::from_vec(g, (rows, hidden), dev))
+                let Some(Saved::F64(p)) = &*saved else {
+                    candle_core::bail!("packed attention: no saved probabilities")
+                };
+                self.backward([&a?, &b?, &c?, &d?], p, hidden).map(|g| Tensor::from_vec(g, (rows, hidden), dev))
             }
             other => candle_core::bail!("packed attention: no backward for {other:?}"),
         };
