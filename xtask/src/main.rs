@@ -59,7 +59,7 @@ commands:
 
 fn main() -> anyhow::Result<()> {
     tuneforge_kernels::tune_allocator();
-    tuneforge_kernels::single_candle_pool();
+    tuneforge_kernels::tune_threads();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest = &args.get(1..).unwrap_or_default();
     match args.first().map(String::as_str) {

@@ -57,7 +57,7 @@ enum Command {
 
 fn main() -> ExitCode {
     tuneforge_kernels::tune_allocator();
-    tuneforge_kernels::single_candle_pool();
+    tuneforge_kernels::tune_threads();
     let filter = tracing_subscriber::EnvFilter::try_from_env("TUNEFORGE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,tuneforge_core=info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();

@@ -1,7 +1,7 @@
 //! CPU kernels that candle does not offer, behind a safe API: the int8 matrix product used
 //! by quantized models (`tuneforge quantize`), and the allocator settings that keep candle's
 //! per-op buffers from being unmapped and re-zeroed on every step (`tune_allocator`), and
-//! the setting that keeps candle's second thread pool off the cores (`single_candle_pool`).
+//! the thread settings candle reads from the environment (`tune_threads`).
 //!
 //! Weights are int8 with one symmetric scale per output channel (row of `W: [n, k]`);
 //! activations are quantized per row on the fly (dynamic quantization), so
@@ -19,4 +19,4 @@ mod x86;
 
 pub use alloc::tune_allocator;
 pub use int8::{Int8Matrix, KernelPath, quantize_row};
-pub use threads::single_candle_pool;
+pub use threads::tune_threads;
