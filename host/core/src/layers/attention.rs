@@ -269,6 +269,18 @@ impl<T: Float> Scratch<T> {
     }
 }
 
+/// What a (sequence) task computes on: the sequence's index (for the dropout mask), its
+/// length, the hidden width and head count, the score scale and the dropout.
+#[derive(Clone, Copy)]
+struct Task<T> {
+    seq: usize,
+    n: usize,
+    hidden: usize,
+    heads: usize,
+    scale: T,
+    dropout: Option<(u64, u64, T)>,
+}
+
 /// One sequence's attention, all heads: `out` (its `[n, hidden]` rows) from its rows of
 /// `q`, `k`, `v`.
 struct SeqForward<'a, T> {
@@ -278,12 +290,7 @@ struct SeqForward<'a, T> {
     out: &'a mut [T],
     /// Where to keep the probabilities, `[heads, n, w]`, if anywhere.
     saved: Option<&'a mut [T]>,
-    seq: usize,
-    n: usize,
-    hidden: usize,
-    heads: usize,
-    scale: T,
-    dropout: Option<(u64, u64, T)>,
+    task: Task<T>,
 }
 
 impl<T: Float> pulp::WithSimd for SeqForward<'_, T> {
@@ -291,7 +298,8 @@ impl<T: Float> pulp::WithSimd for SeqForward<'_, T> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _simd: S) {
-        let Self { q, k, v, out, mut saved, seq, n, hidden, heads, scale, dropout } = self;
+        let Self { q, k, v, out, mut saved, task } = self;
+        let Task { seq, n, hidden, heads, scale, dropout } = task;
         let (d, w) = (hidden / heads, n.next_multiple_of(LANES));
         let mut s = Scratch::<T>::new(n, d, w);
         for head in 0..heads {
@@ -332,12 +340,7 @@ struct SeqBackward<'a, T> {
     dq: &'a mut [T],
     dk: &'a mut [T],
     dv: &'a mut [T],
-    seq: usize,
-    n: usize,
-    hidden: usize,
-    heads: usize,
-    scale: T,
-    dropout: Option<(u64, u64, T)>,
+    task: Task<T>,
 }
 
 impl<T: Float> pulp::WithSimd for SeqBackward<'_, T> {
@@ -345,7 +348,8 @@ impl<T: Float> pulp::WithSimd for SeqBackward<'_, T> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, _simd: S) {
-        let Self { q, k, v, dout, saved, dq, dk, dv, seq, n, hidden, heads, scale, dropout } = self;
+        let Self { q, k, v, dout, saved, dq, dk, dv, task } = self;
+        let Task { seq, n, hidden, heads, scale, dropout } = task;
         let (d, w) = (hidden / heads, n.next_multiple_of(LANES));
         let mut s = Scratch::<T>::new(n, d, w);
         for head in 0..heads {
@@ -423,12 +427,7 @@ impl PackedAttention {
                     v: &v[rows],
                     out,
                     saved,
-                    seq,
-                    n,
-                    hidden,
-                    heads: self.heads,
-                    scale,
-                    dropout,
+                    task: Task { seq, n, hidden, heads: self.heads, scale, dropout },
                 });
             },
         );
@@ -458,12 +457,7 @@ impl PackedAttention {
                     dq,
                     dk,
                     dv,
-                    seq,
-                    n,
-                    hidden,
-                    heads: self.heads,
-                    scale,
-                    dropout,
+                    task: Task { seq, n, hidden, heads: self.heads, scale, dropout },
                 });
             },
         );
