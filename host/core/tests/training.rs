@@ -71,6 +71,22 @@ fn loss_of(model: &ClassifierModel, b: &EncodedBatch) -> Result<f64> {
     Ok(loss.to_scalar::<f64>()?)
 }
 
+/// A row's logits do not depend on the batch it comes in: alone, or padded beside longer
+/// rows (on the CPU the encoder packs the real tokens; padding must change nothing).
+#[test]
+fn a_rows_logits_do_not_depend_on_the_padding_of_its_batch() -> Result<()> {
+    let model = tiny_model(DType::F64, Pooling::Mean, Trainability::default())?;
+    let texts = ["chest pain", "rash itch red skin fever cough hot", "head pain tired sneeze"];
+    let encoded = model.text_encoder().encode(&texts)?;
+    let together = model.logits(&EncodedBatch::collate(&encoded, &[0, 1, 2], None, 0), &ForwardCtx::eval())?;
+    for row in 0..3 {
+        let alone = model.logits(&EncodedBatch::collate(&encoded, &[row], None, 0), &ForwardCtx::eval())?;
+        let diff = (alone.get(0)? - together.get(row)?)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "row {row}: logits differ by {diff}");
+    }
+    Ok(())
+}
+
 /// Analytic gradients of the whole model (embeddings, every layer norm, attention, head)
 /// match central finite differences in f64. Fused candle ops without a backward would make
 /// the analytic gradient of everything below them zero, and this test fail.

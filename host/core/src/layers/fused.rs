@@ -484,6 +484,32 @@ impl CustomOp1 for DropoutOp {
 }
 
 #[cfg(test)]
+mod dropout_tests {
+    use candle_core::{Device, Var};
+
+    use super::*;
+
+    /// The backward applies the forward's mask and scale: `d/dx Σ w · dropout(x)` is `w`
+    /// where the forward kept an element, scaled by `1 / (1 - p)`, and 0 where it dropped one.
+    #[test]
+    fn dropout_backward_applies_the_forward_mask() -> Result<()> {
+        let x = Var::from_tensor(&Tensor::ones(4096, DType::F64, &Device::Cpu)?)?;
+        let w = Tensor::randn(0f64, 1.0, 4096, &Device::Cpu)?;
+        let y = dropout(&x, 0.3, 11)?;
+        let grad = y.mul(&w)?.sum_all()?.backward()?.get(&x).expect("grad").to_vec1::<f64>()?;
+        let (y, w) = (y.to_vec1::<f64>()?, w.to_vec1::<f64>()?);
+        let dropped = y.iter().filter(|&&v| v == 0.0).count();
+        assert!((1000..1460).contains(&dropped), "{dropped} of 4096 dropped at p = 0.3");
+        for ((y, g), w) in y.iter().zip(&grad).zip(&w) {
+            let expected = if *y == 0.0 { 0.0 } else { w / 0.7 };
+            assert!((g - expected).abs() < 1e-12 && (*y == 0.0 || (y - 1.0 / 0.7).abs() < 1e-12));
+        }
+        assert_ne!(y, dropout(&x, 0.3, 12)?.to_vec1::<f64>()?, "another seed draws another mask");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
