@@ -14,7 +14,7 @@ use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use tuneforge_kernels::Int8Matrix;
 
-use crate::layers::attention::{Packing, packed_attention};
+use crate::layers::attention::{Packing, packed_attention, supports_head_width};
 use crate::layers::{Adapter, CheckpointRecord, ForwardCtx, LayerNorm, Linear, Lora, layer_norm, linear};
 use crate::peft::{AdapterPlacement, PeftSpec};
 use crate::{CoreError, Init, ParamBuilder, Result};
@@ -433,7 +433,9 @@ impl BertEncoder {
         // On the CPU the layers run on the packed real tokens; elsewhere on the padded batch
         // with mask biases: 0 where attended, -10000 at padding, broadcast over heads and
         // query positions.
-        let packing = match x.device().is_cpu() && matches!(dtype, DType::F32 | DType::F64) {
+        let head_width = self.config.hidden_size / self.config.num_attention_heads.max(1);
+        let packs = x.device().is_cpu() && matches!(dtype, DType::F32 | DType::F64) && supports_head_width(head_width);
+        let packing = match packs {
             true => Some(Packing::from_mask(mask)?),
             false => None,
         };

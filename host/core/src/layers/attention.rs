@@ -96,6 +96,14 @@ impl Packing {
     }
 }
 
+/// The widest attention head the kernels take.
+const MAX_HEAD_WIDTH: usize = 256;
+
+/// Whether [`packed_attention`] takes heads of this width.
+pub(crate) fn supports_head_width(d: usize) -> bool {
+    (1..=MAX_HEAD_WIDTH).contains(&d)
+}
+
 /// Multi-head attention of packed `q`, `k`, `v` (`[tokens, hidden]`, heads side by side in
 /// the hidden dimension) within each sequence of `packing`; `dropout = (p, seed)` drops
 /// attention probabilities. CPU, f32 or f64.
@@ -108,10 +116,10 @@ pub(crate) fn packed_attention(
     dropout: Option<(f64, u64)>,
 ) -> Result<Tensor> {
     let hidden = q.dim(1)?;
-    if heads == 0 || !hidden.is_multiple_of(heads) {
+    if heads == 0 || !hidden.is_multiple_of(heads) || hidden / heads > MAX_HEAD_WIDTH {
         return Err(crate::CoreError::Param {
             name: "attention".into(),
-            message: format!("{hidden} columns do not split into {heads} heads"),
+            message: format!("{hidden} columns do not split into {heads} heads of at most {MAX_HEAD_WIDTH}"),
         });
     }
     let op = PackedAttention {
@@ -186,86 +194,72 @@ fn axpy<T: Float>(dst: &mut [T], a: T, src: &[T]) {
     }
 }
 
-/// Columns `[head·d, (head+1)·d)` of packed rows of width `hidden`, as a row-major `[n, d]`.
-fn gather_head<T: Float>(rows: &[T], hidden: usize, head: usize, d: usize, out: &mut [T]) {
-    for (o, row) in out.chunks_mut(d).zip(rows.chunks(hidden)) {
-        o.copy_from_slice(&row[head * d..head * d + d]);
+/// `acc += a · src` on head-width rows: with `D` known, `acc` lives in vector registers.
+#[inline(always)]
+fn axpy_row<T: Float, const D: usize>(acc: &mut [T; D], a: T, src: &[T]) {
+    for (d, &s) in acc.iter_mut().zip(src[..D].iter()) {
+        *d = *d + a * s;
+    }
+}
+
+/// Row `i` of a row-major matrix with rows of `D`.
+#[inline(always)]
+fn row<T, const D: usize>(m: &[T], i: usize) -> &[T] {
+    &m[i * D..(i + 1) * D]
+}
+
+/// Columns `[head·d, (head+1)·d)` of packed rows of width `hidden`, as rows of `D ≥ d`
+/// (zeros after `d`).
+fn gather_head<T: Float, const D: usize>(rows: &[T], hidden: usize, head: usize, d: usize, out: &mut [T]) {
+    for (o, r) in out.chunks_mut(D).zip(rows.chunks(hidden)) {
+        o[..d].copy_from_slice(&r[head * d..head * d + d]);
     }
 }
 
 /// The transpose `[d, w]` of the head's columns (`w ≥ n`; columns from `n` on stay zero).
 fn gather_head_t<T: Float>(rows: &[T], hidden: usize, head: usize, d: usize, w: usize, out: &mut [T]) {
-    for (i, row) in rows.chunks(hidden).enumerate() {
+    for (i, r) in rows.chunks(hidden).enumerate() {
         for t in 0..d {
-            out[t * w + i] = row[head * d + t];
+            out[t * w + i] = r[head * d + t];
         }
     }
 }
 
-/// Row-wise softmax of `scale · q kᵀ` into `p: [n, w]`, with `kt: [d, w]` (entries from `n`
-/// on are zero in both).
+/// Writes rows of `D` (their first `d` values) into the head's columns of packed rows.
+fn scatter_head<T: Float, const D: usize>(buf: &[T], hidden: usize, head: usize, d: usize, rows: &mut [T]) {
+    for (r, b) in rows.chunks_mut(hidden).zip(buf.chunks(D)) {
+        r[head * d..head * d + d].copy_from_slice(&b[..d]);
+    }
+}
+
+/// Row-wise softmax of `scale · q kᵀ` into `p: [n, w]`, with `q` in rows of `D` and
+/// `kt: [d, w]` (entries from `n` on are zero in both).
 #[inline(always)]
-fn probabilities<T: Float>(q: &[T], kt: &[T], n: usize, d: usize, w: usize, scale: T, p: &mut [T]) {
+fn probabilities<T: Float, const D: usize>(q: &[T], kt: &[T], n: usize, d: usize, w: usize, scale: T, p: &mut [T]) {
     for i in 0..n {
-        let row = &mut p[i * w..(i + 1) * w];
-        row.iter_mut().for_each(|v| *v = T::zero());
+        let prow = &mut p[i * w..(i + 1) * w];
+        prow.iter_mut().for_each(|v| *v = T::zero());
         for t in 0..d {
-            axpy(row, q[i * d + t] * scale, &kt[t * w..(t + 1) * w]);
+            axpy(prow, q[i * D + t] * scale, &kt[t * w..(t + 1) * w]);
         }
-        let row = &mut row[..n];
-        let max = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+        let prow = &mut prow[..n];
+        let max = prow.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
         let mut sum = T::zero();
-        for v in row.iter_mut() {
+        for v in prow.iter_mut() {
             *v = (*v - max).exp();
             sum = sum + *v;
         }
         let inv = sum.recip();
-        row.iter_mut().for_each(|v| *v = *v * inv);
+        prow.iter_mut().for_each(|v| *v = *v * inv);
     }
 }
 
-/// The dropout multipliers of row `i` (`1/(1-p)` or 0) into `out[..n]`.
+/// Multiplies row `i` of `p` (its first `n` values) by its dropout multipliers
+/// (`1/(1-p)` or 0).
 #[inline(always)]
-fn dropout_row<T: Float>(out: &mut [T], (threshold, seed, inv_keep): (u64, u64, T), seq: usize, head: usize, i: usize) {
-    for (j, m) in out.iter_mut().enumerate() {
-        *m = if kept(seed, threshold, seq, head, i, j) { inv_keep } else { T::zero() };
-    }
-}
-
-/// Scratch buffers of one sequence's task; rows over keys are `w` wide (`n` rounded up to
-/// [`LANES`]).
-struct Scratch<T> {
-    q: Vec<T>,
-    k: Vec<T>,
-    kt: Vec<T>,
-    v: Vec<T>,
-    vt: Vec<T>,
-    p: Vec<T>,
-    dp: Vec<T>,
-    mask: Vec<T>,
-    out: Vec<T>,
-    dq: Vec<T>,
-    dk: Vec<T>,
-    dv: Vec<T>,
-}
-
-impl<T: Float> Scratch<T> {
-    fn new(n: usize, d: usize, w: usize) -> Self {
-        let z = |len: usize| vec![T::zero(); len];
-        Self {
-            q: z(n * d),
-            k: z(n * d),
-            kt: z(d * w),
-            v: z(n * d),
-            vt: z(d * w),
-            p: z(n * w),
-            dp: z(w),
-            mask: z(n),
-            out: z(n * d),
-            dq: z(n * d),
-            dk: z(n * d),
-            dv: z(n * d),
-        }
+fn drop_row<T: Float>(p: &mut [T], (threshold, seed, inv_keep): (u64, u64, T), seq: usize, head: usize, i: usize) {
+    for (j, v) in p.iter_mut().enumerate() {
+        *v = if kept(seed, threshold, seq, head, i, j) { *v * inv_keep } else { T::zero() };
     }
 }
 
@@ -282,8 +276,8 @@ struct Task<T> {
 }
 
 /// One sequence's attention, all heads: `out` (its `[n, hidden]` rows) from its rows of
-/// `q`, `k`, `v`.
-struct SeqForward<'a, T> {
+/// `q`, `k`, `v`, with heads processed in rows of `D` (the head width rounded up).
+struct SeqForward<'a, T, const D: usize> {
     q: &'a [T],
     k: &'a [T],
     v: &'a [T],
@@ -293,7 +287,7 @@ struct SeqForward<'a, T> {
     task: Task<T>,
 }
 
-impl<T: Float> pulp::WithSimd for SeqForward<'_, T> {
+impl<T: Float, const D: usize> pulp::WithSimd for SeqForward<'_, T, D> {
     type Output = ();
 
     #[inline(always)]
@@ -301,36 +295,35 @@ impl<T: Float> pulp::WithSimd for SeqForward<'_, T> {
         let Self { q, k, v, out, mut saved, task } = self;
         let Task { seq, n, hidden, heads, scale, dropout } = task;
         let (d, w) = (hidden / heads, n.next_multiple_of(LANES));
-        let mut s = Scratch::<T>::new(n, d, w);
+        let zeros = |len: usize| vec![T::zero(); len];
+        let (mut qh, mut kt, mut vh, mut p, mut o) =
+            (zeros(n * D), zeros(d * w), zeros(n * D), zeros(n * w), zeros(n * D));
         for head in 0..heads {
-            gather_head(q, hidden, head, d, &mut s.q);
-            gather_head_t(k, hidden, head, d, w, &mut s.kt);
-            gather_head(v, hidden, head, d, &mut s.v);
-            probabilities(&s.q, &s.kt, n, d, w, scale, &mut s.p);
+            gather_head::<T, D>(q, hidden, head, d, &mut qh);
+            gather_head_t(k, hidden, head, d, w, &mut kt);
+            gather_head::<T, D>(v, hidden, head, d, &mut vh);
+            probabilities::<T, D>(&qh, &kt, n, d, w, scale, &mut p);
             if let Some(saved) = saved.as_deref_mut() {
-                saved[head * n * w..(head + 1) * n * w].copy_from_slice(&s.p);
+                saved[head * n * w..(head + 1) * n * w].copy_from_slice(&p);
             }
-            s.out.iter_mut().for_each(|o| *o = T::zero());
             for i in 0..n {
-                let p = &mut s.p[i * w..i * w + n];
+                let prow = &mut p[i * w..i * w + n];
                 if let Some(drop) = dropout {
-                    dropout_row(&mut s.mask, drop, seq, head, i);
-                    p.iter_mut().zip(&s.mask).for_each(|(p, &m)| *p = *p * m);
+                    drop_row(prow, drop, seq, head, i);
                 }
-                let o = &mut s.out[i * d..(i + 1) * d];
-                for (j, &a) in p.iter().enumerate() {
-                    axpy(o, a, &s.v[j * d..(j + 1) * d]);
+                let mut acc = [T::zero(); D];
+                for (j, &a) in prow.iter().enumerate() {
+                    axpy_row(&mut acc, a, row::<T, D>(&vh, j));
                 }
+                o[i * D..(i + 1) * D].copy_from_slice(&acc);
             }
-            for (row, o) in out.chunks_mut(hidden).zip(s.out.chunks(d)) {
-                row[head * d..head * d + d].copy_from_slice(o);
-            }
+            scatter_head::<T, D>(&o, hidden, head, d, out);
         }
     }
 }
 
 /// One sequence's gradients, all heads: `dq`, `dk`, `dv` (its rows) from `dout`.
-struct SeqBackward<'a, T> {
+struct SeqBackward<'a, T, const D: usize> {
     q: &'a [T],
     k: &'a [T],
     v: &'a [T],
@@ -343,7 +336,7 @@ struct SeqBackward<'a, T> {
     task: Task<T>,
 }
 
-impl<T: Float> pulp::WithSimd for SeqBackward<'_, T> {
+impl<T: Float, const D: usize> pulp::WithSimd for SeqBackward<'_, T, D> {
     type Output = ();
 
     #[inline(always)]
@@ -351,45 +344,95 @@ impl<T: Float> pulp::WithSimd for SeqBackward<'_, T> {
         let Self { q, k, v, dout, saved, dq, dk, dv, task } = self;
         let Task { seq, n, hidden, heads, scale, dropout } = task;
         let (d, w) = (hidden / heads, n.next_multiple_of(LANES));
-        let mut s = Scratch::<T>::new(n, d, w);
+        let zeros = |len: usize| vec![T::zero(); len];
+        let (mut qh, mut kh, mut vt, mut go) = (zeros(n * D), zeros(n * D), zeros(d * w), zeros(n * D));
+        // Per head: the dropped probabilities, then the gradient of the scores.
+        let (mut pd, mut ds, mut g) = (zeros(n * w), zeros(n * w), zeros(n * D));
         for head in 0..heads {
-            gather_head(q, hidden, head, d, &mut s.q);
-            gather_head(k, hidden, head, d, &mut s.k);
-            gather_head_t(v, hidden, head, d, w, &mut s.vt);
-            gather_head(dout, hidden, head, d, &mut s.out);
-            s.p.copy_from_slice(&saved[head * n * w..(head + 1) * n * w]);
-            s.dq.iter_mut().chain(s.dk.iter_mut()).chain(s.dv.iter_mut()).for_each(|x| *x = T::zero());
+            gather_head::<T, D>(q, hidden, head, d, &mut qh);
+            gather_head::<T, D>(k, hidden, head, d, &mut kh);
+            gather_head_t(v, hidden, head, d, w, &mut vt);
+            gather_head::<T, D>(dout, hidden, head, d, &mut go);
+            let p = &saved[head * n * w..(head + 1) * n * w];
             for i in 0..n {
-                // d(dropped p)_ij = dout_i · v_j, and dv_j += (dropped p)_ij · dout_i.
-                s.dp.iter_mut().for_each(|x| *x = T::zero());
+                // d(dropped p)_ij = dout_i · v_j, through the dropout, then softmax's backward.
+                let dsrow = &mut ds[i * w..(i + 1) * w];
+                dsrow.iter_mut().for_each(|x| *x = T::zero());
                 for t in 0..d {
-                    axpy(&mut s.dp, s.out[i * d + t], &s.vt[t * w..(t + 1) * w]);
+                    axpy(dsrow, go[i * D + t], &vt[t * w..(t + 1) * w]);
                 }
-                let (dp, p) = (&mut s.dp[..n], &s.p[i * w..i * w + n]);
+                let pdrow = &mut pd[i * w..i * w + n];
+                pdrow.copy_from_slice(&p[i * w..i * w + n]);
                 if let Some(drop) = dropout {
-                    dropout_row(&mut s.mask, drop, seq, head, i);
-                    dp.iter_mut().zip(&s.mask).for_each(|(g, &m)| *g = *g * m);
+                    drop_row(pdrow, drop, seq, head, i);
+                    drop_row(&mut dsrow[..n], drop, seq, head, i);
                 }
-                let dout_i = &s.out[i * d..(i + 1) * d];
-                for (j, (&pj, &m)) in p.iter().zip(&s.mask).enumerate() {
-                    let dropped = if dropout.is_some() { pj * m } else { pj };
-                    axpy(&mut s.dv[j * d..(j + 1) * d], dropped, dout_i);
-                }
-                // Softmax backward, then the scores' gradient into dq_i and dk_j.
-                let dot = p.iter().zip(dp.iter()).fold(T::zero(), |a, (&p, &g)| a + p * g);
-                for (j, (&pj, &gj)) in p.iter().zip(dp.iter()).enumerate() {
-                    let ds = pj * (gj - dot) * scale;
-                    axpy(&mut s.dq[i * d..(i + 1) * d], ds, &s.k[j * d..(j + 1) * d]);
-                    axpy(&mut s.dk[j * d..(j + 1) * d], ds, &s.q[i * d..(i + 1) * d]);
+                let prow = &p[i * w..i * w + n];
+                let dot = prow.iter().zip(&dsrow[..n]).fold(T::zero(), |a, (&p, &g)| a + p * g);
+                for (x, &p) in dsrow[..n].iter_mut().zip(prow) {
+                    *x = p * (*x - dot) * scale;
                 }
             }
-            for (buf, dst) in [(&s.dq, &mut *dq), (&s.dk, &mut *dk), (&s.dv, &mut *dv)] {
-                for (row, g) in dst.chunks_mut(hidden).zip(buf.chunks(d)) {
-                    row[head * d..head * d + d].copy_from_slice(g);
+            // dq_i = Σ_j ds_ij k_j (row i of ds), dk_j = Σ_i ds_ij q_i and dv_j = Σ_i pd_ij dout_i
+            // (column j): one accumulator per output row, in registers.
+            for i in 0..n {
+                let mut acc = [T::zero(); D];
+                for (j, &a) in ds[i * w..i * w + n].iter().enumerate() {
+                    axpy_row(&mut acc, a, row::<T, D>(&kh, j));
                 }
+                g[i * D..(i + 1) * D].copy_from_slice(&acc);
             }
+            scatter_head::<T, D>(&g, hidden, head, d, dq);
+            for j in 0..n {
+                let mut acc = [T::zero(); D];
+                for i in 0..n {
+                    axpy_row(&mut acc, ds[i * w + j], row::<T, D>(&qh, i));
+                }
+                g[j * D..(j + 1) * D].copy_from_slice(&acc);
+            }
+            scatter_head::<T, D>(&g, hidden, head, d, dk);
+            for j in 0..n {
+                let mut acc = [T::zero(); D];
+                for i in 0..n {
+                    axpy_row(&mut acc, pd[i * w + j], row::<T, D>(&go, i));
+                }
+                g[j * D..(j + 1) * D].copy_from_slice(&acc);
+            }
+            scatter_head::<T, D>(&g, hidden, head, d, dv);
         }
     }
+}
+
+/// Runs `$body` with `const D` the head width `$d` rounded up to a power of two (8 to 256).
+macro_rules! with_head_width {
+    ($d:expr, $D:ident => $body:expr) => {
+        match $d {
+            0..=8 => {
+                const $D: usize = 8;
+                $body
+            }
+            9..=16 => {
+                const $D: usize = 16;
+                $body
+            }
+            17..=32 => {
+                const $D: usize = 32;
+                $body
+            }
+            33..=64 => {
+                const $D: usize = 64;
+                $body
+            }
+            65..=128 => {
+                const $D: usize = 128;
+                $body
+            }
+            _ => {
+                const $D: usize = 256;
+                $body
+            }
+        }
+    };
 }
 
 /// Splits `buf` into the consecutive `[n · hidden]` blocks of the sequences.
@@ -421,13 +464,10 @@ impl PackedAttention {
         blocks.into_par_iter().zip(saved_blocks).zip(self.seqs.par_iter()).enumerate().for_each(
             |(seq, ((out, saved), &(start, n)))| {
                 let rows = start * hidden..(start + n) * hidden;
-                pulp::Arch::new().dispatch(SeqForward {
-                    q: &q[rows.clone()],
-                    k: &k[rows.clone()],
-                    v: &v[rows],
-                    out,
-                    saved,
-                    task: Task { seq, n, hidden, heads: self.heads, scale, dropout },
+                let task = Task { seq, n, hidden, heads: self.heads, scale, dropout };
+                let (q, k, v) = (&q[rows.clone()], &k[rows.clone()], &v[rows]);
+                with_head_width!(hidden / self.heads, D => {
+                    pulp::Arch::new().dispatch(SeqForward::<T, D> { q, k, v, out, saved, task })
                 });
             },
         );
@@ -448,16 +488,11 @@ impl PackedAttention {
         blocks.into_par_iter().zip(self.seqs.par_iter()).enumerate().for_each(
             |(seq, (((dq, dk), dv), &(start, n)))| {
                 let rows = start * hidden..(start + n) * hidden;
-                pulp::Arch::new().dispatch(SeqBackward {
-                    q: &q[rows.clone()],
-                    k: &k[rows.clone()],
-                    v: &v[rows.clone()],
-                    dout: &dout[rows],
-                    saved: &saved[starts[seq]..starts[seq] + sizes[seq]],
-                    dq,
-                    dk,
-                    dv,
-                    task: Task { seq, n, hidden, heads: self.heads, scale, dropout },
+                let task = Task { seq, n, hidden, heads: self.heads, scale, dropout };
+                let (q, k, v, dout) = (&q[rows.clone()], &k[rows.clone()], &v[rows.clone()], &dout[rows]);
+                let saved = &saved[starts[seq]..starts[seq] + sizes[seq]];
+                with_head_width!(hidden / self.heads, D => {
+                    pulp::Arch::new().dispatch(SeqBackward::<T, D> { q, k, v, dout, saved, dq, dk, dv, task })
                 });
             },
         );
@@ -560,8 +595,16 @@ mod tests {
 
     #[test]
     fn packed_attention_matches_the_padded_computation_and_its_gradients() -> Result<()> {
+        // Head widths 4, 32 and 48: rounded up to 8, exact, rounded up to 64.
+        for (h, heads) in [(8, 2), (64, 2), (96, 2)] {
+            packed_matches_padded(h, heads)?;
+        }
+        Ok(())
+    }
+
+    fn packed_matches_padded(h: usize, heads: usize) -> Result<()> {
         let dev = Device::Cpu;
-        let (b, l, h, heads) = (3, 5, 8, 2);
+        let (b, l) = (3, 5);
         let mask = Tensor::from_vec(vec![1f64, 1., 1., 1., 1., 1., 1., 0., 0., 0., 1., 1., 1., 1., 0.], (b, l), &dev)?;
         let vars: Vec<Var> = (0..3)
             .map(|_| Var::from_tensor(&Tensor::randn(0f64, 1.0, (b, l, h), &dev)?))
