@@ -254,13 +254,18 @@ fn probabilities<T: Float, const D: usize>(q: &[T], kt: &[T], n: usize, d: usize
     }
 }
 
-/// Multiplies row `i` of `p` (its first `n` values) by its dropout multipliers
-/// (`1/(1-p)` or 0).
+/// The dropout multipliers (`1/(1-p)` or 0) of row `i` into `out`, one per key.
 #[inline(always)]
-fn drop_row<T: Float>(p: &mut [T], (threshold, seed, inv_keep): (u64, u64, T), seq: usize, head: usize, i: usize) {
-    for (j, v) in p.iter_mut().enumerate() {
-        *v = if kept(seed, threshold, seq, head, i, j) { *v * inv_keep } else { T::zero() };
+fn dropout_row<T: Float>(out: &mut [T], (threshold, seed, inv_keep): (u64, u64, T), seq: usize, head: usize, i: usize) {
+    for (j, m) in out.iter_mut().enumerate() {
+        *m = if kept(seed, threshold, seq, head, i, j) { inv_keep } else { T::zero() };
     }
+}
+
+/// `row *= mask`, elementwise.
+#[inline(always)]
+fn scale_by<T: Float>(row: &mut [T], mask: &[T]) {
+    row.iter_mut().zip(mask).for_each(|(v, &m)| *v = *v * m);
 }
 
 /// What a (sequence) task computes on: the sequence's index (for the dropout mask), its
@@ -298,6 +303,7 @@ impl<T: Float, const D: usize> pulp::WithSimd for SeqForward<'_, T, D> {
         let zeros = |len: usize| vec![T::zero(); len];
         let (mut qh, mut kt, mut vh, mut p, mut o) =
             (zeros(n * D), zeros(d * w), zeros(n * D), zeros(n * w), zeros(n * D));
+        let mut mask = zeros(n);
         for head in 0..heads {
             gather_head::<T, D>(q, hidden, head, d, &mut qh);
             gather_head_t(k, hidden, head, d, w, &mut kt);
@@ -309,7 +315,8 @@ impl<T: Float, const D: usize> pulp::WithSimd for SeqForward<'_, T, D> {
             for i in 0..n {
                 let prow = &mut p[i * w..i * w + n];
                 if let Some(drop) = dropout {
-                    drop_row(prow, drop, seq, head, i);
+                    dropout_row(&mut mask, drop, seq, head, i);
+                    scale_by(prow, &mask);
                 }
                 let mut acc = [T::zero(); D];
                 for (j, &a) in prow.iter().enumerate() {
@@ -347,7 +354,7 @@ impl<T: Float, const D: usize> pulp::WithSimd for SeqBackward<'_, T, D> {
         let zeros = |len: usize| vec![T::zero(); len];
         let (mut qh, mut kh, mut vt, mut go) = (zeros(n * D), zeros(n * D), zeros(d * w), zeros(n * D));
         // Per head: the dropped probabilities, then the gradient of the scores.
-        let (mut pd, mut ds, mut g) = (zeros(n * w), zeros(n * w), zeros(n * D));
+        let (mut pd, mut ds, mut g, mut mask) = (zeros(n * w), zeros(n * w), zeros(n * D), zeros(n));
         for head in 0..heads {
             gather_head::<T, D>(q, hidden, head, d, &mut qh);
             gather_head::<T, D>(k, hidden, head, d, &mut kh);
@@ -364,8 +371,9 @@ impl<T: Float, const D: usize> pulp::WithSimd for SeqBackward<'_, T, D> {
                 let pdrow = &mut pd[i * w..i * w + n];
                 pdrow.copy_from_slice(&p[i * w..i * w + n]);
                 if let Some(drop) = dropout {
-                    drop_row(pdrow, drop, seq, head, i);
-                    drop_row(&mut dsrow[..n], drop, seq, head, i);
+                    dropout_row(&mut mask, drop, seq, head, i);
+                    scale_by(pdrow, &mask);
+                    scale_by(&mut dsrow[..n], &mask);
                 }
                 let prow = &p[i * w..i * w + n];
                 let dot = prow.iter().zip(&dsrow[..n]).fold(T::zero(), |a, (&p, &g)| a + p * g);
