@@ -263,6 +263,9 @@ pub fn run_one(args: &[String]) -> anyhow::Result<()> {
                 first_layer: 0,
             },
         ),
+        // Inference runs on frozen weights, as in a model loaded for prediction
+        // (`ClassifierModel::load`); only the new head is a variable here.
+        "inference" | "inference-batch1" => (peft_only, PeftSpec::None),
         _ => (Trainability::default(), PeftSpec::None),
     };
     let model = ClassifierModel::from_base(

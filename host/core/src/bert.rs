@@ -278,7 +278,7 @@ impl Layer {
         // A linear module at `path` inside the layer, with LoRA when the spec targets it.
         let module = |path: &str, in_dim: usize, out_dim: usize| -> Result<Linear> {
             let mpb = path.split('.').fold(pb.clone(), |b, part| b.pp(part));
-            let l = linear(in_dim, out_dim, INIT_STD, &mpb)?;
+            let l = linear(in_dim, out_dim, INIT_STD, &mpb)?.keep_transposed();
             match peft.lora_for(index, path) {
                 Some(cfg) => Ok(l.with_lora(Lora::new(in_dim, out_dim, cfg, &mpb)?)),
                 None => Ok(l),

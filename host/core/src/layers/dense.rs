@@ -22,7 +22,9 @@ pub(crate) fn applies(x: &Tensor, w: &Tensor) -> bool {
 /// `x Wᵀ + b` for `x: [..., in]`, `w: [out, in]`, `b: [out]`, differentiable in all three.
 pub(crate) fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> candle_core::Result<Tensor> {
     let x = x.contiguous()?;
-    let w = w.contiguous()?;
+    // `W` row-major, or the transposed view of a contiguous `Wᵀ` (both are what the CPU
+    // matmul reads without a copy).
+    let w = if w.is_contiguous() || w.t()?.is_contiguous() { w.clone() } else { w.contiguous()? };
     match b {
         Some(b) => x.apply_op3(&w, &b.contiguous()?, DenseOp),
         None => x.apply_op2(&w, DenseOp),

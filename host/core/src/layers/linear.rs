@@ -51,6 +51,12 @@ pub struct Linear {
     int8: Option<Arc<Int8Matrix>>,
     bias: Option<Tensor>,
     lora: Option<Lora>,
+    /// `Wᵀ` made contiguous, kept for a weight that never changes (not a variable, e.g. a
+    /// model loaded for prediction) on the CPU when the layer asks for it
+    /// ([`Linear::keep_transposed`]): gemm then reads it as it is instead of transposing `W`
+    /// into its panels on every product, which was half of a batch-1 forward pass. It costs
+    /// a second copy of the weight.
+    frozen_t: Option<Arc<std::sync::OnceLock<Tensor>>>,
 }
 
 /// `xs · Wᵀ`: the fused CPU op where it applies (it differentiates only what is tracked),
@@ -83,13 +89,13 @@ fn int8_matmul_t(xs: &Tensor, w: &Int8Matrix) -> candle_core::Result<Tensor> {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, int8: None, bias, lora: None }
+        Self { weight, int8: None, bias, lora: None, frozen_t: None }
     }
 
     /// A layer over an int8 weight `[out, in]` (inference only: no gradient reaches it).
     pub fn int8(weight: Arc<Int8Matrix>, bias: Option<Tensor>) -> Result<Self> {
         let empty = Tensor::zeros(0, candle_core::DType::F32, &candle_core::Device::Cpu)?;
-        Ok(Self { weight: empty, int8: Some(weight), bias, lora: None })
+        Ok(Self { weight: empty, int8: Some(weight), bias, lora: None, frozen_t: None })
     }
 
     pub fn is_int8(&self) -> bool {
@@ -103,6 +109,27 @@ impl Linear {
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    /// Keeps a contiguous `Wᵀ` for the products when the weight never changes (see
+    /// `frozen_t`); the encoder's layers ask for it, where it doubles batch-1 inference.
+    pub fn keep_transposed(mut self) -> Self {
+        self.frozen_t = Some(Arc::default());
+        self
+    }
+
+    /// `W`, or for a kept transpose the view `(Wᵀ)ᵀ` of it (the same values).
+    fn weight_for_product(&self) -> candle_core::Result<Tensor> {
+        let Some(cache) = self.frozen_t.as_ref().filter(|_| !self.weight.is_variable()) else {
+            return Ok(self.weight.clone());
+        };
+        if let Some(t) = cache.get() {
+            return t.t();
+        }
+        let t = self.weight.t()?.contiguous()?;
+        let view = t.t()?;
+        let _ = cache.set(t);
+        Ok(view)
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -151,7 +178,7 @@ impl Module for Linear {
         let y = match &self.int8 {
             Some(q) => int8_matmul_t(xs, q)?,
             None if super::dense::applies(xs, &self.weight) => {
-                return super::dense::linear(xs, &self.weight, self.bias.as_ref());
+                return super::dense::linear(xs, &self.weight_for_product()?, self.bias.as_ref());
             }
             None => matmul_t(xs, &self.weight)?,
         };
@@ -173,4 +200,33 @@ pub fn linear(in_dim: usize, out_dim: usize, std: f64, pb: &ParamBuilder) -> Res
     let weight = pb.get(&[out_dim, in_dim], "weight", Init::Normal(std))?;
     let bias = pb.get(&[out_dim], "bias", Init::Zeros)?;
     Ok(Linear::new(weight, Some(bias)))
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Var};
+
+    use super::*;
+
+    #[test]
+    fn a_kept_transpose_computes_the_same_and_never_goes_stale() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (5, 6), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (4, 6), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 4, &dev)?;
+        let plain = Linear::new(w.clone(), Some(b.clone())).forward(&x)?;
+        let kept = Linear::new(w.clone(), Some(b.clone())).keep_transposed();
+        for _ in 0..2 {
+            let y = kept.forward(&x)?;
+            assert!((y - &plain)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
+        }
+        // A variable's value can change (training): it is never cached.
+        let var = Var::from_tensor(&w)?;
+        let layer = Linear::new(var.as_tensor().clone(), Some(b)).keep_transposed();
+        let before = layer.forward(&x)?;
+        var.set(&Tensor::zeros((4, 6), DType::F32, &dev)?)?;
+        let after = layer.forward(&x)?;
+        assert!((before - &after)?.abs()?.max_all()?.to_scalar::<f32>()? > 1e-3);
+        Ok(())
+    }
 }
