@@ -14,12 +14,16 @@
 //!   tokens/s for batch-1 inference (many small products) on 2 cores.
 #![allow(unsafe_code)]
 
-/// Sets `CANDLE_NUM_THREADS=1` and `RAYON_NUM_THREADS` (to the number of physical cores, what
-/// candle would count) where the environment does not set them; call once at the start of
-/// `main`, before any thread starts. Returns the variables it set.
+/// Sets `CANDLE_NUM_THREADS=1` and `RAYON_NUM_THREADS` where the environment does not set
+/// them; call once at the start of `main`, before any thread starts. Returns the variables it
+/// set. The thread count is the number of physical cores (what candle counts), but no more
+/// than the CPUs this process may use (`available_parallelism` follows cgroup quotas, so a
+/// container limited to 2 CPUs on a large host gets 2 threads).
 pub fn tune_threads() -> Vec<&'static str> {
+    let allowed = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = num_cpus::get_physical().clamp(1, allowed.max(1));
     let mut set = Vec::new();
-    for (name, value) in [("CANDLE_NUM_THREADS", 1), ("RAYON_NUM_THREADS", num_cpus::get_physical().max(1))] {
+    for (name, value) in [("CANDLE_NUM_THREADS", 1), ("RAYON_NUM_THREADS", threads)] {
         if std::env::var_os(name).is_none() {
             // SAFETY: called at the start of `main`, before the program starts any thread, so
             // no other thread can read or write the environment concurrently.
