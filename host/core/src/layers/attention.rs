@@ -202,6 +202,19 @@ fn axpy_row<T: Float, const D: usize>(acc: &mut [T; D], a: T, src: &[T]) {
     }
 }
 
+/// `out_r = Σ_s coef(r, s) · rows_s` for `r, s < n`, rows of `D`: one accumulator per output
+/// row, in registers.
+#[inline(always)]
+fn weighted_rows<T: Float, const D: usize>(out: &mut [T], n: usize, coef: impl Fn(usize, usize) -> T, rows: &[T]) {
+    for r in 0..n {
+        let mut acc = [T::zero(); D];
+        for s in 0..n {
+            axpy_row(&mut acc, coef(r, s), row::<T, D>(rows, s));
+        }
+        out[r * D..(r + 1) * D].copy_from_slice(&acc);
+    }
+}
+
 /// Row `i` of a row-major matrix with rows of `D`.
 #[inline(always)]
 fn row<T, const D: usize>(m: &[T], i: usize) -> &[T] {
@@ -312,18 +325,13 @@ impl<T: Float, const D: usize> pulp::WithSimd for SeqForward<'_, T, D> {
             if let Some(saved) = saved.as_deref_mut() {
                 saved[head * n * w..(head + 1) * n * w].copy_from_slice(&p);
             }
-            for i in 0..n {
-                let prow = &mut p[i * w..i * w + n];
-                if let Some(drop) = dropout {
+            if let Some(drop) = dropout {
+                for i in 0..n {
                     dropout_row(&mut mask, drop, seq, head, i);
-                    scale_by(prow, &mask);
+                    scale_by(&mut p[i * w..i * w + n], &mask);
                 }
-                let mut acc = [T::zero(); D];
-                for (j, &a) in prow.iter().enumerate() {
-                    axpy_row(&mut acc, a, row::<T, D>(&vh, j));
-                }
-                o[i * D..(i + 1) * D].copy_from_slice(&acc);
             }
+            weighted_rows::<T, D>(&mut o, n, |i, j| p[i * w + j], &vh);
             scatter_head::<T, D>(&o, hidden, head, d, out);
         }
     }
@@ -382,30 +390,12 @@ impl<T: Float, const D: usize> pulp::WithSimd for SeqBackward<'_, T, D> {
                 }
             }
             // dq_i = Σ_j ds_ij k_j (row i of ds), dk_j = Σ_i ds_ij q_i and dv_j = Σ_i pd_ij dout_i
-            // (column j): one accumulator per output row, in registers.
-            for i in 0..n {
-                let mut acc = [T::zero(); D];
-                for (j, &a) in ds[i * w..i * w + n].iter().enumerate() {
-                    axpy_row(&mut acc, a, row::<T, D>(&kh, j));
-                }
-                g[i * D..(i + 1) * D].copy_from_slice(&acc);
-            }
+            // (column j).
+            weighted_rows::<T, D>(&mut g, n, |i, j| ds[i * w + j], &kh);
             scatter_head::<T, D>(&g, hidden, head, d, dq);
-            for j in 0..n {
-                let mut acc = [T::zero(); D];
-                for i in 0..n {
-                    axpy_row(&mut acc, ds[i * w + j], row::<T, D>(&qh, i));
-                }
-                g[j * D..(j + 1) * D].copy_from_slice(&acc);
-            }
+            weighted_rows::<T, D>(&mut g, n, |j, i| ds[i * w + j], &qh);
             scatter_head::<T, D>(&g, hidden, head, d, dk);
-            for j in 0..n {
-                let mut acc = [T::zero(); D];
-                for i in 0..n {
-                    axpy_row(&mut acc, pd[i * w + j], row::<T, D>(&go, i));
-                }
-                g[j * D..(j + 1) * D].copy_from_slice(&acc);
-            }
+            weighted_rows::<T, D>(&mut g, n, |j, i| pd[i * w + j], &go);
             scatter_head::<T, D>(&g, hidden, head, d, dv);
         }
     }
