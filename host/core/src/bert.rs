@@ -435,10 +435,7 @@ impl BertEncoder {
         // query positions.
         let head_width = self.config.hidden_size / self.config.num_attention_heads.max(1);
         let packs = x.device().is_cpu() && matches!(dtype, DType::F32 | DType::F64) && supports_head_width(head_width);
-        let packing = match packs {
-            true => Some(Packing::from_mask(mask)?),
-            false => None,
-        };
+        let packing = packs.then(|| Packing::from_mask(mask)).transpose()?;
         let layer_mask = match &packing {
             Some(p) => {
                 x = p.pack(&x)?;

@@ -177,9 +177,7 @@ fn kept(seed: u64, threshold: u64, seq: usize, head: usize, i: usize, j: usize) 
 /// The dropout of one call in the form the kernels use: `(threshold on 32 bits, seed,
 /// 1 / (1 - p))`.
 fn dropout_parts<T: Float>(dropout: Option<(f64, u64)>) -> Option<(u64, u64, T)> {
-    dropout.map(|(p, seed)| {
-        (super::fused::dropout_threshold(p), seed, T::from(1.0 / (1.0 - p).max(1e-12)).unwrap_or_else(T::one))
-    })
+    dropout.map(|(p, seed)| (super::fused::dropout_threshold(p), seed, super::fused::dropout_scale(p)))
 }
 
 /// Rows over keys are padded to a multiple of this (one AVX-512 register of f32), so the

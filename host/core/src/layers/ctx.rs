@@ -208,8 +208,9 @@ impl ForwardCtx {
             let mask = (keep.to_dtype(DType::F32)? * scale)?.to_dtype(xs.dtype())?;
             return Ok(xs.mul(&mask)?);
         }
-        if matches!(xs.dtype(), DType::F32 | DType::F64) {
-            let seed = rng.lock().unwrap_or_else(|e| e.into_inner()).random::<u64>();
+        if matches!(xs.dtype(), DType::F32 | DType::F64)
+            && let Some((p, seed)) = self.dropout_seed(p)
+        {
             return super::fused::dropout(xs, p, seed);
         }
         let n = xs.elem_count();

@@ -435,6 +435,11 @@ pub(crate) fn kept(seed: u64, threshold: u64, key: u64) -> bool {
     (z >> 32) >= threshold
 }
 
+/// The factor `1 / (1 - p)` that inverted dropout scales kept elements by.
+pub(crate) fn dropout_scale<T: Float>(p: f64) -> T {
+    T::from(1.0 / (1.0 - p).max(1e-12)).unwrap_or_else(T::one)
+}
+
 /// `p` as the threshold [`kept`] compares with.
 pub(crate) fn dropout_threshold(p: f64) -> u64 {
     (p.clamp(0.0, 1.0) * (u32::MAX as f64)) as u64
@@ -456,7 +461,7 @@ const DROPOUT_CHUNK: usize = 1 << 14;
 
 fn dropout_values<T: Float + Send + Sync>(x: &[T], p: f64, seed: u64) -> Vec<T> {
     let threshold = dropout_threshold(p);
-    let scale = T::from(1.0 / (1.0 - p).max(1e-12)).unwrap_or_else(T::one);
+    let scale = dropout_scale::<T>(p);
     let mut out = vec![T::zero(); x.len()];
     out.par_chunks_mut(DROPOUT_CHUNK).zip(x.par_chunks(DROPOUT_CHUNK)).enumerate().for_each(|(c, (o, x))| {
         let base = (c * DROPOUT_CHUNK) as u64;
