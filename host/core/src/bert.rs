@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use tuneforge_kernels::Int8Matrix;
 
 use crate::layers::attention::{Packing, packed_attention, supports_head_width};
+use crate::layers::fused::softmax_scaled;
 use crate::layers::{Adapter, CheckpointRecord, ForwardCtx, LayerNorm, Linear, Lora, layer_norm, linear};
 use crate::peft::{AdapterPlacement, PeftSpec};
 use crate::{CoreError, Init, ParamBuilder, Result};
@@ -321,8 +322,9 @@ impl Layer {
                     t.reshape((b, l, self.n_heads, d))?.transpose(1, 2)?.contiguous()
                 };
                 let (q, k, v) = (heads(q)?, heads(k)?, heads(v)?);
-                let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?.broadcast_add(mask_bias)?;
-                let probs = ctx.dropout(&ctx.softmax_last(&scores)?, self.attn_dropout)?;
+                let scores = q.matmul(&k.t()?)?;
+                let probs = softmax_scaled(&scores, 1.0 / (d as f64).sqrt(), Some(mask_bias))?;
+                let probs = ctx.dropout(&probs, self.attn_dropout)?;
                 probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?
             }
         };
@@ -454,7 +456,7 @@ impl BertEncoder {
             let mut inputs = Vec::with_capacity(range.len());
             x = x.detach();
             for i in range {
-                ctx.enter_layer(i, x.device())?;
+                ctx.enter_layer(i);
                 inputs.push((i, x.clone()));
                 x = self.layers[i].forward(&x, &layer_mask, ctx)?.detach();
             }
@@ -464,7 +466,7 @@ impl BertEncoder {
             return unpack(out);
         }
         for i in range {
-            ctx.enter_layer(i, x.device())?;
+            ctx.enter_layer(i);
             x = self.layers[i].forward(&x, &layer_mask, ctx)?;
         }
         unpack(x)

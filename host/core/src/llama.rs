@@ -13,6 +13,7 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
+use crate::layers::fused::{rms_norm, softmax_scaled};
 use crate::layers::{CheckpointRecord, ForwardCtx, Linear};
 use crate::{CoreError, Init, ParamBuilder, ParamStore, PeftSpec, Result};
 
@@ -135,14 +136,10 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    /// `x / sqrt(mean(x²) + eps) * weight`, composed from differentiable ops.
-    /// Half-precision inputs are normalised in f32 and returned in their own dtype.
+    /// `x / sqrt(mean(x²) + eps) * weight`: the fused op with its backward (CPU f32/f64,
+    /// CUDA), composed elsewhere; statistics in f32 for half-precision inputs.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let x = if dtype == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv = (ms + self.eps)?.sqrt()?.recip()?;
-        Ok(x.broadcast_mul(&inv)?.broadcast_mul(&self.weight.to_dtype(x.dtype())?)?.to_dtype(dtype)?)
+        rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -397,7 +394,7 @@ impl DecoderModel {
                 let mut x = x.detach();
                 let mut inputs = Vec::with_capacity(self.blocks.len());
                 for (i, block) in self.blocks.iter().enumerate() {
-                    ctx.enter_layer(i, x.device())?;
+                    ctx.enter_layer(i);
                     inputs.push((i, x.clone()));
                     x = self.block_forward(block, &x, 0, mask.as_ref(), None, ctx)?.detach();
                 }
@@ -414,7 +411,7 @@ impl DecoderModel {
             mut cache => {
                 let mut x = x;
                 for (i, block) in self.blocks.iter().enumerate() {
-                    ctx.enter_layer(i, x.device())?;
+                    ctx.enter_layer(i);
                     let slot = cache.as_mut().map(|c| &mut c.layers[i]);
                     x = self.block_forward(block, &x, start, mask.as_ref(), slot, ctx)?;
                 }
@@ -507,11 +504,8 @@ impl DecoderModel {
             Ok(t.unsqueeze(2)?.broadcast_as((b, kv, rep, total, d))?.reshape((b, nh, total, d))?)
         };
         let (k, v) = (expand(&k)?, expand(&v)?);
-        let mut scores = (q.matmul(&k.t()?.contiguous()?)? / (d as f64).sqrt())?;
-        if let Some(m) = mask {
-            scores = scores.broadcast_add(m)?;
-        }
-        let probs = ctx.softmax_last(&scores)?;
+        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        let probs = softmax_scaled(&scores, 1.0 / (d as f64).sqrt(), mask)?;
         let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, nh * d))?;
         let x = (x + blk.o.forward_t(&attn, ctx)?)?;
         let xn = blk.post_norm.forward(&x)?;

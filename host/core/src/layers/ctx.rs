@@ -41,8 +41,6 @@ pub struct ForwardCtx {
     compute_dtype: Option<DType>,
     checkpointing: bool,
     record: Mutex<Option<CheckpointRecord>>,
-    /// Whether a GPU's generator has been seeded for this pass (its first dropout does it).
-    device_seeded: std::sync::atomic::AtomicBool,
 }
 
 impl ForwardCtx {
@@ -54,7 +52,6 @@ impl ForwardCtx {
             compute_dtype: None,
             checkpointing: false,
             record: Mutex::new(None),
-            device_seeded: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -115,15 +112,10 @@ impl ForwardCtx {
     /// Called at the start of transformer layer `index`: its dropout masks come from a
     /// generator seeded by (step seed, layer), so recomputing the layer (gradient
     /// checkpointing) draws the same masks.
-    pub fn enter_layer(&self, index: usize, device: &candle_core::Device) -> Result<()> {
-        let Some(rng) = &self.rng else { return Ok(()) };
+    pub fn enter_layer(&self, index: usize) {
+        let Some(rng) = &self.rng else { return };
         let seed = self.seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         *rng.lock().unwrap_or_else(|e| e.into_inner()) = StdRng::seed_from_u64(seed);
-        if !device.is_cpu() {
-            device.set_seed(seed)?;
-            self.device_seeded.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(())
     }
 
     /// Stores what the checkpointed backward needs (see [`CheckpointRecord`]).
@@ -152,7 +144,7 @@ impl ForwardCtx {
         let Some(mut g) = store.get(record.top.as_tensor()).cloned() else { return Ok(()) };
         for (i, input) in record.inputs.iter().rev() {
             let x = Var::from_tensor(input)?;
-            self.enter_layer(*i, input.device())?;
+            self.enter_layer(*i);
             let out = layer(*i, x.as_tensor(), &record.extras)?;
             let step = out.mul(&g)?.sum_all()?.backward()?;
             crate::train::accumulate_grads(&step, trainable, grads)?;
@@ -188,38 +180,20 @@ impl ForwardCtx {
     }
 
     /// Inverted dropout: zeroes each element with probability `p` and scales the rest by
-    /// `1 / (1 - p)`. The identity at inference or when `p` is 0. On the CPU the mask is a
-    /// hash of a seed from the context's generator and the element's index (one fused op,
-    /// drawn in parallel, redrawn in the backward pass); on a GPU it comes from the device's
-    /// generator (seeded per layer).
+    /// `1 / (1 - p)`. The identity at inference or when `p` is 0. Where the fused ops apply
+    /// (the CPU in f32/f64, CUDA) the mask is a hash of a seed from the context's generator
+    /// and the element's index: one op, drawn in parallel, redrawn in the backward pass, the
+    /// same on the CPU and the GPU. Elsewhere the mask is drawn element by element.
     pub fn dropout(&self, xs: &Tensor, p: f64) -> Result<Tensor> {
-        let Some(rng) = &self.rng else { return Ok(xs.clone()) };
-        if p <= 0.0 {
-            return Ok(xs.clone());
-        }
-        let scale = 1.0 / (1.0 - p);
-        if !xs.device().is_cpu() {
-            // The pass's first mask on a GPU seeds its generator, so the masks before the
-            // first layer (the embeddings') depend only on the step seed too.
-            if !self.device_seeded.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                xs.device().set_seed(self.seed)?;
-            }
-            let keep = Tensor::rand(0f32, 1f32, xs.shape(), xs.device())?.ge(p)?;
-            let mask = (keep.to_dtype(DType::F32)? * scale)?.to_dtype(xs.dtype())?;
-            return Ok(xs.mul(&mask)?);
-        }
-        if matches!(xs.dtype(), DType::F32 | DType::F64)
-            && let Some((p, seed)) = self.dropout_seed(p)
-        {
+        let Some((p, seed)) = self.dropout_seed(p) else { return Ok(xs.clone()) };
+        if super::fused::fused_here(xs) {
             return super::fused::dropout(xs, p, seed);
         }
-        let n = xs.elem_count();
-        let scale = scale as f32;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let scale = (1.0 / (1.0 - p)) as f32;
         let threshold = (p * (u32::MAX as f64)) as u32;
-        let mask: Vec<f32> = {
-            let mut rng = rng.lock().unwrap_or_else(|e| e.into_inner());
-            (0..n).map(|_| if rng.random::<u32>() < threshold { 0.0 } else { scale }).collect()
-        };
+        let mask: Vec<f32> =
+            (0..xs.elem_count()).map(|_| if rng.random::<u32>() < threshold { 0.0 } else { scale }).collect();
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
         Ok(xs.mul(&mask)?)
     }

@@ -1,15 +1,22 @@
-//! Fused kernels with their own backward pass: layer norm, softmax over the last dimension
-//! and GELU (erf form), as candle custom ops.
+//! Fused kernels with their own backward pass: layer norm, RMS norm, softmax over the last
+//! dimension (with a scale and an attention mask), GELU (erf form), dropout and the bias
+//! add, as candle custom ops.
 //!
 //! candle 0.11's fused layer norm and softmax have no backward, and the composed versions
-//! cost 8-10 ops, each a pass over memory and a fresh buffer. These do one pass forward and
-//! one backward (itself a fused op) per call, on f32 and f64, rows in parallel. The
-//! gradient checks in `tests/training.rs` (every parameter against finite differences in
-//! f64) run through them.
+//! cost 8-10 ops, each a pass over memory and a fresh buffer (on a GPU, broadcasting
+//! kernels that compute strided indices per element). These do one pass forward and one
+//! backward (itself a fused op) per call: on the CPU in f32 and f64, rows in parallel; on
+//! CUDA through tuneforge's kernels (`tuneforge_kernels::gpu`, feature `cuda`) in f32, f64,
+//! f16 and bf16, statistics in f32. The gradient checks in `tests/training.rs` (every
+//! parameter against finite differences in f64) run through the CPU ops; the tests below run
+//! the CUDA kernels' calls through the CPU emulation and compare them with the CPU ops.
 
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Shape, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
+use tuneforge_kernels::gpu;
 
 use crate::Result;
 
@@ -29,11 +36,11 @@ fn last_dim(layout: &Layout) -> usize {
 }
 
 /// Maps rows of width `w` of the inputs (all as long as the output) in parallel:
-/// `f(input rows, output row)`.
+/// `f(row index, input rows, output row)`.
 fn map_rows<T: Float + Send + Sync, const N: usize>(
     inputs: [&[T]; N],
     w: usize,
-    f: impl Fn([&[T]; N], &mut [T]) + Sync,
+    f: impl Fn(usize, [&[T]; N], &mut [T]) + Sync,
 ) -> Vec<T> {
     let n = inputs.first().map_or(0, |x| x.len());
     let mut out = vec![T::zero(); n];
@@ -41,7 +48,7 @@ fn map_rows<T: Float + Send + Sync, const N: usize>(
         let base = c * w * ROWS_PER_TASK;
         for (r, o) in block.chunks_mut(w).enumerate() {
             let at = base + r * w;
-            f(inputs.map(|x| &x[at..at + o.len()]), o);
+            f(c * ROWS_PER_TASK + r, inputs.map(|x| &x[at..at + o.len()]), o);
         }
     });
     out
@@ -65,22 +72,53 @@ macro_rules! float_op {
     };
 }
 
-// ---------------------------------------------------------------- layer norm
+/// An op's `cuda_fwd` over its inputs `(storage, layout)`: launches the kernel call its
+/// `gpu_call` builds from the layouts (tuneforge's kernels, `tuneforge_kernels::gpu`).
+macro_rules! cuda_fwd {
+    ($( $s:ident $l:ident ),+) => {
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(&self, $( $s: &CudaStorage, $l: &Layout ),+) -> candle_core::Result<(CudaStorage, Shape)> {
+            gpu::run(&self.gpu_call(&[$( $l ),+])?, &[$( ($s, $l) ),+])
+        }
+    };
+}
+
+// ---------------------------------------------------------------- layer norm, RMS norm
 
 /// `y = (x - mean) / sqrt(var + eps) * gamma + beta` over the last dimension.
 ///
-/// On the CPU in f32/f64 this is one fused op; elsewhere (CUDA, bf16) the composed form of
-/// differentiable primitives, with the statistics in f32 whatever `x`'s dtype.
+/// One fused op where [`fused_here`] (the CPU in f32/f64, CUDA in any float type, with the
+/// statistics in f32 there); elsewhere the composed form of differentiable primitives.
+/// A weight or bias of another dtype than `x` (f32 master weights under bf16) is cast.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     if !fused_here(x) {
         return layer_norm_composed(x, gamma, beta, eps);
     }
-    Ok(x.contiguous()?.apply_op3(gamma, beta, LayerNormOp { eps })?)
+    let (gamma, beta) = (same_dtype(gamma, x)?, same_dtype(beta, x)?);
+    Ok(x.contiguous()?.apply_op3(&gamma, &beta, LayerNormOp { eps })?)
 }
 
-/// True where the fused CPU ops apply: CPU tensors in f32 or f64.
-fn fused_here(x: &Tensor) -> bool {
+/// `y = x / sqrt(mean(x²) + eps) * gamma` over the last dimension (Llama's RMSNorm); fused
+/// where [`fused_here`], composed elsewhere, like [`layer_norm`].
+pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
+    if !fused_here(x) {
+        return rms_norm_composed(x, gamma, eps);
+    }
+    Ok(x.contiguous()?.apply_op2(&same_dtype(gamma, x)?, RmsNormOp { eps })?)
+}
+
+/// True where the fused ops apply: CPU tensors in f32 or f64; CUDA tensors of any float
+/// type when built with the `cuda` feature (tuneforge's kernels, `tuneforge_kernels::gpu`).
+pub(crate) fn fused_here(x: &Tensor) -> bool {
+    if x.device().is_cuda() {
+        return cfg!(feature = "cuda") && matches!(x.dtype(), DType::F32 | DType::F64 | DType::F16 | DType::BF16);
+    }
     x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+}
+
+/// `t` in `like`'s dtype (a differentiable cast; `t` itself when it already is).
+fn same_dtype(t: &Tensor, like: &Tensor) -> Result<Tensor> {
+    if t.dtype() == like.dtype() { Ok(t.clone()) } else { Ok(t.to_dtype(like.dtype())?) }
 }
 
 /// The compute dtype of the composed forms: f32 for half types, else `x`'s own.
@@ -91,7 +129,8 @@ fn wide(x: &Tensor) -> DType {
     }
 }
 
-/// Layer norm composed of differentiable primitives (the reference, and the CUDA path).
+/// Layer norm composed of differentiable primitives (the reference, and the path where no
+/// fused op applies).
 pub fn layer_norm_composed(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xw = x.to_dtype(wide(x))?;
@@ -104,29 +143,54 @@ pub fn layer_norm_composed(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) 
     Ok(out.to_dtype(dtype)?)
 }
 
-struct LayerNormOp {
-    eps: f64,
+/// RMS norm composed of differentiable primitives.
+pub fn rms_norm_composed(x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
+    let xw = x.to_dtype(wide(x))?;
+    let inv = (xw.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    Ok(xw.broadcast_mul(&inv)?.broadcast_mul(&gamma.to_dtype(xw.dtype())?)?.to_dtype(x.dtype())?)
 }
 
-fn ln_row_stats<T: Float>(row: &[T], eps: f64) -> (T, T) {
+/// Mean (0 unless `center`) and `1 / sqrt(var + eps)` of a row.
+fn row_stats<T: Float>(row: &[T], eps: f64, center: bool) -> (T, T) {
     let n = T::from(row.len()).unwrap_or_else(T::one);
-    let mean = row.iter().fold(T::zero(), |a, &v| a + v) / n;
+    let mean = if center { row.iter().fold(T::zero(), |a, &v| a + v) / n } else { T::zero() };
     let var = row.iter().fold(T::zero(), |a, &v| a + (v - mean) * (v - mean)) / n;
     (mean, (var + T::from(eps).unwrap_or_else(T::zero)).sqrt().recip())
 }
 
-/// Rows of `x` normalised, then `* g + b` when given.
-fn normalize_rows<T: Float + Send + Sync>(x: &[T], w: usize, eps: f64, affine: Option<(&[T], &[T])>) -> Vec<T> {
-    map_rows([x], w, |r, o| {
-        let (mean, rstd) = ln_row_stats(r[0], eps);
+/// Rows of `x` normalised, then `* g` and `+ b` when given.
+fn normalize_rows<T: Float + Send + Sync>(
+    x: &[T],
+    w: usize,
+    eps: f64,
+    center: bool,
+    g: Option<&[T]>,
+    b: Option<&[T]>,
+) -> Vec<T> {
+    map_rows([x], w, |_, r, o| {
+        let (mean, rstd) = row_stats(r[0], eps, center);
         for i in 0..w {
-            let xhat = (r[0][i] - mean) * rstd;
-            o[i] = match affine {
-                Some((g, b)) => xhat * g[i] + b[i],
-                None => xhat,
-            };
+            let mut v = (r[0][i] - mean) * rstd;
+            if let Some(g) = g {
+                v = v * g[i];
+            }
+            if let Some(b) = b {
+                v = v + b[i];
+            }
+            o[i] = v;
         }
     })
+}
+
+fn check_params(name: &str, w: usize, params: &[&Layout]) -> candle_core::Result<()> {
+    if params.iter().any(|l| l.shape().elem_count() != w) {
+        candle_core::bail!("{name}: weight and bias must have {w} values, one per column");
+    }
+    Ok(())
+}
+
+struct LayerNormOp {
+    eps: f64,
 }
 
 impl CustomOp3 for LayerNormOp {
@@ -144,12 +208,13 @@ impl CustomOp3 for LayerNormOp {
         lb: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = last_dim(lx);
-        if lg.shape().elem_count() != w || lb.shape().elem_count() != w {
-            candle_core::bail!("{}: weight and bias must have {w} values, one per column", self.name());
-        }
-        let out = float_op!(self.name(); (x, lx), (g, lg), (b, lb); normalize_rows(x, w, self.eps, Some((g, b))));
+        check_params(self.name(), w, &[lg, lb])?;
+        let out =
+            float_op!(self.name(); (x, lx), (g, lg), (b, lb); normalize_rows(x, w, self.eps, true, Some(g), Some(b)));
         Ok((out, lx.shape().clone()))
     }
+
+    cuda_fwd!(x lx, g lg, b lb);
 
     fn bwd(
         &self,
@@ -159,32 +224,87 @@ impl CustomOp3 for LayerNormOp {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let dx = if x.track_op() {
-            Some(x.apply_op3_no_bwd(gamma, &grad, &LayerNormGradX { eps: self.eps })?)
-        } else {
-            None
-        };
-        let w = x.dim(D::Minus1)?;
-        let rows = x.elem_count() / w.max(1);
-        let grad = grad.reshape((rows, w))?;
-        // Column sums as a product with a row of ones (a strided reduction over the rows is
-        // slow on the CPU); only for a trainable weight and bias.
-        let ones = Tensor::ones((1, rows), grad.dtype(), grad.device())?;
-        let dgamma = if gamma.track_op() {
-            let xhat = x.apply_op1_no_bwd(&Normalize { eps: self.eps })?;
-            Some(ones.matmul(&(&grad * xhat.reshape((rows, w))?)?)?.reshape(w)?)
-        } else {
-            None
-        };
-        let dbeta = if beta.track_op() { Some(ones.matmul(&grad)?.reshape(w)?) } else { None };
+        let (dx, dgamma, dbeta) = norm_bwd(x, gamma, Some(beta), grad, self.eps, true)?;
         Ok((dx, dgamma, dbeta))
     }
 }
 
-/// `(x - mean) · rstd` per row (no gradient; used by the layer norm's backward).
+struct RmsNormOp {
+    eps: f64,
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "tuneforge-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        g: &CpuStorage,
+        lg: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = last_dim(lx);
+        check_params(self.name(), w, &[lg])?;
+        let out = float_op!(self.name(); (x, lx), (g, lg); normalize_rows(x, w, self.eps, false, Some(g), None));
+        Ok((out, lx.shape().clone()))
+    }
+
+    cuda_fwd!(x lx, g lg);
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dgamma, _) = norm_bwd(x, gamma, None, grad, self.eps, false)?;
+        Ok((dx, dgamma))
+    }
+}
+
+/// The gradients of a layer norm (`center`, with a bias) or RMS norm with respect to its
+/// input, weight and bias, each only when tracked.
+fn norm_bwd(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: Option<&Tensor>,
+    grad: &Tensor,
+    eps: f64,
+    center: bool,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    let dx = if x.track_op() { Some(x.apply_op3_no_bwd(gamma, &grad, &NormGradX { eps, center })?) } else { None };
+    let w = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / w.max(1);
+    let grad = grad.reshape((rows, w))?;
+    let dgamma = if gamma.track_op() {
+        let xhat = x.apply_op1_no_bwd(&Normalize { eps, center })?;
+        Some(column_sums(&(&grad * xhat.reshape((rows, w))?)?)?)
+    } else {
+        None
+    };
+    let dbeta = match beta {
+        Some(b) if b.track_op() => Some(column_sums(&grad)?),
+        _ => None,
+    };
+    Ok((dx, dgamma, dbeta))
+}
+
+/// The sums of the columns of `m: [rows, w]`, as a product with a row of ones (a strided
+/// reduction over the rows is slow on the CPU; on a GPU it is one GEMM).
+fn column_sums(m: &Tensor) -> candle_core::Result<Tensor> {
+    let (rows, w) = m.dims2()?;
+    Tensor::ones((1, rows), m.dtype(), m.device())?.matmul(m)?.reshape(w)
+}
+
+/// `(x - mean) · rstd` per row, `mean` 0 unless `center` (no gradient; used by the norms'
+/// backward).
 struct Normalize {
     eps: f64,
+    center: bool,
 }
 
 impl CustomOp1 for Normalize {
@@ -194,37 +314,41 @@ impl CustomOp1 for Normalize {
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = last_dim(l);
-        Ok((float_op!(self.name(); (x, l); normalize_rows(x, w, self.eps, None)), l.shape().clone()))
+        Ok((float_op!(self.name(); (x, l); normalize_rows(x, w, self.eps, self.center, None, None)), l.shape().clone()))
     }
+
+    cuda_fwd!(x l);
 }
 
-/// The layer norm's input gradient: with `g = dy · gamma` and `x̂` the normalised row,
-/// `dx = rstd · (g - mean(g) - x̂ · mean(g · x̂))`.
-struct LayerNormGradX {
+/// A norm's input gradient: with `g = dy · gamma` and `x̂` the normalised row,
+/// `dx = rstd · (g - mean(g) - x̂ · mean(g · x̂))`, the `mean(g)` term only when centred.
+/// Inputs `x`, `gamma`, `dy`.
+struct NormGradX {
     eps: f64,
+    center: bool,
 }
 
-fn layer_norm_grad_rows<T: Float + Send + Sync>(x: &[T], gamma: &[T], dy: &[T], w: usize, eps: f64) -> Vec<T> {
+fn norm_grad_rows<T: Float + Send + Sync>(x: &[T], gamma: &[T], dy: &[T], w: usize, eps: f64, center: bool) -> Vec<T> {
     let n = T::from(w).unwrap_or_else(T::one);
-    map_rows([x, dy], w, |r, o| {
+    map_rows([x, dy], w, |_, r, o| {
         let (x, dy) = (r[0], r[1]);
-        let (mean, rstd) = ln_row_stats(x, eps);
+        let (mean, rstd) = row_stats(x, eps, center);
         let (mut sum_g, mut sum_gx) = (T::zero(), T::zero());
         for i in 0..w {
             let g = dy[i] * gamma[i];
             sum_g = sum_g + g;
             sum_gx = sum_gx + g * (x[i] - mean) * rstd;
         }
-        let (mg, mgx) = (sum_g / n, sum_gx / n);
+        let (mg, mgx) = (if center { sum_g / n } else { T::zero() }, sum_gx / n);
         for i in 0..w {
             o[i] = rstd * (dy[i] * gamma[i] - mg - (x[i] - mean) * rstd * mgx);
         }
     })
 }
 
-impl CustomOp3 for LayerNormGradX {
+impl CustomOp3 for NormGradX {
     fn name(&self) -> &'static str {
-        "tuneforge-layer-norm-grad"
+        "tuneforge-norm-grad"
     }
 
     fn cpu_fwd(
@@ -237,43 +361,87 @@ impl CustomOp3 for LayerNormGradX {
         ld: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = last_dim(lx);
-        let out = float_op!(self.name(); (x, lx), (g, lg), (d, ld); layer_norm_grad_rows(x, g, d, w, self.eps));
+        let out = float_op!(self.name(); (x, lx), (g, lg), (d, ld); norm_grad_rows(x, g, d, w, self.eps, self.center));
         Ok((out, lx.shape().clone()))
     }
+
+    cuda_fwd!(x lx, g lg, d ld);
 }
 
 // ---------------------------------------------------------------- softmax
 
 /// Softmax over the last dimension (max-subtracted), with a backward pass.
-/// Fused on the CPU in f32/f64; on CUDA candle-nn's fused kernel with our backward
-/// (`cuda_ops.rs`); elsewhere composed, in f32 for half types.
+/// Fused where [`fused_here`]; elsewhere composed, in f32 for half types.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if x.device().is_cuda() {
-        return super::cuda_ops::softmax_last(x);
-    }
-    if !fused_here(x) {
-        let xw = x.to_dtype(wide(x))?;
-        let max = xw.max_keepdim(D::Minus1)?.detach();
-        let e = xw.broadcast_sub(&max)?.exp()?;
-        return Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(x.dtype())?);
-    }
-    Ok(x.contiguous()?.apply_op1(SoftmaxOp)?)
+    softmax_scaled(x, 1.0, None)
 }
 
-struct SoftmaxOp;
+/// `softmax(scale · x + bias)` over the last dimension, the attention's softmax: `x` the
+/// scores `[batch, heads, queries, keys]` (or any shape without a bias), `bias` an additive
+/// mask that broadcasts to them with one value per head (`[batch or 1, 1, queries or 1,
+/// keys]`, or `[queries, keys]`). One fused op where [`fused_here`] (the mask is read in
+/// place, not expanded); composed elsewhere. The bias is not differentiated.
+pub fn softmax_scaled(x: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
+    if fused_here(x) {
+        let x = x.contiguous()?;
+        match bias {
+            None => return Ok(x.apply_op1(SoftmaxOp { scale })?),
+            Some(b) => {
+                if let Some(rows) = bias_rows(x.dims(), b.dims()) {
+                    let b = same_dtype(&b.detach(), &x)?.contiguous()?;
+                    return Ok(x.apply_op2(&b, MaskedSoftmaxOp { scale, rows })?);
+                }
+            }
+        }
+    }
+    let xw = x.to_dtype(wide(x))?;
+    let mut v = if scale == 1.0 { xw } else { (xw * scale)? };
+    if let Some(b) = bias {
+        v = v.broadcast_add(&b.to_dtype(v.dtype())?)?;
+    }
+    let max = v.max_keepdim(D::Minus1)?.detach();
+    let e = v.broadcast_sub(&max)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.to_dtype(x.dtype())?)
+}
 
-fn softmax_rows<T: Float + Send + Sync>(x: &[T], w: usize) -> Vec<T> {
-    map_rows([x], w, |r, o| {
-        let max = r[0].iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+/// How a bias of dims `bias` lines up with scores of dims `x` (`[b, h, q, k]`), if the fused
+/// op can read it: left-padded to 4 dims it must be `[b or 1, 1, q or 1, k]`.
+fn bias_rows(x: &[usize], bias: &[usize]) -> Option<gpu::BiasRows> {
+    let &[b, h, q, k] = x else { return None };
+    if bias.len() > 4 {
+        return None;
+    }
+    let mut d = [1usize; 4];
+    d[4 - bias.len()..].copy_from_slice(bias);
+    let ok = (d[0] == 1 || d[0] == b) && d[1] == 1 && (d[2] == 1 || d[2] == q) && d[3] == k;
+    ok.then_some(gpu::BiasRows { heads: h, queries: q, per_batch: d[0] != 1, per_query: d[2] != 1 })
+}
+
+/// Rows of `softmax(scale · x + bias)`, the bias row of row `r` given by `bias`.
+fn softmax_rows<T: Float + Send + Sync>(x: &[T], w: usize, scale: f64, bias: Option<(&[T], gpu::BiasRows)>) -> Vec<T> {
+    let s = T::from(scale).unwrap_or_else(T::one);
+    map_rows([x], w, |r, x, o| {
+        let x = x[0];
+        match bias {
+            Some((b, rows)) => {
+                let b = &b[rows.row(r) * w..][..w];
+                o.iter_mut().zip(x.iter().zip(b)).for_each(|(o, (&x, &b))| *o = x * s + b);
+            }
+            None => o.iter_mut().zip(x).for_each(|(o, &x)| *o = x * s),
+        }
+        let max = o.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
         let mut sum = T::zero();
-        for i in 0..w {
-            o[i] = (r[0][i] - max).exp();
-            sum = sum + o[i];
+        for v in o.iter_mut() {
+            *v = (*v - max).exp();
+            sum = sum + *v;
         }
         let inv = sum.recip();
         o.iter_mut().for_each(|v| *v = *v * inv);
     })
+}
+
+struct SoftmaxOp {
+    scale: f64,
 }
 
 impl CustomOp1 for SoftmaxOp {
@@ -283,22 +451,63 @@ impl CustomOp1 for SoftmaxOp {
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = last_dim(l);
-        Ok((float_op!(self.name(); (x, l); softmax_rows(x, w)), l.shape().clone()))
+        Ok((float_op!(self.name(); (x, l); softmax_rows(x, w, self.scale, None)), l.shape().clone()))
     }
 
+    cuda_fwd!(x l);
+
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad)?))
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad { scale: self.scale })?))
     }
 }
 
-/// `dx = y · (dy - Σ dy·y)` per row.
-struct SoftmaxGrad;
+/// `softmax(scale · x + bias)` with the bias's rows given by `rows`; inputs `x`, `bias`.
+struct MaskedSoftmaxOp {
+    scale: f64,
+    rows: gpu::BiasRows,
+}
 
-fn softmax_grad_rows<T: Float + Send + Sync>(y: &[T], dy: &[T], w: usize) -> Vec<T> {
-    map_rows([y, dy], w, |r, o| {
+impl CustomOp2 for MaskedSoftmaxOp {
+    fn name(&self) -> &'static str {
+        "tuneforge-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = last_dim(lx);
+        let out = float_op!(self.name(); (x, lx), (b, lb); softmax_rows(x, w, self.scale, Some((b, self.rows))));
+        Ok((out, lx.shape().clone()))
+    }
+
+    cuda_fwd!(x lx, b lb);
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxGrad { scale: self.scale })?), None))
+    }
+}
+
+/// `dx = scale · y · (dy - Σ dy·y)` per row; inputs `y`, `dy`.
+struct SoftmaxGrad {
+    scale: f64,
+}
+
+fn softmax_grad_rows<T: Float + Send + Sync>(y: &[T], dy: &[T], w: usize, scale: f64) -> Vec<T> {
+    let s = T::from(scale).unwrap_or_else(T::one);
+    map_rows([y, dy], w, |_, r, o| {
         let dot = r[0].iter().zip(r[1]).fold(T::zero(), |a, (&y, &d)| a + y * d);
         for i in 0..w {
-            o[i] = r[0][i] * (r[1][i] - dot);
+            o[i] = s * r[0][i] * (r[1][i] - dot);
         }
     })
 }
@@ -316,7 +525,62 @@ impl CustomOp2 for SoftmaxGrad {
         ld: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let w = last_dim(ly);
-        Ok((float_op!(self.name(); (y, ly), (d, ld); softmax_grad_rows(y, d, w)), ly.shape().clone()))
+        Ok((float_op!(self.name(); (y, ly), (d, ld); softmax_grad_rows(y, d, w, self.scale)), ly.shape().clone()))
+    }
+
+    cuda_fwd!(y ly, d ld);
+}
+
+// ---------------------------------------------------------------- bias
+
+/// `x + b` with `b: [w]` repeated over the rows of `x: [..., w]`: one op where
+/// [`fused_here`] (its backward sums the gradient's columns with one product), candle's
+/// broadcasting add elsewhere. A bias of another dtype is cast.
+pub fn bias_add(x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let b = if b.dtype() == x.dtype() { b.clone() } else { b.to_dtype(x.dtype())? };
+    if !fused_here(x) || b.rank() != 1 || b.dim(0)? != x.dim(D::Minus1)? {
+        return x.broadcast_add(&b);
+    }
+    x.contiguous()?.apply_op2(&b, BiasAddOp)
+}
+
+struct BiasAddOp;
+
+impl CustomOp2 for BiasAddOp {
+    fn name(&self) -> &'static str {
+        "tuneforge-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = last_dim(lx);
+        let out = float_op!(self.name(); (x, lx), (b, lb); map_rows([x], w, |_, r, o| {
+            o.iter_mut().zip(r[0].iter().zip(b)).for_each(|(o, (&x, &b))| *o = x + b);
+        }));
+        Ok((out, lx.shape().clone()))
+    }
+
+    cuda_fwd!(x lx, b lb);
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        b: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let db = if b.track_op() {
+            let w = b.dim(0)?;
+            Some(column_sums(&grad.contiguous()?.reshape((grad.elem_count() / w.max(1), w))?)?)
+        } else {
+            None
+        };
+        Ok((x.track_op().then(|| grad.clone()), db))
     }
 }
 
@@ -365,7 +629,7 @@ impl Erf for f32 {
 
 /// Elementwise, in parallel blocks: `out[i] = f(inputs[..][i])`.
 fn map_elems<T: Float + Send + Sync, const N: usize>(inputs: [&[T]; N], f: impl Fn([T; N]) -> T + Sync) -> Vec<T> {
-    map_rows(inputs, 4096.min(inputs.first().map_or(1, |x| x.len()).max(1)), |r, o| {
+    map_rows(inputs, 4096.min(inputs.first().map_or(1, |x| x.len()).max(1)), |_, r, o| {
         for (i, o) in o.iter_mut().enumerate() {
             *o = f(r.map(|x| x[i]));
         }
@@ -396,6 +660,8 @@ impl CustomOp1 for GeluOp {
         Ok((float_op!(self.name(); (x, l); map_elems([x], |[a]| gelu(a))), l.shape().clone()))
     }
 
+    cuda_fwd!(x l);
+
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluGrad)?))
     }
@@ -418,6 +684,8 @@ impl CustomOp2 for GeluGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         Ok((float_op!(self.name(); (x, lx), (d, ld); map_elems([x, d], |[a, g]| g * gelu_grad(a))), lx.shape().clone()))
     }
+
+    cuda_fwd!(x lx, d ld);
 }
 
 // ---------------------------------------------------------------- dropout
@@ -446,7 +714,8 @@ pub(crate) fn dropout_threshold(p: f64) -> u64 {
 }
 
 /// Inverted dropout with the mask drawn from `seed` (see [`kept`]); the backward pass
-/// applies the same mask to the gradient. CPU, f32/f64.
+/// applies the same mask to the gradient. Where [`fused_here`]: the CPU in f32/f64 and CUDA
+/// draw the same mask.
 pub(crate) fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(DropoutOp { p, seed })?)
 }
@@ -483,8 +752,123 @@ impl CustomOp1 for DropoutOp {
         Ok((float_op!(self.name(); (x, l); dropout_values(x, self.p, self.seed)), l.shape().clone()))
     }
 
+    cuda_fwd!(x l);
+
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&DropoutOp { p: self.p, seed: self.seed })?))
+    }
+}
+
+// ---------------------------------------------------------------- CUDA calls
+
+// Each op's launch of its CUDA kernel (`cuda_fwd`), given its inputs' layouts (checked
+// contiguous by the launch); the emulated tests below run the same calls on the CPU.
+
+/// Rows and width of the first layout (normalised over its last dimension); the rest
+/// (weights, biases) must hold one value per column.
+#[cfg(any(test, feature = "cuda"))]
+fn rows_and_params(name: &str, ls: &[&Layout]) -> candle_core::Result<(usize, usize)> {
+    let Some((first, params)) = ls.split_first() else { candle_core::bail!("{name}: no input") };
+    let w = last_dim(first);
+    check_params(name, w, params)?;
+    Ok((first.shape().elem_count() / w, w))
+}
+
+/// The first layout's rows and width.
+#[cfg(any(test, feature = "cuda"))]
+fn rows(ls: &[&Layout]) -> (usize, usize) {
+    let w = ls.first().map_or(1, |l| last_dim(l));
+    (ls.first().map_or(0, |l| l.shape().elem_count()) / w, w)
+}
+
+/// The first layout's element count.
+#[cfg(any(test, feature = "cuda"))]
+fn elems(ls: &[&Layout]) -> usize {
+    ls.first().map_or(0, |l| l.shape().elem_count())
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl LayerNormOp {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        let (rows, w) = rows_and_params(self.name(), ls)?;
+        Ok(gpu::norm_fwd(rows, w, true, true, true, self.eps))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl RmsNormOp {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        let (rows, w) = rows_and_params(self.name(), ls)?;
+        Ok(gpu::norm_fwd(rows, w, true, false, false, self.eps))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl Normalize {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        let (rows, w) = rows(ls);
+        Ok(gpu::norm_fwd(rows, w, false, false, self.center, self.eps))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl NormGradX {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        let (rows, w) = rows_and_params(self.name(), &ls[..ls.len().min(2)])?;
+        Ok(gpu::norm_grad(rows, w, true, self.center, self.eps))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl SoftmaxOp {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        let (rows, w) = rows(ls);
+        Ok(gpu::softmax_fwd(rows, w, self.scale, None))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl MaskedSoftmaxOp {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        let (rows, w) = rows(ls);
+        Ok(gpu::softmax_fwd(rows, w, self.scale, Some(self.rows)))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl SoftmaxGrad {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        let (rows, w) = rows(ls);
+        Ok(gpu::softmax_grad(rows, w, self.scale))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl BiasAddOp {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        let (_, w) = rows_and_params(self.name(), ls)?;
+        Ok(gpu::bias_add(elems(ls), w))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl GeluOp {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        Ok(gpu::gelu_fwd(elems(ls)))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl GeluGrad {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        Ok(gpu::gelu_grad(elems(ls)))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl DropoutOp {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        Ok(gpu::dropout(elems(ls), self.seed, dropout_threshold(self.p), dropout_scale::<f64>(self.p)))
     }
 }
 
@@ -603,5 +987,230 @@ mod tests {
             worst = worst.max((f64::from(Erf::erf(x)) - libm::erf(f64::from(x))).abs());
         }
         assert!(worst < 6e-7, "worst error {worst}");
+    }
+}
+
+/// The CUDA kernels, run through the CPU emulation (`tuneforge_kernels::gpu::emulated`)
+/// with the very calls `cuda_fwd` launches, against the CPU ops: rows that do not fill a
+/// block, widths that do not fill a warp, bf16 storage.
+#[cfg(test)]
+mod gpu_kernel_tests {
+    use candle_core::{Device, WithDType};
+    use tuneforge_kernels::gpu::emulated::{self, Elem};
+
+    use super::*;
+
+    fn randn(shape: &[usize], seed: u64) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let mut rng = StdRng::seed_from_u64(seed);
+        let v: Vec<f64> = (0..shape.iter().product()).map(|_| rng.random_range(-3.0..3.0)).collect();
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+
+    /// `call` on the inputs, emulated in `T`; the output as an f64 tensor of `inputs[0]`'s shape.
+    fn emulate<T: Elem + WithDType>(call: &gpu::Call, inputs: &[&Tensor]) -> Result<Tensor> {
+        let data = inputs
+            .iter()
+            .map(|t| Ok(t.to_dtype(T::DTYPE)?.flatten_all()?.to_vec1::<T>()?))
+            .collect::<Result<Vec<Vec<T>>>>()?;
+        let out = emulated::run(call, &data.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        Ok(Tensor::from_vec(out, inputs[0].shape(), &Device::Cpu)?.to_dtype(DType::F64)?)
+    }
+
+    fn close(name: &str, got: &Tensor, want: &Tensor, tol: f64) -> Result<()> {
+        let got = got.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let want = want.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{name}, element {i}: kernel {a}, CPU {b}");
+        }
+        Ok(())
+    }
+
+    /// Runs `check(dtype, tolerance)` for f64, f32 and bf16 (the last against the f32 CPU op).
+    fn in_each_dtype(mut check: impl FnMut(DType, f64) -> Result<()>) -> Result<()> {
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-6), (DType::BF16, 2e-2)] {
+            check(dtype, tol)?;
+        }
+        Ok(())
+    }
+
+    /// The emulated kernel of the op whose `gpu_call` is `call`, in `dtype` (bf16 runs the
+    /// kernel in bf16, the reference in f32).
+    fn kernel(
+        call: impl FnOnce(&[&Layout]) -> candle_core::Result<gpu::Call>,
+        inputs: &[&Tensor],
+        dtype: DType,
+    ) -> Result<Tensor> {
+        let call = call(&inputs.iter().map(|t| t.layout()).collect::<Vec<_>>())?;
+        match dtype {
+            DType::F64 => emulate::<f64>(&call, inputs),
+            DType::F32 => emulate::<f32>(&call, inputs),
+            _ => emulate::<emulated::bf16>(&call, inputs),
+        }
+    }
+
+    /// The emulated kernel (see [`kernel`]) gives `want`, the CPU op's output.
+    fn agree(
+        name: &str,
+        call: impl FnOnce(&[&Layout]) -> candle_core::Result<gpu::Call>,
+        inputs: &[&Tensor],
+        want: &Tensor,
+        dtype: DType,
+        tol: f64,
+    ) -> Result<()> {
+        close(name, &kernel(call, inputs, dtype)?, want, tol)
+    }
+
+    fn cpu_dtype(dtype: DType) -> DType {
+        if dtype == DType::BF16 { DType::F32 } else { dtype }
+    }
+
+    #[test]
+    fn norm_kernels_match_the_cpu_ops() -> Result<()> {
+        // 7 rows (blocks hold 4), widths below and above a warp's 32 lanes.
+        for w in [20, 77] {
+            in_each_dtype(|dtype, tol| {
+                let cd = cpu_dtype(dtype);
+                let x = (randn(&[7, w], 1)? + 0.7)?.to_dtype(cd)?;
+                let g = randn(&[w], 2)?.to_dtype(cd)?;
+                let b = randn(&[w], 3)?.to_dtype(cd)?;
+                let dy = randn(&[7, w], 4)?.to_dtype(cd)?;
+                let ln = LayerNormOp { eps: 1e-5 };
+                agree(
+                    "layer norm",
+                    |ls| ln.gpu_call(ls),
+                    &[&x, &g, &b],
+                    &x.apply_op3_no_bwd(&g, &b, &ln)?,
+                    dtype,
+                    tol,
+                )?;
+                let rms = RmsNormOp { eps: 1e-6 };
+                agree("RMS norm", |ls| rms.gpu_call(ls), &[&x, &g], &x.apply_op2_no_bwd(&g, &rms)?, dtype, tol)?;
+                for center in [true, false] {
+                    let n = Normalize { eps: 1e-5, center };
+                    agree("normalize", |ls| n.gpu_call(ls), &[&x], &x.apply_op1_no_bwd(&n)?, dtype, tol)?;
+                    let grad = NormGradX { eps: 1e-5, center };
+                    let want = x.apply_op3_no_bwd(&g, &dy, &grad)?;
+                    agree("norm gradient", |ls| grad.gpu_call(ls), &[&x, &g, &dy], &want, dtype, tol * 4.0)?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn softmax_kernels_match_the_cpu_ops() -> Result<()> {
+        in_each_dtype(|dtype, tol| {
+            let cd = cpu_dtype(dtype);
+            let x = randn(&[2, 3, 5, 37], 5)?.to_dtype(cd)?;
+            let dy = randn(&[2, 3, 5, 37], 6)?.to_dtype(cd)?;
+            let plain = SoftmaxOp { scale: 0.3 };
+            agree("softmax", |ls| plain.gpu_call(ls), &[&x], &x.apply_op1_no_bwd(&plain)?, dtype, tol)?;
+            // A padding mask per batch element ([b, 1, 1, k]) and a causal one per query ([q, k]).
+            let padding = Tensor::from_vec(
+                (0..2 * 37).map(|i| if i % 37 < 30 - 10 * (i / 37) { 0f64 } else { -1e4 }).collect::<Vec<_>>(),
+                (2, 1, 1, 37),
+                &Device::Cpu,
+            )?;
+            let causal = Tensor::from_vec(
+                (0..5 * 37).map(|i| if i % 37 <= 32 + i / 37 { 0f64 } else { f64::NEG_INFINITY }).collect::<Vec<_>>(),
+                (5, 37),
+                &Device::Cpu,
+            )?;
+            for bias in [padding, causal] {
+                let bias = bias.to_dtype(cd)?;
+                let rows = bias_rows(x.dims(), bias.dims()).expect("a bias the fused op reads");
+                let masked = MaskedSoftmaxOp { scale: 0.3, rows };
+                let want = x.apply_op2_no_bwd(&bias, &masked)?;
+                let composed = softmax_last(
+                    &x.broadcast_mul(&Tensor::new(0.3, &Device::Cpu)?.to_dtype(cd)?)?.broadcast_add(&bias)?,
+                )?;
+                close("masked softmax (CPU op vs composed)", &want, &composed, 1e-5)?;
+                agree("masked softmax", |ls| masked.gpu_call(ls), &[&x, &bias], &want, dtype, tol)?;
+            }
+            let y = x.apply_op1_no_bwd(&plain)?;
+            let grad = SoftmaxGrad { scale: 0.3 };
+            agree("softmax gradient", |ls| grad.gpu_call(ls), &[&y, &dy], &y.apply_op2_no_bwd(&dy, &grad)?, dtype, tol)
+        })
+    }
+
+    #[test]
+    fn elementwise_kernels_match_the_cpu_ops() -> Result<()> {
+        in_each_dtype(|dtype, tol| {
+            let cd = cpu_dtype(dtype);
+            // Not a multiple of the 256 threads of a block.
+            let x = randn(&[5003], 7)?.to_dtype(cd)?;
+            let dy = randn(&[5003], 8)?.to_dtype(cd)?;
+            // The CPU's f32 erf is a rational approximation (within 6e-7 of libm's).
+            let tol = tol.max(if dtype == DType::F32 { 2e-6 } else { 0.0 });
+            agree("GELU", |ls| GeluOp.gpu_call(ls), &[&x], &x.apply_op1_no_bwd(&GeluOp)?, dtype, tol)?;
+            agree(
+                "GELU gradient",
+                |ls| GeluGrad.gpu_call(ls),
+                &[&x, &dy],
+                &x.apply_op2_no_bwd(&dy, &GeluGrad)?,
+                dtype,
+                tol,
+            )?;
+            let drop = DropoutOp { p: 0.1, seed: 42 };
+            let (got, want) = (kernel(|ls| drop.gpu_call(ls), &[&x], dtype)?, x.apply_op1_no_bwd(&drop)?);
+            close("dropout", &got, &want, tol)?;
+            let zeros = |t: &Tensor| -> Result<Vec<bool>> {
+                Ok(t.to_dtype(DType::F64)?.to_vec1::<f64>()?.iter().map(|v| *v == 0.0).collect())
+            };
+            assert_eq!(zeros(&got)?, zeros(&want)?, "the GPU draws the CPU's dropout mask");
+            let xs = randn(&[7, 45], 9)?.to_dtype(cd)?;
+            let b = randn(&[45], 10)?.to_dtype(cd)?;
+            agree(
+                "bias add",
+                |ls| BiasAddOp.gpu_call(ls),
+                &[&xs, &b],
+                &xs.apply_op2_no_bwd(&b, &BiasAddOp)?,
+                dtype,
+                tol,
+            )
+        })
+    }
+
+    /// The new CPU ops (RMS norm, the masked softmax, the bias add) against the composed
+    /// forms in value and gradient.
+    #[test]
+    fn rms_norm_masked_softmax_and_bias_add_match_the_composed_ops() -> Result<()> {
+        use candle_core::Var;
+        let x = Var::from_tensor(&randn(&[2, 3, 4, 9], 11)?)?;
+        let g = Var::from_tensor(&randn(&[9], 12)?)?;
+        let w = randn(&[2, 3, 4, 9], 13)?;
+        let mask = Tensor::from_vec(
+            (0..18).map(|i| if i % 9 < 7 { 0f64 } else { -1e4 }).collect::<Vec<_>>(),
+            (2, 1, 1, 9),
+            &Device::Cpu,
+        )?;
+        type Pair = (Tensor, Tensor);
+        let cases: Vec<(&str, Pair)> = vec![
+            (
+                "RMS norm",
+                (rms_norm(x.as_tensor(), g.as_tensor(), 1e-6)?, rms_norm_composed(x.as_tensor(), g.as_tensor(), 1e-6)?),
+            ),
+            ("bias add", (bias_add(x.as_tensor(), g.as_tensor())?, x.as_tensor().broadcast_add(g.as_tensor())?)),
+            ("masked softmax", {
+                let composed = crate::layers::ops::softmax_last(&(x.as_tensor() * 0.5)?.broadcast_add(&mask)?)?;
+                (softmax_scaled(x.as_tensor(), 0.5, Some(&mask))?, composed)
+            }),
+        ];
+        for (name, (fused, composed)) in cases {
+            close(name, &fused, &composed, 1e-12)?;
+            let gf = (fused * &w)?.sum_all()?.backward()?;
+            let gc = (composed * &w)?.sum_all()?.backward()?;
+            for v in [&x, &g] {
+                match (gf.get(v.as_tensor()), gc.get(v.as_tensor())) {
+                    (Some(a), Some(b)) => close(name, a, b, 1e-10)?,
+                    (None, None) => {}
+                    _ => panic!("{name}: one form has a gradient the other lacks"),
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -157,7 +157,7 @@ impl Linear {
             Some(_) if self.int8.is_none() => {
                 let y = matmul_t(xs, &ctx.cast(&self.weight)?)?;
                 match &self.bias {
-                    Some(b) => y.broadcast_add(&ctx.cast(b)?)?,
+                    Some(b) => super::fused::bias_add(&y, b)?,
                     None => y,
                 }
             }
@@ -183,7 +183,7 @@ impl Module for Linear {
             None => matmul_t(xs, &self.weight)?,
         };
         match &self.bias {
-            Some(b) => y.broadcast_add(b),
+            Some(b) => super::fused::bias_add(&y, b),
             None => Ok(y),
         }
     }

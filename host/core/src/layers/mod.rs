@@ -3,13 +3,13 @@
 //! candle 0.11's fused `LayerNorm`, `softmax_last_dim`, `rms_norm` and rope have no backward:
 //! gradients silently stop at them. Everything here that training touches is either composed
 //! of differentiable primitives or one of our own fused ops with its backward (`fused.rs`:
-//! layer norm, softmax, GELU; `dense.rs`: the linear layer's product), and the gradient tests check it against finite differences.
+//! layer and RMS norm, softmax with scale and mask, GELU, dropout, bias — on the CPU and,
+//! through `tuneforge_kernels::gpu`, on CUDA; `dense.rs`: the linear layer's product on the
+//! CPU), and the gradient tests check it against finite differences.
 
 mod adapter;
 pub(crate) mod attention;
 mod ctx;
-#[cfg(feature = "cuda")]
-mod cuda_ops;
 mod dense;
 pub mod fused;
 mod layer_norm;

@@ -1,0 +1,255 @@
+// tuneforge's CUDA kernels: the row-wise and elementwise ops of a training step that candle
+// would otherwise compose from several broadcasting kernels, each with its backward.
+//
+// - tf_norm_fwd / tf_norm_grad: layer norm (centred) and RMS norm (not), optional weight and
+//   bias; one warp per row, statistics in f32 (f64 for f64).
+// - tf_softmax_fwd / tf_softmax_grad: softmax of `scale · x + bias` over the last dimension,
+//   the bias (an attention mask) indexed by batch and query without being expanded.
+// - tf_gelu_fwd / tf_gelu_grad: GELU, erf form.
+// - tf_dropout: inverted dropout whose mask is a hash of a seed and the element's index —
+//   the same hash as the CPU's (`fused::kept`), so both draw the same mask.
+// - tf_bias_add: `x + b` with `b` repeated over the rows.
+//
+// Entry points are `extern "C"` and named `<kernel>_<dtype>` (f32, f64, f16, bf16), as
+// candle's `kernel_name` spells them. Launch shapes come from `layers/kernel_calls.rs`: row
+// kernels take blocks of (32, ROWS) threads, elementwise ones a grid-stride loop.
+//
+// `TUNEFORGE_EMULATE` compiles this file as host C++ against `emulate.h`, which runs the
+// kernels on CPU threads (the tests check them there; a GPU checks them in `gpu-check`).
+
+#ifdef TUNEFORGE_EMULATE
+#include "emulate.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#endif
+
+// The accumulation type of each storage type.
+template <typename T> struct Acc { typedef float type; };
+template <> struct Acc<double> { typedef double type; };
+
+__device__ __forceinline__ float get(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ double get(const double* p, long long i) { return p[i]; }
+__device__ __forceinline__ float get(const __half* p, long long i) { return __half2float(p[i]); }
+__device__ __forceinline__ float get(const __nv_bfloat16* p, long long i) { return __bfloat162float(p[i]); }
+
+__device__ __forceinline__ void put(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void put(double* p, long long i, double v) { p[i] = v; }
+__device__ __forceinline__ void put(__half* p, long long i, float v) { p[i] = __float2half(v); }
+__device__ __forceinline__ void put(__nv_bfloat16* p, long long i, float v) { p[i] = __float2bfloat16(v); }
+
+template <typename A> __device__ __forceinline__ A warp_sum(A v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <typename A> __device__ __forceinline__ A warp_max(A v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        A u = __shfl_xor_sync(0xffffffffu, v, o);
+        v = u > v ? u : v;
+    }
+    return v;
+}
+
+// The row this warp works on (blocks of (32, ROWS) threads), or -1 past the last.
+__device__ __forceinline__ long long warp_row(long long rows) {
+    long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    return row < rows ? row : -1;
+}
+
+// ------------------------------------------------------------------ layer norm / RMS norm
+
+// Mean (0 unless centred) and 1 / sqrt(var + eps) of row `x` of width `w`.
+template <typename T, typename A>
+__device__ __forceinline__ void row_stats(const T* x, int w, int center, A eps, A* mean, A* rstd) {
+    int lane = threadIdx.x;
+    A m = 0;
+    if (center) {
+        A s = 0;
+        for (int i = lane; i < w; i += 32) s += get(x, i);
+        m = warp_sum(s) / (A)w;
+    }
+    A ss = 0;
+    for (int i = lane; i < w; i += 32) {
+        A d = get(x, i) - m;
+        ss += d * d;
+    }
+    *mean = m;
+    *rstd = (A)1 / sqrt(warp_sum(ss) / (A)w + eps);
+}
+
+// y = (x - mean) · rstd [· g] [+ b]; `g` and `b` may be null.
+template <typename T>
+__device__ void norm_fwd(const T* x, const T* g, const T* b, T* y, long long rows, int w, int center, double eps) {
+    typedef typename Acc<T>::type A;
+    long long row = warp_row(rows);
+    if (row < 0) return;
+    const T* xr = x + row * w;
+    T* yr = y + row * w;
+    A mean, rstd;
+    row_stats<T, A>(xr, w, center, (A)eps, &mean, &rstd);
+    for (int i = threadIdx.x; i < w; i += 32) {
+        A v = (get(xr, i) - mean) * rstd;
+        if (g) v = v * get(g, i);
+        if (b) v = v + get(b, i);
+        put(yr, i, v);
+    }
+}
+
+// The input gradient: with gd = dy [· g] and x̂ the normalised row,
+// dx = rstd · (gd - mean(gd) - x̂ · mean(gd · x̂)), the mean(gd) term only when centred.
+template <typename T>
+__device__ void norm_grad(const T* x, const T* g, const T* dy, T* dx, long long rows, int w, int center, double eps) {
+    typedef typename Acc<T>::type A;
+    long long row = warp_row(rows);
+    if (row < 0) return;
+    const T* xr = x + row * w;
+    const T* dyr = dy + row * w;
+    T* dxr = dx + row * w;
+    A mean, rstd;
+    row_stats<T, A>(xr, w, center, (A)eps, &mean, &rstd);
+    A sum_g = 0, sum_gx = 0;
+    for (int i = threadIdx.x; i < w; i += 32) {
+        A gd = g ? get(dyr, i) * get(g, i) : get(dyr, i);
+        sum_g += gd;
+        sum_gx += gd * (get(xr, i) - mean) * rstd;
+    }
+    A mg = center ? warp_sum(sum_g) / (A)w : (A)0;
+    A mgx = warp_sum(sum_gx) / (A)w;
+    for (int i = threadIdx.x; i < w; i += 32) {
+        A gd = g ? get(dyr, i) * get(g, i) : get(dyr, i);
+        put(dxr, i, rstd * (gd - mg - (get(xr, i) - mean) * rstd * mgx));
+    }
+}
+
+// ------------------------------------------------------------------ softmax
+
+// y = softmax(scale · x + bias) per row of width `w`. Rows are (batch, head, query) of
+// `heads × queries` per batch; the bias (may be null) has rows (batch or 0, query or 0):
+// `bias_batches` and `bias_queries` are 1 where it varies along that axis.
+template <typename T>
+__device__ void softmax_fwd(const T* x, const T* bias, T* y, long long rows, int w, double scale, long long heads,
+                            long long queries, int bias_batches, int bias_queries) {
+    typedef typename Acc<T>::type A;
+    long long row = warp_row(rows);
+    if (row < 0) return;
+    const T* xr = x + row * w;
+    T* yr = y + row * w;
+    const T* br = 0;
+    if (bias) {
+        long long batch = row / (heads * queries), query = row % queries;
+        br = bias + ((bias_batches ? batch : 0) * (bias_queries ? queries : 1) + (bias_queries ? query : 0)) * w;
+    }
+    A s = (A)scale;
+    A m = -INFINITY;
+    for (int i = threadIdx.x; i < w; i += 32) {
+        A v = get(xr, i) * s + (br ? get(br, i) : (A)0);
+        m = v > m ? v : m;
+    }
+    m = warp_max(m);
+    A sum = 0;
+    for (int i = threadIdx.x; i < w; i += 32) sum += exp(get(xr, i) * s + (br ? get(br, i) : (A)0) - m);
+    A inv = (A)1 / warp_sum(sum);
+    for (int i = threadIdx.x; i < w; i += 32) put(yr, i, exp(get(xr, i) * s + (br ? get(br, i) : (A)0) - m) * inv);
+}
+
+// dx = scale · y · (dy - Σ dy·y) per row.
+template <typename T>
+__device__ void softmax_grad(const T* y, const T* dy, T* dx, long long rows, int w, double scale) {
+    typedef typename Acc<T>::type A;
+    long long row = warp_row(rows);
+    if (row < 0) return;
+    const T* yr = y + row * w;
+    const T* dyr = dy + row * w;
+    T* dxr = dx + row * w;
+    A dot = 0;
+    for (int i = threadIdx.x; i < w; i += 32) dot += get(yr, i) * get(dyr, i);
+    dot = warp_sum(dot);
+    for (int i = threadIdx.x; i < w; i += 32) put(dxr, i, (A)scale * get(yr, i) * (get(dyr, i) - dot));
+}
+
+// ------------------------------------------------------------------ elementwise
+
+#define GRID_STRIDE(i, n) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)gridDim.x * blockDim.x)
+
+// GELU, erf form: x · Φ(x).
+template <typename T> __device__ void gelu_fwd(const T* x, T* y, long long n) {
+    typedef typename Acc<T>::type A;
+    GRID_STRIDE(i, n) {
+        A v = get(x, i);
+        put(y, i, (A)0.5 * v * ((A)1 + erf(v * (A)0.70710678118654752440)));
+    }
+}
+
+// dx = dy · (Φ(x) + x φ(x)).
+template <typename T> __device__ void gelu_grad(const T* x, const T* dy, T* dx, long long n) {
+    typedef typename Acc<T>::type A;
+    GRID_STRIDE(i, n) {
+        A v = get(x, i);
+        A cdf = (A)0.5 * ((A)1 + erf(v * (A)0.70710678118654752440));
+        A pdf = (A)0.39894228040143267794 * exp((A)-0.5 * v * v);
+        put(dx, i, get(dy, i) * (cdf + v * pdf));
+    }
+}
+
+// Whether element `key` of the mask drawn with `seed` is kept (splitmix64's finaliser of
+// seed + key · golden, top 32 bits against `threshold`); the CPU's `fused::kept`.
+__device__ __forceinline__ bool kept(unsigned long long seed, unsigned long long threshold, unsigned long long key) {
+    unsigned long long z = seed + key * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (z >> 32) >= threshold;
+}
+
+// y = kept ? x · scale : 0 (also the backward, on the gradient).
+template <typename T>
+__device__ void dropout(const T* x, T* y, long long n, unsigned long long seed, unsigned long long threshold,
+                        double scale) {
+    typedef typename Acc<T>::type A;
+    GRID_STRIDE(i, n) { put(y, i, kept(seed, threshold, (unsigned long long)i) ? get(x, i) * (A)scale : (A)0); }
+}
+
+// y = x + b, `b` of width `w` repeated over the rows.
+template <typename T> __device__ void bias_add(const T* x, const T* b, T* y, long long n, int w) {
+    GRID_STRIDE(i, n) { put(y, i, get(x, i) + get(b, i % w)); }
+}
+
+// ------------------------------------------------------------------ entry points
+
+#define ENTRY_POINTS(T, NAME)                                                                                         \
+    extern "C" __global__ void tf_norm_fwd_##NAME(const T* x, const T* g, const T* b, T* y, long long rows, int w,   \
+                                                  int center, double eps) {                                          \
+        norm_fwd<T>(x, g, b, y, rows, w, center, eps);                                                               \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_norm_grad_##NAME(const T* x, const T* g, const T* dy, T* dx, long long rows, int w, \
+                                                   int center, double eps) {                                         \
+        norm_grad<T>(x, g, dy, dx, rows, w, center, eps);                                                            \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_softmax_fwd_##NAME(const T* x, const T* bias, T* y, long long rows, int w,          \
+                                                     double scale, long long heads, long long queries,               \
+                                                     int bias_batches, int bias_queries) {                           \
+        softmax_fwd<T>(x, bias, y, rows, w, scale, heads, queries, bias_batches, bias_queries);                      \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_softmax_grad_##NAME(const T* y, const T* dy, T* dx, long long rows, int w,         \
+                                                      double scale) {                                                \
+        softmax_grad<T>(y, dy, dx, rows, w, scale);                                                                  \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_gelu_fwd_##NAME(const T* x, T* y, long long n) { gelu_fwd<T>(x, y, n); }           \
+    extern "C" __global__ void tf_gelu_grad_##NAME(const T* x, const T* dy, T* dx, long long n) {                    \
+        gelu_grad<T>(x, dy, dx, n);                                                                                  \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_dropout_##NAME(const T* x, T* y, long long n, unsigned long long seed,             \
+                                                 unsigned long long threshold, double scale) {                       \
+        dropout<T>(x, y, n, seed, threshold, scale);                                                                 \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_bias_add_##NAME(const T* x, const T* b, T* y, long long n, int w) {                \
+        bias_add<T>(x, b, y, n, w);                                                                                  \
+    }
+
+ENTRY_POINTS(float, f32)
+ENTRY_POINTS(double, f64)
+ENTRY_POINTS(__half, f16)
+ENTRY_POINTS(__nv_bfloat16, bf16)

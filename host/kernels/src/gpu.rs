@@ -1,0 +1,171 @@
+//! tuneforge's CUDA kernels (`cuda/kernels.cu`): for each op, which kernel, its launch shape
+//! and its arguments in order ([`Call`]). With the `cuda` feature `launch::run` runs a call
+//! on candle's CUDA storages (the PTX is built by `build.rs` with nvcc); with `emulate`,
+//! `emulated::run` runs the same call on the CPU through `cuda/emulate.h`, so the kernels and
+//! their calls are tested against the CPU ops on machines without a GPU.
+
+#[cfg(feature = "emulate")]
+pub mod emulated;
+#[cfg(feature = "cuda")]
+mod launch;
+#[cfg(feature = "cuda")]
+pub use launch::run;
+
+/// One kernel argument.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Arg {
+    /// The op's input `i` (a device pointer).
+    In(usize),
+    /// The op's output (a device pointer, as long as the first input).
+    Out,
+    /// A null pointer (an absent weight or bias).
+    Null,
+    I32(i32),
+    I64(i64),
+    U64(u64),
+    F64(f64),
+}
+
+/// A kernel launch: `<kernel>_<dtype>` over `grid` blocks of `block` threads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    pub kernel: &'static str,
+    pub grid: u32,
+    pub block: (u32, u32),
+    pub args: Vec<Arg>,
+}
+
+/// Rows per block of a row kernel (one warp each).
+const ROWS_PER_BLOCK: u32 = 4;
+/// Threads per block of an elementwise kernel, and the most blocks its grid-stride loop uses.
+const THREADS: u32 = 256;
+const MAX_BLOCKS: usize = 1 << 16;
+
+fn row_call(kernel: &'static str, rows: usize, args: Vec<Arg>) -> Call {
+    let grid = rows.div_ceil(ROWS_PER_BLOCK as usize).max(1) as u32;
+    Call { kernel, grid, block: (32, ROWS_PER_BLOCK), args }
+}
+
+fn elementwise_call(kernel: &'static str, n: usize, args: Vec<Arg>) -> Call {
+    let grid = n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
+    Call { kernel, grid, block: (THREADS, 1), args }
+}
+
+fn optional(present: bool, input: usize) -> Arg {
+    if present { Arg::In(input) } else { Arg::Null }
+}
+
+fn len(n: usize) -> Arg {
+    Arg::I64(n as i64)
+}
+
+fn width(w: usize) -> Arg {
+    Arg::I32(w as i32)
+}
+
+/// Layer norm (`center`) or RMS norm of `rows` rows of width `w`: inputs `x`, then the
+/// weight (input 1) and the bias (input 2) when present.
+pub fn norm_fwd(rows: usize, w: usize, weight: bool, bias: bool, center: bool, eps: f64) -> Call {
+    row_call(
+        "tf_norm_fwd",
+        rows,
+        vec![
+            Arg::In(0),
+            optional(weight, 1),
+            optional(bias, 2),
+            Arg::Out,
+            len(rows),
+            width(w),
+            Arg::I32(center.into()),
+            Arg::F64(eps),
+        ],
+    )
+}
+
+/// The norm's input gradient: inputs `x`, the weight (or none), `dy` (input 2).
+pub fn norm_grad(rows: usize, w: usize, weight: bool, center: bool, eps: f64) -> Call {
+    row_call(
+        "tf_norm_grad",
+        rows,
+        vec![
+            Arg::In(0),
+            optional(weight, 1),
+            Arg::In(2),
+            Arg::Out,
+            len(rows),
+            width(w),
+            Arg::I32(center.into()),
+            Arg::F64(eps),
+        ],
+    )
+}
+
+/// How a softmax's additive bias (an attention mask) lines up with the rows of its scores.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BiasRows {
+    /// Rows per batch are `heads × queries`.
+    pub heads: usize,
+    pub queries: usize,
+    /// Whether the bias has one row set per batch element, and one row per query.
+    pub per_batch: bool,
+    pub per_query: bool,
+}
+
+impl BiasRows {
+    /// The bias row that score row `r` adds (the kernel's own formula).
+    pub fn row(&self, r: usize) -> usize {
+        let per_batch = self.heads * self.queries;
+        let batch = if self.per_batch { r / per_batch.max(1) } else { 0 };
+        let query = if self.per_query { r % self.queries.max(1) } else { 0 };
+        batch * if self.per_query { self.queries } else { 1 } + query
+    }
+}
+
+/// `softmax(scale · x + bias)` over rows of width `w`: inputs `x` and the bias (input 1).
+pub fn softmax_fwd(rows: usize, w: usize, scale: f64, bias: Option<BiasRows>) -> Call {
+    let b = bias.unwrap_or(BiasRows { heads: 1, queries: 1, per_batch: false, per_query: false });
+    row_call(
+        "tf_softmax_fwd",
+        rows,
+        vec![
+            Arg::In(0),
+            optional(bias.is_some(), 1),
+            Arg::Out,
+            len(rows),
+            width(w),
+            Arg::F64(scale),
+            len(b.heads),
+            len(b.queries),
+            Arg::I32(b.per_batch.into()),
+            Arg::I32(b.per_query.into()),
+        ],
+    )
+}
+
+/// The softmax's input gradient `scale · y · (dy - Σ dy·y)`: inputs `y`, `dy`.
+pub fn softmax_grad(rows: usize, w: usize, scale: f64) -> Call {
+    row_call("tf_softmax_grad", rows, vec![Arg::In(0), Arg::In(1), Arg::Out, len(rows), width(w), Arg::F64(scale)])
+}
+
+pub fn gelu_fwd(n: usize) -> Call {
+    elementwise_call("tf_gelu_fwd", n, vec![Arg::In(0), Arg::Out, len(n)])
+}
+
+/// Inputs `x`, `dy`.
+pub fn gelu_grad(n: usize) -> Call {
+    elementwise_call("tf_gelu_grad", n, vec![Arg::In(0), Arg::In(1), Arg::Out, len(n)])
+}
+
+/// Inverted dropout with the mask of `fused::kept(seed, threshold, index)`.
+pub fn dropout(n: usize, seed: u64, threshold: u64, scale: f64) -> Call {
+    elementwise_call(
+        "tf_dropout",
+        n,
+        vec![Arg::In(0), Arg::Out, len(n), Arg::U64(seed), Arg::U64(threshold), Arg::F64(scale)],
+    )
+}
+
+/// `x + b` with `b` (input 1) of width `w` repeated over the rows.
+pub fn bias_add(n: usize, w: usize) -> Call {
+    elementwise_call("tf_bias_add", n, vec![Arg::In(0), Arg::In(1), Arg::Out, len(n), width(w)])
+}
