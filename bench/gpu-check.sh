@@ -3,7 +3,10 @@
 # `cargo xtask gpu-check` (here or elsewhere: `--bundle DIR` gathers them with this script):
 #   1. the CUDA tests (CPU vs CUDA logits and gradients, bf16, checkpointing, NCCL group of one),
 #   2. training throughput: all-MiniLM-L6-v2-shaped full fine-tuning and SmolLM2-135M-shaped
-#      LoRA SFT, f32 / bf16 / bf16 + gradient checkpointing: tokens/s, MFU, peak GPU memory.
+#      LoRA SFT, f32 / bf16 / bf16 + gradient checkpointing: tokens/s, MFU, peak GPU memory,
+#   3. where the GPU time goes, when the machine has the tools: compute-sanitizer's memcheck
+#      over the tests of tuneforge's own kernels, and Nsight Compute's kernel times of one
+#      MiniLM bf16 step summed by kernel (kernel-times.txt).
 # usage: gpu-check.sh TESTS_BIN[.gz] BENCH_BIN[.gz] [OUT_DIR]
 set -u
 tests=$1
@@ -48,6 +51,37 @@ run --model minilm --precision bf16 --batch 256 --seq 128 --steps 10 --checkpoin
 run --model smollm2 --precision f32 --batch 8 --seq 512 --steps 10
 run --model smollm2 --precision bf16 --batch 8 --seq 512 --steps 10
 run --model smollm2 --precision bf16 --batch 8 --seq 512 --steps 10 --checkpointing
+
+if command -v compute-sanitizer >/dev/null; then
+  echo "== compute-sanitizer memcheck: tuneforge's kernels"
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 "$tests" --test-threads=1 \
+    fused_ops_on_the_gpu encoder_logits decoder_logits 2>&1 | tail -15 | tee "$out/memcheck.log"
+fi
+if command -v ncu >/dev/null && command -v python3 >/dev/null; then
+  echo "== GPU time by kernel: one MiniLM bf16 step, 32 x 128 (Nsight Compute)"
+  timeout 180 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+    "$bench" --device cuda --model minilm --precision bf16 --batch 32 --seq 128 --steps 1 --warmup 0 \
+    > "$out/ncu.csv" 2> "$out/ncu.err"
+  python3 - "$out/ncu.csv" <<'PY' | tee "$out/kernel-times.txt"
+import csv, collections, sys
+scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+if not rows:
+    sys.exit("ncu wrote no kernel rows (see ncu.err)")
+head = rows[0]
+name, unit, value = head.index("Kernel Name"), head.index("Metric Unit"), head.index("Metric Value")
+total, count = collections.Counter(), collections.Counter()
+for r in rows[1:]:
+    us = float(r[value].replace(",", "")) * scale.get(r[unit], 1.0)
+    key = r[name].split("(")[0][:70]
+    total[key] += us
+    count[key] += 1
+all_us = sum(total.values())
+print(f"{len(rows) - 1} kernels, {all_us / 1e3:.1f} ms of GPU time (model set-up included)")
+for key, us in total.most_common(25):
+    print(f"{us / 1e3:9.2f} ms {100 * us / all_us:5.1f}% {count[key]:6d}x  {key}")
+PY
+fi
 
 # The same workloads in PyTorch on the same GPU, when this machine has torch, transformers
 # and peft (bench/pytorch_gpu_bench.py beside this script or in the repository).
