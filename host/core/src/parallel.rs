@@ -10,11 +10,14 @@
 //! interface choice; `NCCL_SOCKET_IFNAME` picks the network). Rank 0 alone writes the run
 //! directory and the store.
 //!
-//! Without the `nccl` feature only the single-process group exists.
+//! Without the `nccl` feature only the single-process group exists, and the in-process
+//! group (ranks as threads, [`DataParallel::in_process`]) that checks the data-parallel
+//! arithmetic on the CPU.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Barrier, Mutex};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::{CoreError, Result};
 
@@ -27,8 +30,19 @@ pub const ENV_ID: &str = "TUNEFORGE_DP_ID";
 pub struct DataParallel {
     rank: usize,
     world: usize,
+    backend: Backend,
+}
+
+/// How the ranks exchange gradients.
+enum Backend {
+    /// A group of one: nothing to exchange.
+    Alone,
+    /// NCCL's all-reduce between processes, one GPU each.
     #[cfg(feature = "nccl")]
-    comm: Option<nccl::Communicator>,
+    Nccl(nccl::Communicator),
+    /// Ranks that are threads of one process, summing through shared memory (the CPU
+    /// check of the data-parallel arithmetic: sharding, token weighting, averaging).
+    InProcess(Arc<Hub>),
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -40,12 +54,17 @@ impl std::fmt::Debug for DataParallel {
 impl DataParallel {
     /// A group of one without a communicator: training as usual.
     pub fn single() -> Self {
-        Self {
-            rank: 0,
-            world: 1,
-            #[cfg(feature = "nccl")]
-            comm: None,
-        }
+        Self { rank: 0, world: 1, backend: Backend::Alone }
+    }
+
+    /// `world` ranks in this process that all-reduce through shared memory (on any device;
+    /// the values pass through the host). For checking that a data-parallel run computes
+    /// what one process computes, without GPUs: hand each [`InProcessRank`] to its own thread,
+    /// which joins with `DataParallel::from`; every rank must reach each all-reduce.
+    pub fn in_process(world: usize) -> Vec<InProcessRank> {
+        let world = world.max(1);
+        let hub = Arc::new(Hub { barrier: Barrier::new(world), slots: Mutex::new(vec![Vec::new(); world]) });
+        (0..world).map(|rank| InProcessRank { rank, world, hub: hub.clone() }).collect()
     }
 
     /// The group this process was launched into (the `TUNEFORGE_DP_*` variables), or a
@@ -67,7 +86,7 @@ impl DataParallel {
     #[cfg(feature = "nccl")]
     fn join(rank: usize, world: usize, id: &str, device: &Device) -> Result<Self> {
         let comm = nccl::Communicator::join(rank, world, id, device)?;
-        Ok(Self { rank, world, comm: Some(comm) })
+        Ok(Self { rank, world, backend: Backend::Nccl(comm) })
     }
 
     #[cfg(not(feature = "nccl"))]
@@ -96,16 +115,10 @@ impl DataParallel {
         self.rank == 0
     }
 
-    /// True when gradients go through NCCL (a group launched with `--gpus`, even of one).
+    /// True when gradients are exchanged (a group launched with `--gpus`, even of one, or
+    /// an in-process group).
     pub fn is_distributed(&self) -> bool {
-        #[cfg(feature = "nccl")]
-        {
-            self.comm.is_some()
-        }
-        #[cfg(not(feature = "nccl"))]
-        {
-            false
-        }
+        !matches!(self.backend, Backend::Alone)
     }
 
     /// This rank's share of a step's micro-batches: every `world`-th, starting at `rank`.
@@ -113,37 +126,108 @@ impl DataParallel {
         items.iter().skip(self.rank).step_by(self.world.max(1)).collect()
     }
 
-    /// Replaces each gradient by its mean over the group (sum, then divide by the world size).
-    /// Every rank must call this once per step, with the same names.
-    pub fn all_reduce_mean(&self, grads: &mut HashMap<String, Tensor>) -> Result<()> {
-        #[cfg(feature = "nccl")]
-        if let Some(comm) = &self.comm {
-            let mut names: Vec<String> = grads.keys().cloned().collect();
-            names.sort();
-            for name in names {
-                let g = &grads[&name];
-                let summed = comm.all_reduce_sum(g).map_err(|e| CoreError::Param {
-                    name: name.clone(),
-                    message: format!("all-reduce of the gradient failed: {e}"),
-                })?;
-                grads.insert(name, (summed / self.world as f64)?);
+    /// The element-wise sum of `t` over the group, in f32 (`t` itself alone).
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        match &self.backend {
+            Backend::Alone => Ok(t.to_dtype(DType::F32)?),
+            #[cfg(feature = "nccl")]
+            Backend::Nccl(comm) => comm.all_reduce_sum(t),
+            Backend::InProcess(hub) => {
+                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let sum = hub.sum(self.rank, values)?;
+                Ok(Tensor::from_vec(sum, t.shape(), t.device())?)
             }
+        }
+    }
+
+    /// Replaces each gradient by its mean over the group (sum, then divide by the world size),
+    /// in one exchange: the gradients, sorted by name, travel as one flat f32 buffer. Every
+    /// rank must call this once per step, with the same names and shapes.
+    pub fn all_reduce_mean(&self, grads: &mut HashMap<String, Tensor>) -> Result<()> {
+        if !self.is_distributed() || grads.is_empty() {
             return Ok(());
         }
-        let _ = grads;
+        let mut names: Vec<String> = grads.keys().cloned().collect();
+        names.sort();
+        let flat =
+            names.iter().map(|n| Ok(grads[n].flatten_all()?.to_dtype(DType::F32)?)).collect::<Result<Vec<_>>>()?;
+        let summed = self.all_reduce_sum(&Tensor::cat(&flat, 0)?).map_err(|e| CoreError::Param {
+            name: names.join(", "),
+            message: format!("all-reduce of the gradients failed: {e}"),
+        })?;
+        let mean = (summed / self.world as f64)?;
+        let mut at = 0;
+        for name in names {
+            let g = &grads[&name];
+            let n = g.elem_count();
+            let part = mean.narrow(0, at, n)?.reshape(g.shape())?.to_dtype(g.dtype())?;
+            at += n;
+            grads.insert(name, part);
+        }
         Ok(())
+    }
+
+    /// The sum of a scalar over the group.
+    pub fn sum_scalar(&self, value: f64, device: &Device) -> Result<f64> {
+        if !self.is_distributed() {
+            return Ok(value);
+        }
+        let sum = self.all_reduce_sum(&Tensor::new(&[value as f32], device)?)?;
+        Ok(sum.to_vec1::<f32>()?[0] as f64)
     }
 
     /// The mean of a scalar over the group (the loss a step reports).
     pub fn mean_scalar(&self, value: f64, device: &Device) -> Result<f64> {
-        #[cfg(feature = "nccl")]
-        if let Some(comm) = &self.comm {
-            let t = Tensor::new(&[value as f32], device)?;
-            let sum = comm.all_reduce_sum(&t)?;
-            return Ok(sum.to_vec1::<f32>()?[0] as f64 / self.world as f64);
-        }
-        let _ = device;
-        Ok(value)
+        Ok(self.sum_scalar(value, device)? / self.world as f64)
+    }
+}
+
+/// One rank of an in-process group ([`DataParallel::in_process`]), to move to its thread.
+pub struct InProcessRank {
+    rank: usize,
+    world: usize,
+    hub: Arc<Hub>,
+}
+
+impl std::fmt::Debug for InProcessRank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcessRank").field("rank", &self.rank).field("world", &self.world).finish()
+    }
+}
+
+impl From<InProcessRank> for DataParallel {
+    fn from(r: InProcessRank) -> Self {
+        Self { rank: r.rank, world: r.world, backend: Backend::InProcess(r.hub) }
+    }
+}
+
+/// The meeting point of an in-process group: each rank leaves its values in its slot, all
+/// wait, each sums every slot, all wait again before the slots are reused.
+struct Hub {
+    barrier: Barrier,
+    slots: Mutex<Vec<Vec<f32>>>,
+}
+
+impl Hub {
+    fn sum(&self, rank: usize, values: Vec<f32>) -> Result<Vec<f32>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())[rank] = values;
+        self.barrier.wait();
+        let sum = {
+            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let n = slots[rank].len();
+            if slots.iter().any(|s| s.len() != n) {
+                let sizes: Vec<usize> = slots.iter().map(Vec::len).collect();
+                Err(CoreError::Device {
+                    device: format!("rank {rank}"),
+                    message: format!("the ranks all-reduce different sizes: {sizes:?}"),
+                })
+            } else {
+                Ok((0..n).map(|i| slots.iter().map(|s| s[i]).sum()).collect())
+            }
+        };
+        // Nobody overwrites a slot before every rank has read them all.
+        self.barrier.wait();
+        sum
     }
 }
 

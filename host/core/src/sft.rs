@@ -22,6 +22,7 @@ use crate::fs_atomic::{replace_dir, write_synced};
 use crate::generate::ChatFormat;
 use crate::gguf::GgufFile;
 use crate::llama::{DecoderModel, LlamaConfig};
+use crate::parallel::DataParallel;
 use crate::{AdamW, AdamWConfig, CoreError, ExperimentConfig, ForwardCtx, ModelSource, ParamBuilder, PeftSpec, Result};
 
 /// One training conversation: the turns before the answer, and the answer.
@@ -250,18 +251,60 @@ pub fn sft_step(
     max_grad_norm: f64,
     lr: f64,
 ) -> Result<SftStep> {
-    let (loss, n) = model.lm_loss(ids, loss_mask, ctx)?;
-    let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-    if !value.is_finite() {
-        return Err(CoreError::Diverged { step: opt.step_count() + 1, loss: value as f32 });
-    }
+    let group = DataParallel::single();
+    sft_step_in(model, trainable, opt, Some((ids, loss_mask)), ctx, max_grad_norm, lr, &group)
+}
+
+/// [`sft_step`] as one rank of a data-parallel `group`, on this rank's batch (`None` when a
+/// step has fewer batches than the group has ranks). Each rank weights its mean loss by its
+/// share of the step's response tokens (times the world size), so the gradients averaged
+/// over the group are those of the mean loss over all the ranks' rows, and the reported loss
+/// is that mean: the same step as one process on all those rows in one batch.
+#[allow(clippy::too_many_arguments)]
+pub fn sft_step_in(
+    model: &DecoderModel,
+    trainable: &[(String, candle_core::Var)],
+    opt: &mut AdamW,
+    batch: Option<(&Tensor, &Tensor)>,
+    ctx: &ForwardCtx,
+    max_grad_norm: f64,
+    lr: f64,
+    group: &DataParallel,
+) -> Result<SftStep> {
+    let device = model.device();
+    let local = match batch {
+        Some((ids, mask)) => Some(model.lm_loss(ids, mask, ctx)?),
+        None => None,
+    };
+    let n_local = local.as_ref().map_or(0, |(_, n)| *n);
+    let n_total = group.sum_scalar(n_local as f64, device)?.round() as usize;
     let mut grads = HashMap::new();
-    let store = loss.backward()?;
-    crate::train::accumulate_grads(&store, trainable, &mut grads)?;
-    model.checkpointed_backward(ctx, &store, trainable, &mut grads)?;
+    let mut weighted = 0.0;
+    if let Some((loss, n)) = &local {
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            return Err(CoreError::Diverged { step: opt.step_count() + 1, loss: value as f32 });
+        }
+        let weight = (n * group.world()) as f64 / n_total.max(1) as f64;
+        weighted = value * weight;
+        let loss = if group.is_distributed() { (loss * weight)? } else { loss.clone() };
+        let store = loss.backward()?;
+        crate::train::accumulate_grads(&store, trainable, &mut grads)?;
+        model.checkpointed_backward(ctx, &store, trainable, &mut grads)?;
+    }
+    if group.is_distributed() {
+        // Every rank all-reduces every trainable tensor, with or without rows of its own.
+        for (name, var) in trainable {
+            if !grads.contains_key(name) {
+                grads.insert(name.clone(), var.zeros_like()?);
+            }
+        }
+        group.all_reduce_mean(&mut grads)?;
+    }
+    let loss = group.mean_scalar(weighted, device)?;
     let grad_norm = crate::optim::clip_grad_norm(&mut grads, max_grad_norm)?;
     opt.step(&grads, lr)?;
-    Ok(SftStep { loss: value, response_tokens: n, grad_norm })
+    Ok(SftStep { loss, response_tokens: n_total, grad_norm })
 }
 
 /// Validation loss (mean over response tokens) and token count.
@@ -299,11 +342,12 @@ pub fn length_grouped_batches(lengths: &[usize], batch: usize, group: bool, seed
 
 /// Right-padded `[b, l]` ids and loss mask (pads carry no loss; causal attention keeps real
 /// tokens from seeing them).
-fn collate(rows: &[SftTokens], pad: u32) -> Result<(Tensor, Tensor)> {
-    let l = rows.iter().map(|r| r.ids.len()).max().unwrap_or(2).max(2);
+fn collate<R: std::borrow::Borrow<SftTokens>>(rows: &[R], pad: u32) -> Result<(Tensor, Tensor)> {
+    let l = rows.iter().map(|r| r.borrow().ids.len()).max().unwrap_or(2).max(2);
     let mut ids = Vec::with_capacity(rows.len() * l);
     let mut mask = Vec::with_capacity(rows.len() * l);
     for r in rows {
+        let r = r.borrow();
         ids.extend(&r.ids);
         ids.extend(std::iter::repeat_n(pad, l - r.ids.len()));
         mask.extend(r.loss_mask.iter().map(|m| f32::from(*m)));
@@ -338,21 +382,50 @@ pub struct SftSummary {
 }
 
 /// Runs a `causal-lm` experiment; `on_line` receives progress lines.
-pub fn train_causal_lm(mut cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str)) -> Result<SftSummary> {
+pub fn train_causal_lm(cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str)) -> Result<SftSummary> {
+    train_causal_lm_in(cfg, None, on_line)
+}
+
+/// [`train_causal_lm`] as a rank of a data-parallel `group` (`None`: the group this process
+/// was launched into by `tuneforge train --gpus N`, or a group of one): every rank holds
+/// the whole model, a step takes one batch per rank ([`sft_step_in`]), so it covers
+/// `batch_size × ranks` rows, like one process with that batch size; rank 0 alone writes
+/// the run directory, the others work in a temporary one.
+pub fn train_causal_lm_in(
+    mut cfg: ExperimentConfig,
+    group: Option<&DataParallel>,
+    on_line: &mut dyn FnMut(&str),
+) -> Result<SftSummary> {
     let cwd = std::env::current_dir().map_err(CoreError::io("."))?;
     cfg.absolutize(&cwd);
     let t = cfg.train.clone();
     let seed = cfg.experiment.seed;
-    let run =
-        crate::run::create_run_dir(&cfg.experiment.output_dir, &crate::new_run_id(cfg.experiment.name.as_deref()))?;
-    crate::fs_atomic::write_atomic(&run.config(), cfg.to_toml().as_bytes())?;
-    let source = ModelSource::parse(&cfg.model.source)?;
+    // The device first: a run that cannot start leaves nothing behind.
     t.precision.check(&cfg.run.device).map_err(|message| CoreError::Config {
         file: "experiment".into(),
         field: "train.precision".into(),
         message,
     })?;
     let device = cfg.run.device.open()?;
+    let from_env;
+    let group = match group {
+        Some(g) => g,
+        None => {
+            from_env = DataParallel::from_env(&device)?;
+            &from_env
+        }
+    };
+    let scratch = match group.is_primary() {
+        true => None,
+        false => Some(tempfile::tempdir().map_err(CoreError::io(std::env::temp_dir()))?),
+    };
+    if let Some(dir) = &scratch {
+        cfg.experiment.output_dir = dir.path().to_path_buf();
+    }
+    let run =
+        crate::run::create_run_dir(&cfg.experiment.output_dir, &crate::new_run_id(cfg.experiment.name.as_deref()))?;
+    crate::fs_atomic::write_atomic(&run.config(), cfg.to_toml().as_bytes())?;
+    let source = ModelSource::parse(&cfg.model.source)?;
     let base = Base::load(&source.resolve()?, DType::F32)?;
     let peft = cfg.peft.spec();
     let model = base.model_on(&peft, HashMap::new(), seed, &device)?;
@@ -414,7 +487,8 @@ pub fn train_causal_lm(mut cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str))
 
     let trainable = model.params().trainable();
     let mut opt = AdamW::new(trainable.clone(), AdamWConfig { weight_decay: t.weight_decay, ..Default::default() })?;
-    let steps_per_epoch = train_tok.len().div_ceil(t.batch_size.max(1)) as u64;
+    // A step takes one batch per rank: `batch_size × ranks` rows.
+    let steps_per_epoch = train_tok.len().div_ceil(t.batch_size.max(1) * group.world()) as u64;
     let total = steps_per_epoch * t.epochs;
     let warmup = t.warmup_steps.unwrap_or((t.warmup_ratio * total as f64).round() as u64);
     let schedule = crate::LrSchedule { kind: t.schedule, peak_lr: t.lr, warmup_steps: warmup, total_steps: total };
@@ -429,14 +503,18 @@ pub fn train_causal_lm(mut cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str))
     let lengths: Vec<usize> = train_tok.iter().map(|e| e.ids.len()).collect();
     for epoch in 0..t.epochs {
         let batches = length_grouped_batches(&lengths, t.batch_size, t.group_by_length, seed.wrapping_add(epoch));
-        for chunk in &batches {
+        for step_batches in batches.chunks(group.world()) {
             let started = Instant::now();
-            let rows: Vec<SftTokens> = chunk.iter().map(|&i| train_tok[i].clone()).collect();
-            let (ids, mask) = collate(&rows, pad)?;
+            // This rank's batch of the step (none in an epoch's last step with fewer batches
+            // left than ranks).
+            let rows: Vec<&SftTokens> =
+                step_batches.get(group.rank()).map(|b| b.iter().map(|&i| &train_tok[i]).collect()).unwrap_or_default();
+            let batch = if rows.is_empty() { None } else { Some(collate(&rows, pad)?) };
             let ctx = crate::StepMode::from_config(&t).ctx(seed.wrapping_mul(31).wrapping_add(step));
             let lr = schedule.lr(step);
+            let batch = batch.as_ref().map(|(ids, mask)| (ids, mask));
             let SftStep { loss: value, response_tokens: n, grad_norm } =
-                sft_step(&model, &trainable, &mut opt, &ids, &mask, &ctx, t.max_grad_norm, lr).map_err(
+                sft_step_in(&model, &trainable, &mut opt, batch, &ctx, t.max_grad_norm, lr, group).map_err(
                     |e| match e {
                         CoreError::Diverged { loss, .. } => CoreError::Diverged { step: step + 1, loss },
                         other => other,
@@ -444,7 +522,8 @@ pub fn train_causal_lm(mut cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str))
                 )?;
             step += 1;
             let secs = started.elapsed().as_secs_f64();
-            let batch_tokens: usize = rows.iter().map(|r| r.ids.len()).sum();
+            // The whole group's tokens.
+            let batch_tokens: usize = step_batches.iter().flatten().map(|&i| train_tok[i].ids.len()).sum();
             tokens += batch_tokens as u64;
             seconds += secs;
             write_metric(serde_json::json!({"kind": "train", "step": step, "epoch": epoch, "loss": value, "lr": lr,

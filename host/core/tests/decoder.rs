@@ -176,3 +176,77 @@ fn lora_instruction_tuning_lowers_validation_loss() -> Result<()> {
     assert!(e.to_string().contains("bad.jsonl: line 2"), "{e}");
     Ok(())
 }
+
+/// Data parallelism over two ranks takes the steps of one process with twice the batch: the
+/// ranks (threads of an in-process group, each with its own replica) take one batch of 4
+/// each per step, weight their losses by their share of the step's response tokens and
+/// average their gradients — the arithmetic `tuneforge train --gpus 2` runs over NCCL. The
+/// last step has one batch, so rank 1 steps with no rows of its own. Rank 1 leaves no run
+/// behind.
+#[test]
+fn data_parallel_sft_takes_the_steps_of_one_process_with_twice_the_batch() -> Result<()> {
+    use tuneforge_core::ExperimentConfig;
+    use tuneforge_core::parallel::DataParallel;
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_model(tmp.path(), "llama")?;
+    let mut data = String::new();
+    for i in 0..41 {
+        let (p, r) = if i % 3 == 0 { ("the cat", "in the hat on the mat") } else { ("the hat", "on the cat") };
+        data.push_str(&serde_json::json!({"prompt": format!("{p} {i}"), "response": r}).to_string());
+        data.push('\n');
+    }
+    std::fs::write(tmp.path().join("sft.jsonl"), data).expect("data");
+    // 41 examples, 8 held out: 33 train, in steps of 8, 8, 8, 8 and 1 rows.
+    let text = format!(
+        "[experiment]\noutput_dir = \"{root}/runs\"\nseed = 5\n[model]\nsource = \"{root}/model.gguf\"\ntask = \"causal-lm\"\nmax_len = 64\n\
+         [data]\ntrain = \"{root}/sft.jsonl\"\nvalidation_split = 0.2\n\
+         [peft]\nmethod = \"lora\"\nrank = 4\nalpha = 8\nlora_dropout = 0.0\ntarget_modules = [\"q_proj\", \"v_proj\", \"down_proj\"]\n\
+         [train]\nepochs = 2\nbatch_size = 8\nlr = 1e-2\nwarmup_steps = 1\ngroup_by_length = false\n",
+        root = tmp.path().display()
+    );
+    let one = ExperimentConfig::from_toml(&text, "sft.toml", &[])?;
+    let one = tuneforge_core::sft::train_causal_lm(one, &mut |_| {})?;
+    let cfg = ExperimentConfig::from_toml(&text, "sft.toml", &["train.batch_size=4".into()])?;
+    let ranks = DataParallel::in_process(2);
+    let runs = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|rank| {
+                let cfg = cfg.clone();
+                s.spawn(move || {
+                    let group = DataParallel::from(rank);
+                    tuneforge_core::sft::train_causal_lm_in(cfg, Some(&group), &mut |_| {})
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank thread")).collect::<Vec<_>>()
+    });
+    let runs = runs.into_iter().collect::<tuneforge_core::Result<Vec<_>>>()?;
+    let train_losses = |dir: &std::path::Path| -> Vec<f64> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "train")
+            .map(|v| v["loss"].as_f64().expect("loss"))
+            .collect()
+    };
+    let (a, b) = (train_losses(&one.run_dir), train_losses(&runs[0].run_dir));
+    assert_eq!((one.steps, a.len()), (10, 10), "5 steps an epoch, the last on one row");
+    assert_eq!(a.len(), b.len());
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() < 1e-4 * (1.0 + x.abs()), "step {}: one process {x}, two ranks {y}", step + 1);
+    }
+    assert!(a[9] < a[0], "it trains: {a:?}");
+    for r in &runs {
+        let d = (r.validation_loss - one.validation_loss).abs();
+        assert!(d < 1e-4, "rank validation loss {} vs {}", r.validation_loss, one.validation_loss);
+    }
+    assert!(!runs[1].run_dir.exists(), "rank 1 wrote its run into a temporary directory, now gone");
+    assert_eq!(
+        std::fs::read_dir(tmp.path().join("runs")).expect("runs").count(),
+        2,
+        "one run each from rank 0 and the single process"
+    );
+    Ok(())
+}

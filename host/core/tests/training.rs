@@ -560,3 +560,68 @@ fn a_fused_model_needs_its_features_and_reloads_with_them() -> Result<()> {
     assert_ne!(again.logits(&other, &ForwardCtx::eval())?.to_vec2::<f32>()?, with, "features change the logits");
     Ok(())
 }
+
+/// Two data-parallel ranks (threads of an in-process group, one replica each), each taking
+/// one micro-batch a step, follow the trajectory of one process that accumulates both: the
+/// arithmetic of `tuneforge train --gpus 2` (over NCCL there) — same losses, same weights.
+#[test]
+fn two_data_parallel_ranks_train_like_one_process_with_both_micro_batches() -> Result<()> {
+    use candle_core::Device;
+    use tuneforge_core::parallel::DataParallel;
+    use tuneforge_core::testing::tiny_classifier;
+    use tuneforge_core::{StepMode, TrainBatch, train_step_with};
+    let halves = |model: &ClassifierModel| -> Result<Vec<TrainBatch>> {
+        let texts = ["fever cough hot", "rash itch red skin", "chest pain", "head pain tired sneeze fever"];
+        let encoded = model.text_encoder().encode(&texts)?;
+        Ok([[0usize, 1], [2, 3]]
+            .iter()
+            .map(|rows| EncodedBatch::collate(&encoded, rows, Some(&[0, 1, 2, 0]), 0).into())
+            .collect())
+    };
+    // Losses of 6 steps and the final weights of `micro` micro-batches a step on this rank.
+    let run = |group: Option<&DataParallel>, micro: &[usize]| -> Result<(Vec<f64>, Vec<f32>)> {
+        let model = tiny_classifier(&Device::Cpu, 0.0, 4)?;
+        let batches = halves(&model)?;
+        let mine: Vec<TrainBatch> = micro.iter().map(|&i| batches[i].clone()).collect();
+        let trainable = model.params().trainable();
+        let mut opt = AdamW::new(trainable.clone(), AdamWConfig::default())?;
+        let mode = match group {
+            Some(g) => StepMode::default().with_parallel(g),
+            None => StepMode::default(),
+        };
+        let seeds: Vec<u64> = micro.iter().map(|&i| i as u64).collect();
+        let mut losses = Vec::new();
+        for _ in 0..6 {
+            losses.push(train_step_with(&model, &trainable, &mut opt, &mine, &seeds, 1.0, 3e-3, &mut [], mode)?.loss);
+        }
+        let mut weights = Vec::new();
+        for (_, v) in &trainable {
+            weights.extend(v.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+        }
+        Ok((losses, weights))
+    };
+    let (one_losses, one_weights) = run(None, &[0, 1])?;
+    let ranks = DataParallel::in_process(2);
+    let results = std::thread::scope(|s| {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|rank| {
+                s.spawn(move || {
+                    let group = DataParallel::from(rank);
+                    run(Some(&group), &[group.rank()])
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank thread")).collect::<Vec<_>>()
+    });
+    for (rank, r) in results.into_iter().enumerate() {
+        let (losses, weights) = r?;
+        for (step, (a, b)) in one_losses.iter().zip(&losses).enumerate() {
+            assert!((a - b).abs() < 1e-5 * (1.0 + a.abs()), "rank {rank}, step {step}: {a} vs {b}");
+        }
+        let d = one_weights.iter().zip(&weights).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(d < 1e-5, "rank {rank}: weights differ by {d}");
+    }
+    assert!(one_losses[5] < one_losses[0], "it trains: {one_losses:?}");
+    Ok(())
+}

@@ -97,7 +97,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
     };
     let primary = std::env::var(tuneforge_core::parallel::ENV_RANK).map_or(true, |r| r == "0");
     if config.model.task == tuneforge_core::experiment::Task::CausalLm {
-        return train_causal_lm(config, &args);
+        return train_causal_lm(config, &args, primary);
     }
     let options = RunOptions { resume: args.resume.clone(), stop_after_steps: args.stop_after_steps };
     let db = (!args.no_db && primary).then(|| args.db.url());
@@ -203,20 +203,21 @@ fn group_id() -> anyhow::Result<String> {
     anyhow::bail!("--gpus needs a tuneforge built with `--features nccl` (CUDA and NCCL)")
 }
 
-/// `task = "causal-lm"`: instruction tuning of a decoder (not recorded in the store yet).
-fn train_causal_lm(config: ExperimentConfig, args: &TrainArgs) -> anyhow::Result<Outcome> {
+/// `task = "causal-lm"`: instruction tuning of a decoder (not recorded in the store yet),
+/// on one device or as a rank of `--gpus N` (rank 0 reports).
+fn train_causal_lm(config: ExperimentConfig, args: &TrainArgs, primary: bool) -> anyhow::Result<Outcome> {
     if args.resume.is_some() || args.stop_after_steps.is_some() {
         anyhow::bail!("--resume and --stop-after-steps are not available for task = \"causal-lm\" yet");
     }
-    if std::env::var(tuneforge_core::parallel::ENV_RANK).is_ok() {
-        anyhow::bail!("--gpus (data parallelism) trains classifiers for now; train task = \"causal-lm\" on one device");
-    }
-    let quiet = args.quiet;
+    let quiet = args.quiet || !primary;
     let s = tuneforge_core::sft::train_causal_lm(config, &mut |line| {
         if !quiet {
             eprintln!("{line}");
         }
     })?;
+    if !primary {
+        return Ok(Outcome::Success);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
