@@ -210,6 +210,9 @@ pub async fn get_run(id: String) -> Result<RunDetail, ServerFnError> {
         ("train/loss", "training loss"),
         ("val/accuracy", "validation accuracy"),
         ("val/macro_f1", "validation macro-F1"),
+        // Instruction tuning (causal-LM runs) reports loss and perplexity instead.
+        ("val/loss", "validation loss"),
+        ("val/perplexity", "validation perplexity"),
         ("train/lr", "learning rate"),
     ] {
         if keys.iter().any(|k| k == key) {

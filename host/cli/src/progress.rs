@@ -87,6 +87,10 @@ impl TrainProgress {
                     report.accuracy, report.macro_f1, report.loss
                 ));
             }
+            TrainEvent::LmEvaluated { step, loss, perplexity, improved } => {
+                let mark = if improved { " (best so far, saved)" } else { "" };
+                self.say(format!("eval at step {step}: validation loss {loss:.4}, perplexity {perplexity:.2}{mark}"));
+            }
             TrainEvent::Checkpointed { .. } => {}
         }
     }

@@ -3,6 +3,7 @@
 //! that cannot be written is reported once and training goes on.
 
 use sha2::{Digest, Sha256};
+use tuneforge_core::sft::SftSummary;
 use tuneforge_core::{ExperimentConfig, RunSummary, TrainEvent};
 use tuneforge_store::{Artifact, MetricPoint, NewRun, RunPlugin, RunStatus, Store, now_ms};
 
@@ -152,17 +153,24 @@ impl Recorder {
                 self.point("val/macro_f1", *step, report.macro_f1);
                 self.flush();
             }
+            TrainEvent::LmEvaluated { step, loss, perplexity, .. } => {
+                self.point("val/loss", *step, *loss);
+                self.point("val/perplexity", *step, *perplexity);
+                self.flush();
+            }
             TrainEvent::Checkpointed { .. } => self.flush(),
         }
     }
 
-    /// Records the files a finished run left, with their sizes and SHA-256.
+    /// Records the files a finished run left (those of them that exist), with their sizes
+    /// and SHA-256.
     fn record_artifacts(&mut self, id: &str, run_dir: &std::path::Path) {
         let files = [
             ("config", "config.toml"),
             ("metrics", "metrics.jsonl"),
             ("summary", "summary.json"),
             ("model", "best/model.safetensors"),
+            ("adapter", "best/adapter_model.safetensors"),
             ("model-config", "best/config.json"),
             ("tokenizer", "best/tokenizer.json"),
             ("model-meta", "best/tuneforge.json"),
@@ -184,19 +192,42 @@ impl Recorder {
         }
     }
 
-    /// Records how the run ended.
+    /// Records how a classification run ended.
     pub fn finish(&mut self, outcome: Result<&RunSummary, &str>) {
+        let ended = outcome.map(|s| Ended {
+            status: if s.status == "stopped" { RunStatus::Interrupted } else { RunStatus::Succeeded },
+            summary: serde_json::to_value(s).unwrap_or_default(),
+            steps: (s.steps, s.total_steps),
+            dataset_hash: &s.dataset_hash,
+            accuracy_f1: s.validation.as_ref().map(|v| (v.accuracy, v.macro_f1)),
+            run_dir: s.best_model_dir.as_ref().and_then(|b| b.parent()),
+        });
+        self.end(ended);
+    }
+
+    /// Records how an instruction-tuning (`task = "causal-lm"`) run ended.
+    pub fn finish_lm(&mut self, outcome: Result<&SftSummary, &str>) {
+        let ended = outcome.map(|s| Ended {
+            status: RunStatus::Succeeded,
+            summary: serde_json::to_value(s).unwrap_or_default(),
+            steps: (s.steps, s.steps),
+            dataset_hash: &s.dataset_hash,
+            accuracy_f1: None,
+            run_dir: Some(&s.run_dir),
+        });
+        self.end(ended);
+    }
+
+    fn end(&mut self, outcome: Result<Ended<'_>, &str>) {
         self.flush();
         let Some(id) = self.run_id.clone() else { return };
-        let result = match outcome {
-            Ok(s) => {
-                let status = if s.status == "stopped" { RunStatus::Interrupted } else { RunStatus::Succeeded };
-                let json = serde_json::to_value(s).unwrap_or_default();
-                let (acc, f1) = s.validation.as_ref().map_or((None, None), |v| (Some(v.accuracy), Some(v.macro_f1)));
+        let result = match &outcome {
+            Ok(e) => {
+                let (acc, f1) = e.accuracy_f1.map_or((None, None), |(a, f)| (Some(a), Some(f)));
                 let store = &self.store;
                 self.rt.block_on(async {
-                    store.set_progress(&id, s.steps as i64, s.total_steps as i64).await?;
-                    store.finish_run(&id, status, Some(&json), Some(&s.dataset_hash), acc, f1, None).await
+                    store.set_progress(&id, e.steps.0 as i64, e.steps.1 as i64).await?;
+                    store.finish_run(&id, e.status, Some(&e.summary), Some(e.dataset_hash), acc, f1, None).await
                 })
             }
             Err(message) => {
@@ -206,10 +237,19 @@ impl Recorder {
         if let Err(e) = result {
             self.warn("record the end of the run", e);
         }
-        if let Ok(s) = outcome
-            && let Some(run_dir) = s.best_model_dir.as_ref().and_then(|b| b.parent())
-        {
-            self.record_artifacts(&id, run_dir);
+        if let Ok(Ended { run_dir: Some(dir), .. }) = outcome {
+            self.record_artifacts(&id, dir);
         }
     }
+}
+
+/// How a run ended, whatever its task.
+struct Ended<'a> {
+    status: RunStatus,
+    summary: serde_json::Value,
+    /// Steps taken, of the total.
+    steps: (u64, u64),
+    dataset_hash: &'a str,
+    accuracy_f1: Option<(f64, f64)>,
+    run_dir: Option<&'a std::path::Path>,
 }

@@ -706,6 +706,47 @@ fn generate_runs_a_gguf_decoder() {
     assert_no_panic(&o);
 }
 
+/// Instruction tuning through the command line lands in the experiment store like a
+/// classification run: the run row, its training and validation curves (loss and
+/// perplexity, step 0 being the base model), its end and its files.
+#[test]
+fn instruction_tuning_runs_are_recorded_in_the_store() {
+    let env = Env::new();
+    tuneforge_core::testing::write_tiny_decoder(env.dir.path(), "llama").expect("tiny decoder");
+    let data: String = (0..20)
+        .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
+        .collect();
+    std::fs::write(env.path("sft.jsonl"), data).expect("data");
+    let exp = "[experiment]\nname = \"sft\"\n[model]\nsource = \"model.gguf\"\ntask = \"causal-lm\"\nmax_len = 32\n\
+               [data]\ntrain = \"sft.jsonl\"\nvalidation_split = 0.2\n\
+               [peft]\nmethod = \"lora\"\nrank = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
+               [train]\nepochs = 2\nbatch_size = 4\nlr = 1e-2\n";
+    std::fs::write(env.path("sft.toml"), exp).expect("experiment");
+    let o = env.run(&["train", "--config", "sft.toml", "--quiet", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = json(&o);
+    let id = summary["run_id"].as_str().expect("id");
+    assert_eq!(summary["dataset_hash"].as_str().expect("hash").len(), 64);
+    let o = env.run(&["runs", "show", id, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let shown = json(&o);
+    assert_eq!(shown["run"]["status"], "succeeded");
+    assert_eq!(shown["run"]["method"], "lora");
+    for key in ["train/loss", "train/lr", "val/loss", "val/perplexity"] {
+        assert!(shown["last_metrics"][key].is_number(), "{key}: {}", shown["last_metrics"]);
+    }
+    let kinds: Vec<&str> =
+        shown["artifacts"].as_array().expect("artifacts").iter().map(|a| a["kind"].as_str().expect("kind")).collect();
+    for kind in ["config", "metrics", "summary", "adapter", "model-meta"] {
+        assert!(kinds.contains(&kind), "{kinds:?}");
+    }
+    // --no-db leaves the store as it was.
+    let o = env.run(&["train", "--config", "sft.toml", "--quiet", "--no-db"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = env.run(&["runs", "ls", "--json"]);
+    assert_eq!(json(&o)["total"], 1);
+}
+
 /// Device choices that this machine or this build cannot honour are refused with a message
 /// that says why, before anything is trained or written; `cpu` works as given.
 #[test]

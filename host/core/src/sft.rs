@@ -32,6 +32,25 @@ pub struct SftExample {
     pub response: String,
 }
 
+/// Hex SHA-256 of conversations, in order: `role \x1f text \x1e` per turn, the response,
+/// `\x1d` after each conversation (the same conversations give the same hash, whatever file
+/// they came from).
+pub fn sft_dataset_hash(examples: &[SftExample]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for ex in examples {
+        for (role, text) in &ex.context {
+            hasher.update(role.as_bytes());
+            hasher.update([0x1f]);
+            hasher.update(text.as_bytes());
+            hasher.update([0x1e]);
+        }
+        hasher.update(ex.response.as_bytes());
+        hasher.update([0x1d]);
+    }
+    hex::encode(hasher.finalize())
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Message {
@@ -371,6 +390,8 @@ pub struct SftSummary {
     pub n_train: usize,
     pub n_validation: usize,
     pub skipped_too_long: usize,
+    /// [`sft_dataset_hash`] of the training conversations.
+    pub dataset_hash: String,
     pub steps: u64,
     pub base_validation_loss: f64,
     pub base_perplexity: f64,
@@ -383,18 +404,20 @@ pub struct SftSummary {
 
 /// Runs a `causal-lm` experiment; `on_line` receives progress lines.
 pub fn train_causal_lm(cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str)) -> Result<SftSummary> {
-    train_causal_lm_in(cfg, None, on_line)
+    train_causal_lm_in(cfg, None, on_line, &mut |_| {})
 }
 
 /// [`train_causal_lm`] as a rank of a data-parallel `group` (`None`: the group this process
 /// was launched into by `tuneforge train --gpus N`, or a group of one): every rank holds
 /// the whole model, a step takes one batch per rank ([`sft_step_in`]), so it covers
 /// `batch_size × ranks` rows, like one process with that batch size; rank 0 alone writes
-/// the run directory, the others work in a temporary one.
+/// the run directory, the others work in a temporary one. `on_event` hears the run start,
+/// each step and each validation (what the experiment store records).
 pub fn train_causal_lm_in(
     mut cfg: ExperimentConfig,
     group: Option<&DataParallel>,
     on_line: &mut dyn FnMut(&str),
+    on_event: &mut dyn FnMut(crate::TrainEvent<'_>),
 ) -> Result<SftSummary> {
     let cwd = std::env::current_dir().map_err(CoreError::io("."))?;
     cfg.absolutize(&cwd);
@@ -484,6 +507,7 @@ pub fn train_causal_lm_in(
         "base model: validation loss {base_loss:.4}, perplexity {:.2} over {val_tokens} response tokens",
         base_loss.exp()
     ));
+    let dataset_hash = sft_dataset_hash(&train);
 
     let trainable = model.params().trainable();
     let mut opt = AdamW::new(trainable.clone(), AdamWConfig { weight_decay: t.weight_decay, ..Default::default() })?;
@@ -501,6 +525,17 @@ pub fn train_causal_lm_in(
     let (mut tokens, mut seconds) = (0u64, 0f64);
     let best_dir = run.best();
     let lengths: Vec<usize> = train_tok.iter().map(|e| e.ids.len()).collect();
+    on_event(crate::TrainEvent::Started {
+        run: &run,
+        start_step: 0,
+        total_steps: total,
+        n_train: train_tok.len(),
+        n_validation: val_tok.len(),
+        n_trainable,
+        n_params: n_total,
+        plugins: &[],
+    });
+    on_event(crate::TrainEvent::LmEvaluated { step: 0, loss: base_loss, perplexity: base_loss.exp(), improved: false });
     for epoch in 0..t.epochs {
         let batches = length_grouped_batches(&lengths, t.batch_size, t.group_by_length, seed.wrapping_add(epoch));
         for step_batches in batches.chunks(group.world()) {
@@ -528,6 +563,8 @@ pub fn train_causal_lm_in(
             seconds += secs;
             write_metric(serde_json::json!({"kind": "train", "step": step, "epoch": epoch, "loss": value, "lr": lr,
                 "grad_norm": grad_norm, "tokens": batch_tokens, "response_tokens": n, "seconds": secs}))?;
+            let tokens_per_s = tokens as f64 / seconds.max(1e-9);
+            on_event(crate::TrainEvent::Step { step, total_steps: total, loss: value, lr, tokens_per_s });
             if step % 10 == 0 || step == total {
                 on_line(&format!(
                     "step {step}/{total} loss {value:.4} lr {lr:.2e} {:.0} tok/s",
@@ -540,6 +577,7 @@ pub fn train_causal_lm_in(
             serde_json::json!({"kind": "eval", "step": step, "epoch": epoch, "validation_loss": val, "perplexity": val.exp()}),
         )?;
         let better = val < best_loss;
+        on_event(crate::TrainEvent::LmEvaluated { step, loss: val, perplexity: val.exp(), improved: better });
         on_line(&format!(
             "eval at step {step}: validation loss {val:.4}, perplexity {:.2}{}",
             val.exp(),
@@ -576,6 +614,7 @@ pub fn train_causal_lm_in(
         best_step,
         train_seconds: seconds,
         tokens_per_s: tokens as f64 / seconds.max(1e-9),
+        dataset_hash,
     };
     let json = serde_json::to_vec_pretty(&summary).map_err(|e| CoreError::file(run.summary(), e.to_string()))?;
     crate::fs_atomic::write_atomic(&run.summary(), &json)?;

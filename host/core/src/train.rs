@@ -69,6 +69,14 @@ pub enum TrainEvent<'a> {
         report: &'a EvalReport,
         improved: bool,
     },
+    /// A causal-LM (instruction tuning) run's validation: mean loss over the response
+    /// tokens and its perplexity; step 0 is the base model.
+    LmEvaluated {
+        step: u64,
+        loss: f64,
+        perplexity: f64,
+        improved: bool,
+    },
     Checkpointed {
         step: u64,
         dir: &'a Path,

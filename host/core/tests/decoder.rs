@@ -215,7 +215,7 @@ fn data_parallel_sft_takes_the_steps_of_one_process_with_twice_the_batch() -> Re
                 let cfg = cfg.clone();
                 s.spawn(move || {
                     let group = DataParallel::from(rank);
-                    tuneforge_core::sft::train_causal_lm_in(cfg, Some(&group), &mut |_| {})
+                    tuneforge_core::sft::train_causal_lm_in(cfg, Some(&group), &mut |_| {}, &mut |_| {})
                 })
             })
             .collect();

@@ -54,13 +54,7 @@ pub fn train_recorded(
     db: Option<&str>,
     quiet: bool,
 ) -> tuneforge_core::Result<tuneforge_core::TrainOutcome> {
-    let mut recorder = db.and_then(|db| match Recorder::new(db, &config, options.resume.is_some()) {
-        Ok(r) => Some(r),
-        Err(e) => {
-            eprintln!("warning: not recording this run in the experiment store: {e:#}");
-            None
-        }
-    });
+    let mut recorder = recorder(db, &config, options.resume.is_some());
     let mut progress = TrainProgress::new(quiet);
     let hooks = RuntimeHooks::lazy(plugin_home());
     let outcome = train_experiment_with(config, options, &hooks, &mut |e| {
@@ -77,6 +71,18 @@ pub fn train_recorded(
         }
     }
     outcome
+}
+
+/// The store's recorder for a run, unless `db` is `None` or the store cannot be opened (said
+/// once; training goes on).
+fn recorder(db: Option<&str>, config: &ExperimentConfig, resume: bool) -> Option<Recorder> {
+    db.and_then(|db| match Recorder::new(db, config, resume) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("warning: not recording this run in the experiment store: {e:#}");
+            None
+        }
+    })
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
@@ -203,18 +209,36 @@ fn group_id() -> anyhow::Result<String> {
     anyhow::bail!("--gpus needs a tuneforge built with `--features nccl` (CUDA and NCCL)")
 }
 
-/// `task = "causal-lm"`: instruction tuning of a decoder (not recorded in the store yet),
-/// on one device or as a rank of `--gpus N` (rank 0 reports).
+/// `task = "causal-lm"`: instruction tuning of a decoder, on one device or as a rank of
+/// `--gpus N` (rank 0 reports and records the run in the store).
 fn train_causal_lm(config: ExperimentConfig, args: &TrainArgs, primary: bool) -> anyhow::Result<Outcome> {
     if args.resume.is_some() || args.stop_after_steps.is_some() {
         anyhow::bail!("--resume and --stop-after-steps are not available for task = \"causal-lm\" yet");
     }
     let quiet = args.quiet || !primary;
-    let s = tuneforge_core::sft::train_causal_lm(config, &mut |line| {
-        if !quiet {
-            eprintln!("{line}");
+    let db = (!args.no_db && primary).then(|| args.db.url());
+    let mut recorder = recorder(db.as_deref(), &config, false);
+    let outcome = tuneforge_core::sft::train_causal_lm_in(
+        config,
+        None,
+        &mut |line| {
+            if !quiet {
+                eprintln!("{line}");
+            }
+        },
+        &mut |e| {
+            if let Some(r) = recorder.as_mut() {
+                r.on_event(&e);
+            }
+        },
+    );
+    if let Some(r) = recorder.as_mut() {
+        match &outcome {
+            Ok(s) => r.finish_lm(Ok(s)),
+            Err(e) => r.finish_lm(Err(&format!("{e:#}"))),
         }
-    })?;
+    }
+    let s = outcome?;
     if !primary {
         return Ok(Outcome::Success);
     }
