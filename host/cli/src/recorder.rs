@@ -208,9 +208,9 @@ impl Recorder {
     /// Records how an instruction-tuning (`task = "causal-lm"`) run ended.
     pub fn finish_lm(&mut self, outcome: Result<&SftSummary, &str>) {
         let ended = outcome.map(|s| Ended {
-            status: RunStatus::Succeeded,
+            status: if s.status == "stopped" { RunStatus::Interrupted } else { RunStatus::Succeeded },
             summary: serde_json::to_value(s).unwrap_or_default(),
-            steps: (s.steps, s.steps),
+            steps: (s.steps, s.total_steps),
             dataset_hash: &s.dataset_hash,
             accuracy_f1: None,
             run_dir: Some(&s.run_dir),

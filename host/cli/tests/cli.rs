@@ -708,7 +708,8 @@ fn generate_runs_a_gguf_decoder() {
 
 /// Instruction tuning through the command line lands in the experiment store like a
 /// classification run: the run row, its training and validation curves (loss and
-/// perplexity, step 0 being the base model), its end and its files.
+/// perplexity, step 0 being the base model), its end and its files; it stops with
+/// `--stop-after-steps` and finishes with `--resume`.
 #[test]
 fn instruction_tuning_runs_are_recorded_in_the_store() {
     let env = Env::new();
@@ -745,6 +746,22 @@ fn instruction_tuning_runs_are_recorded_in_the_store() {
     assert!(o.status.success(), "{}", stderr(&o));
     let o = env.run(&["runs", "ls", "--json"]);
     assert_eq!(json(&o)["total"], 1);
+    // Stopped, the run is interrupted in the store; resumed, it finishes there.
+    let o = env.run(&["train", "--config", "sft.toml", "--quiet", "--json", "--stop-after-steps", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stopped = json(&o);
+    assert_eq!((stopped["status"].as_str(), stopped["steps"].as_u64()), (Some("stopped"), Some(2)));
+    let (id, dir) = (stopped["run_id"].as_str().expect("id"), stopped["run_dir"].as_str().expect("dir"));
+    let o = env.run(&["runs", "show", id, "--json"]);
+    assert_eq!(json(&o)["run"]["status"], "interrupted");
+    let o = env.run(&["train", "--resume", dir, "--quiet", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let done = json(&o);
+    assert_eq!((done["status"].as_str(), done["run_id"].as_str()), (Some("completed"), Some(id)));
+    assert_eq!(done["steps"], done["total_steps"]);
+    let o = env.run(&["runs", "show", id, "--json"]);
+    assert_eq!(json(&o)["run"]["status"], "succeeded");
+    assert_eq!(json(&env.run(&["runs", "ls", "--json"]))["total"], 2, "the resumed run is the same record");
 }
 
 /// Device choices that this machine or this build cannot honour are refused with a message

@@ -49,6 +49,25 @@ pub struct CheckpointState {
     pub files: BTreeMap<String, String>,
 }
 
+impl CheckpointState {
+    /// A run's first position: nothing trained, nothing evaluated.
+    pub fn start(seed: u64) -> Self {
+        Self {
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            seed,
+            best_metric: None,
+            best_step: None,
+            tokens_seen: 0,
+            train_seconds: 0.0,
+            evals_without_improvement: 0,
+            early_stopped_at: None,
+            files: BTreeMap::new(),
+        }
+    }
+}
+
 /// A loaded checkpoint.
 #[derive(Debug)]
 pub struct LoadedCheckpoint {
@@ -186,19 +205,7 @@ mod tests {
     use candle_core::Device;
 
     fn state(step: u64) -> CheckpointState {
-        CheckpointState {
-            step,
-            epoch: 0,
-            batch_in_epoch: step as usize,
-            seed: 1,
-            best_metric: None,
-            best_step: None,
-            tokens_seen: 0,
-            train_seconds: 0.0,
-            evals_without_improvement: 0,
-            early_stopped_at: None,
-            files: BTreeMap::new(),
-        }
+        CheckpointState { step, batch_in_epoch: step as usize, ..CheckpointState::start(1) }
     }
 
     fn tensors(v: f32) -> Vec<(String, Tensor)> {

@@ -17,6 +17,7 @@ use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use crate::checkpoint::{CheckpointState, Checkpoints};
 use crate::experiment::Task;
 use crate::fs_atomic::{replace_dir, write_synced};
 use crate::generate::ChatFormat;
@@ -390,6 +391,9 @@ pub struct SftSummary {
     pub n_train: usize,
     pub n_validation: usize,
     pub skipped_too_long: usize,
+    /// `completed`, or `stopped` (by `stop_after_steps`; resume with `--resume`).
+    pub status: String,
+    pub total_steps: u64,
     /// [`sft_dataset_hash`] of the training conversations.
     pub dataset_hash: String,
     pub steps: u64,
@@ -404,7 +408,7 @@ pub struct SftSummary {
 
 /// Runs a `causal-lm` experiment; `on_line` receives progress lines.
 pub fn train_causal_lm(cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str)) -> Result<SftSummary> {
-    train_causal_lm_in(cfg, None, on_line, &mut |_| {})
+    train_causal_lm_in(cfg, &crate::RunOptions::default(), None, on_line, &mut |_| {})
 }
 
 /// [`train_causal_lm`] as a rank of a data-parallel `group` (`None`: the group this process
@@ -413,8 +417,14 @@ pub fn train_causal_lm(cfg: ExperimentConfig, on_line: &mut dyn FnMut(&str)) -> 
 /// `batch_size × ranks` rows, like one process with that batch size; rank 0 alone writes
 /// the run directory, the others work in a temporary one. `on_event` hears the run start,
 /// each step and each validation (what the experiment store records).
+///
+/// `options`: `stop_after_steps` stops with a checkpoint (status `stopped`); `resume`
+/// continues a run directory from its latest checkpoint (written after every epoch and at a
+/// stop) on the same trajectory — data order, dropout and schedule follow the seed, the
+/// epoch and the step. `cfg` is then the run's own `config.toml`.
 pub fn train_causal_lm_in(
     mut cfg: ExperimentConfig,
+    options: &crate::RunOptions,
     group: Option<&DataParallel>,
     on_line: &mut dyn FnMut(&str),
     on_event: &mut dyn FnMut(crate::TrainEvent<'_>),
@@ -445,9 +455,24 @@ pub fn train_causal_lm_in(
     if let Some(dir) = &scratch {
         cfg.experiment.output_dir = dir.path().to_path_buf();
     }
-    let run =
-        crate::run::create_run_dir(&cfg.experiment.output_dir, &crate::new_run_id(cfg.experiment.name.as_deref()))?;
-    crate::fs_atomic::write_atomic(&run.config(), cfg.to_toml().as_bytes())?;
+    // The run to resume (every rank reads its checkpoint), and where this rank writes.
+    let resumed = options.resume.as_ref().map(crate::RunDir::new);
+    if let Some(r) = &resumed
+        && !r.config().is_file()
+    {
+        return Err(CoreError::file(r.root(), "is not a run directory (config.toml is missing)"));
+    }
+    let run = match (&resumed, &scratch) {
+        (Some(r), None) => r.clone(),
+        _ => {
+            let run = crate::run::create_run_dir(
+                &cfg.experiment.output_dir,
+                &crate::new_run_id(cfg.experiment.name.as_deref()),
+            )?;
+            crate::fs_atomic::write_atomic(&run.config(), cfg.to_toml().as_bytes())?;
+            run
+        }
+    };
     let source = ModelSource::parse(&cfg.model.source)?;
     let base = Base::load(&source.resolve()?, DType::F32)?;
     let peft = cfg.peft.spec();
@@ -516,18 +541,33 @@ pub fn train_causal_lm_in(
     let total = steps_per_epoch * t.epochs;
     let warmup = t.warmup_steps.unwrap_or((t.warmup_ratio * total as f64).round() as u64);
     let schedule = crate::LrSchedule { kind: t.schedule, peak_lr: t.lr, warmup_steps: warmup, total_steps: total };
-    let mut log = crate::run::MetricsLog::open(&run.metrics(), None)?;
-    let mut write_metric = |v: serde_json::Value| log.append(&v);
-    write_metric(
-        serde_json::json!({"kind": "eval", "step": 0, "validation_loss": base_loss, "perplexity": base_loss.exp()}),
-    )?;
-    let (mut best_loss, mut best_step, mut step) = (f64::INFINITY, 0u64, 0u64);
-    let (mut tokens, mut seconds) = (0u64, 0f64);
+    let checkpoints = Checkpoints::new(run.checkpoints(), t.keep_checkpoints);
+    // `batch_in_epoch` counts steps (one batch per rank each); `best_metric` is minus the
+    // best validation loss (higher is better, as for classifiers).
+    let mut state = CheckpointState::start(seed);
+    if let Some(r) = &resumed {
+        if group.is_primary() {
+            crate::fs_atomic::recover_dir(&r.best())?;
+        }
+        let loaded = Checkpoints::new(r.checkpoints(), t.keep_checkpoints)
+            .latest()?
+            .ok_or_else(|| CoreError::file(r.root(), "has no checkpoint to resume from"))?;
+        model.params().load_trainable(&loaded.trainable)?;
+        opt.load_state(&loaded.optimizer, loaded.state.step)?;
+        state = loaded.state;
+        on_line(&format!("resuming at step {} of {total} from {}", state.step, loaded.dir.display()));
+    }
+    let mut log = crate::run::MetricsLog::open(&run.metrics(), resumed.as_ref().map(|_| state.step))?;
+    if resumed.is_none() {
+        log.append(
+            &serde_json::json!({"kind": "eval", "step": 0, "validation_loss": base_loss, "perplexity": base_loss.exp()}),
+        )?;
+    }
     let best_dir = run.best();
     let lengths: Vec<usize> = train_tok.iter().map(|e| e.ids.len()).collect();
     on_event(crate::TrainEvent::Started {
         run: &run,
-        start_step: 0,
+        start_step: state.step,
         total_steps: total,
         n_train: train_tok.len(),
         n_validation: val_tok.len(),
@@ -535,48 +575,68 @@ pub fn train_causal_lm_in(
         n_params: n_total,
         plugins: &[],
     });
-    on_event(crate::TrainEvent::LmEvaluated { step: 0, loss: base_loss, perplexity: base_loss.exp(), improved: false });
-    for epoch in 0..t.epochs {
-        let batches = length_grouped_batches(&lengths, t.batch_size, t.group_by_length, seed.wrapping_add(epoch));
-        for step_batches in batches.chunks(group.world()) {
+    if resumed.is_none() {
+        on_event(crate::TrainEvent::LmEvaluated {
+            step: 0,
+            loss: base_loss,
+            perplexity: base_loss.exp(),
+            improved: false,
+        });
+    }
+    let save = |state: &CheckpointState, opt: &AdamW| -> Result<PathBuf> {
+        let tensors: Vec<(String, Tensor)> =
+            trainable.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        checkpoints.save(state, &tensors, &opt.state_tensors()?)
+    };
+    let mut stopped = false;
+    let mut checkpointed_at = resumed.as_ref().map(|_| state.step);
+    'epochs: while state.epoch < t.epochs {
+        let batches = length_grouped_batches(&lengths, t.batch_size, t.group_by_length, seed.wrapping_add(state.epoch));
+        let steps: Vec<&[Vec<usize>]> = batches.chunks(group.world()).collect();
+        while let Some(step_batches) = steps.get(state.batch_in_epoch) {
+            if options.stop_after_steps.is_some_and(|s| state.step >= s) {
+                stopped = true;
+                break 'epochs;
+            }
             let started = Instant::now();
             // This rank's batch of the step (none in an epoch's last step with fewer batches
             // left than ranks).
             let rows: Vec<&SftTokens> =
                 step_batches.get(group.rank()).map(|b| b.iter().map(|&i| &train_tok[i]).collect()).unwrap_or_default();
             let batch = if rows.is_empty() { None } else { Some(collate(&rows, pad)?) };
-            let ctx = crate::StepMode::from_config(&t).ctx(seed.wrapping_mul(31).wrapping_add(step));
-            let lr = schedule.lr(step);
+            let ctx = crate::StepMode::from_config(&t).ctx(seed.wrapping_mul(31).wrapping_add(state.step));
+            let lr = schedule.lr(state.step);
             let batch = batch.as_ref().map(|(ids, mask)| (ids, mask));
             let SftStep { loss: value, response_tokens: n, grad_norm } =
                 sft_step_in(&model, &trainable, &mut opt, batch, &ctx, t.max_grad_norm, lr, group).map_err(
                     |e| match e {
-                        CoreError::Diverged { loss, .. } => CoreError::Diverged { step: step + 1, loss },
+                        CoreError::Diverged { loss, .. } => CoreError::Diverged { step: state.step + 1, loss },
                         other => other,
                     },
                 )?;
-            step += 1;
+            state.step += 1;
+            state.batch_in_epoch += 1;
             let secs = started.elapsed().as_secs_f64();
             // The whole group's tokens.
             let batch_tokens: usize = step_batches.iter().flatten().map(|&i| train_tok[i].ids.len()).sum();
-            tokens += batch_tokens as u64;
-            seconds += secs;
-            write_metric(serde_json::json!({"kind": "train", "step": step, "epoch": epoch, "loss": value, "lr": lr,
-                "grad_norm": grad_norm, "tokens": batch_tokens, "response_tokens": n, "seconds": secs}))?;
-            let tokens_per_s = tokens as f64 / seconds.max(1e-9);
+            state.tokens_seen += batch_tokens as u64;
+            state.train_seconds += secs;
+            let step = state.step;
+            log.append(
+                &serde_json::json!({"kind": "train", "step": step, "epoch": state.epoch, "loss": value, "lr": lr,
+                "grad_norm": grad_norm, "tokens": batch_tokens, "response_tokens": n, "seconds": secs}),
+            )?;
+            let tokens_per_s = state.tokens_seen as f64 / state.train_seconds.max(1e-9);
             on_event(crate::TrainEvent::Step { step, total_steps: total, loss: value, lr, tokens_per_s });
-            if step % 10 == 0 || step == total {
-                on_line(&format!(
-                    "step {step}/{total} loss {value:.4} lr {lr:.2e} {:.0} tok/s",
-                    tokens as f64 / seconds
-                ));
+            if step.is_multiple_of(10) || step == total {
+                on_line(&format!("step {step}/{total} loss {value:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"));
             }
         }
+        let step = state.step;
         let (val, _) = evaluate(&model, &val_tok, eval_bs, pad)?;
-        write_metric(
-            serde_json::json!({"kind": "eval", "step": step, "epoch": epoch, "validation_loss": val, "perplexity": val.exp()}),
-        )?;
-        let better = val < best_loss;
+        log.append(&serde_json::json!({"kind": "eval", "step": step, "epoch": state.epoch, "validation_loss": val,
+            "perplexity": val.exp()}))?;
+        let better = state.best_metric.is_none_or(|b| -val > b);
         on_event(crate::TrainEvent::LmEvaluated { step, loss: val, perplexity: val.exp(), improved: better });
         on_line(&format!(
             "eval at step {step}: validation loss {val:.4}, perplexity {:.2}{}",
@@ -584,15 +644,25 @@ pub fn train_causal_lm_in(
             if better { " (best so far, saved)" } else { "" }
         ));
         if better {
-            best_loss = val;
-            best_step = step;
+            state.best_metric = Some(-val);
+            state.best_step = Some(step);
             save_best(
                 &model,
                 &best_dir,
                 &AdapterMeta { task: Task::CausalLm, base_model: source.spec(), peft: peft.clone() },
             )?;
         }
+        state.epoch += 1;
+        state.batch_in_epoch = 0;
+        let dir = save(&state, &opt)?;
+        checkpointed_at = Some(state.step);
+        on_event(crate::TrainEvent::Checkpointed { step: state.step, dir: &dir });
     }
+    if checkpointed_at != Some(state.step) {
+        let dir = save(&state, &opt)?;
+        on_event(crate::TrainEvent::Checkpointed { step: state.step, dir: &dir });
+    }
+    let best_loss = state.best_metric.map_or(f64::NAN, |b| -b);
     let summary = SftSummary {
         run_id: run.id(),
         run_dir: run.root().to_path_buf(),
@@ -606,14 +676,16 @@ pub fn train_causal_lm_in(
         n_train: train_tok.len(),
         n_validation: val_tok.len(),
         skipped_too_long: skipped,
-        steps: step,
+        status: if stopped { "stopped" } else { "completed" }.into(),
+        steps: state.step,
+        total_steps: total,
         base_validation_loss: base_loss,
         base_perplexity: base_loss.exp(),
         validation_loss: best_loss,
         perplexity: best_loss.exp(),
-        best_step,
-        train_seconds: seconds,
-        tokens_per_s: tokens as f64 / seconds.max(1e-9),
+        best_step: state.best_step.unwrap_or(0),
+        train_seconds: state.train_seconds,
+        tokens_per_s: state.tokens_seen as f64 / state.train_seconds.max(1e-9),
         dataset_hash,
     };
     let json = serde_json::to_vec_pretty(&summary).map_err(|e| CoreError::file(run.summary(), e.to_string()))?;

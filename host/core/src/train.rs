@@ -380,19 +380,7 @@ pub fn train_experiment_with(
         AdamW::new(trainable.clone(), AdamWConfig { weight_decay: t.weight_decay, ..Default::default() })?;
     let checkpoints = Checkpoints::new(run.checkpoints(), t.keep_checkpoints);
 
-    let mut state = CheckpointState {
-        step: 0,
-        epoch: 0,
-        batch_in_epoch: 0,
-        seed,
-        best_metric: None,
-        best_step: None,
-        tokens_seen: 0,
-        train_seconds: 0.0,
-        evals_without_improvement: 0,
-        early_stopped_at: None,
-        files: Default::default(),
-    };
+    let mut state = CheckpointState::start(seed);
     if options.resume.is_some() {
         crate::fs_atomic::recover_dir(&run.best())?;
         let loaded =

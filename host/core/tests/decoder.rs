@@ -215,7 +215,13 @@ fn data_parallel_sft_takes_the_steps_of_one_process_with_twice_the_batch() -> Re
                 let cfg = cfg.clone();
                 s.spawn(move || {
                     let group = DataParallel::from(rank);
-                    tuneforge_core::sft::train_causal_lm_in(cfg, Some(&group), &mut |_| {}, &mut |_| {})
+                    tuneforge_core::sft::train_causal_lm_in(
+                        cfg,
+                        &Default::default(),
+                        Some(&group),
+                        &mut |_| {},
+                        &mut |_| {},
+                    )
                 })
             })
             .collect();
@@ -248,5 +254,67 @@ fn data_parallel_sft_takes_the_steps_of_one_process_with_twice_the_batch() -> Re
         2,
         "one run each from rank 0 and the single process"
     );
+    Ok(())
+}
+
+/// An instruction-tuning run stopped after 3 steps (mid-epoch, with a checkpoint) and
+/// resumed from its directory follows the uninterrupted run: the same losses at every step,
+/// the same validation loss, one metrics line per step.
+#[test]
+fn a_stopped_and_resumed_sft_run_follows_the_uninterrupted_one() -> Result<()> {
+    use tuneforge_core::{ExperimentConfig, RunOptions};
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_model(tmp.path(), "llama")?;
+    let data: String = (0..30)
+        .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
+        .collect();
+    std::fs::write(tmp.path().join("sft.jsonl"), data).expect("data");
+    let text = format!(
+        "[experiment]\noutput_dir = \"{root}/runs\"\nseed = 9\n[model]\nsource = \"{root}/model.gguf\"\ntask = \"causal-lm\"\nmax_len = 32\n\
+         [data]\ntrain = \"{root}/sft.jsonl\"\nvalidation_split = 0.2\n\
+         [peft]\nmethod = \"lora\"\nrank = 4\nalpha = 8\nlora_dropout = 0.1\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
+         [train]\nepochs = 2\nbatch_size = 6\nlr = 1e-2\n",
+        root = tmp.path().display()
+    );
+    let cfg = ExperimentConfig::from_toml(&text, "sft.toml", &[])?;
+    let train = |cfg: ExperimentConfig, options: RunOptions| {
+        tuneforge_core::sft::train_causal_lm_in(cfg, &options, None, &mut |_| {}, &mut |_| {})
+    };
+    let whole = train(cfg.clone(), RunOptions::default())?;
+    let stop = RunOptions { stop_after_steps: Some(3), ..RunOptions::default() };
+    let first = train(cfg, stop)?;
+    assert_eq!((first.status.as_str(), first.steps, first.total_steps), ("stopped", 3, 8));
+    let saved = ExperimentConfig::from_file(&first.run_dir.join("config.toml"), &[])?;
+    let resume = RunOptions { resume: Some(first.run_dir.clone()), ..RunOptions::default() };
+    let rest = train(saved, resume)?;
+    assert_eq!((rest.status.as_str(), rest.steps, rest.run_dir.clone()), ("completed", 8, first.run_dir.clone()));
+    let losses = |dir: &std::path::Path| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "train")
+            .map(|v| (v["step"].as_u64().expect("step"), v["loss"].as_f64().expect("loss")))
+            .collect()
+    };
+    let (a, b) = (losses(&whole.run_dir), losses(&rest.run_dir));
+    assert_eq!(a.iter().map(|x| x.0).collect::<Vec<_>>(), b.iter().map(|x| x.0).collect::<Vec<_>>());
+    for ((step, x), (_, y)) in a.iter().zip(&b) {
+        assert!((x - y).abs() < 1e-6 * (1.0 + x.abs()), "step {step}: uninterrupted {x}, resumed {y}");
+    }
+    assert!(
+        (whole.validation_loss - rest.validation_loss).abs() < 1e-6,
+        "{} vs {}",
+        whole.validation_loss,
+        rest.validation_loss
+    );
+    assert_eq!(whole.best_step, rest.best_step);
+    // Nothing to resume from in a directory that is not a run.
+    let e = train(
+        ExperimentConfig::from_toml(&text, "sft.toml", &[])?,
+        RunOptions { resume: Some(tmp.path().join("nowhere")), ..RunOptions::default() },
+    )
+    .expect_err("not a run");
+    assert!(e.to_string().contains("nowhere"), "{e}");
     Ok(())
 }

@@ -212,14 +212,13 @@ fn group_id() -> anyhow::Result<String> {
 /// `task = "causal-lm"`: instruction tuning of a decoder, on one device or as a rank of
 /// `--gpus N` (rank 0 reports and records the run in the store).
 fn train_causal_lm(config: ExperimentConfig, args: &TrainArgs, primary: bool) -> anyhow::Result<Outcome> {
-    if args.resume.is_some() || args.stop_after_steps.is_some() {
-        anyhow::bail!("--resume and --stop-after-steps are not available for task = \"causal-lm\" yet");
-    }
     let quiet = args.quiet || !primary;
     let db = (!args.no_db && primary).then(|| args.db.url());
-    let mut recorder = recorder(db.as_deref(), &config, false);
+    let mut recorder = recorder(db.as_deref(), &config, args.resume.is_some());
+    let options = RunOptions { resume: args.resume.clone(), stop_after_steps: args.stop_after_steps };
     let outcome = tuneforge_core::sft::train_causal_lm_in(
         config,
+        &options,
         None,
         &mut |line| {
             if !quiet {
@@ -246,6 +245,10 @@ fn train_causal_lm(config: ExperimentConfig, args: &TrainArgs, primary: bool) ->
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
         println!("run:        {}", s.run_dir.display());
+        println!("status:     {} after {} of {} steps", s.status, s.steps, s.total_steps);
+        if s.status == "stopped" {
+            println!("resume:     tuneforge train --resume {}", s.run_dir.display());
+        }
         println!(
             "parameters: {} trainable of {} ({:.2}%)",
             s.params_trainable,
