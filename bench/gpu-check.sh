@@ -54,12 +54,12 @@ run --model smollm2 --precision bf16 --batch 8 --seq 512 --steps 10 --checkpoint
 
 if command -v compute-sanitizer >/dev/null; then
   echo "== compute-sanitizer memcheck: tuneforge's kernels"
-  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 3 "$tests" --test-threads=1 \
+  timeout 90 compute-sanitizer --tool memcheck --error-exitcode 3 "$tests" --test-threads=1 \
     fused_ops_on_the_gpu encoder_logits decoder_logits 2>&1 | tail -15 | tee "$out/memcheck.log"
 fi
 if command -v ncu >/dev/null && command -v python3 >/dev/null; then
   echo "== GPU time by kernel: one MiniLM bf16 step, 32 x 128 (Nsight Compute)"
-  timeout 180 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
+  timeout 120 ncu --clock-control none --metrics gpu__time_duration.sum --csv \
     "$bench" --device cuda --model minilm --precision bf16 --batch 32 --seq 128 --steps 1 --warmup 0 \
     > "$out/ncu.csv" 2> "$out/ncu.err"
   python3 - "$out/ncu.csv" <<'PY' | tee "$out/kernel-times.txt"

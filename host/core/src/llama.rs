@@ -357,6 +357,51 @@ impl DecoderModel {
         &self.params
     }
 
+    /// The model for CPU inference with int8 weights: the attention projections, the MLP's
+    /// gate and up projections (LoRA folded in) and the output layer — the tied embedding's
+    /// copy when the head is tied, the lookup table itself staying f32 — take one symmetric
+    /// scale per output channel, their activations quantized per token on the fly
+    /// (`tuneforge_kernels::Int8Matrix`). The MLP's down projection (LoRA folded in), the
+    /// norms, biases and the embedding lookup stay f32.
+    pub fn quantize_int8(mut self) -> Result<Self> {
+        if !self.embed.device().is_cpu() {
+            return Err(CoreError::Device {
+                device: format!("{:?}", self.embed.device()),
+                message: "int8 decoders run on the CPU".into(),
+            });
+        }
+        let q = |lin: &Linear, name: String| -> Result<Linear> {
+            lin.to_int8().map_err(|e| match e {
+                CoreError::Param { message, .. } => CoreError::Param { name, message },
+                other => other,
+            })
+        };
+        for (l, b) in self.blocks.iter_mut().enumerate() {
+            let name = |p: &str| format!("model.layers.{l}.{p}.weight");
+            b.q = q(&b.q, name("self_attn.q_proj"))?;
+            b.k = q(&b.k, name("self_attn.k_proj"))?;
+            b.v = q(&b.v, name("self_attn.v_proj"))?;
+            b.o = q(&b.o, name("self_attn.o_proj"))?;
+            b.gate = q(&b.gate, name("mlp.gate_proj"))?;
+            b.up = q(&b.up, name("mlp.up_proj"))?;
+            // `down_proj` stays f32: its inputs (the gated MLP's activations) carry outliers
+            // that per-token int8 flattens (SmolLM2-135M: perplexity 8.51 → 10.39 with it
+            // quantized alone, `cargo xtask bench generate --int8`).
+            b.down = b.down.merged()?;
+        }
+        let head = match &self.lm_head {
+            Some(head) => head.clone(),
+            None => Linear::new(self.embed.to_dtype(DType::F32)?, None),
+        };
+        self.lm_head = Some(q(&head, "lm_head.weight".into())?);
+        Ok(self)
+    }
+
+    /// Whether the projections run int8 ([`DecoderModel::quantize_int8`]).
+    pub fn is_int8(&self) -> bool {
+        self.lm_head.as_ref().is_some_and(Linear::is_int8)
+    }
+
     /// Logits `[b, l, vocab]` for `ids: [b, l]` at positions `cache.len()..`, appending the
     /// new keys and values to `cache` when one is given.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {

@@ -448,10 +448,9 @@ pub fn train_causal_lm_in(
             &from_env
         }
     };
-    let scratch = match group.is_primary() {
-        true => None,
-        false => Some(tempfile::tempdir().map_err(CoreError::io(std::env::temp_dir()))?),
-    };
+    // Ranks other than 0 write nothing that lasts.
+    let scratch =
+        if group.is_primary() { None } else { Some(tempfile::tempdir().map_err(CoreError::io(std::env::temp_dir()))?) };
     if let Some(dir) = &scratch {
         cfg.experiment.output_dir = dir.path().to_path_buf();
     }

@@ -318,3 +318,56 @@ fn a_stopped_and_resumed_sft_run_follows_the_uninterrupted_one() -> Result<()> {
     assert!(e.to_string().contains("nowhere"), "{e}");
     Ok(())
 }
+
+/// An int8 decoder (projections and output layer quantized per output channel) predicts
+/// what the f32 one does: tied (Llama) and untied (Qwen2) heads, logits close, the same
+/// greedy next token at nearly every position, the KV-cached path too; an instruction-tuned
+/// adapter quantizes with its LoRA folded in.
+#[test]
+fn int8_decoders_predict_like_the_f32_ones() -> Result<()> {
+    for kind in ["llama", "qwen2"] {
+        let tmp = tempfile::tempdir().expect("tmp");
+        write_model(tmp.path(), kind)?;
+        let f32 = LanguageModel::load(&tmp.path().join("model.gguf"))?;
+        let int8 = LanguageModel::load(&tmp.path().join("model.gguf"))?.quantize_int8()?;
+        assert!(int8.model.is_int8() && !f32.model.is_int8());
+        let ids = Tensor::new(&[[5u32, 60, 7, 200, 31, 3, 90, 12]], &Device::Cpu)?;
+        let a = f32.model.forward(&ids, None, &ForwardCtx::eval())?.squeeze(0)?;
+        let b = int8.model.forward(&ids, None, &ForwardCtx::eval())?.squeeze(0)?;
+        let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 0.05 * scale, "{kind}: int8 logits differ by {diff} (scale {scale})");
+        let (ta, tb) = (a.argmax(1)?.to_vec1::<u32>()?, b.argmax(1)?.to_vec1::<u32>()?);
+        let same = ta.iter().zip(&tb).filter(|(x, y)| x == y).count();
+        assert!(same >= 7, "{kind}: greedy tokens {ta:?} vs {tb:?}");
+        let greedy = Sampling { max_new_tokens: 6, repetition_penalty: 1.0, ..Sampling::default() };
+        let out = int8.generate("the cat", &greedy, &mut |_| {})?;
+        assert!(!out.ids.is_empty());
+    }
+    // A LoRA adapter whose B is not zero: quantizing folds it in.
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_model(tmp.path(), "llama")?;
+    let lm = LanguageModel::load(&tmp.path().join("model.gguf"))?;
+    let peft = tuneforge_core::PeftSpec::Lora {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        target_modules: vec!["q_proj".into(), "up_proj".into()],
+        first_layer: 0,
+    };
+    let base = tuneforge_core::sft::Base::load(&tmp.path().join("model.gguf"), DType::F32)?;
+    let mut extra = std::collections::HashMap::new();
+    for (name, v) in base.model(&peft, Default::default(), 1)?.params().trainable() {
+        let nudged = if name.contains("lora_B") { (v.as_tensor().ones_like()? * 0.5)? } else { v.as_tensor().clone() };
+        extra.insert(name, nudged);
+    }
+    let tuned = base.model(&peft, extra, 1)?;
+    let ids = Tensor::new(&[[5u32, 60, 7, 200]], &Device::Cpu)?;
+    let a = tuned.forward(&ids, None, &ForwardCtx::eval())?;
+    let b = tuned.quantize_int8()?.forward(&ids, None, &ForwardCtx::eval())?;
+    let plain_int8 = lm.quantize_int8()?.model.forward(&ids, None, &ForwardCtx::eval())?;
+    let dist = |x: &Tensor, y: &Tensor| -> Result<f32> { Ok((x - y)?.abs()?.sum_all()?.to_scalar::<f32>()?) };
+    let (folded, dropped) = (dist(&b, &a)?, dist(&plain_int8, &a)?);
+    assert!(folded < 0.8 * dropped, "int8 of the adapter is {folded} from it, int8 of the base {dropped}");
+    Ok(())
+}

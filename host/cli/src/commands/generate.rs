@@ -34,6 +34,10 @@ pub struct SamplingArgs {
     /// A system message for the chat template.
     #[arg(long)]
     system: Option<String>,
+    /// Run the projections and the output layer in int8 (CPU): about a quarter of the
+    /// bytes read per token, so faster generation, at a small cost in accuracy.
+    #[arg(long)]
+    int8: bool,
 }
 
 impl SamplingArgs {
@@ -51,14 +55,17 @@ impl SamplingArgs {
     fn load(&self) -> anyhow::Result<LanguageModel> {
         let path: PathBuf = ModelSource::parse(&self.model)?.resolve()?;
         let started = std::time::Instant::now();
-        let lm = LanguageModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        let mut lm = LanguageModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        if self.int8 {
+            lm = lm.quantize_int8().with_context(|| format!("quantizing {} to int8", path.display()))?;
+        }
         let c = lm.model.config();
         eprintln!(
-            "loaded {} ({} layers, hidden {}, {} parameters) in {:.1} s",
+            "loaded {} ({} layers, hidden {}{}) in {:.1} s",
             path.display(),
             c.num_hidden_layers,
             c.hidden_size,
-            lm.model.params().n_params(),
+            if self.int8 { ", int8 projections" } else { "" },
             started.elapsed().as_secs_f64()
         );
         Ok(lm)

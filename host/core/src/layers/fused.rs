@@ -117,8 +117,8 @@ pub(crate) fn fused_here(x: &Tensor) -> bool {
 }
 
 /// `t` in `like`'s dtype (a differentiable cast; `t` itself when it already is).
-fn same_dtype(t: &Tensor, like: &Tensor) -> Result<Tensor> {
-    if t.dtype() == like.dtype() { Ok(t.clone()) } else { Ok(t.to_dtype(like.dtype())?) }
+fn same_dtype(t: &Tensor, like: &Tensor) -> candle_core::Result<Tensor> {
+    if t.dtype() == like.dtype() { Ok(t.clone()) } else { t.to_dtype(like.dtype()) }
 }
 
 /// The compute dtype of the composed forms: f32 for half types, else `x`'s own.
@@ -537,7 +537,7 @@ impl CustomOp2 for SoftmaxGrad {
 /// [`fused_here`] (its backward sums the gradient's columns with one product), candle's
 /// broadcasting add elsewhere. A bias of another dtype is cast.
 pub fn bias_add(x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let b = if b.dtype() == x.dtype() { b.clone() } else { b.to_dtype(x.dtype())? };
+    let b = same_dtype(b, x)?;
     if !fused_here(x) || b.rank() != 1 || b.dim(0)? != x.dim(D::Minus1)? {
         return x.broadcast_add(&b);
     }
