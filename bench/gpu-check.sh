@@ -2,8 +2,9 @@
 # The CUDA checks of tuneforge on a machine with an NVIDIA GPU, from binaries built by
 # `cargo xtask gpu-check` (here or elsewhere: `--bundle DIR` gathers them with this script):
 #   1. the CUDA tests (CPU vs CUDA logits and gradients, bf16, checkpointing, NCCL group of one),
-#   2. training throughput: all-MiniLM-L6-v2-shaped full fine-tuning and SmolLM2-135M-shaped
-#      LoRA SFT, f32 / bf16 / bf16 + gradient checkpointing: tokens/s, MFU, peak GPU memory,
+#   2. training throughput: all-MiniLM-L6-v2-shaped full fine-tuning (and BERT-base-shaped at
+#      32 x 512, where the products dominate) and SmolLM2-135M-shaped LoRA SFT, f32 / bf16 /
+#      bf16 + gradient checkpointing: tokens/s, MFU, peak GPU memory,
 #   3. where the GPU time goes, when the machine has the tools: compute-sanitizer's memcheck
 #      over the tests of tuneforge's own kernels, and Nsight Compute's kernel times of one
 #      MiniLM bf16 step summed by kernel (kernel-times.txt).
@@ -48,6 +49,7 @@ run --model minilm --precision bf16 --batch 32 --seq 128 --steps 20
 run --model minilm --precision bf16 --batch 32 --seq 128 --steps 20 --checkpointing
 run --model minilm --precision bf16 --batch 256 --seq 128 --steps 10
 run --model minilm --precision bf16 --batch 256 --seq 128 --steps 10 --checkpointing
+run --model bert-base --precision bf16 --batch 32 --seq 512 --steps 10
 run --model smollm2 --precision f32 --batch 8 --seq 512 --steps 10
 run --model smollm2 --precision bf16 --batch 8 --seq 512 --steps 10
 run --model smollm2 --precision bf16 --batch 8 --seq 512 --steps 10 --checkpointing
@@ -93,6 +95,7 @@ if [ -f "$ref" ] && python3 -c "import torch, transformers, peft; assert torch.c
   pyrun minilm bf16 32 128 20
   pyrun minilm bf16 256 128 10
   pyrun minilm bf16 256 128 10 --checkpointing
+  pyrun bert-base bf16 32 512 10
   pyrun smollm2 f32 8 512 10
   pyrun smollm2 bf16 8 512 10
   pyrun smollm2 bf16 8 512 10 --checkpointing
@@ -102,10 +105,10 @@ if command -v python3 >/dev/null; then
   python3 - "$out/gpu-bench.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
-print(f"{'framework':10} {'model':8} {'prec':5} {'ckpt':5} {'batch':>9} {'tokens/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9}")
+print(f"{'framework':10} {'model':9} {'prec':5} {'ckpt':5} {'batch':>9} {'tokens/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9}")
 for r in rows:
     fw = r.get("framework", "tuneforge").split()[0]
-    print(f"{fw:10} {r['model']:8} {r['precision']:5} {str(r['checkpointing']):5} {r['batch']:>4}x{r['seq']:<4} "
+    print(f"{fw:10} {r['model']:9} {r['precision']:5} {str(r['checkpointing']):5} {r['batch']:>4}x{r['seq']:<4} "
           f"{r['tokens_per_s']:>10.0f} {r['step_ms']:>9.1f} {r['tflops']:>8.1f} {100*r['mfu']:>5.1f}% {r['peak_memory_mib']:>9.0f}")
 PY
 fi

@@ -4,6 +4,7 @@ gpu-bench example, on the same GPU, printed as the same JSON fields.
 
   minilm:  a BertModel with all-MiniLM-L6-v2's shape (random weights), mean pooling, dropout
            0.1, a 20-label head; full fine-tuning, AdamW (lr 5e-5, wd 0.01), clipping at 1.
+  bert-base: the same with BERT-base's shape (12 layers, hidden 768).
   smollm2: a LlamaForCausalLM with SmolLM2-135M's shape (random weights, tied embeddings),
            LoRA r=8 alpha=16 dropout 0.05 on every projection (Hugging Face PEFT), AdamW.
 bf16 is torch.autocast(bfloat16) over f32 master weights, as tuneforge's mixed precision;
@@ -24,11 +25,12 @@ def main():
     warmup = 3
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    if model == "minilm":
+    if model in ("minilm", "bert-base"):
         from transformers import BertConfig, BertModel
 
-        cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                         intermediate_size=1536, max_position_embeddings=512)
+        h, layers, inter = (384.0, 6.0, 1536.0) if model == "minilm" else (768.0, 12.0, 3072.0)
+        cfg = BertConfig(vocab_size=30522, hidden_size=int(h), num_hidden_layers=int(layers), num_attention_heads=12,
+                         intermediate_size=int(inter), max_position_embeddings=512)
         encoder = BertModel(cfg, add_pooling_layer=False)
         if ckpt:
             encoder.gradient_checkpointing_enable()
@@ -38,7 +40,7 @@ def main():
                 super().__init__()
                 self.encoder = encoder
                 self.dropout = torch.nn.Dropout(0.1)
-                self.head = torch.nn.Linear(384, 20)
+                self.head = torch.nn.Linear(int(h), 20)
 
             def forward(self, ids, mask, labels):
                 h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -53,7 +55,6 @@ def main():
         params = [p for p in net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.01)
         loss_fn = lambda: net(ids, mask, labels)
-        h, layers, inter = 384.0, 6.0, 1536.0
         dense = layers * (4 * h * h + 2 * h * inter)
         flops = batch * seq * (6 * dense + 12 * layers * seq * h)
     else:

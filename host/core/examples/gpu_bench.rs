@@ -2,8 +2,8 @@
 //! FLOP utilisation and peak memory. `cargo xtask gpu-check` runs a matrix of these, each
 //! in its own process (so one run's allocator pool does not inflate the next one's peak).
 //!
-//! The models have the shapes of all-MiniLM-L6-v2 (encoder, full fine-tuning, a 20-label
-//! head) and SmolLM2-135M (decoder, LoRA r = 8 on every projection) with seeded random
+//! The models have the shapes of all-MiniLM-L6-v2 or BERT-base (encoder, full fine-tuning,
+//! a 20-label head) and SmolLM2-135M (decoder, LoRA r = 8 on every projection) with seeded random
 //! weights: throughput does not depend on the weight values, and the device machine has no
 //! copy of the real ones.
 //!
@@ -28,6 +28,12 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 const MINILM: &str = r#"{"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
   "num_attention_heads": 12, "intermediate_size": 1536, "hidden_act": "gelu",
+  "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12}"#;
+
+/// BERT-base's shape (110M parameters): big enough per token for the matrix products to
+/// dominate, where MFU means something.
+const BERT_BASE: &str = r#"{"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
+  "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
   "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12}"#;
 
 const SMOLLM2: &str = r#"{"model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
@@ -107,8 +113,9 @@ fn main() -> Result<()> {
     let tokens = (b * l) as f64;
     // Returns (seconds per step, FLOPs per step, trainable parameters, total parameters).
     let (step_s, flops, trainable, total, peak) = match a.model.as_str() {
-        "minilm" => {
-            let config: tuneforge_core::bert::BertConfig = serde_json::from_str(MINILM)?;
+        "minilm" | "bert-base" => {
+            let shape = if a.model == "minilm" { MINILM } else { BERT_BASE };
+            let config: tuneforge_core::bert::BertConfig = serde_json::from_str(shape)?;
             let words: Vec<String> = (0..50).map(|i| format!("w{i}")).collect();
             let words: Vec<&str> = words.iter().map(String::as_str).collect();
             let text = tuneforge_data::TextEncoder::new(tuneforge_core::testing::tiny_tokenizer(&words)?, l)?;
@@ -123,7 +130,7 @@ fn main() -> Result<()> {
                     classifier_dropout: 0.1,
                     seed: 1,
                     trainability: Default::default(),
-                    base_model: "minilm-shaped".into(),
+                    base_model: format!("{}-shaped", a.model),
                     dtype: DType::F32,
                     device: device.clone(),
                     peft: PeftSpec::None,
@@ -214,7 +221,7 @@ fn main() -> Result<()> {
             let flops = tokens * (4.0 * base + 12.0 * layers * l as f64 * h);
             (secs, flops, model.params().n_trainable(), model.params().n_params(), peak)
         }
-        other => return Err(format!("--model {other}: minilm or smollm2").into()),
+        other => return Err(format!("--model {other}: minilm, bert-base or smollm2").into()),
     };
     let achieved = flops / step_s / 1e12;
     let mut line = serde_json::json!({
