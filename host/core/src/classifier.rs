@@ -68,6 +68,11 @@ pub struct ModelMeta {
     /// Set when the weights are quantized (`tuneforge quantize`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization: Option<crate::quantize::Quantization>,
+    /// Set when `model.safetensors` holds only what training changed (a decoder's LoRA or
+    /// trained layers, and the head): the other weights are read from `base_model` at load,
+    /// as an instruction-tuned adapter's are.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub over_base: bool,
 }
 
 /// Feature fusion: which plugin's features, how they are standardised and the layer width.
@@ -124,6 +129,7 @@ impl ModelMeta {
             extra_tokens: options.extra_tokens.clone(),
             fusion: options.fusion.clone(),
             quantization: None,
+            over_base: false,
         }
     }
 }
@@ -298,12 +304,28 @@ pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T
     serde_json::from_str(&text).map_err(|e| CoreError::file(path, format!("line {}: {e}", e.line())))
 }
 
-fn load_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
+/// `dir`'s `model.safetensors`, names normalised.
+fn read_weights(dir: &Path) -> Result<HashMap<String, Tensor>> {
     let path = dir.join("model.safetensors");
     if !path.exists() {
         return Err(CoreError::file(&path, "not found (tuneforge reads safetensors weights)"));
     }
     Ok(load_safetensors(&path)?.into_iter().map(|(k, v)| (normalize_weight_name(&k), v)).collect())
+}
+
+/// The weights of the model directory `dir`: `model.safetensors`, over the base model's
+/// when the model was saved over its base ([`ModelMeta::over_base`]).
+pub(crate) fn load_weights(dir: &Path, meta: &ModelMeta) -> Result<HashMap<String, Tensor>> {
+    let saved = read_weights(dir)?;
+    if !meta.over_base {
+        return Ok(saved);
+    }
+    let base = crate::ModelSource::parse(&meta.base_model)?.resolve().map_err(|e| {
+        CoreError::file(dir, format!("holds only the trained weights; its base model `{}`: {e}", meta.base_model))
+    })?;
+    let mut weights = crate::sft::Base::load(&base, DType::F32)?.weights;
+    weights.extend(saved);
+    Ok(weights)
 }
 
 /// The `tuneforge.json` of the model directory `dir`.
@@ -333,7 +355,7 @@ impl ClassifierModel {
             ));
         }
         let mut config: BertConfig = read_json(&dir.join("config.json"))?;
-        let mut weights = load_weights(dir)?;
+        let mut weights = read_weights(dir)?;
         if let Some(keep) = keep {
             if keep.is_empty() || keep.iter().any(|&l| l >= config.num_hidden_layers) {
                 return Err(CoreError::file(
@@ -446,7 +468,7 @@ impl ClassifierModel {
             BackboneConfig::Decoder(LlamaConfig::read(&dir.join("config.json"))?)
         };
         let pb = match &meta.quantization {
-            None => ParamBuilder::with_loaded(load_weights(dir)?, true, 0, DType::F32, device),
+            None => ParamBuilder::with_loaded(load_weights(dir, &meta)?, true, 0, DType::F32, device),
             Some(_) if !device.is_cpu() => {
                 return Err(CoreError::file(dir, "is an int8 model; its kernels run on the CPU (use `--device cpu`)"));
             }
@@ -849,9 +871,21 @@ impl ClassifierModel {
         std::fs::create_dir_all(&staging).map_err(CoreError::io(&staging))?;
         let config = self.backbone_config.to_json().map_err(|e| CoreError::file(dir, e.to_string()))?;
         write_synced(&staging.join("config.json"), &config)?;
-        let meta = serde_json::to_vec_pretty(&self.meta).map_err(|e| CoreError::file(dir, e.to_string()))?;
+        // A decoder that trained only part of itself (LoRA, the last layers, the head) is
+        // saved over its base: the trained tensors only (megabytes, not the whole decoder).
+        let trainable = self.params.trainable();
+        let over_base = matches!(self.backbone_config, BackboneConfig::Decoder(_))
+            && !trainable.is_empty()
+            && self.params.n_trainable() < self.params.n_params();
+        let tensors = if over_base {
+            trainable.into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect()
+        } else {
+            self.params.tensors()
+        };
+        let meta = ModelMeta { over_base, ..self.meta.clone() };
+        let meta = serde_json::to_vec_pretty(&meta).map_err(|e| CoreError::file(dir, e.to_string()))?;
         write_synced(&staging.join(META_FILE), &meta)?;
-        write_synced(&staging.join("model.safetensors"), &to_safetensors_bytes(&self.params.tensors())?)?;
+        write_synced(&staging.join("model.safetensors"), &to_safetensors_bytes(&tensors)?)?;
         write_synced(&staging.join("tokenizer.json"), self.text.to_json()?.as_bytes())?;
         if !plugins.is_empty() {
             let mut entries = Vec::new();

@@ -11,7 +11,7 @@ use candle_core::Tensor;
 use crate::classifier::{META_FILE, ModelMeta};
 use crate::fs_atomic::{replace_dir, write_synced};
 use crate::peft::PeftSpec;
-use crate::weights::{load_safetensors, to_safetensors_bytes};
+use crate::weights::to_safetensors_bytes;
 use crate::{CoreError, Result};
 
 /// A run directory's `best/`, or the directory itself when it is a model.
@@ -21,7 +21,7 @@ pub fn model_dir_of(path: &Path) -> PathBuf {
 
 pub(crate) fn read_model(dir: &Path) -> Result<(ModelMeta, BTreeMap<String, Tensor>)> {
     let meta = crate::classifier::read_meta(dir)?;
-    let tensors = load_safetensors(&dir.join("model.safetensors"))?.into_iter().collect();
+    let tensors = crate::classifier::load_weights(dir, &meta)?.into_iter().collect();
     Ok((meta, tensors))
 }
 

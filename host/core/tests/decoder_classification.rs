@@ -47,6 +47,26 @@ fn a_decoder_with_lora_learns_the_tiny_task_and_reloads() -> Result<()> {
         // Padding after a row's last token does not change its prediction (causal attention).
         let alone = best.predict(&texts[2..], 1)?;
         assert!((alone[0].score - p[2].score).abs() < 1e-4, "{kind}: {} vs {}", alone[0].score, p[2].score);
+        // Saved over its base: only LoRA and the head are in the directory, a fraction of
+        // the decoder; the base model comes from its source at load.
+        assert!(best.meta().over_base, "{kind}");
+        let bytes = std::fs::read(out.run.best().join("model.safetensors"))?;
+        let saved = safetensors::SafeTensors::deserialize(&bytes)?;
+        let names = saved.names();
+        assert!(names.iter().all(|n| n.contains("lora_") || n.starts_with("classifier")), "{kind}: {names:?}");
+        let count: usize = saved.tensors().iter().map(|(_, t)| t.shape().iter().product::<usize>()).sum();
+        assert_eq!(count, s.params_trainable, "{kind}");
+        // A re-saved loaded model (nothing trains) is whole, and predicts the same.
+        best.save(&tmp.path().join("whole"))?;
+        let whole = ClassifierModel::load(&tmp.path().join("whole"))?;
+        assert!(!whole.meta().over_base);
+        assert!((whole.predict(&texts[2..], 1)?[0].score - p[2].score).abs() < 1e-5);
+        // Without its base, loading says which base it needs.
+        let moved = tmp.path().join("moved-base");
+        std::fs::rename(tmp.path().join("m"), &moved)?;
+        let err = ClassifierModel::load(&out.run.best()).expect_err("the base is gone").to_string();
+        assert!(err.contains("base model") && err.contains(&source.display().to_string()), "{kind}: {err}");
+        std::fs::rename(&moved, tmp.path().join("m"))?;
     }
     Ok(())
 }
