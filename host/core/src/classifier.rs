@@ -414,6 +414,14 @@ impl ClassifierModel {
         if !options.extra_tokens.is_empty() {
             return Err(unsupported("vocabulary extension (data.extra_tokens)"));
         }
+        if let Ok(meta) = read_meta(path)
+            && meta.over_base
+        {
+            return Err(CoreError::file(
+                path,
+                format!("is a classifier saved over its base model; fine-tune from that base, `{}`", meta.base_model),
+            ));
+        }
         let base = crate::sft::Base::load(path, DType::F32)?;
         let text = TextEncoder::new(base.tokenizer, options.max_len)?;
         let config = base.config;

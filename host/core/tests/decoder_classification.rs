@@ -61,6 +61,16 @@ fn a_decoder_with_lora_learns_the_tiny_task_and_reloads() -> Result<()> {
         let whole = ClassifierModel::load(&tmp.path().join("whole"))?;
         assert!(!whole.meta().over_base);
         assert!((whole.predict(&texts[2..], 1)?[0].score - p[2].score).abs() < 1e-5);
+        // Fine-tuning from it is refused with the base to start from instead.
+        let again = experiment(tmp.path(), &out.run.best(), peft)?;
+        let err = train_experiment(
+            ExperimentConfig::from_toml(&again, "exp.toml", &[])?,
+            &RunOptions::default(),
+            &mut |_| {},
+        )
+        .expect_err("not a base model")
+        .to_string();
+        assert!(err.contains("saved over its base"), "{kind}: {err}");
         // Without its base, loading says which base it needs.
         let moved = tmp.path().join("moved-base");
         std::fs::rename(tmp.path().join("m"), &moved)?;
