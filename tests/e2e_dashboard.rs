@@ -118,7 +118,12 @@ fn serve(db: String) -> u16 {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         rt.block_on(async move {
-            let config = ServerConfig { addr: "127.0.0.1:0".into(), db, token: "e2e-token-0123456789".into() };
+            let config = ServerConfig {
+                addr: "127.0.0.1:0".into(),
+                db,
+                token: "e2e-token-0123456789".into(),
+                device: Default::default(),
+            };
             let app = Application::build(config).await.expect("server");
             tx.send(app.port()).expect("send port");
             app.run_until_stopped().await.expect("serve");

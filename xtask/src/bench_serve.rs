@@ -77,9 +77,14 @@ async fn bench(db: &str) -> anyhow::Result<()> {
             arm: None,
         })
         .await?;
-    let app = Application::build(ServerConfig { addr: "127.0.0.1:0".into(), db: db.into(), token: TOKEN.into() })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let app = Application::build(ServerConfig {
+        addr: "127.0.0.1:0".into(),
+        db: db.into(),
+        token: TOKEN.into(),
+        device: Default::default(),
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let port = app.port();
     actix_web::rt::spawn(app.run_until_stopped());
 

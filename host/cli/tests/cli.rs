@@ -790,6 +790,35 @@ fn device_errors_say_what_is_missing() {
         assert!(!env.path("runs").exists(), "nothing was written");
     }
     assert_no_panic(&o);
-    let o = env.run(&["train", "--config", exp, "--quiet", "--no-db", "--device", "cpu", "--set", "train.epochs=1"]);
+    let o = env.run(&[
+        "train",
+        "--config",
+        exp,
+        "--quiet",
+        "--no-db",
+        "--json",
+        "--device",
+        "cpu",
+        "--set",
+        "train.epochs=1",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // Every command that computes takes --device: the CPU works, a GPU this build lacks is
+    // an error that says so.
+    let best = json(&o)["best_model_dir"].as_str().expect("best").to_owned();
+    let o = env.run(&["predict", "--model", &best, "--device", "cpu", "fever cough"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    tuneforge_core::testing::write_tiny_decoder(env.dir.path(), "llama").expect("tiny decoder");
+    if cfg!(not(feature = "cuda")) {
+        for args in [
+            vec!["predict", "--model", &best, "--device", "cuda", "fever"],
+            vec!["eval", "--model", &best, "--data", "train.csv", "--device", "cuda"],
+            vec!["generate", "--model", "model.gguf", "--device", "cuda:0", "hello"],
+            vec!["serve", "--addr", "127.0.0.1:0", "--token", "0123456789abcdef0123", "--device", "cuda"],
+        ] {
+            let o = env.run(&args);
+            assert!(!o.status.success() && stderr(&o).contains("--features cuda"), "{args:?}: {}", stderr(&o));
+            assert_no_panic(&o);
+        }
+    }
 }

@@ -158,12 +158,17 @@ impl LanguageModel {
     /// `tokenizer.json`, optionally `tokenizer_config.json` with a chat template), or an
     /// instruction-tuned adapter (`tuneforge train` with `task = "causal-lm"`: its `best/`).
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_on(path, &candle_core::Device::Cpu)
+    }
+
+    /// [`LanguageModel::load`] onto `device`.
+    pub fn load_on(path: &Path, device: &candle_core::Device) -> Result<Self> {
         if path.join(crate::sft::ADAPTER_FILE).is_file() {
-            let (model, tokenizer, chat) = crate::sft::load_adapter(path)?;
+            let (model, tokenizer, chat) = crate::sft::load_adapter_on(path, device)?;
             return Ok(Self::assemble(model, tokenizer, chat));
         }
         let base = crate::sft::Base::load(path, DType::F32)?;
-        let model = DecoderModel::from_weights(&base.config, base.weights, DType::F32)?;
+        let model = DecoderModel::from_weights_on(&base.config, base.weights, DType::F32, device)?;
         Ok(Self::assemble(model, base.tokenizer, base.chat))
     }
 

@@ -336,7 +336,17 @@ impl DecoderModel {
 
     /// Loads weights by name (every parameter must be there), frozen.
     pub fn from_weights(config: &LlamaConfig, weights: HashMap<String, Tensor>, dtype: DType) -> Result<Self> {
-        let pb = ParamBuilder::with_loaded(weights, true, 0, dtype, &Device::Cpu);
+        Self::from_weights_on(config, weights, dtype, &Device::Cpu)
+    }
+
+    /// [`DecoderModel::from_weights`] onto `device`.
+    pub fn from_weights_on(
+        config: &LlamaConfig,
+        weights: HashMap<String, Tensor>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let pb = ParamBuilder::with_loaded(weights, true, 0, dtype, device);
         pb.set_trainable(|_| false);
         pb.set_strict();
         Self::new(config, pb)

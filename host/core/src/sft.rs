@@ -239,9 +239,14 @@ impl Base {
 /// Loads an adapter directory written by [`train_causal_lm`]: the base, with the adapter's
 /// LoRA weights (frozen).
 pub fn load_adapter(dir: &Path) -> Result<(DecoderModel, Tokenizer, ChatFormat)> {
+    load_adapter_on(dir, &Device::Cpu)
+}
+
+/// [`load_adapter`] onto `device`.
+pub fn load_adapter_on(dir: &Path, device: &Device) -> Result<(DecoderModel, Tokenizer, ChatFormat)> {
     let meta: AdapterMeta = crate::classifier::read_json(&dir.join(crate::classifier::META_FILE))?;
     let base = Base::load(&ModelSource::parse(&meta.base_model)?.resolve()?, DType::F32)?;
-    let pb = base.builder(crate::weights::load_safetensors(&dir.join(ADAPTER_FILE))?, 0, &Device::Cpu);
+    let pb = base.builder(crate::weights::load_safetensors(&dir.join(ADAPTER_FILE))?, 0, device);
     pb.set_trainable(|_| false);
     pb.set_strict();
     let model = DecoderModel::with_peft(&base.config, pb, &meta.peft)?;

@@ -70,7 +70,12 @@ pub fn load_model_plugins(runtime: &PluginRuntime, dir: &Path, labels: &[String]
 impl Predictor {
     /// Loads the model in `dir` and its inference plugins.
     pub fn load(runtime: &PluginRuntime, dir: &Path) -> tuneforge_core::Result<Self> {
-        let model = ClassifierModel::load(dir)?;
+        Self::load_on(runtime, dir, &candle_core::Device::Cpu)
+    }
+
+    /// [`Predictor::load`] with the model on `device` (plugins run on the host).
+    pub fn load_on(runtime: &PluginRuntime, dir: &Path, device: &candle_core::Device) -> tuneforge_core::Result<Self> {
+        let model = ClassifierModel::load_on(dir, device)?;
         let hooks = load_model_plugins(runtime, dir, model.labels())?;
         if let Some(f) = &model.meta().fusion
             && hooks.features.as_ref().is_none_or(|h| h.name != f.plugin)

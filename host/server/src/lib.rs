@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub db: String,
     /// The bearer token that writes need.
     pub token: String,
+    /// Where the served classifiers compute (`serve --device`).
+    pub device: tuneforge_core::DeviceSpec,
 }
 
 /// A bound, not yet running server.
@@ -61,12 +63,14 @@ impl Application {
         if config.token.trim().len() < 16 {
             return Err(ApiError::BadRequest("the token must have at least 16 characters".into()));
         }
+        let device = config.device.open().map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let store = Store::open(&config.db).await?;
         let listener = TcpListener::bind(&config.addr)
             .map_err(|e| ApiError::Internal(format!("cannot bind {}: {e}", config.addr)))?;
         let port = listener.local_addr().map_err(|e| ApiError::Internal(e.to_string()))?.port();
         let token = config.token.clone();
         let mut app_state = AppState::new(store.clone(), config.token);
+        app_state.device = device;
         if let Some((name, lm)) = generator {
             app_state.generator = Some(lm);
             app_state.generator_name = Some(name);

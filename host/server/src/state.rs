@@ -21,6 +21,8 @@ pub struct AppState {
     pub generator_name: Option<String>,
     /// One generation at a time.
     pub generate_turn: tokio::sync::Mutex<()>,
+    /// Where the classifiers compute (the CPU unless `serve --device` says otherwise).
+    pub device: candle_core::Device,
 }
 
 impl AppState {
@@ -33,6 +35,7 @@ impl AppState {
             plugins: std::sync::OnceLock::new(),
             generator: None,
             generator_name: None,
+            device: candle_core::Device::Cpu,
             generate_turn: tokio::sync::Mutex::new(()),
         }
     }

@@ -42,6 +42,8 @@ pub struct EvalArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: super::DeviceArgs,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
@@ -56,7 +58,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
     gates.max_s_per_1k_tokens = args.max_s_per_1k_tokens.or(gates.max_s_per_1k_tokens);
     // A saved model trains nothing; the trainable-ratio gate belongs to `train`.
     gates.max_trainable_ratio = None;
-    let model = Predictor::load(&PluginRuntime::new()?, &args.model)?;
+    let model = Predictor::load_on(&PluginRuntime::new()?, &args.model, &args.device.open()?)?;
     let options = ReadOptions {
         format: args.format.as_deref().and_then(DataFormat::parse),
         text_field: args.text_column.clone(),

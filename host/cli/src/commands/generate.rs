@@ -38,6 +38,8 @@ pub struct SamplingArgs {
     /// bytes read per token, so faster generation, at a small cost in accuracy.
     #[arg(long)]
     int8: bool,
+    #[command(flatten)]
+    device: super::DeviceArgs,
 }
 
 impl SamplingArgs {
@@ -55,7 +57,8 @@ impl SamplingArgs {
     fn load(&self) -> anyhow::Result<LanguageModel> {
         let path: PathBuf = ModelSource::parse(&self.model)?.resolve()?;
         let started = std::time::Instant::now();
-        let mut lm = LanguageModel::load(&path).with_context(|| format!("loading {}", path.display()))?;
+        let device = self.device.open()?;
+        let mut lm = LanguageModel::load_on(&path, &device).with_context(|| format!("loading {}", path.display()))?;
         if self.int8 {
             lm = lm.quantize_int8().with_context(|| format!("quantizing {} to int8", path.display()))?;
         }

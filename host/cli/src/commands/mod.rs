@@ -30,6 +30,22 @@ impl DbArgs {
     }
 }
 
+/// `--device cpu|cuda|cuda:N`: where a command's model computes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeviceArgs {
+    /// Where the model computes: cpu, cuda or cuda:N (CUDA needs a tuneforge built with
+    /// `--features cuda` and an NVIDIA GPU).
+    #[arg(long, value_name = "DEVICE", default_value = "cpu", value_parser = |s: &str| s.parse::<tuneforge_core::DeviceSpec>())]
+    pub device: tuneforge_core::DeviceSpec,
+}
+
+impl DeviceArgs {
+    /// Opens the device: an error that says what is missing, never a panic.
+    pub fn open(&self) -> anyhow::Result<candle_core::Device> {
+        Ok(self.device.open()?)
+    }
+}
+
 /// How a command ended when it did not fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {

@@ -22,10 +22,12 @@ pub struct PredictArgs {
     top: usize,
     /// Texts to classify; without any, one text per line is read from standard input.
     texts: Vec<String>,
+    #[command(flatten)]
+    device: super::DeviceArgs,
 }
 
 pub fn run(args: PredictArgs) -> anyhow::Result<Outcome> {
-    let model = Predictor::load(&PluginRuntime::new()?, &args.model)?;
+    let model = Predictor::load_on(&PluginRuntime::new()?, &args.model, &args.device.open()?)?;
     let texts = if args.texts.is_empty() {
         std::io::stdin().lock().lines().collect::<Result<Vec<_>, _>>().context("reading texts from standard input")?
     } else {

@@ -42,6 +42,9 @@ pub struct RetrainArgs {
     manual: bool,
     #[arg(long, short)]
     quiet: bool,
+    /// Where the candidate trains: cpu, cuda or cuda:N (default: the experiment's `[run] device`).
+    #[arg(long, value_name = "DEVICE", value_parser = |s: &str| s.parse::<tuneforge_core::DeviceSpec>())]
+    device: Option<tuneforge_core::DeviceSpec>,
     #[command(flatten)]
     db: DbArgs,
 }
@@ -66,6 +69,9 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<Outcome> {
             ExperimentConfig::from_toml(&text, &format!("the config of run {}", production.run_id), &[])?
         }
     };
+    if let Some(device) = args.device {
+        cfg.run.device = device;
+    }
     let (train, validation, _) = load_experiment_data(&cfg)?;
     let filter = FeedbackFilter {
         model: Some(args.model.clone()),

@@ -23,6 +23,9 @@ pub struct ServeArgs {
     /// Run the generator's projections in int8 (see `tuneforge generate --int8`).
     #[arg(long, requires = "generator")]
     generator_int8: bool,
+    /// Where the served models (and the generator) compute.
+    #[command(flatten)]
+    device: super::DeviceArgs,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
@@ -40,7 +43,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
         None => None,
         Some(spec) => {
             let path = tuneforge_core::ModelSource::parse(spec)?.resolve()?;
-            let mut lm = tuneforge_core::generate::LanguageModel::load(&path)?;
+            let mut lm = tuneforge_core::generate::LanguageModel::load_on(&path, &args.device.open()?)?;
             if args.generator_int8 {
                 lm = lm.quantize_int8()?;
             }
@@ -54,7 +57,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
         }
     };
     actix_web::rt::System::new().block_on(async move {
-        let config = ServerConfig { addr: args.addr.clone(), db: db.clone(), token };
+        let config = ServerConfig { addr: args.addr.clone(), db: db.clone(), token, device: args.device.device };
         let app = Application::build_with_generator(config, generator).await?;
         eprintln!(
             "tuneforge serves http://{}:{}/ (store {db}); API under /api/v1, metrics at /metrics",

@@ -54,8 +54,10 @@ async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, A
             state.plugins.get_or_init(|| r).clone()
         }
     };
-    let predictor =
-        web::block(move || Predictor::load(&runtime, &path)).await.map_err(|e| ApiError::Internal(e.to_string()))??;
+    let device = state.device.clone();
+    let predictor = web::block(move || Predictor::load_on(&runtime, &path, &device))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
     let model = Arc::new(
         Batcher::start(Arc::new(predictor), BatchPolicy::default(), state.counters.clone(), v.name.clone(), v.version)
             .map_err(|e| ApiError::Internal(format!("cannot start the batch worker: {e}")))?,

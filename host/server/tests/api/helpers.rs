@@ -37,7 +37,8 @@ pub async fn spawn_app_with(
 ) -> TestApp {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("store.db").display().to_string();
-    let config = ServerConfig { addr: "127.0.0.1:0".into(), db: db.clone(), token: TOKEN.into() };
+    let config =
+        ServerConfig { addr: "127.0.0.1:0".into(), db: db.clone(), token: TOKEN.into(), device: Default::default() };
     let app = Application::build_with_generator(config, generator(dir.path())).await.expect("build");
     let port = app.port();
     tokio::spawn(app.run_until_stopped());
