@@ -123,6 +123,7 @@ fn serve(db: String) -> u16 {
                 db,
                 token: "e2e-token-0123456789".into(),
                 device: Default::default(),
+                batch: Default::default(),
             };
             let app = Application::build(config).await.expect("server");
             tx.send(app.port()).expect("send port");

@@ -82,6 +82,7 @@ async fn bench(db: &str) -> anyhow::Result<()> {
         db: db.into(),
         token: TOKEN.into(),
         device: Default::default(),
+        batch: Default::default(),
     })
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;

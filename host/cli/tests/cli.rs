@@ -806,6 +806,8 @@ fn device_errors_say_what_is_missing() {
     // Every command that computes takes --device: the CPU works, a GPU this build lacks is
     // an error that says so.
     let best = json(&o)["best_model_dir"].as_str().expect("best").to_owned();
+    let o = env.run(&["serve", "--batch-max-texts", "0"]);
+    assert_eq!(o.status.code(), Some(2), "a batch holds at least one text: {}", stderr(&o));
     let o = env.run(&["predict", "--model", &best, "--device", "cpu", "fever cough"]);
     assert!(o.status.success(), "{}", stderr(&o));
     tuneforge_core::testing::write_tiny_decoder(env.dir.path(), "llama").expect("tiny decoder");

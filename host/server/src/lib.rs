@@ -19,6 +19,7 @@ use actix_web::dev::Server;
 use actix_web::{App, HttpServer, web};
 
 pub use auth::{load_or_create_token, token_file};
+pub use batcher::BatchPolicy;
 pub use error::ApiError;
 use state::AppState;
 use tuneforge_store::Store;
@@ -34,6 +35,9 @@ pub struct ServerConfig {
     pub token: String,
     /// Where the served classifiers compute (`serve --device`).
     pub device: tuneforge_core::DeviceSpec,
+    /// How concurrent predictions form micro-batches (`serve --batch-max-texts`,
+    /// `--batch-wait-ms`).
+    pub batch: BatchPolicy,
 }
 
 /// A bound, not yet running server.
@@ -71,6 +75,7 @@ impl Application {
         let token = config.token.clone();
         let mut app_state = AppState::new(store.clone(), config.token);
         app_state.device = device;
+        app_state.batch_policy = config.batch;
         if let Some((name, lm)) = generator {
             app_state.generator = Some(lm);
             app_state.generator_name = Some(name);

@@ -23,6 +23,8 @@ pub struct AppState {
     pub generate_turn: tokio::sync::Mutex<()>,
     /// Where the classifiers compute (the CPU unless `serve --device` says otherwise).
     pub device: candle_core::Device,
+    /// How each model's micro-batches form.
+    pub batch_policy: crate::batcher::BatchPolicy,
 }
 
 impl AppState {
@@ -36,6 +38,7 @@ impl AppState {
             generator: None,
             generator_name: None,
             device: candle_core::Device::Cpu,
+            batch_policy: Default::default(),
             generate_turn: tokio::sync::Mutex::new(()),
         }
     }

@@ -1,7 +1,7 @@
 //! `tuneforge serve`: the REST API and Prometheus metrics over the experiment store.
 
 use clap::Args;
-use tuneforge_server::{Application, ServerConfig, load_or_create_token, token_file};
+use tuneforge_server::{Application, BatchPolicy, ServerConfig, load_or_create_token, token_file};
 
 use super::{DbArgs, Outcome};
 
@@ -26,6 +26,13 @@ pub struct ServeArgs {
     /// Where the served models (and the generator) compute.
     #[command(flatten)]
     device: super::DeviceArgs,
+    /// Micro-batching: a batch of concurrent predictions for one model closes at this many
+    /// texts …
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    batch_max_texts: u64,
+    /// … or this many milliseconds after its first text arrived (0: no waiting).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=1000))]
+    batch_wait_ms: u64,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
@@ -57,7 +64,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
         }
     };
     actix_web::rt::System::new().block_on(async move {
-        let config = ServerConfig { addr: args.addr.clone(), db: db.clone(), token, device: args.device.device };
+        let batch = BatchPolicy {
+            max_texts: args.batch_max_texts as usize,
+            max_wait: std::time::Duration::from_millis(args.batch_wait_ms),
+        };
+        let config = ServerConfig { addr: args.addr.clone(), db: db.clone(), token, device: args.device.device, batch };
         let app = Application::build_with_generator(config, generator).await?;
         eprintln!(
             "tuneforge serves http://{}:{}/ (store {db}); API under /api/v1, metrics at /metrics",

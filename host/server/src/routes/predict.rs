@@ -8,7 +8,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use tuneforge_plugin_runtime::{PluginRuntime, Predictor};
 
-use crate::batcher::{BatchPolicy, Batcher};
+use crate::batcher::Batcher;
 use tuneforge_store::NewPrediction;
 
 use super::State;
@@ -59,7 +59,7 @@ async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, A
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))??;
     let model = Arc::new(
-        Batcher::start(Arc::new(predictor), BatchPolicy::default(), state.counters.clone(), v.name.clone(), v.version)
+        Batcher::start(Arc::new(predictor), state.batch_policy, state.counters.clone(), v.name.clone(), v.version)
             .map_err(|e| ApiError::Internal(format!("cannot start the batch worker: {e}")))?,
     );
     state.models.lock().unwrap_or_else(|e| e.into_inner()).insert(key, model.clone());

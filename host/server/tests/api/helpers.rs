@@ -35,10 +35,23 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(
     generator: impl FnOnce(&std::path::Path) -> Option<(String, std::sync::Arc<tuneforge_core::generate::LanguageModel>)>,
 ) -> TestApp {
+    spawn_app_configured(generator, Default::default()).await
+}
+
+/// [`spawn_app_with`] and a micro-batching policy.
+pub async fn spawn_app_configured(
+    generator: impl FnOnce(&std::path::Path) -> Option<(String, std::sync::Arc<tuneforge_core::generate::LanguageModel>)>,
+    batch: tuneforge_server::BatchPolicy,
+) -> TestApp {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = dir.path().join("store.db").display().to_string();
-    let config =
-        ServerConfig { addr: "127.0.0.1:0".into(), db: db.clone(), token: TOKEN.into(), device: Default::default() };
+    let config = ServerConfig {
+        addr: "127.0.0.1:0".into(),
+        db: db.clone(),
+        token: TOKEN.into(),
+        device: Default::default(),
+        batch,
+    };
     let app = Application::build_with_generator(config, generator(dir.path())).await.expect("build");
     let port = app.port();
     tokio::spawn(app.run_until_stopped());

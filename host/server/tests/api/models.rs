@@ -6,7 +6,7 @@ use tuneforge_core::testing::write_tiny_model_dir;
 use tuneforge_core::{ExperimentConfig, RunOptions, train_experiment};
 use tuneforge_store::{NewRun, RunStatus};
 
-use crate::helpers::{TestApp, new_run, spawn_app};
+use crate::helpers::{TestApp, new_run, spawn_app, spawn_app_configured};
 
 const WORDS: &[&str] = &["fever", "cough", "rash", "itch", "red", "hot"];
 
@@ -270,7 +270,23 @@ async fn a_candidate_trained_on_swapped_labels_is_rolled_back_by_honest_feedback
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_predictions_share_micro_batches() {
-    let app = std::sync::Arc::new(spawn_app().await);
+    let (texts, batches) = concurrent_predictions(spawn_app().await).await;
+    assert_eq!(texts, 49);
+    assert!(batches < 49, "49 requests ran in {batches} batches: nothing was batched");
+}
+
+/// `serve --batch-max-texts 1`: every text is its own batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_micro_batching_policy_is_the_servers_to_set() {
+    let one = tuneforge_server::BatchPolicy { max_texts: 1, max_wait: std::time::Duration::from_millis(5) };
+    let (texts, batches) = concurrent_predictions(spawn_app_configured(|_| None, one).await).await;
+    assert_eq!((texts, batches), (49, 49));
+}
+
+/// 49 predictions of a registered model, 48 of them at once, each checked against its own
+/// text; the texts and batches the server's metrics count.
+async fn concurrent_predictions(app: TestApp) -> (u64, u64) {
+    let app = std::sync::Arc::new(app);
     let run = trained_run(&app, "batch").await;
     assert_eq!(app.post("/api/v1/models", &json!({"name": "b", "run_id": run})).await.status, 201);
     assert_eq!(app.post("/api/v1/models/b/promote", &json!({"version": 1})).await.status, 200);
@@ -300,9 +316,7 @@ async fn concurrent_predictions_share_micro_batches() {
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{name}"))
     };
-    assert_eq!(value("tuneforge_inference_batch_texts_total"), 49);
-    let batches = value("tuneforge_inference_batches_total");
-    assert!(batches < 49, "49 requests ran in {batches} batches: nothing was batched");
+    (value("tuneforge_inference_batch_texts_total"), value("tuneforge_inference_batches_total"))
 }
 
 /// An int8 copy of a run's model (`tuneforge quantize`) serves like the f32 one.
