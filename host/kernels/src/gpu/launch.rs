@@ -41,9 +41,13 @@ fn launch<T: DeviceRepr + WithDType + CudaDType>(
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
     let n = views.first().map_or(0, |v| v.len());
-    let func = dev.get_or_load_custom_func(&kernel_name::<T>(call.kernel), "tuneforge", PTX)?;
     // SAFETY: every kernel writes each element of its output before the buffer is read.
-    let mut out = unsafe { dev.alloc::<T>(n)? };
+    // (CUDA refuses empty allocations: an empty tensor gets one element it never reads.)
+    let mut out = unsafe { dev.alloc::<T>(n.max(1))? };
+    if n == 0 {
+        return Ok(out);
+    }
+    let func = dev.get_or_load_custom_func(&kernel_name::<T>(call.kernel), "tuneforge", PTX)?;
     // The builder keeps references to its arguments: the scalars live here until the launch.
     let scalars: Vec<Scalar> = call.args.iter().filter_map(Scalar::of).collect();
     let null = 0u64;
