@@ -200,3 +200,36 @@ fn with_on_error_skip_the_run_completes_and_counts_the_skipped_calls() {
     );
     assert_eq!(lineage.sha256.len(), 64);
 }
+
+/// Compiled components are kept on disk, and code from the cache keeps the sandbox: the
+/// first runtime over an empty cache directory compiles the hostile loop and stores it; a
+/// second one loads it from there and still stops it by fuel.
+#[test]
+fn cached_compiled_code_keeps_the_fuel_limit() {
+    let home = tempfile::tempdir().expect("tempdir");
+    let cache = tempfile::tempdir().expect("cache");
+    let dir = installed_with_limits("hostile", home.path(), Limits { fuel_per_call: 50_000_000, ..Limits::default() });
+    assert!(walk(cache.path()).is_empty());
+    let mut stored = Vec::new();
+    for round in 0..2 {
+        let runtime = PluginRuntime::with_code_cache(Some(cache.path())).expect("runtime");
+        let mut p = runtime.load(&dir, setup("loop", "")).expect("loads");
+        let texts = vec!["x".to_string(), "y".to_string()];
+        let err =
+            p.compute_loss(ROWS, CLASSES, &[0.0; ROWS * CLASSES], &[0, 1], &texts).expect_err("loops").to_string();
+        assert!(err.contains("ran out of fuel"), "round {round}: {err}");
+        stored = walk(cache.path());
+        assert!(!stored.is_empty(), "round {round}: the compiled component is cached");
+    }
+    assert_eq!(stored.len(), walk(cache.path()).len(), "the second runtime added nothing: it found the first's code");
+}
+
+/// The files under `d`, recursively.
+fn walk(d: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() { out.extend(walk(&p)) } else { out.push(p) }
+    }
+    out
+}

@@ -9,7 +9,7 @@
 //! poisons the instance, which is rebuilt (fresh memory) before the next call.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -53,13 +53,47 @@ impl std::fmt::Debug for PluginRuntime {
     }
 }
 
+/// Where compiled components are kept: `compiled-plugins/` in tuneforge's cache directory,
+/// unless `TUNEFORGE_PLUGIN_CACHE=off`.
+fn default_code_cache_dir() -> Option<PathBuf> {
+    if std::env::var("TUNEFORGE_PLUGIN_CACHE").is_ok_and(|v| v == "off") {
+        return None;
+    }
+    std::path::absolute(tuneforge_core::cache_dir().join("compiled-plugins")).ok()
+}
+
+/// wasmtime's cache of compiled components in `dir`: a component compiles once, not in
+/// every process that loads it. Entries are keyed by the component's bytes and the engine's
+/// configuration (fuel, epochs, stack), so a changed plugin or setting compiles again. The
+/// directory holds native code that wasmtime loads: it must be as trusted as the tuneforge
+/// binary (it is the user's own cache). A cache that cannot be set up is skipped (logged).
+fn code_cache(dir: &Path) -> Option<wasmtime::Cache> {
+    let mut config = wasmtime::CacheConfig::new();
+    config.with_directory(dir);
+    match wasmtime::Cache::new(config) {
+        Ok(cache) => Some(cache),
+        Err(e) => {
+            tracing::warn!("plugins compile without a cache: {e:#}");
+            None
+        }
+    }
+}
+
 impl PluginRuntime {
+    /// A runtime whose compiled components are cached in tuneforge's cache directory.
     pub fn new() -> Result<Self, PluginError> {
+        Self::with_code_cache(default_code_cache_dir().as_deref())
+    }
+
+    /// A runtime that keeps compiled components in `code_cache_dir` (an absolute path), or
+    /// compiles them in every process (`None`).
+    pub fn with_code_cache(code_cache_dir: Option<&Path>) -> Result<Self, PluginError> {
         let mut config = Config::new();
         config.wasm_component_model(true);
         config.consume_fuel(true);
         config.epoch_interruption(true);
         config.max_wasm_stack(1 << 20);
+        config.cache(code_cache_dir.and_then(code_cache));
         let engine = Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
         let mut linker = Linker::<HostState>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| PluginError::Engine(format!("{e:#}")))?;
