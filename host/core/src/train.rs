@@ -262,20 +262,29 @@ pub fn train_experiment_with(
         Ok(r) if r != "0" => Some(tempfile::tempdir().map_err(CoreError::io(std::env::temp_dir()))?),
         _ => None,
     };
-    let (cfg, run) = match &options.resume {
+    // The run to resume (every rank reads its checkpoint), and the run this rank writes:
+    // the same directory for rank 0; ranks other than 0 of a data-parallel group write
+    // nothing that lasts (a temporary directory), resuming or not.
+    let resumed = match &options.resume {
         Some(dir) => {
             let run = RunDir::new(dir);
             if !run.config().is_file() {
                 return Err(CoreError::file(dir, "is not a run directory (config.toml is missing)"));
             }
-            (ExperimentConfig::from_file(&run.config(), &[])?, run)
+            Some(run)
         }
-        None => {
-            let mut cfg = cfg;
+        None => None,
+    };
+    let (cfg, run) = match (&resumed, &secondary_scratch) {
+        (Some(r), None) => (ExperimentConfig::from_file(&r.config(), &[])?, r.clone()),
+        _ => {
+            let mut cfg = match &resumed {
+                Some(r) => ExperimentConfig::from_file(&r.config(), &[])?,
+                None => cfg,
+            };
             let cwd = std::env::current_dir().map_err(CoreError::io("."))?;
             cfg.absolutize(&cwd);
             if let Some(scratch) = &secondary_scratch {
-                // Ranks other than 0 of a data-parallel group write nothing that lasts.
                 cfg.experiment.output_dir = scratch.path().to_path_buf();
             }
             let run = create_run_dir(&cfg.experiment.output_dir, &new_run_id(cfg.experiment.name.as_deref()))?;
@@ -381,10 +390,11 @@ pub fn train_experiment_with(
     let checkpoints = Checkpoints::new(run.checkpoints(), t.keep_checkpoints);
 
     let mut state = CheckpointState::start(seed);
-    if options.resume.is_some() {
+    if let Some(r) = &resumed {
         crate::fs_atomic::recover_dir(&run.best())?;
-        let loaded =
-            checkpoints.latest()?.ok_or_else(|| CoreError::file(run.root(), "has no checkpoint to resume from"))?;
+        let loaded = Checkpoints::new(r.checkpoints(), t.keep_checkpoints)
+            .latest()?
+            .ok_or_else(|| CoreError::file(r.root(), "has no checkpoint to resume from"))?;
         model.params().load_trainable(&loaded.trainable)?;
         optimizer.load_state(&loaded.optimizer, loaded.state.step)?;
         state = loaded.state;
