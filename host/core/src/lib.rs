@@ -58,7 +58,7 @@ pub use schedule::{LrSchedule, ScheduleKind};
 pub use source::{ModelSource, cache_dir};
 pub use train::{
     RunOptions, RunSummary, StepMode, StepStats, TrainBatch, TrainEvent, TrainOutcome, apply_data_hooks,
-    load_experiment_data, train_experiment, train_experiment_with, train_step, train_step_with,
+    load_experiment_data, train_experiment, train_experiment_in, train_experiment_with, train_step, train_step_with,
 };
 
 /// Result type of this crate.

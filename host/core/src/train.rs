@@ -251,6 +251,20 @@ pub fn train_experiment_with(
     factory: &dyn HookFactory,
     on_event: &mut dyn FnMut(TrainEvent<'_>),
 ) -> Result<TrainOutcome> {
+    train_experiment_in(cfg, options, None, factory, on_event)
+}
+
+/// [`train_experiment_with`] as a rank of a data-parallel `group` (`None`: the group this
+/// process was launched into by `tuneforge train --gpus N`, or a group of one): each step's
+/// micro-batches are dealt out by rank and the gradients averaged; rank 0 alone writes the
+/// run directory (and, resuming, every rank reads its checkpoint).
+pub fn train_experiment_in(
+    cfg: ExperimentConfig,
+    options: &RunOptions,
+    group: Option<&DataParallel>,
+    factory: &dyn HookFactory,
+    on_event: &mut dyn FnMut(TrainEvent<'_>),
+) -> Result<TrainOutcome> {
     // The device first: a run that cannot start leaves nothing behind.
     cfg.train.precision.check(&cfg.run.device).map_err(|message| CoreError::Config {
         file: "experiment".into(),
@@ -258,9 +272,18 @@ pub fn train_experiment_with(
         message,
     })?;
     let device = cfg.run.device.open()?;
-    let secondary_scratch = match std::env::var(crate::parallel::ENV_RANK) {
-        Ok(r) if r != "0" => Some(tempfile::tempdir().map_err(CoreError::io(std::env::temp_dir()))?),
-        _ => None,
+    let from_env;
+    let parallel = match group {
+        Some(g) => g,
+        None => {
+            from_env = DataParallel::from_env(&device)?;
+            &from_env
+        }
+    };
+    let secondary_scratch = if parallel.is_primary() {
+        None
+    } else {
+        Some(tempfile::tempdir().map_err(CoreError::io(std::env::temp_dir()))?)
     };
     // The run to resume (every rank reads its checkpoint), and the run this rank writes:
     // the same directory for rank 0; ranks other than 0 of a data-parallel group write
@@ -296,7 +319,6 @@ pub fn train_experiment_with(
     let seed = cfg.experiment.seed;
     let source = ModelSource::parse(&cfg.model.source)?;
     let base_dir = source.resolve()?;
-    let parallel = DataParallel::from_env(&device)?;
     let (mut train, mut validation, skipped) = load_experiment_data(&cfg)?;
     let vocab = LabelVocab::from_examples(&train);
     let mut hooks = factory.build(&cfg, vocab.labels())?;
@@ -462,7 +484,7 @@ pub fn train_experiment_with(
                 t.max_grad_norm,
                 lr,
                 &mut hooks.losses,
-                StepMode::from_config(t).with_parallel(&parallel),
+                StepMode::from_config(t).with_parallel(parallel),
             )
             .map_err(|e| match e {
                 CoreError::Diverged { loss, .. } => CoreError::Diverged { step: state.step + 1, loss },

@@ -625,3 +625,52 @@ fn two_data_parallel_ranks_train_like_one_process_with_both_micro_batches() -> R
     assert!(one_losses[5] < one_losses[0], "it trains: {one_losses:?}");
     Ok(())
 }
+
+/// Whole runs on two data-parallel ranks (threads of an in-process group): the run follows
+/// one process accumulating both ranks' micro-batches, dropout included (micro-batches are
+/// seeded by their place in the step, whichever rank runs them); stopped and resumed on two
+/// ranks it follows the same trajectory, and rank 1 never writes into rank 0's run.
+#[test]
+fn data_parallel_runs_follow_one_process_and_resume_without_clobbering_rank_0() -> Result<()> {
+    use tuneforge_core::parallel::DataParallel;
+    use tuneforge_core::{NoHooks, TrainOutcome, train_experiment_in};
+    let fx = Fixture::new()?;
+    // 24 rows in micro-batches of 6: 4 a step for one process (grad_accum 4), 2 on each rank.
+    let ov = ["train.epochs=3", "train.batch_size=6", "model.classifier_dropout=0.2"];
+    let one = train_experiment(fx.config("grad_accum = 4\n", &ov)?, &RunOptions::default(), &mut |_| {})?;
+    let two = |options: RunOptions| -> Result<Vec<TrainOutcome>> {
+        let ranks = DataParallel::in_process(2);
+        let cfg = fx.config("grad_accum = 2\n", &ov)?;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = ranks
+                .into_iter()
+                .map(|rank| {
+                    let (cfg, options) = (cfg.clone(), options.clone());
+                    s.spawn(move || {
+                        let group = DataParallel::from(rank);
+                        train_experiment_in(cfg, &options, Some(&group), &NoHooks, &mut |_| {})
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+        })
+    };
+    let whole = two(RunOptions::default())?;
+    let (a, b) = (train_losses(one.run.root()), train_losses(whole[0].run.root()));
+    assert_eq!((a.len(), b.len()), (3, 3), "one step an epoch");
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() < 1e-5, "step {}: one process {x}, two ranks {y}", i + 1);
+    }
+    let stopped = two(RunOptions { resume: None, stop_after_steps: Some(2) })?;
+    let dir = stopped[0].run.root().to_path_buf();
+    assert_eq!(train_losses(&dir).len(), 2);
+    let resumed = two(RunOptions { resume: Some(dir.clone()), stop_after_steps: None })?;
+    assert_eq!(resumed[0].run.root(), dir);
+    assert_ne!(resumed[1].run.root(), dir, "rank 1 writes elsewhere");
+    let c = train_losses(&dir);
+    assert_eq!(c.len(), 3, "one metrics line a step: rank 1 did not write into rank 0's run");
+    for (i, (x, y)) in b.iter().zip(&c).enumerate() {
+        assert!((x - y).abs() < 1e-5, "step {}: uninterrupted {x}, resumed {y}", i + 1);
+    }
+    Ok(())
+}
