@@ -83,6 +83,19 @@ impl DataParallel {
         Self::join(rank, world, &id, device)
     }
 
+    /// `group` when given, else the group of the environment ([`DataParallel::from_env`]),
+    /// kept in `slot`.
+    pub fn given_or_from_env<'a>(
+        group: Option<&'a Self>,
+        slot: &'a mut Option<Self>,
+        device: &Device,
+    ) -> Result<&'a Self> {
+        match group {
+            Some(g) => Ok(g),
+            None => Ok(slot.insert(Self::from_env(device)?)),
+        }
+    }
+
     #[cfg(feature = "nccl")]
     fn join(rank: usize, world: usize, id: &str, device: &Device) -> Result<Self> {
         let comm = nccl::Communicator::join(rank, world, id, device)?;

@@ -445,14 +445,8 @@ pub fn train_causal_lm_in(
         message,
     })?;
     let device = cfg.run.device.open()?;
-    let from_env;
-    let group = match group {
-        Some(g) => g,
-        None => {
-            from_env = DataParallel::from_env(&device)?;
-            &from_env
-        }
-    };
+    let mut from_env = None;
+    let group = DataParallel::given_or_from_env(group, &mut from_env, &device)?;
     // Ranks other than 0 write nothing that lasts.
     let scratch =
         if group.is_primary() { None } else { Some(tempfile::tempdir().map_err(CoreError::io(std::env::temp_dir()))?) };

@@ -272,14 +272,8 @@ pub fn train_experiment_in(
         message,
     })?;
     let device = cfg.run.device.open()?;
-    let from_env;
-    let parallel = match group {
-        Some(g) => g,
-        None => {
-            from_env = DataParallel::from_env(&device)?;
-            &from_env
-        }
-    };
+    let mut from_env = None;
+    let parallel = DataParallel::given_or_from_env(group, &mut from_env, &device)?;
     let secondary_scratch = if parallel.is_primary() {
         None
     } else {
