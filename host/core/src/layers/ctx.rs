@@ -183,17 +183,17 @@ impl ForwardCtx {
     /// `1 / (1 - p)`. The identity at inference or when `p` is 0. Where the fused ops apply
     /// (the CPU in f32/f64, CUDA) the mask is a hash of a seed from the context's generator
     /// and the element's index: one op, drawn in parallel, redrawn in the backward pass, the
-    /// same on the CPU and the GPU. Elsewhere the mask is drawn element by element.
+    /// same on the CPU and the GPU. Elsewhere (CPU bf16) the same mask is built as a tensor.
     pub fn dropout(&self, xs: &Tensor, p: f64) -> Result<Tensor> {
         let Some((p, seed)) = self.dropout_seed(p) else { return Ok(xs.clone()) };
         if super::fused::fused_here(xs) {
             return super::fused::dropout(xs, p, seed);
         }
-        let mut rng = StdRng::seed_from_u64(seed);
-        let scale = (1.0 / (1.0 - p)) as f32;
-        let threshold = (p * (u32::MAX as f64)) as u32;
-        let mask: Vec<f32> =
-            (0..xs.elem_count()).map(|_| if rng.random::<u32>() < threshold { 0.0 } else { scale }).collect();
+        // The same mask as a mask tensor (CPU bf16).
+        let (threshold, scale) = (super::fused::dropout_threshold(p), super::fused::dropout_scale::<f32>(p));
+        let mask: Vec<f32> = (0..xs.elem_count() as u64)
+            .map(|i| if super::fused::kept(seed, threshold, i) { scale } else { 0.0 })
+            .collect();
         let mask = Tensor::from_vec(mask, xs.shape(), xs.device())?.to_dtype(xs.dtype())?;
         Ok(xs.mul(&mask)?)
     }
@@ -215,6 +215,18 @@ mod tests {
         assert!(a.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
         assert_eq!(ForwardCtx::eval().dropout(&x, 0.25)?.to_vec1::<f32>()?, vec![1.0; 1000]);
         assert_eq!(ForwardCtx::eval_differentiable().dropout(&x, 0.25)?.to_vec1::<f32>()?, vec![1.0; 1000]);
+        Ok(())
+    }
+
+    /// Where no fused op applies (CPU bf16) the mask is built as a tensor: the same mask.
+    #[test]
+    fn bf16_dropout_draws_the_f32_mask() -> Result<()> {
+        let x = Tensor::ones(&[777], candle_core::DType::F32, &Device::Cpu)?;
+        let a = ForwardCtx::train(3).dropout(&x, 0.3)?.to_vec1::<f32>()?;
+        let b = ForwardCtx::train(3).dropout(&x.to_dtype(candle_core::DType::BF16)?, 0.3)?;
+        let b = b.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        assert_eq!(a.iter().map(|v| *v == 0.0).collect::<Vec<_>>(), b.iter().map(|v| *v == 0.0).collect::<Vec<_>>());
+        assert!(a.contains(&0.0) && a.iter().any(|v| *v > 1.0));
         Ok(())
     }
 }
