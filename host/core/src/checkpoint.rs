@@ -68,6 +68,23 @@ impl CheckpointState {
     }
 }
 
+/// Resumes training from `run`'s latest checkpoint (`keep`: how many the run keeps):
+/// loads the trainable tensors into `params` and the moments into `optimizer`, and returns
+/// where training stands and the checkpoint's directory.
+pub(crate) fn resume(
+    run: &crate::RunDir,
+    keep: usize,
+    params: &crate::ParamStore,
+    optimizer: &mut crate::AdamW,
+) -> Result<(CheckpointState, PathBuf)> {
+    let loaded = Checkpoints::new(run.checkpoints(), keep)
+        .latest()?
+        .ok_or_else(|| CoreError::file(run.root(), "has no checkpoint to resume from"))?;
+    params.load_trainable(&loaded.trainable)?;
+    optimizer.load_state(&loaded.optimizer, loaded.state.step)?;
+    Ok((loaded.state, loaded.dir))
+}
+
 /// A loaded checkpoint.
 #[derive(Debug)]
 pub struct LoadedCheckpoint {

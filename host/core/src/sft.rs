@@ -544,16 +544,10 @@ pub fn train_causal_lm_in(
     // best validation loss (higher is better, as for classifiers).
     let mut state = CheckpointState::start(seed);
     if let Some(r) = &resumed {
-        if group.is_primary() {
-            crate::fs_atomic::recover_dir(&r.best())?;
-        }
-        let loaded = Checkpoints::new(r.checkpoints(), t.keep_checkpoints)
-            .latest()?
-            .ok_or_else(|| CoreError::file(r.root(), "has no checkpoint to resume from"))?;
-        model.params().load_trainable(&loaded.trainable)?;
-        opt.load_state(&loaded.optimizer, loaded.state.step)?;
-        state = loaded.state;
-        on_line(&format!("resuming at step {} of {total} from {}", state.step, loaded.dir.display()));
+        crate::fs_atomic::recover_dir(&run.best())?;
+        let (at, dir) = crate::checkpoint::resume(r, t.keep_checkpoints, model.params(), &mut opt)?;
+        state = at;
+        on_line(&format!("resuming at step {} of {total} from {}", state.step, dir.display()));
     }
     let mut log = crate::run::MetricsLog::open(&run.metrics(), resumed.as_ref().map(|_| state.step))?;
     if resumed.is_none() {

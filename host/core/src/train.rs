@@ -408,13 +408,9 @@ pub fn train_experiment_in(
     let mut state = CheckpointState::start(seed);
     if let Some(r) = &resumed {
         crate::fs_atomic::recover_dir(&run.best())?;
-        let loaded = Checkpoints::new(r.checkpoints(), t.keep_checkpoints)
-            .latest()?
-            .ok_or_else(|| CoreError::file(r.root(), "has no checkpoint to resume from"))?;
-        model.params().load_trainable(&loaded.trainable)?;
-        optimizer.load_state(&loaded.optimizer, loaded.state.step)?;
-        state = loaded.state;
-        tracing::info!(step = state.step, dir = %loaded.dir.display(), "resuming");
+        let (at, dir) = crate::checkpoint::resume(r, t.keep_checkpoints, model.params(), &mut optimizer)?;
+        state = at;
+        tracing::info!(step = state.step, dir = %dir.display(), "resuming");
     }
     let cache = build_prefix_cache(&cfg, &model, &encoded)?;
     let mut log = MetricsLog::open(&run.metrics(), options.resume.as_ref().map(|_| state.step))?;
