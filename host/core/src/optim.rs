@@ -9,13 +9,18 @@
 //! On the CPU the update is one fused pass per parameter over f32 buffers (the moments live
 //! in plain vectors, the parameters are read and written once), which avoids the dozen
 //! full-size temporaries that composing it from tensor ops allocates every step. On a GPU the
-//! moments stay on the device and the update is composed of tensor ops there. Moments and the
-//! arithmetic are f32 whatever the parameters' dtype (f32 master state). Checkpoints save and
+//! moments live in one flat f32 buffer on the device and a parameter's update is two of
+//! tuneforge's kernels run in place (`tf_adam_moments`, `tf_adam_apply`): no temporaries, no
+//! copies. Moments and the arithmetic are f32 whatever the parameters' dtype (f32 master
+//! state); gradient clipping is folded into the update as a scale. Checkpoints save and
 //! restore the moments exactly.
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor, Var};
+
+#[cfg(any(feature = "cuda", test))]
+use tuneforge_kernels::gpu;
 
 use crate::{CoreError, Result};
 
@@ -42,15 +47,11 @@ struct Slot {
     v: Vec<f32>,
 }
 
-/// The optimizer state of parameters on a GPU: the moments of every parameter in two flat f32
-/// buffers on the device, so one step is a few dozen kernels whatever the number of
-/// parameters (a kernel launch per op and parameter would dominate a small model's step).
+/// The optimizer state of parameters on a GPU: the moments of every parameter in one flat
+/// f32 buffer on the device, each parameter's `m` then its `v`.
 struct DeviceState {
-    m: Tensor,
-    v: Tensor,
-    /// 1 where the element's parameter decays, 0 elsewhere.
-    decay_mask: Tensor,
-    /// Where each slot's elements start in the flat buffers.
+    mv: Tensor,
+    /// Where each slot's moments start in `mv` (its `m` there, its `v` right after).
     offsets: Vec<usize>,
 }
 
@@ -96,14 +97,12 @@ impl AdamW {
             None => None,
             Some(d) => {
                 let mut offsets = Vec::with_capacity(slots.len());
-                let mut mask = Vec::new();
+                let mut total = 0;
                 for s in &slots {
-                    offsets.push(mask.len());
-                    mask.extend(std::iter::repeat_n(if s.decay { 1f32 } else { 0.0 }, s.var.elem_count()));
+                    offsets.push(total);
+                    total += 2 * s.var.elem_count();
                 }
-                let n = mask.len();
-                let zeros = Tensor::zeros(n, DType::F32, &d)?;
-                Some(DeviceState { m: zeros.clone(), v: zeros, decay_mask: Tensor::from_vec(mask, n, &d)?, offsets })
+                Some(DeviceState { mv: Tensor::zeros(total, DType::F32, &d)?, offsets })
             }
         };
         Ok(Self { slots, device, config, step: 0 })
@@ -119,16 +118,31 @@ impl AdamW {
 
     /// Applies one update with gradients by name (a missing gradient leaves a variable as is).
     pub fn step(&mut self, grads: &HashMap<String, Tensor>, lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`AdamW::step`] with every gradient multiplied by `grad_scale` first (clipping by
+    /// [`clip_scale`] without a pass over the gradients of its own).
+    pub fn step_scaled(&mut self, grads: &HashMap<String, Tensor>, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2 = 1.0 - c.beta2.powi(t);
-        let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        let (bias1_32, bias2_32, lr32) = (bias1 as f32, bias2 as f32, lr as f32);
+        let update = Update {
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            lr,
+            bias1: 1.0 - c.beta1.powi(t),
+            bias2: 1.0 - c.beta2.powi(t),
+            grad_scale,
+            weight_decay: c.weight_decay,
+        };
         if let Some(state) = &mut self.device {
-            return device_step(&self.slots, state, grads, c, lr, bias1, bias2);
+            return device_step(&self.slots, state, grads, update);
         }
+        let u = update;
+        let (b1, b2, eps, scale) = (u.beta1 as f32, u.beta2 as f32, u.eps as f32, u.grad_scale as f32);
+        let (bias1, bias2, lr32) = (update.bias1 as f32, update.bias2 as f32, lr as f32);
         for slot in &mut self.slots {
             let Some(g) = grads.get(&slot.name) else { continue };
             let g = to_f32_vec(g)?;
@@ -139,11 +153,12 @@ impl AdamW {
                     message: "gradient and parameter differ in size".into(),
                 });
             }
-            let decay = if slot.decay { 1.0 - (lr * c.weight_decay) as f32 } else { 1.0 };
+            let decay = update.decay(slot.decay) as f32;
             for (((p, g), m), v) in p.iter_mut().zip(&g).zip(slot.m.iter_mut()).zip(slot.v.iter_mut()) {
+                let g = g * scale;
                 *m = b1 * *m + (1.0 - b1) * g;
                 *v = b2 * *v + (1.0 - b2) * g * g;
-                *p = *p * decay - lr32 * (*m / bias1_32) / ((*v / bias2_32).sqrt() + eps);
+                *p = *p * decay - lr32 * (*m / bias1) / ((*v / bias2).sqrt() + eps);
             }
             let value = Tensor::from_vec(p, slot.var.shape(), slot.var.device())?.to_dtype(slot.var.dtype())?;
             slot.var.set(&value)?;
@@ -159,10 +174,10 @@ impl AdamW {
             let cpu = &candle_core::Device::Cpu;
             let (m, v) = match &self.device {
                 Some(d) => {
-                    let part = |t: &Tensor| -> Result<Tensor> {
-                        Ok(t.narrow(0, d.offsets[i], s.var.elem_count())?.reshape(shape)?.to_device(cpu)?)
-                    };
-                    (part(&d.m)?, part(&d.v)?)
+                    let n = s.var.elem_count();
+                    let part =
+                        |at: usize| -> Result<Tensor> { Ok(d.mv.narrow(0, at, n)?.reshape(shape)?.to_device(cpu)?) };
+                    (part(d.offsets[i])?, part(d.offsets[i] + n)?)
                 }
                 None => (Tensor::from_slice(&s.m, shape, cpu)?, Tensor::from_slice(&s.v, shape, cpu)?),
             };
@@ -174,7 +189,7 @@ impl AdamW {
 
     /// Restores moments and the step count saved by [`AdamW::state_tensors`].
     pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
-        let (mut all_m, mut all_v) = (Vec::new(), Vec::new());
+        let mut all = Vec::new();
         for s in &mut self.slots {
             let n = s.var.elem_count();
             let mut restored = Vec::with_capacity(2);
@@ -195,82 +210,111 @@ impl AdamW {
             }
             let (v, m) = (restored.pop().unwrap_or_default(), restored.pop().unwrap_or_default());
             if self.device.is_some() {
-                all_m.extend(m);
-                all_v.extend(v);
+                all.extend(m);
+                all.extend(v);
             } else {
                 (s.m, s.v) = (m, v);
             }
         }
         if let Some(d) = &mut self.device {
-            let device = d.m.device().clone();
-            let n = all_m.len();
-            d.m = Tensor::from_vec(all_m, n, &device)?;
-            d.v = Tensor::from_vec(all_v, n, &device)?;
+            let n = all.len();
+            d.mv = Tensor::from_vec(all, n, d.mv.device())?;
         }
         self.step = step;
         Ok(())
     }
 }
 
-/// One AdamW update of every parameter on a GPU through the flat state: the gradients and
-/// parameters are concatenated, updated in a handful of kernels, and written back. A
-/// parameter without a gradient keeps its value and moments.
-fn device_step(
-    slots: &[Slot],
-    state: &mut DeviceState,
-    grads: &HashMap<String, Tensor>,
-    c: AdamWConfig,
+/// The scalars of one AdamW step.
+#[derive(Debug, Clone, Copy)]
+struct Update {
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
     lr: f64,
+    /// `1 − β₁ᵗ` and `1 − β₂ᵗ`.
     bias1: f64,
     bias2: f64,
-) -> Result<()> {
-    let device = state.m.device().clone();
-    let missing = slots.iter().any(|s| !grads.contains_key(&s.name));
-    let mut gs = Vec::with_capacity(slots.len());
-    for s in slots {
-        let n = s.var.elem_count();
-        match grads.get(&s.name) {
-            Some(g) if g.elem_count() != n => {
-                return Err(CoreError::Param {
-                    name: s.name.clone(),
-                    message: "gradient and parameter differ in size".into(),
-                });
-            }
-            Some(g) => gs.push(g.to_dtype(DType::F32)?.flatten_all()?),
-            None => gs.push(Tensor::zeros(n, DType::F32, &device)?),
-        }
+    grad_scale: f64,
+    weight_decay: f64,
+}
+
+impl Update {
+    /// The factor of the decoupled weight decay, 1 for a parameter that does not decay.
+    fn decay(&self, decays: bool) -> f64 {
+        if decays { 1.0 - self.lr * self.weight_decay } else { 1.0 }
     }
-    let ps =
-        slots.iter().map(|s| Ok(s.var.as_tensor().to_dtype(DType::F32)?.flatten_all()?)).collect::<Result<Vec<_>>>()?;
-    let g = Tensor::cat(&gs, 0)?;
-    let p = Tensor::cat(&ps, 0)?;
-    let mut m = (state.m.affine(c.beta1, 0.0)? + g.affine(1.0 - c.beta1, 0.0)?)?;
-    let mut v = (state.v.affine(c.beta2, 0.0)? + g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
-    let decay = state.decay_mask.affine(-lr * c.weight_decay, 1.0)?;
-    let denom = v.affine(1.0 / bias2, 0.0)?.sqrt()?.affine(1.0, c.eps)?;
-    let mut new_p = ((p.mul(&decay)?) - m.affine(lr / bias1, 0.0)?.div(&denom)?)?;
-    if missing {
-        // 1 where the parameter had a gradient: only those elements take the update.
-        let present: Vec<f32> = slots
-            .iter()
-            .flat_map(|s| std::iter::repeat_n(f32::from(u8::from(grads.contains_key(&s.name))), s.var.elem_count()))
-            .collect();
-        let keep = Tensor::from_vec(present, p.elem_count(), &device)?;
-        let pick = |new: &Tensor, old: &Tensor| -> Result<Tensor> { Ok((old + (new - old)?.mul(&keep)?)?) };
-        new_p = pick(&new_p, &p)?;
-        m = pick(&m, &state.m)?;
-        v = pick(&v, &state.v)?;
+
+    /// The two kernel launches of one parameter's update: its moments from the gradient
+    /// (in place in its `[m | v]` slice of the state), then the parameter (in place).
+    #[cfg(any(feature = "cuda", test))]
+    fn kernel_calls(&self, n: usize, decays: bool) -> [gpu::Call; 2] {
+        [
+            gpu::adam_moments(n, self.beta1, self.beta2, self.grad_scale),
+            gpu::adam_apply(n, self.decay(decays), self.lr, self.bias1, self.bias2, self.eps),
+        ]
     }
+}
+
+/// One AdamW update of every parameter on a GPU: per parameter with a gradient, its
+/// moments then its values, each one kernel in place. A parameter without a gradient keeps
+/// its value and moments.
+#[cfg(feature = "cuda")]
+fn device_step(slots: &[Slot], state: &mut DeviceState, grads: &HashMap<String, Tensor>, update: Update) -> Result<()> {
     for (s, &off) in slots.iter().zip(&state.offsets) {
-        if !grads.contains_key(&s.name) {
-            continue;
+        let Some(g) = grads.get(&s.name) else { continue };
+        let n = s.var.elem_count();
+        if g.elem_count() != n {
+            return Err(CoreError::Param {
+                name: s.name.clone(),
+                message: "gradient and parameter differ in size".into(),
+            });
         }
-        let value = new_p.narrow(0, off, s.var.elem_count())?.reshape(s.var.shape())?.to_dtype(s.var.dtype())?;
-        s.var.set(&value)?;
+        let [moments, apply] = update.kernel_calls(n, s.decay);
+        let mv = state.mv.narrow(0, off, 2 * n)?;
+        mv.inplace_op2(&g.contiguous()?, &InPlace(moments))?;
+        s.var.as_tensor().inplace_op2(&mv, &InPlace(apply))?;
     }
-    state.m = m;
-    state.v = v;
     Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_step(slots: &[Slot], _: &mut DeviceState, _: &HashMap<String, Tensor>, _: Update) -> Result<()> {
+    Err(CoreError::Param {
+        name: slots.first().map(|s| s.name.clone()).unwrap_or_default(),
+        message: "lives on a GPU, which this build cannot update (build with `--features cuda`)".into(),
+    })
+}
+
+/// A kernel call run in place on the first tensor with the second as its input.
+#[cfg(feature = "cuda")]
+struct InPlace(gpu::Call);
+
+#[cfg(feature = "cuda")]
+impl candle_core::InplaceOp2 for InPlace {
+    fn name(&self) -> &'static str {
+        self.0.kernel
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut candle_core::CpuStorage,
+        _: &candle_core::Layout,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("{}: a GPU kernel, run on the CPU", self.0.kernel)
+    }
+
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &candle_core::Layout,
+        src: &candle_core::CudaStorage,
+        src_l: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        gpu::run_in_place(&self.0, dst, dst_l, &[(src, src_l)])
+    }
 }
 
 /// Global L2 norm of the gradients.
@@ -289,16 +333,10 @@ pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     Ok(total.sqrt())
 }
 
-/// Scales gradients so their global norm is at most `max_norm`; returns the norm before.
-pub fn clip_grad_norm(grads: &mut HashMap<String, Tensor>, max_norm: f64) -> Result<f64> {
-    let norm = grad_norm(grads)?;
-    if max_norm > 0.0 && norm > max_norm {
-        let scale = max_norm / (norm + 1e-6);
-        for g in grads.values_mut() {
-            *g = (&*g * scale)?;
-        }
-    }
-    Ok(norm)
+/// The factor that brings gradients of global norm `norm` to at most `max_norm` (1 when
+/// they are within it, or when `max_norm` is 0: no clipping).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 }
 }
 
 #[cfg(test)]
@@ -348,12 +386,111 @@ mod tests {
     }
 
     #[test]
-    fn clipping_bounds_the_global_norm() -> Result<()> {
+    fn clipping_scales_the_global_norm_down_to_the_bound() -> Result<()> {
         let mut grads = HashMap::new();
         grads.insert("a".to_owned(), Tensor::new(&[3.0f32, 4.0], &Device::Cpu)?);
-        let before = clip_grad_norm(&mut grads, 1.0)?;
-        assert!((before - 5.0).abs() < 1e-6);
-        assert!((grad_norm(&grads)? - 1.0).abs() < 1e-5);
+        let norm = grad_norm(&grads)?;
+        assert!((norm - 5.0).abs() < 1e-6);
+        assert!((norm * clip_scale(norm, 1.0) - 1.0).abs() < 1e-6);
+        assert_eq!(clip_scale(norm, 10.0), 1.0);
+        assert_eq!(clip_scale(norm, 0.0), 1.0, "0 turns clipping off");
+        Ok(())
+    }
+
+    /// A scaled step is the step on scaled gradients.
+    #[test]
+    fn a_scaled_step_is_the_step_on_scaled_gradients() -> Result<()> {
+        let run = |scale_in_step: bool| -> Result<Vec<f32>> {
+            let w = Var::new(&[1.0f32, -2.0, 3.0], &Device::Cpu)?;
+            let mut opt = AdamW::new(vec![("w".into(), w.clone())], AdamWConfig::default())?;
+            // Adam is invariant to one scale of every gradient: the scales differ by step.
+            for (g, scale) in [([0.5f32, -1.0, 2.0], 1.0), ([0.1, 0.2, -0.3], 0.25)] {
+                let g = Tensor::new(&g, &Device::Cpu)?;
+                let grads = |t: Tensor| HashMap::from([("w".to_owned(), t)]);
+                if scale_in_step {
+                    opt.step_scaled(&grads(g), 0.1, scale)?;
+                } else {
+                    opt.step(&grads((g * scale)?), 0.1)?;
+                }
+            }
+            Ok(w.as_tensor().to_vec1::<f32>()?)
+        };
+        assert_eq!(run(true)?, run(false)?);
+        Ok(())
+    }
+
+    /// The GPU optimizer's kernels (through the CPU emulation, with the very calls the
+    /// device step launches) against the CPU optimizer: parameters of two sizes (one
+    /// decaying, one not; 300 elements span two blocks), f32 and bf16 gradients, a step
+    /// where one parameter has no gradient, a clipping scale.
+    #[test]
+    fn the_gpu_update_kernels_match_the_cpu_optimizer() -> Result<()> {
+        use tuneforge_kernels::gpu::emulated::{self, bf16};
+        let sizes = [("a.weight", 300usize), ("a.bias", 37)];
+        let config = AdamWConfig { weight_decay: 0.1, ..Default::default() };
+        for bf16_grads in [false, true] {
+            let init = |n: usize, k: usize| (0..n).map(|i| ((i * 7 + k) % 13) as f32 * 0.1 - 0.6).collect::<Vec<f32>>();
+            let vars = sizes
+                .iter()
+                .enumerate()
+                .map(|(k, (name, n))| Ok(((*name).to_owned(), Var::from_vec(init(*n, k), *n, &Device::Cpu)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let mut cpu = AdamW::new(vars.clone(), config)?;
+            let mut params: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(k, (_, n))| init(*n, k)).collect();
+            let mut mv: Vec<Vec<f32>> = sizes.iter().map(|(_, n)| vec![0.0; 2 * n]).collect();
+            for step in 1..=3 {
+                let scale = if step == 2 { 0.5 } else { 1.0 };
+                let mut grads = HashMap::new();
+                for (k, (name, n)) in sizes.iter().enumerate() {
+                    if step == 3 && k == 1 {
+                        continue;
+                    }
+                    let g: Vec<f32> = (0..*n).map(|i| (((i * 5 + step * 3 + k) % 11) as f32 - 5.0) * 0.07).collect();
+                    let g = Tensor::from_vec(g, *n, &Device::Cpu)?;
+                    let g = if bf16_grads { g.to_dtype(DType::BF16)? } else { g };
+                    grads.insert((*name).to_owned(), g);
+                }
+                cpu.step_scaled(&grads, 1e-2, scale)?;
+                let t = step as i32;
+                let update = Update {
+                    beta1: config.beta1,
+                    beta2: config.beta2,
+                    eps: config.eps,
+                    lr: 1e-2,
+                    bias1: 1.0 - config.beta1.powi(t),
+                    bias2: 1.0 - config.beta2.powi(t),
+                    grad_scale: scale,
+                    weight_decay: config.weight_decay,
+                };
+                for (k, (name, n)) in sizes.iter().enumerate() {
+                    let Some(g) = grads.get(*name) else { continue };
+                    let [moments, apply] = update.kernel_calls(*n, decays(name));
+                    if bf16_grads {
+                        emulated::run_in_place(&moments, &mut mv[k], &[g.to_vec1::<bf16>()?.as_slice()]);
+                    } else {
+                        emulated::run_in_place(&moments, &mut mv[k], &[g.to_vec1::<f32>()?.as_slice()]);
+                    }
+                    emulated::run_in_place(&apply, &mut params[k], &[mv[k].as_slice()]);
+                }
+            }
+            for (k, (name, _)) in sizes.iter().enumerate() {
+                let want = vars[k].1.as_tensor().to_vec1::<f32>()?;
+                let moved = want.iter().zip(init(want.len(), k)).any(|(a, b)| a != &b);
+                assert!(moved, "{name} did not move");
+                for (i, (a, b)) in params[k].iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{name}[{i}] (bf16 {bf16_grads}): {a} vs {b}");
+                }
+            }
+            // The moments the kernels kept are the ones a checkpoint saves.
+            let state: HashMap<String, Tensor> = cpu.state_tensors()?.into_iter().collect();
+            for (k, (name, n)) in sizes.iter().enumerate() {
+                let m = state[&format!("m.{name}")].to_vec1::<f32>()?;
+                let v = state[&format!("v.{name}")].to_vec1::<f32>()?;
+                for (i, (a, b)) in mv[k].iter().zip(m.iter().chain(&v)).enumerate() {
+                    assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{name} moment {i} of {}: {a} vs {b}", 2 * n);
+                }
+            }
+        }
         Ok(())
     }
 }

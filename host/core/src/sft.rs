@@ -327,8 +327,8 @@ pub fn sft_step_in(
         group.all_reduce_mean(&mut grads)?;
     }
     let loss = group.mean_scalar(weighted, device)?;
-    let grad_norm = crate::optim::clip_grad_norm(&mut grads, max_grad_norm)?;
-    opt.step(&grads, lr)?;
+    let grad_norm = crate::optim::grad_norm(&grads)?;
+    opt.step_scaled(&grads, lr, crate::optim::clip_scale(grad_norm, max_grad_norm))?;
     Ok(SftStep { loss, response_tokens: n_total, grad_norm })
 }
 

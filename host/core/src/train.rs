@@ -24,7 +24,7 @@ use crate::distill::{Teacher, TeacherTargets, distill_loss, student_base};
 use crate::experiment::{BestMetric, ExperimentConfig, FusionKind, PeftMethod};
 use crate::hooks::{Hook, HookFactory, Hooks, LossHook, LossInput, NoHooks, PluginLineage};
 use crate::layers::ForwardCtx;
-use crate::optim::{AdamW, AdamWConfig, clip_grad_norm};
+use crate::optim::{AdamW, AdamWConfig, clip_scale, grad_norm};
 use crate::parallel::DataParallel;
 use crate::prefix_cache::PrefixCache;
 use crate::run::{MetricsLog, create_run_dir};
@@ -754,12 +754,12 @@ pub fn train_step_with(
         dp.all_reduce_mean(&mut grads)?;
         loss = dp.mean_scalar(loss, model.device())?;
     }
-    let grad_norm = clip_grad_norm(&mut grads, max_grad_norm)?;
-    optimizer.step(&grads, lr)?;
+    let norm = grad_norm(&grads)?;
+    optimizer.step_scaled(&grads, lr, clip_scale(norm, max_grad_norm))?;
     Ok(StepStats {
         loss,
         tokens,
-        grad_norm,
+        grad_norm: norm,
         forward_s,
         backward_s,
         optimizer_s: phase.elapsed().as_secs_f64(),

@@ -9,6 +9,8 @@
 // - tf_dropout: inverted dropout whose mask is a hash of a seed and the element's index —
 //   the same hash as the CPU's (`fused::kept`), so both draw the same mask.
 // - tf_bias_add: `x + b` with `b` repeated over the rows.
+// - tf_adam_moments / tf_adam_apply: one parameter's AdamW update in place, in two passes
+//   (the moments from the gradient, then the parameter from the moments), f32 state.
 //
 // Entry points are `extern "C"` and named `<kernel>_<dtype>` (f32, f64, f16, bf16), as
 // candle's `kernel_name` spells them. Launch shapes come from `layers/kernel_calls.rs`: row
@@ -217,6 +219,32 @@ template <typename T> __device__ void bias_add(const T* x, const T* b, T* y, lon
     GRID_STRIDE(i, n) { put(y, i, get(x, i) + get(b, i % w)); }
 }
 
+// ------------------------------------------------------------------ AdamW
+
+// The moments of one parameter, in place: `mv` holds its m (first n) then its v (next n),
+// f32 whatever the gradient's type; the gradient is scaled by `gscale` (clipping) first.
+// The arithmetic is the CPU optimizer's, in f32.
+template <typename T>
+__device__ void adam_moments(const T* g, float* mv, long long n, double beta1, double beta2, double gscale) {
+    float b1 = (float)beta1, b2 = (float)beta2, s = (float)gscale;
+    GRID_STRIDE(i, n) {
+        float gi = (float)get(g, i) * s;
+        mv[i] = b1 * mv[i] + (1.0f - b1) * gi;
+        mv[n + i] = b2 * mv[n + i] + (1.0f - b2) * gi * gi;
+    }
+}
+
+// p ← p · decay − lr · (m / bias1) / (√(v / bias2) + eps), in place, in f32.
+template <typename T>
+__device__ void adam_apply(T* p, const float* mv, long long n, double decay, double lr, double bias1, double bias2,
+                           double eps) {
+    float d = (float)decay, l = (float)lr, c1 = (float)bias1, c2 = (float)bias2, e = (float)eps;
+    GRID_STRIDE(i, n) {
+        float v = (float)get(p, i) * d - l * (mv[i] / c1) / (sqrt(mv[n + i] / c2) + e);
+        put(p, i, v);
+    }
+}
+
 // ------------------------------------------------------------------ entry points
 
 #define ENTRY_POINTS(T, NAME)                                                                                         \
@@ -247,6 +275,14 @@ template <typename T> __device__ void bias_add(const T* x, const T* b, T* y, lon
     }                                                                                                                 \
     extern "C" __global__ void tf_bias_add_##NAME(const T* x, const T* b, T* y, long long n, int w) {                \
         bias_add<T>(x, b, y, n, w);                                                                                  \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_adam_moments_##NAME(const T* g, float* mv, long long n, double beta1, double beta2, \
+                                                      double gscale) {                                               \
+        adam_moments<T>(g, mv, n, beta1, beta2, gscale);                                                             \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_adam_apply_##NAME(T* p, const float* mv, long long n, double decay, double lr,     \
+                                                    double bias1, double bias2, double eps) {                        \
+        adam_apply<T>(p, mv, n, decay, lr, bias1, bias2, eps);                                                       \
     }
 
 ENTRY_POINTS(float, f32)

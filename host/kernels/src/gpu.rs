@@ -9,14 +9,15 @@ pub mod emulated;
 #[cfg(feature = "cuda")]
 mod launch;
 #[cfg(feature = "cuda")]
-pub use launch::run;
+pub use launch::{run, run_in_place};
 
 /// One kernel argument.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Arg {
     /// The op's input `i` (a device pointer).
     In(usize),
-    /// The op's output (a device pointer, as long as the first input).
+    /// The op's output (a device pointer): a new buffer as long as the first input for
+    /// `run`, the destination updated in place for `run_in_place`.
     Out,
     /// A null pointer (an absent weight or bias).
     Null,
@@ -26,13 +27,15 @@ pub enum Arg {
     F64(f64),
 }
 
-/// A kernel launch: `<kernel>_<dtype>` over `grid` blocks of `block` threads.
+/// A kernel launch: `<kernel>_<dtype>` over `grid` blocks of `block` threads, `<dtype>`
+/// being the type of the operand `named_by` (an input or the output).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Call {
     pub kernel: &'static str,
     pub grid: u32,
     pub block: (u32, u32),
     pub args: Vec<Arg>,
+    pub named_by: Arg,
 }
 
 /// Rows per block of a row kernel (one warp each).
@@ -43,12 +46,12 @@ const MAX_BLOCKS: usize = 1 << 16;
 
 fn row_call(kernel: &'static str, rows: usize, args: Vec<Arg>) -> Call {
     let grid = rows.div_ceil(ROWS_PER_BLOCK as usize).max(1) as u32;
-    Call { kernel, grid, block: (32, ROWS_PER_BLOCK), args }
+    Call { kernel, grid, block: (32, ROWS_PER_BLOCK), args, named_by: Arg::In(0) }
 }
 
 fn elementwise_call(kernel: &'static str, n: usize, args: Vec<Arg>) -> Call {
     let grid = n.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
-    Call { kernel, grid, block: (THREADS, 1), args }
+    Call { kernel, grid, block: (THREADS, 1), args, named_by: Arg::In(0) }
 }
 
 fn optional(present: bool, input: usize) -> Arg {
@@ -168,4 +171,37 @@ pub fn dropout(n: usize, seed: u64, threshold: u64, scale: f64) -> Call {
 /// `x + b` with `b` (input 1) of width `w` repeated over the rows.
 pub fn bias_add(n: usize, w: usize) -> Call {
     elementwise_call("tf_bias_add", n, vec![Arg::In(0), Arg::In(1), Arg::Out, len(n), width(w)])
+}
+
+/// AdamW's moments of one parameter of `n` elements, in place: the destination holds its
+/// f32 `m` then `v` (2n values), input 0 is the gradient (any float type, naming the kernel),
+/// scaled by `grad_scale` before use.
+pub fn adam_moments(n: usize, beta1: f64, beta2: f64, grad_scale: f64) -> Call {
+    elementwise_call(
+        "tf_adam_moments",
+        n,
+        vec![Arg::In(0), Arg::Out, len(n), Arg::F64(beta1), Arg::F64(beta2), Arg::F64(grad_scale)],
+    )
+}
+
+/// AdamW's parameter update in place: the destination is the parameter (naming the
+/// kernel), input 0 its f32 moments as [`adam_moments`] leaves them.
+/// `p ← p · decay − lr · (m / bias1) / (√(v / bias2) + eps)`.
+pub fn adam_apply(n: usize, decay: f64, lr: f64, bias1: f64, bias2: f64, eps: f64) -> Call {
+    let mut call = elementwise_call(
+        "tf_adam_apply",
+        n,
+        vec![
+            Arg::Out,
+            Arg::In(0),
+            len(n),
+            Arg::F64(decay),
+            Arg::F64(lr),
+            Arg::F64(bias1),
+            Arg::F64(bias2),
+            Arg::F64(eps),
+        ],
+    );
+    call.named_by = Arg::Out;
+    call
 }

@@ -68,15 +68,32 @@ elem!(half::bf16, "bf16", 2);
 
 /// Runs `call` on `inputs` (all of one type); returns the output, as long as `inputs[0]`.
 pub fn run<T: Elem>(call: &Call, inputs: &[&[T]]) -> Vec<T> {
+    let out = vec![0xffu8; T::to_bytes(inputs[0]).len()];
+    T::from_bytes(&run_bytes(call, T::NAME, out, inputs.iter().map(|x| T::to_bytes(x)).collect()))
+}
+
+/// Runs `call` with `dst` as its output, updated in place; the inputs are of one type `I`,
+/// which may differ from `dst`'s (`call.named_by` says which names the kernel).
+pub fn run_in_place<D: Elem, I: Elem>(call: &Call, dst: &mut [D], inputs: &[&[I]]) {
+    let name = match call.named_by {
+        Arg::Out => D::NAME,
+        _ => I::NAME,
+    };
+    let out = run_bytes(call, name, D::to_bytes(dst), inputs.iter().map(|x| I::to_bytes(x)).collect());
+    dst.copy_from_slice(&D::from_bytes(&out));
+}
+
+/// Runs `<call.kernel>_<dtype>` on buffers: `out` (its initial contents) and the inputs.
+fn run_bytes(call: &Call, dtype: &str, out: Vec<u8>, inputs: Vec<Vec<u8>>) -> Vec<u8> {
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = binary().with_extension(format!("run-{}-{run}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("run directory");
     let out_index = inputs.len();
     for (i, x) in inputs.iter().enumerate() {
-        std::fs::write(dir.join(format!("{i}.bin")), T::to_bytes(x)).expect("input buffer");
+        std::fs::write(dir.join(format!("{i}.bin")), x).expect("input buffer");
     }
-    std::fs::write(dir.join(format!("{out_index}.bin")), vec![0xffu8; T::to_bytes(inputs[0]).len()]).expect("output");
+    std::fs::write(dir.join(format!("{out_index}.bin")), out).expect("output");
     let args: Vec<String> = call
         .args
         .iter()
@@ -91,14 +108,14 @@ pub fn run<T: Elem>(call: &Call, inputs: &[&[T]]) -> Vec<T> {
         })
         .collect();
     let status = std::process::Command::new(binary())
-        .arg(format!("{}_{}", call.kernel, T::NAME))
+        .arg(format!("{}_{dtype}", call.kernel))
         .args([call.grid.to_string(), call.block.0.to_string(), call.block.1.to_string()])
         .arg(&dir)
         .args(&args)
         .output()
         .expect("running the kernel emulator");
     assert!(status.status.success(), "{}: {}", call.kernel, String::from_utf8_lossy(&status.stderr));
-    let out = T::from_bytes(&std::fs::read(dir.join(format!("{out_index}.bin"))).expect("output buffer"));
+    let out = std::fs::read(dir.join(format!("{out_index}.bin"))).expect("output buffer");
     let _ = std::fs::remove_dir_all(&dir);
     out
 }
