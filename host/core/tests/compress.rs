@@ -139,25 +139,64 @@ fn a_distilled_student_beats_the_same_student_trained_without_the_teacher() -> R
     )?;
     let teacher_acc = teacher.summary.validation.as_ref().expect("report").accuracy;
     assert!(teacher_acc >= 0.95, "teacher {teacher_acc}");
+    let with_teacher = distilled_student(root, teacher.run.root(), 0.9)?;
+    let labels_only = distilled_student(root, teacher.run.root(), 0.0)?;
+    assert!(labels_only <= 0.8, "without the teacher the student should learn the noise, got {labels_only}");
+    assert!(with_teacher >= labels_only + 0.15, "distilled {with_teacher} vs labels only {labels_only}");
+    Ok(())
+}
 
+/// The validation accuracy of a one-layer encoder student trained on the noisy labels with
+/// `teacher` (a run directory) weighted by `alpha`.
+fn distilled_student(root: &Path, teacher: &Path, alpha: f64) -> Result<f64> {
+    use tuneforge_core::{ExperimentConfig, RunOptions, train_experiment};
     let noisy = root.join("noisy.csv");
     std::fs::write(&noisy, noisy_csv()).expect("write");
-    let student = |alpha: f64| -> Result<f64> {
-        let extra = format!(
-            "[distill]\nteacher = \"{}\"\ntemperature = 2.0\nalpha = {alpha}\nstudent_layers = 1\nstudent_init = \"base\"\n",
-            teacher.run.root().display()
-        );
-        let text = tuneforge_core::testing::write_tiny_task(root, &extra)?;
-        let ov = vec![format!("data.train=\"{}\"", noisy.display())];
-        let cfg = ExperimentConfig::from_toml(&text, "student.toml", &ov)?;
-        let out = train_experiment(cfg, &RunOptions::default(), &mut |_| {})?;
-        let best = ClassifierModel::load(&out.run.best())?;
-        assert_eq!(best.backbone_config().n_layers(), 1, "the student keeps one layer");
-        Ok(out.summary.validation.as_ref().expect("report").accuracy)
-    };
-    let with_teacher = student(0.9)?;
-    let labels_only = student(0.0)?;
-    assert!(labels_only <= 0.8, "without the teacher the student should learn the noise, got {labels_only}");
+    let extra = format!(
+        "[distill]\nteacher = \"{}\"\ntemperature = 2.0\nalpha = {alpha}\nstudent_layers = 1\nstudent_init = \"base\"\n",
+        teacher.display()
+    );
+    let text = tuneforge_core::testing::write_tiny_task(root, &extra)?;
+    let ov = vec![format!("data.train=\"{}\"", noisy.display())];
+    let cfg = ExperimentConfig::from_toml(&text, "student.toml", &ov)?;
+    let out = train_experiment(cfg, &RunOptions::default(), &mut |_| {})?;
+    let best = ClassifierModel::load(&out.run.best())?;
+    assert_eq!(best.backbone_config().n_layers(), 1, "the student keeps one layer");
+    Ok(out.summary.validation.as_ref().expect("report").accuracy)
+}
+
+/// A decoder classifier (a tiny Llama with LoRA, saved over its base model) teaches an
+/// encoder student with another tokenizer: the teacher runs on the texts with its own.
+#[test]
+fn a_decoder_classifier_teaches_an_encoder_student() -> Result<()> {
+    use tuneforge_core::{ExperimentConfig, RunOptions, train_experiment};
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    tuneforge_core::testing::write_tiny_decoder(&root.join("decoder"), "llama")?;
+    let csv = root.join("clean.csv");
+    std::fs::write(&csv, tuneforge_core::testing::TINY_CSV).expect("write");
+    let text = format!(
+        "[experiment]\noutput_dir = \"{out}\"\nseed = 5\n[model]\nsource = \"{model}\"\nmax_len = 24\npooling = \"last\"\n\
+         classifier_dropout = 0.0\n[data]\ntrain = \"{train}\"\nvalidation = \"{train}\"\n\
+         [peft]\nmethod = \"lora\"\nrank = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\", \"up_proj\"]\n\
+         [train]\nepochs = 25\nbatch_size = 8\nlr = 1e-2\nwarmup_steps = 2\n",
+        out = root.join("teacher-runs").display(),
+        model = root.join("decoder/model.gguf").display(),
+        train = csv.display(),
+    );
+    let teacher = train_experiment(
+        ExperimentConfig::from_toml(&text, "teacher.toml", &[])?,
+        &RunOptions::default(),
+        &mut |_| {},
+    )?;
+    assert!(
+        ClassifierModel::load(&teacher.run.best())?.meta().over_base,
+        "a LoRA decoder teacher is saved over its base"
+    );
+    let teacher_acc = teacher.summary.validation.as_ref().expect("report").accuracy;
+    assert!(teacher_acc >= 0.95, "teacher {teacher_acc}");
+    let with_teacher = distilled_student(root, teacher.run.root(), 0.9)?;
+    let labels_only = distilled_student(root, teacher.run.root(), 0.0)?;
     assert!(with_teacher >= labels_only + 0.15, "distilled {with_teacher} vs labels only {labels_only}");
     Ok(())
 }
