@@ -343,9 +343,6 @@ impl ClassifierModel {
     /// [`ClassifierModel::from_base`] keeping only the encoder layers `keep` (in order,
     /// renumbered from 0): a smaller student initialised from chosen layers.
     pub fn from_base_layers(dir: &Path, options: &ClassifierOptions, keep: Option<&[usize]>) -> Result<Self> {
-        if is_decoder_source(dir) {
-            return Self::from_decoder_base(dir, options, keep);
-        }
         if let Ok(meta) = read_meta(dir)
             && meta.quantization.is_some()
         {
@@ -353,6 +350,9 @@ impl ClassifierModel {
                 dir,
                 "is an int8 model for serving; fine-tune from the f32 model it came from",
             ));
+        }
+        if is_decoder_source(dir) {
+            return Self::from_decoder_base(dir, options, keep);
         }
         let mut config: BertConfig = read_json(&dir.join("config.json"))?;
         let mut weights = read_weights(dir)?;

@@ -271,10 +271,16 @@ impl DecoderModel {
         let (h, i) = (config.hidden_size, config.intermediate_size);
         let (d, kv) = (config.head_dim(), config.kv_heads());
         let std = 0.02;
+        // An int8 matrix under the name (a quantized classifier) stands for the weight.
         let linear = |pb: &ParamBuilder, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let bias = || -> Result<Option<Tensor>> {
+                if bias { Ok(Some(pb.get(&[out], "bias", Init::Zeros)?)) } else { Ok(None) }
+            };
+            if let Some(q) = pb.get_int8("weight", &[out, inp])? {
+                return Linear::int8(q, bias()?);
+            }
             let w = pb.get(&[out, inp], "weight", Init::Normal(std))?;
-            let b = if bias { Some(pb.get(&[out], "bias", Init::Zeros)?) } else { None };
-            Ok(Linear::new(w, b))
+            Ok(Linear::new(w, bias()?))
         };
         // A block projection at `path` (e.g. `self_attn.q_proj`) of layer `l`, with LoRA when
         // the spec targets it.

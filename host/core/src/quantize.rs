@@ -1,9 +1,12 @@
 //! int8 models for serving: `tuneforge quantize --to int8`.
 //!
-//! The encoder's linear layers (query, key, value, attention output, intermediate, output)
+//! An encoder's linear layers (query, key, value, attention output, intermediate, output)
 //! and the word-embedding table become int8 with one symmetric scale per output channel
 //! (per row of the table); position and token-type embeddings, layer norms, biases, the head,
-//! adapters and the fusion layer stay f32. LoRA is merged first. Products run on
+//! adapters and the fusion layer stay f32. A decoder classifier's attention projections and
+//! MLP gate and up projections become int8, as for generation (`DecoderModel::quantize_int8`:
+//! the down projection, the norms, the embedding table and the head stay f32), and a model
+//! saved over its base becomes a whole one. LoRA is merged first. Products run on
 //! `tuneforge_kernels::Int8Matrix` (activations quantized per token on the fly).
 //!
 //! A quantized model is a normal model directory: `tuneforge.json` gains `quantization`, and
@@ -45,8 +48,12 @@ pub struct QuantizeReport {
     pub float_params: usize,
     /// Largest `|w - dequant(w)| / scale` seen (at most 0.5 by construction).
     pub max_error_in_steps: f32,
+    /// The f32 model's size: its directory, or, for a model saved over its base, the
+    /// directory with the whole model's weights in f32 in place of the trained ones.
     pub bytes_before: u64,
     pub bytes_after: u64,
+    /// Whether the model was saved over its base (the int8 copy is whole).
+    pub from_over_base: bool,
 }
 
 /// Whether a parameter is quantized: the encoder's linear weights and the word embeddings.
@@ -63,6 +70,21 @@ pub fn is_quantized_name(name: &str, keep_embeddings_float: bool) -> bool {
         || (!keep_embeddings_float && name == "embeddings.word_embeddings.weight")
 }
 
+/// Whether a decoder classifier's parameter is quantized: the attention projections and the
+/// MLP's gate and up projections (the down projection's inputs carry outliers that per-token
+/// int8 flattens; see `DecoderModel::quantize_int8`).
+pub fn is_quantized_decoder_name(name: &str) -> bool {
+    const LINEARS: [&str; 6] = [
+        ".self_attn.q_proj.weight",
+        ".self_attn.k_proj.weight",
+        ".self_attn.v_proj.weight",
+        ".self_attn.o_proj.weight",
+        ".mlp.gate_proj.weight",
+        ".mlp.up_proj.weight",
+    ];
+    name.starts_with("model.layers.") && LINEARS.iter().any(|s| name.ends_with(s))
+}
+
 /// Quantizes the model in `model` (a model or run directory) into `out`.
 pub fn quantize_int8(model: &Path, out: &Path, keep_embeddings_float: bool) -> Result<QuantizeReport> {
     let dir = model_dir_of(model);
@@ -71,19 +93,19 @@ pub fn quantize_int8(model: &Path, out: &Path, keep_embeddings_float: bool) -> R
     if meta.quantization.is_some() {
         return Err(CoreError::file(&dir, "is already quantized"));
     }
-    if meta.architecture != "bert" {
-        return Err(CoreError::file(
-            &dir,
-            format!("has a {} decoder backbone; int8 quantization is for BERT-family encoders", meta.architecture),
-        ));
-    }
+    let decoder = meta.architecture != "bert";
+    let quantized = |name: &str| {
+        if decoder { is_quantized_decoder_name(name) } else { is_quantized_name(name, keep_embeddings_float) }
+    };
+    // A model saved over its base is read whole (its base from `[model] source`).
     let (mut meta, mut tensors) = read_model(&dir)?;
+    let from_over_base = std::mem::take(&mut meta.over_base);
     merge_lora(&mut meta, &mut tensors, &dir)?;
     let mut raw: Vec<(String, RawTensor)> = Vec::new();
     let mut names = Vec::new();
     let (mut qp, mut fp, mut worst) = (0usize, 0usize, 0f32);
     for (name, t) in &tensors {
-        if is_quantized_name(name, keep_embeddings_float) {
+        if quantized(name) {
             let (rows, cols) = t.dims2().map_err(|_| CoreError::Param {
                 name: name.clone(),
                 message: format!("has shape {:?}; only matrices are quantized", t.dims()),
@@ -109,7 +131,7 @@ pub fn quantize_int8(model: &Path, out: &Path, keep_embeddings_float: bool) -> R
         }
     }
     if names.is_empty() {
-        return Err(CoreError::file(&dir, "has no encoder linear layers to quantize"));
+        return Err(CoreError::file(&dir, "has no linear layers to quantize"));
     }
     meta.quantization = Some(Quantization { scheme: INT8_SCHEME.into(), tensors: names.clone() });
     let staging = stage(out)?;
@@ -124,7 +146,12 @@ pub fn quantize_int8(model: &Path, out: &Path, keep_embeddings_float: bool) -> R
     write_synced(&staging.join("model.safetensors"), &bytes)?;
     let meta_json = serde_json::to_vec_pretty(&meta).map_err(|e| CoreError::file(out, e.to_string()))?;
     write_synced(&staging.join(META_FILE), &meta_json)?;
-    let bytes_before = dir_size(&dir)?;
+    let mut bytes_before = dir_size(&dir)?;
+    if from_over_base {
+        let weights = dir.join("model.safetensors");
+        let saved = std::fs::metadata(&weights).map_err(CoreError::io(&weights))?.len();
+        bytes_before = bytes_before - saved.min(bytes_before) + 4 * (qp + fp) as u64;
+    }
     replace_dir(&staging, out)?;
     Ok(QuantizeReport {
         tensors: names.len(),
@@ -133,6 +160,7 @@ pub fn quantize_int8(model: &Path, out: &Path, keep_embeddings_float: bool) -> R
         max_error_in_steps: worst,
         bytes_before,
         bytes_after: dir_size(out)?,
+        from_over_base,
     })
 }
 

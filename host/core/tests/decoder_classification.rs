@@ -71,12 +71,33 @@ fn a_decoder_with_lora_learns_the_tiny_task_and_reloads() -> Result<()> {
         .expect_err("not a base model")
         .to_string();
         assert!(err.contains("saved over its base"), "{kind}: {err}");
-        // Without its base, loading says which base it needs.
+        // int8 for serving: LoRA merged, a whole model (no base needed), the same answers.
+        let int8_dir = tmp.path().join("int8");
+        let report = tuneforge_core::quantize::quantize_int8(&out.run.best(), &int8_dir, false)?;
+        assert_eq!(report.tensors, 6 * best.backbone_config().n_layers(), "{kind}: six projections per block");
+        assert!(report.from_over_base, "{kind}");
+        assert!(report.bytes_after < report.bytes_before, "{kind}: sizes against the whole f32 model: {report:?}");
+        check_int8(&int8_dir, &texts, &p, kind)?;
+        // Without its base, loading says which base it needs; the int8 copy needs none.
         let moved = tmp.path().join("moved-base");
         std::fs::rename(tmp.path().join("m"), &moved)?;
         let err = ClassifierModel::load(&out.run.best()).expect_err("the base is gone").to_string();
         assert!(err.contains("base model") && err.contains(&source.display().to_string()), "{kind}: {err}");
+        check_int8(&int8_dir, &texts, &p, kind)?;
         std::fs::rename(&moved, tmp.path().join("m"))?;
+    }
+    Ok(())
+}
+
+/// The int8 model in `dir` predicts what the f32 model predicted (`f32`) with scores close
+/// to its own, and it is not a starting point for fine-tuning.
+fn check_int8(dir: &std::path::Path, texts: &[&str], f32: &[tuneforge_core::Prediction], kind: &str) -> Result<()> {
+    let m = ClassifierModel::load(dir)?;
+    assert!(m.meta().quantization.is_some() && !m.meta().over_base, "{kind}");
+    let p = m.predict(texts, 2)?;
+    for (a, b) in f32.iter().zip(&p) {
+        assert_eq!(a.label, b.label, "{kind}: int8 {p:?} vs f32 {f32:?}");
+        assert!((a.score - b.score).abs() < 0.05, "{kind}: int8 score {} vs f32 {}", b.score, a.score);
     }
     Ok(())
 }
@@ -106,10 +127,17 @@ fn decoder_only_settings_are_checked() -> Result<()> {
     let out =
         train_experiment(ExperimentConfig::from_toml(&text, "exp.toml", &[])?, &RunOptions::default(), &mut |_| {})?;
     let best = ClassifierModel::load(&out.run.best())?;
-    let q = tuneforge_core::quantize::quantize_int8(&out.run.best(), &tmp.path().join("q"), false)
-        .expect_err("int8 is for encoders")
-        .to_string();
-    assert!(q.contains("decoder"), "{q}");
     assert_eq!(best.labels().len(), 3);
+    // Its int8 copy is not where a fine-tune starts.
+    tuneforge_core::quantize::quantize_int8(&out.run.best(), &tmp.path().join("q"), false)?;
+    let from_int8 = experiment(tmp.path(), &tmp.path().join("q"), freeze)?;
+    let err = train_experiment(
+        ExperimentConfig::from_toml(&from_int8, "exp.toml", &[])?,
+        &RunOptions::default(),
+        &mut |_| {},
+    )
+    .expect_err("an int8 model")
+    .to_string();
+    assert!(err.contains("int8 model for serving"), "{err}");
     Ok(())
 }

@@ -22,7 +22,8 @@ pub struct QuantizeArgs {
     #[arg(long, value_enum, default_value = "int8")]
     to: Target,
     /// Keep the word-embedding table in f32 (only the encoder's linear layers become int8;
-    /// the model is then about half the size instead of a quarter).
+    /// the model is then about half the size instead of a quarter). A decoder classifier's
+    /// embeddings stay f32 either way.
     #[arg(long)]
     keep_embeddings_float: bool,
     /// The model directory to write (replaced if it exists); it loads in eval, predict and serve.
@@ -35,13 +36,14 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<Outcome> {
     let r = quantize_int8(&args.model, &args.out, args.keep_embeddings_float)?;
     let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
     println!(
-        "wrote {}: {} tensors int8 ({} parameters), {} parameters f32; {:.1} MiB -> {:.1} MiB ({:.0}%); \
+        "wrote {}: {} tensors int8 ({} parameters), {} parameters f32; {:.1} MiB{} -> {:.1} MiB ({:.0}%); \
          worst rounding {:.3} of a step",
         args.out.display(),
         r.tensors,
         r.quantized_params,
         r.float_params,
         mib(r.bytes_before),
+        if r.from_over_base { " (f32, with the base model it was saved over)" } else { "" },
         mib(r.bytes_after),
         100.0 * r.bytes_after as f64 / r.bytes_before.max(1) as f64,
         r.max_error_in_steps
