@@ -423,14 +423,17 @@ impl DecoderModel {
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let h = self.config.hidden_size;
-        let x = self.hidden_states(ids, cache, ctx)?;
+        let x = self.hidden_states(ids, cache, ctx)?.reshape((b * l, h))?;
+        Ok(self.head_logits(&x, ctx)?.reshape((b, l, self.config.vocab_size))?)
+    }
+
+    /// The output layer on hidden states `[rows, hidden]`: logits `[rows, vocab]` in the
+    /// parameters' dtype (under mixed precision the loss and sampling see f32 logits).
+    fn head_logits(&self, x: &Tensor, ctx: &ForwardCtx) -> Result<Tensor> {
         let logits = match &self.lm_head {
-            Some(head) => head.forward_t(&x, ctx)?,
-            None => {
-                x.reshape((b * l, h))?.matmul(&ctx.cast(&self.embed)?.t()?)?.reshape((b, l, self.config.vocab_size))?
-            }
+            Some(head) => head.forward_t(x, ctx)?,
+            None => x.matmul(&ctx.cast(&self.embed)?.t()?)?,
         };
-        // Mixed precision: the loss and sampling see f32 logits.
         Ok(logits.to_dtype(self.embed.dtype())?)
     }
 
@@ -515,21 +518,40 @@ impl DecoderModel {
         if l < 2 {
             return Err(CoreError::Param { name: "batch".into(), message: "needs at least 2 tokens".into() });
         }
-        let (ids, loss_mask) = (&ids.to_device(self.device())?, &loss_mask.to_device(self.device())?);
-        let logits = self.forward(ids, None, ctx)?;
-        let v = self.config.vocab_size;
-        let logits = logits.narrow(1, 0, l - 1)?.reshape((b * (l - 1), v))?;
-        let targets = ids.narrow(1, 1, l - 1)?.flatten_all()?;
-        let mask = loss_mask.narrow(1, 1, l - 1)?.flatten_all()?.to_dtype(logits.dtype())?;
-        let n = mask.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()? as usize;
-        // log-softmax with a detached max, then the target's log-probability.
-        let m = logits.max_keepdim(D::Minus1)?.detach();
-        let z = logits.broadcast_sub(&m)?;
-        let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
-        let logp = z.broadcast_sub(&lse)?;
-        let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-        let loss = ((picked * &mask)?.sum_all()? / -(n.max(1) as f64))?;
-        Ok((loss, n))
+        if loss_mask.dims() != ids.dims() {
+            return Err(CoreError::Param {
+                name: "loss_mask".into(),
+                message: format!("has shape {:?}, the ids {:?}", loss_mask.dims(), ids.dims()),
+            });
+        }
+        // Only the positions that predict a masked-in token get logits: the output layer is
+        // the widest product of a small decoder, and prompts are often most of the tokens.
+        let mask = loss_mask.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let tokens = ids.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let (mut rows, mut targets) = (Vec::new(), Vec::new());
+        for (i, (m, t)) in mask.iter().zip(&tokens).enumerate() {
+            for p in 1..l {
+                if m[p] != 0.0 {
+                    rows.push((i * l + p - 1) as u32);
+                    targets.push(t[p]);
+                }
+            }
+        }
+        let n = rows.len();
+        // With nothing to predict the loss is 0, still a function of the parameters (their
+        // gradients zero), as every rank of a data-parallel step needs.
+        let weight = if n == 0 {
+            (rows, targets) = (vec![0], vec![tokens[0][0]]);
+            0.0
+        } else {
+            1.0 / n as f64
+        };
+        let device = self.device();
+        let x = self.hidden_states(ids, None, ctx)?.reshape((b * l, self.config.hidden_size))?;
+        let x = x.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
+        let logits = self.head_logits(&x, ctx)?;
+        let nll = crate::layers::fused::cross_entropy(&logits, &Tensor::new(targets.as_slice(), device)?)?;
+        Ok(((nll.sum_all()? * weight)?, n))
     }
 
     fn block_forward(

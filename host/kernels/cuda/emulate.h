@@ -31,6 +31,7 @@
 
 using std::erf;
 using std::exp;
+using std::log;
 using std::sqrt;
 
 struct dim3 {

@@ -9,6 +9,8 @@
 // - tf_dropout: inverted dropout whose mask is a hash of a seed and the element's index —
 //   the same hash as the CPU's (`fused::kept`), so both draw the same mask.
 // - tf_bias_add: `x + b` with `b` repeated over the rows.
+// - tf_xent_fwd / tf_xent_grad: cross-entropy of rows of logits against u32 targets, and its
+//   gradient (softmax − one-hot) · dy, one warp per row.
 // - tf_adam_moments / tf_adam_apply: one parameter's AdamW update in place, in two passes
 //   (the moments from the gradient, then the parameter from the moments), f32 state.
 //
@@ -171,6 +173,53 @@ __device__ void softmax_grad(const T* y, const T* dy, T* dx, long long rows, int
     for (int i = threadIdx.x; i < w; i += 32) put(dxr, i, (A)scale * get(yr, i) * (get(dyr, i) - dot));
 }
 
+// ------------------------------------------------------------------ cross-entropy
+
+// The max and Σ exp(x − max) of row `x` of width `w`.
+template <typename T, typename A>
+__device__ __forceinline__ void row_lse(const T* x, int w, A* max, A* sum) {
+    A m = -INFINITY;
+    for (int i = threadIdx.x; i < w; i += 32) {
+        A v = get(x, i);
+        m = v > m ? v : m;
+    }
+    m = warp_max(m);
+    A s = 0;
+    for (int i = threadIdx.x; i < w; i += 32) s += exp(get(x, i) - m);
+    *max = m;
+    *sum = warp_sum(s);
+}
+
+// y[row] = log Σ exp(x) − x[t[row]]; NaN for a target outside the row.
+template <typename T>
+__device__ void xent_fwd(const T* x, const unsigned int* t, T* y, long long rows, int w) {
+    typedef typename Acc<T>::type A;
+    long long row = warp_row(rows);
+    if (row < 0) return;
+    const T* xr = x + row * w;
+    A m, s;
+    row_lse<T, A>(xr, w, &m, &s);
+    if (threadIdx.x == 0) {
+        unsigned int target = t[row];
+        put(y, row, target < (unsigned int)w ? log(s) + m - get(xr, (long long)target) : (A)NAN);
+    }
+}
+
+// dx = (softmax(x) − one-hot(t)) · dy[row].
+template <typename T>
+__device__ void xent_grad(const T* x, const unsigned int* t, const T* dy, T* dx, long long rows, int w) {
+    typedef typename Acc<T>::type A;
+    long long row = warp_row(rows);
+    if (row < 0) return;
+    const T* xr = x + row * w;
+    T* dxr = dx + row * w;
+    A m, s;
+    row_lse<T, A>(xr, w, &m, &s);
+    A g = get(dy, row), inv = (A)1 / s;
+    long long target = t[row];
+    for (int i = threadIdx.x; i < w; i += 32) put(dxr, i, g * (exp(get(xr, i) - m) * inv - (i == target ? (A)1 : (A)0)));
+}
+
 // ------------------------------------------------------------------ elementwise
 
 #define GRID_STRIDE(i, n) \
@@ -275,6 +324,13 @@ __device__ void adam_apply(T* p, const float* mv, long long n, double decay, dou
     }                                                                                                                 \
     extern "C" __global__ void tf_bias_add_##NAME(const T* x, const T* b, T* y, long long n, int w) {                \
         bias_add<T>(x, b, y, n, w);                                                                                  \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_xent_fwd_##NAME(const T* x, const unsigned int* t, T* y, long long rows, int w) {    \
+        xent_fwd<T>(x, t, y, rows, w);                                                                               \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_xent_grad_##NAME(const T* x, const unsigned int* t, const T* dy, T* dx,             \
+                                                   long long rows, int w) {                                          \
+        xent_grad<T>(x, t, dy, dx, rows, w);                                                                         \
     }                                                                                                                 \
     extern "C" __global__ void tf_adam_moments_##NAME(const T* g, float* mv, long long n, double beta1, double beta2, \
                                                       double gscale) {                                               \

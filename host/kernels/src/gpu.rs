@@ -9,7 +9,7 @@ pub mod emulated;
 #[cfg(feature = "cuda")]
 mod launch;
 #[cfg(feature = "cuda")]
-pub use launch::{run, run_in_place};
+pub use launch::{run, run_in_place, run_to};
 
 /// One kernel argument.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -204,4 +204,16 @@ pub fn adam_apply(n: usize, decay: f64, lr: f64, bias1: f64, bias2: f64, eps: f6
     );
     call.named_by = Arg::Out;
     call
+}
+
+/// Cross-entropy of `rows` rows of logits of width `w` against u32 targets (input 1): one
+/// value per row, `log Σ exp(x) − x[t]`.
+pub fn xent_fwd(rows: usize, w: usize) -> Call {
+    row_call("tf_xent_fwd", rows, vec![Arg::In(0), Arg::In(1), Arg::Out, len(rows), width(w)])
+}
+
+/// Its gradient `(softmax(x) − one-hot(t)) · dy`: inputs the logits, the targets (u32) and
+/// `dy` (one value per row).
+pub fn xent_grad(rows: usize, w: usize) -> Call {
+    row_call("tf_xent_grad", rows, vec![Arg::In(0), Arg::In(1), Arg::In(2), Arg::Out, len(rows), width(w)])
 }

@@ -531,6 +531,156 @@ impl CustomOp2 for SoftmaxGrad {
     cuda_fwd!(y ly, d ld);
 }
 
+// ---------------------------------------------------------------- cross-entropy
+
+/// `−log softmax(x)[t]` for each row of logits `x: [rows, classes]` and targets
+/// `t: [rows]`: `[rows]` in `x`'s dtype. One fused op where [`fused_here`] — its backward,
+/// `(softmax(x) − one-hot(t)) · dy`, one pass that writes the gradient and nothing else —,
+/// composed elsewhere. A target outside the classes is an error (NaN from a GPU kernel).
+pub fn cross_entropy(x: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (rows, _) = x.dims2()?;
+    if targets.dims() != [rows] {
+        return Err(crate::CoreError::Param {
+            name: "targets".into(),
+            message: format!("have shape {:?} for {rows} rows of logits", targets.dims()),
+        });
+    }
+    let targets = targets.to_dtype(DType::U32)?.contiguous()?;
+    if fused_here(x) {
+        return Ok(x.contiguous()?.apply_op2(&targets, CrossEntropyOp)?);
+    }
+    let xw = x.to_dtype(wide(x))?;
+    let max = xw.max_keepdim(D::Minus1)?.detach();
+    let z = xw.broadcast_sub(&max)?;
+    let lse = z.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let picked = z.gather(&targets.unsqueeze(1)?, 1)?;
+    Ok((lse - picked)?.squeeze(1)?.to_dtype(x.dtype())?)
+}
+
+/// The max of a row and `Σ exp(x − max)`.
+fn row_lse<T: Float>(row: &[T]) -> (T, T) {
+    let max = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+    (max, row.iter().fold(T::zero(), |s, &v| s + (v - max).exp()))
+}
+
+fn check_targets(t: &[u32], w: usize) -> candle_core::Result<()> {
+    match t.iter().find(|&&t| t as usize >= w) {
+        Some(bad) => candle_core::bail!("cross-entropy: target {bad} outside the {w} classes"),
+        None => Ok(()),
+    }
+}
+
+fn xent_rows<T: Float + Send + Sync>(x: &[T], t: &[u32], w: usize) -> candle_core::Result<Vec<T>> {
+    check_targets(t, w)?;
+    Ok(x.par_chunks(w)
+        .zip(t.par_iter())
+        .map(|(row, &t)| {
+            let (max, sum) = row_lse(row);
+            sum.ln() + max - row[t as usize]
+        })
+        .collect())
+}
+
+fn xent_grad_rows<T: Float + Send + Sync>(x: &[T], t: &[u32], dy: &[T], w: usize) -> candle_core::Result<Vec<T>> {
+    check_targets(t, w)?;
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(w).zip(x.par_chunks(w)).zip(t.par_iter().zip(dy.par_iter())).for_each(|((o, row), (&t, &g))| {
+        let (max, sum) = row_lse(row);
+        let scale = g / sum;
+        o.iter_mut().zip(row).for_each(|(o, &v)| *o = (v - max).exp() * scale);
+        o[t as usize] = o[t as usize] - g;
+    });
+    Ok(out)
+}
+
+/// The targets of a cross-entropy op (u32).
+fn targets<'a>(t: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [u32]> {
+    match t {
+        CpuStorage::U32(t) => slice(t, l, op),
+        _ => candle_core::bail!("{op}: the targets must be u32"),
+    }
+}
+
+/// Inputs: logits `[rows, classes]`, targets `[rows]` (u32); output `[rows]`.
+struct CrossEntropyOp;
+
+impl CustomOp2 for CrossEntropyOp {
+    fn name(&self) -> &'static str {
+        "tuneforge-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (w, t) = (last_dim(lx), targets(t, lt, self.name())?);
+        let out = match x {
+            CpuStorage::F32(x) => CpuStorage::F32(xent_rows(slice(x, lx, self.name())?, t, w)?),
+            CpuStorage::F64(x) => CpuStorage::F64(xent_rows(slice(x, lx, self.name())?, t, w)?),
+            _ => candle_core::bail!("{}: only f32 and f64 logits", self.name()),
+        };
+        Ok((out, Shape::from(t.len())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        lx: &Layout,
+        t: &CudaStorage,
+        lt: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (rows, _) = rows(&[lx]);
+        gpu::run_to(&self.gpu_call(&[lx, lt])?, &[(x, lx), (t, lt)], &Shape::from(rows))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(x.apply_op3_no_bwd(t, &grad.contiguous()?, &CrossEntropyGrad)?), None))
+    }
+}
+
+/// Inputs: logits, targets (u32), `dy` (`[rows]`); output the logits' gradient.
+struct CrossEntropyGrad;
+
+impl CustomOp3 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "tuneforge-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+        dy: &CpuStorage,
+        ld: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (w, t, name) = (last_dim(lx), targets(t, lt, self.name())?, self.name());
+        let out = match (x, dy) {
+            (CpuStorage::F32(x), CpuStorage::F32(dy)) => {
+                CpuStorage::F32(xent_grad_rows(slice(x, lx, name)?, t, slice(dy, ld, name)?, w)?)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(dy)) => {
+                CpuStorage::F64(xent_grad_rows(slice(x, lx, name)?, t, slice(dy, ld, name)?, w)?)
+            }
+            _ => candle_core::bail!("{name}: only f32 and f64 (logits and gradient the same)"),
+        };
+        Ok((out, lx.shape().clone()))
+    }
+
+    cuda_fwd!(x lx, t lt, dy ld);
+}
+
 // ---------------------------------------------------------------- bias
 
 /// `x + b` with `b: [w]` repeated over the rows of `x: [..., w]`: one op where
@@ -840,6 +990,22 @@ impl SoftmaxGrad {
     fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
         let (rows, w) = rows(ls);
         Ok(gpu::softmax_grad(rows, w, self.scale))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl CrossEntropyOp {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        let (rows, w) = rows(ls);
+        Ok(gpu::xent_fwd(rows, w))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl CrossEntropyGrad {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        let (rows, w) = rows(ls);
+        Ok(gpu::xent_grad(rows, w))
     }
 }
 
@@ -1172,6 +1338,72 @@ mod gpu_kernel_tests {
                 tol,
             )
         })
+    }
+
+    /// The cross-entropy kernels (u32 targets beside the logits, an output of one value
+    /// per row) against the CPU op: 7 rows, widths under a warp and over several.
+    #[test]
+    fn cross_entropy_kernels_match_the_cpu_op() -> Result<()> {
+        fn run<T: Elem + WithDType>(call: &gpu::Call, x: &Tensor, t: &[u32], dy: Option<&Tensor>) -> Result<Tensor> {
+            let bytes = |t: &Tensor| -> Result<Vec<u8>> { Ok(T::to_bytes(&t.flatten_all()?.to_vec1::<T>()?)) };
+            let mut inputs = vec![bytes(x)?, u32::to_bytes(t)];
+            let out_len = match dy {
+                Some(dy) => {
+                    inputs.push(bytes(dy)?);
+                    x.elem_count()
+                }
+                None => t.len(),
+            };
+            let out = emulated::run_bytes(call, T::NAME, vec![0xff; out_len * T::DTYPE.size_in_bytes()], inputs);
+            Ok(Tensor::from_vec(T::from_bytes(&out), out_len, &Device::Cpu)?.to_dtype(DType::F64)?)
+        }
+        for w in [20, 300] {
+            let t: Vec<u32> = (0..7).map(|r| (r * 37 % w) as u32).collect();
+            let targets = Tensor::new(t.as_slice(), &Device::Cpu)?;
+            in_each_dtype(|dtype, tol| {
+                let cd = cpu_dtype(dtype);
+                let x = (randn(&[7, w], 21)? * 3.0)?.to_dtype(dtype)?.to_dtype(cd)?;
+                let dy = randn(&[7], 22)?.to_dtype(dtype)?.to_dtype(cd)?;
+                let want = x.apply_op2_no_bwd(&targets, &CrossEntropyOp)?;
+                let want_grad = x.apply_op3_no_bwd(&targets, &dy, &CrossEntropyGrad)?;
+                let fwd = CrossEntropyOp.gpu_call(&[x.layout(), targets.layout()])?;
+                let grad = CrossEntropyGrad.gpu_call(&[x.layout(), targets.layout(), dy.layout()])?;
+                let (x, dy) = (x.to_dtype(dtype)?, dy.to_dtype(dtype)?);
+                let (got, got_grad) = match dtype {
+                    DType::F64 => (run::<f64>(&fwd, &x, &t, None)?, run::<f64>(&grad, &x, &t, Some(&dy))?),
+                    DType::F32 => (run::<f32>(&fwd, &x, &t, None)?, run::<f32>(&grad, &x, &t, Some(&dy))?),
+                    _ => (run::<emulated::bf16>(&fwd, &x, &t, None)?, run::<emulated::bf16>(&grad, &x, &t, Some(&dy))?),
+                };
+                close("cross-entropy", &got, &want, tol)?;
+                close("cross-entropy gradient", &got_grad, &want_grad, tol)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The fused cross-entropy against the composed form, in value and gradient; a target
+    /// outside the classes is an error.
+    #[test]
+    fn cross_entropy_matches_the_composed_form() -> Result<()> {
+        use candle_core::Var;
+        let x = Var::from_tensor(&(randn(&[6, 11], 23)? * 4.0)?)?;
+        let targets = Tensor::new(&[0u32, 10, 3, 3, 7, 1], &Device::Cpu)?;
+        let weights = randn(&[6], 24)?;
+        let fused = cross_entropy(x.as_tensor(), &targets)?;
+        let m = x.as_tensor().max_keepdim(D::Minus1)?.detach();
+        let z = x.as_tensor().broadcast_sub(&m)?;
+        let logp = z.broadcast_sub(&z.exp()?.sum_keepdim(D::Minus1)?.log()?)?;
+        let composed = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+        close("cross-entropy", &fused, &composed, 1e-12)?;
+        let grad = |y: &Tensor| -> Result<Tensor> {
+            let store = (y * &weights)?.sum_all()?.backward()?;
+            Ok(store.get(x.as_tensor()).expect("a gradient").clone())
+        };
+        close("cross-entropy gradient", &grad(&fused)?, &grad(&composed)?, 1e-12)?;
+        let bad = Tensor::new(&[0u32, 11, 3, 3, 7, 1], &Device::Cpu)?;
+        let e = cross_entropy(x.as_tensor(), &bad).expect_err("target 11 of 11 classes");
+        assert!(e.to_string().contains("target 11"), "{e}");
+        Ok(())
     }
 
     /// The new CPU ops (RMS norm, the masked softmax, the bias add) against the composed

@@ -62,6 +62,7 @@ macro_rules! elem {
         }
     };
 }
+elem!(u32, "u32", 4);
 elem!(f32, "f32", 4);
 elem!(f64, "f64", 8);
 elem!(half::bf16, "bf16", 2);
@@ -83,8 +84,9 @@ pub fn run_in_place<D: Elem, I: Elem>(call: &Call, dst: &mut [D], inputs: &[&[I]
     dst.copy_from_slice(&D::from_bytes(&out));
 }
 
-/// Runs `<call.kernel>_<dtype>` on buffers: `out` (its initial contents) and the inputs.
-fn run_bytes(call: &Call, dtype: &str, out: Vec<u8>, inputs: Vec<Vec<u8>>) -> Vec<u8> {
+/// Runs `<call.kernel>_<dtype>` on buffers (little-endian bytes, [`Elem::to_bytes`]): `out`
+/// (its initial contents; returned as the kernel left it) and the inputs, of any types.
+pub fn run_bytes(call: &Call, dtype: &str, out: Vec<u8>, inputs: Vec<Vec<u8>>) -> Vec<u8> {
     static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = binary().with_extension(format!("run-{}-{run}", std::process::id()));

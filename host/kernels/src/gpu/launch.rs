@@ -17,9 +17,19 @@ const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/kernels.ptx"));
 /// Runs `call` on `inputs` (contiguous) and returns its output: a new buffer of the first
 /// input's shape and type.
 pub fn run(call: &Call, inputs: &[(&CudaStorage, &Layout)]) -> candle_core::Result<(CudaStorage, Shape)> {
-    let Some(&(first, layout)) = inputs.first() else { candle_core::bail!("{}: no inputs", call.kernel) };
+    let Some(&(_, layout)) = inputs.first() else { candle_core::bail!("{}: no inputs", call.kernel) };
+    run_to(call, inputs, layout.shape())
+}
+
+/// [`run`] with an output of shape `shape` (the first input's type).
+pub fn run_to(
+    call: &Call,
+    inputs: &[(&CudaStorage, &Layout)],
+    shape: &Shape,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let Some(&(first, _)) = inputs.first() else { candle_core::bail!("{}: no inputs", call.kernel) };
     let dev = first.device.clone();
-    let n = layout.shape().elem_count();
+    let n = shape.elem_count();
     // SAFETY: every kernel writes each element of its output before the buffer is read.
     // (CUDA refuses empty allocations: an empty tensor gets one element it never reads.)
     let mut slice = unsafe {
@@ -34,7 +44,7 @@ pub fn run(call: &Call, inputs: &[(&CudaStorage, &Layout)]) -> candle_core::Resu
     if n > 0 {
         launch(&dev, call, inputs, &mut slice, 0..n)?;
     }
-    Ok((CudaStorage { slice, device: dev }, layout.shape().clone()))
+    Ok((CudaStorage { slice, device: dev }, shape.clone()))
 }
 
 /// Runs `call` with `dst` (contiguous, its elements in `dst_layout`) as the output, updated in
@@ -56,8 +66,9 @@ pub fn run_in_place(
     launch(&dev, call, inputs, &mut dst.slice, a..b)
 }
 
-/// A kernel operand: a typed device pointer.
+/// A kernel operand: a typed device pointer (u32 for indices).
 enum View<'a> {
+    U32(CudaView<'a, u32>),
     F32(CudaView<'a, f32>),
     F64(CudaView<'a, f64>),
     F16(CudaView<'a, f16>),
@@ -85,11 +96,12 @@ fn dtype_name(s: &S) -> Option<&'static str> {
 fn view<'a>(kernel: &str, s: &'a CudaStorage, l: &Layout) -> candle_core::Result<View<'a>> {
     let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("{kernel}: inputs must be contiguous") };
     Ok(match &s.slice {
+        S::U32(x) => View::U32(x.slice(a..b)),
         S::F32(x) => View::F32(x.slice(a..b)),
         S::F64(x) => View::F64(x.slice(a..b)),
         S::F16(x) => View::F16(x.slice(a..b)),
         S::BF16(x) => View::BF16(x.slice(a..b)),
-        _ => candle_core::bail!("{kernel}: only f32, f64, f16 and bf16 tensors"),
+        _ => candle_core::bail!("{kernel}: only u32, f32, f64, f16 and bf16 inputs"),
     })
 }
 
@@ -105,6 +117,7 @@ fn view_mut<'a>(kernel: &str, s: &'a mut S, range: Range<usize>) -> candle_core:
 
 fn push<'a, 'b: 'a, 'c: 'b>(builder: &mut LaunchArgs<'a>, v: &'b View<'c>) {
     match v {
+        View::U32(x) => builder.arg(x),
         View::F32(x) => builder.arg(x),
         View::F64(x) => builder.arg(x),
         View::F16(x) => builder.arg(x),
