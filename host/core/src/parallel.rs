@@ -15,7 +15,7 @@
 //! arithmetic on the CPU.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 
@@ -42,7 +42,7 @@ enum Backend {
     Nccl(nccl::Communicator),
     /// Ranks that are threads of one process, summing through shared memory (the CPU
     /// check of the data-parallel arithmetic: sharding, token weighting, averaging).
-    InProcess(Arc<Hub>),
+    InProcess(Member),
 }
 
 impl std::fmt::Debug for DataParallel {
@@ -60,11 +60,17 @@ impl DataParallel {
     /// `world` ranks in this process that all-reduce through shared memory (on any device;
     /// the values pass through the host). For checking that a data-parallel run computes
     /// what one process computes, without GPUs: hand each [`InProcessRank`] to its own thread,
-    /// which joins with `DataParallel::from`; every rank must reach each all-reduce.
+    /// which joins with `DataParallel::from`; every rank must reach each all-reduce. A rank
+    /// that is dropped (its thread failed or returned) makes the all-reduces of the others
+    /// fail, naming it, instead of waiting forever.
     pub fn in_process(world: usize) -> Vec<InProcessRank> {
         let world = world.max(1);
-        let hub = Arc::new(Hub { barrier: Barrier::new(world), slots: Mutex::new(vec![Vec::new(); world]) });
-        (0..world).map(|rank| InProcessRank { rank, world, hub: hub.clone() }).collect()
+        let hub = Arc::new(Hub {
+            world,
+            state: Mutex::new(HubState { slots: vec![Vec::new(); world], arrived: 0, round: 0, gone: None }),
+            turn: Condvar::new(),
+        });
+        (0..world).map(|rank| InProcessRank { world, member: Member { rank, hub: hub.clone() } }).collect()
     }
 
     /// The group this process was launched into (the `TUNEFORGE_DP_*` variables), or a
@@ -145,9 +151,9 @@ impl DataParallel {
             Backend::Alone => Ok(t.to_dtype(DType::F32)?),
             #[cfg(feature = "nccl")]
             Backend::Nccl(comm) => comm.all_reduce_sum(t),
-            Backend::InProcess(hub) => {
+            Backend::InProcess(member) => {
                 let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let sum = hub.sum(self.rank, values)?;
+                let sum = member.hub.sum(self.rank, values)?;
                 Ok(Tensor::from_vec(sum, t.shape(), t.device())?)
             }
         }
@@ -197,49 +203,107 @@ impl DataParallel {
 
 /// One rank of an in-process group ([`DataParallel::in_process`]), to move to its thread.
 pub struct InProcessRank {
-    rank: usize,
     world: usize,
-    hub: Arc<Hub>,
+    member: Member,
 }
 
 impl std::fmt::Debug for InProcessRank {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InProcessRank").field("rank", &self.rank).field("world", &self.world).finish()
+        f.debug_struct("InProcessRank").field("rank", &self.member.rank).field("world", &self.world).finish()
     }
 }
 
 impl From<InProcessRank> for DataParallel {
     fn from(r: InProcessRank) -> Self {
-        Self { rank: r.rank, world: r.world, backend: Backend::InProcess(r.hub) }
+        Self { rank: r.member.rank, world: r.world, backend: Backend::InProcess(r.member) }
+    }
+}
+
+/// A rank's hold on its group's [`Hub`]; dropping it tells the other ranks it is gone.
+struct Member {
+    rank: usize,
+    hub: Arc<Hub>,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let mut state = self.hub.lock();
+        state.gone.get_or_insert(self.rank);
+        self.hub.turn.notify_all();
     }
 }
 
 /// The meeting point of an in-process group: each rank leaves its values in its slot, all
-/// wait, each sums every slot, all wait again before the slots are reused.
+/// meet, each sums every slot, all meet again before the slots are reused.
 struct Hub {
-    barrier: Barrier,
-    slots: Mutex<Vec<Vec<f32>>>,
+    world: usize,
+    state: Mutex<HubState>,
+    turn: Condvar,
+}
+
+struct HubState {
+    slots: Vec<Vec<f32>>,
+    /// Ranks waiting at the current meeting, and how many meetings have completed.
+    arrived: usize,
+    round: u64,
+    /// The first rank that left the group.
+    gone: Option<usize>,
 }
 
 impl Hub {
-    fn sum(&self, rank: usize, values: Vec<f32>) -> Result<Vec<f32>> {
-        self.slots.lock().unwrap_or_else(|e| e.into_inner())[rank] = values;
-        self.barrier.wait();
-        let sum = {
-            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-            let n = slots[rank].len();
-            if slots.iter().any(|s| s.len() != n) {
-                let sizes: Vec<usize> = slots.iter().map(Vec::len).collect();
-                Err(CoreError::Device {
-                    device: format!("rank {rank}"),
-                    message: format!("the ranks all-reduce different sizes: {sizes:?}"),
-                })
-            } else {
-                Ok((0..n).map(|i| slots.iter().map(|s| s[i]).sum()).collect())
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn left(rank: usize, gone: usize) -> CoreError {
+        CoreError::Device {
+            device: format!("rank {rank}"),
+            message: format!("rank {gone} left the in-process group before this all-reduce"),
+        }
+    }
+
+    /// Waits until every rank has arrived (or one has left: an error).
+    fn meet<'a>(
+        &'a self,
+        mut state: std::sync::MutexGuard<'a, HubState>,
+        rank: usize,
+    ) -> Result<std::sync::MutexGuard<'a, HubState>> {
+        if let Some(gone) = state.gone {
+            return Err(Self::left(rank, gone));
+        }
+        state.arrived += 1;
+        if state.arrived == self.world {
+            state.arrived = 0;
+            state.round += 1;
+            self.turn.notify_all();
+            return Ok(state);
+        }
+        let round = state.round;
+        while state.round == round {
+            if let Some(gone) = state.gone {
+                return Err(Self::left(rank, gone));
             }
+            state = self.turn.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        Ok(state)
+    }
+
+    fn sum(&self, rank: usize, values: Vec<f32>) -> Result<Vec<f32>> {
+        let mut state = self.lock();
+        state.slots[rank] = values;
+        let state = self.meet(state, rank)?;
+        let n = state.slots[rank].len();
+        let sum = if state.slots.iter().any(|s| s.len() != n) {
+            let sizes: Vec<usize> = state.slots.iter().map(Vec::len).collect();
+            Err(CoreError::Device {
+                device: format!("rank {rank}"),
+                message: format!("the ranks all-reduce different sizes: {sizes:?}"),
+            })
+        } else {
+            Ok((0..n).map(|i| state.slots.iter().map(|s| s[i]).sum()).collect())
         };
         // Nobody overwrites a slot before every rank has read them all.
-        self.barrier.wait();
+        drop(self.meet(state, rank)?);
         sum
     }
 }
@@ -326,6 +390,72 @@ mod nccl {
             self.comm.all_reduce(&src, &mut dst, &ReduceOp::Sum).map_err(err)?;
             let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(dst, self.device.clone()));
             Ok(Tensor::from_storage(storage, t.shape().clone(), BackpropOp::none(), false))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Runs `f` on each rank of an in-process group of `world`, each in its thread; the
+    /// results by rank, or a panic when any rank is still waiting after 20 s.
+    fn on_ranks<T: Send + 'static>(
+        world: usize,
+        f: impl Fn(DataParallel) -> Result<T> + Send + Sync + 'static,
+    ) -> Vec<Result<T>> {
+        let f = Arc::new(f);
+        let (tx, rx) = mpsc::channel();
+        for (i, rank) in DataParallel::in_process(world).into_iter().enumerate() {
+            let (tx, f) = (tx.clone(), f.clone());
+            std::thread::spawn(move || {
+                let _ = tx.send((i, f(DataParallel::from(rank))));
+            });
+        }
+        let mut out: Vec<Option<Result<T>>> = (0..world).map(|_| None).collect();
+        for _ in 0..world {
+            let (i, r) = rx.recv_timeout(Duration::from_secs(20)).expect("a rank still waits after 20 s");
+            out[i] = Some(r);
+        }
+        out.into_iter().map(|r| r.expect("every rank answers")).collect()
+    }
+
+    #[test]
+    fn in_process_ranks_sum_and_average() {
+        let results = on_ranks(3, |dp| {
+            let mut total = 0.0;
+            // Several rounds: slots are not overwritten before every rank has read them.
+            for round in 0..5 {
+                total += dp.sum_scalar((dp.rank + 1) as f64 * 10f64.powi(round), &Device::Cpu)?;
+            }
+            let mut grads = HashMap::from([("w".to_owned(), Tensor::new(&[dp.rank as f32, 1.0], &Device::Cpu)?)]);
+            dp.all_reduce_mean(&mut grads)?;
+            Ok((total, grads["w"].to_vec1::<f32>()?))
+        });
+        for r in results {
+            let (total, mean) = r.expect("no rank fails");
+            assert_eq!(total, 6.0 * 11111.0);
+            assert_eq!(mean, [1.0, 1.0]);
+        }
+    }
+
+    /// A rank that fails before an all-reduce (its thread returns, dropping its group)
+    /// makes the others' all-reduce an error naming it, not a wait forever.
+    #[test]
+    fn a_rank_that_leaves_fails_the_others_all_reduce() {
+        let results = on_ranks(3, |dp| {
+            if dp.rank == 1 {
+                return Err(CoreError::Param { name: "batch".into(), message: "rank 1 failed".into() });
+            }
+            dp.sum_scalar(1.0, &Device::Cpu)
+        });
+        for (rank, r) in results.iter().enumerate() {
+            let e = r.as_ref().expect_err("no rank completes the all-reduce").to_string();
+            let want = if rank == 1 { "rank 1 failed" } else { "rank 1 left" };
+            assert!(e.contains(want), "rank {rank}: {e}");
         }
     }
 }
