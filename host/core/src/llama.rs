@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::fused::{rms_norm, softmax_scaled};
@@ -170,20 +170,16 @@ impl Rope {
 
     /// `x: [b, heads, l, d]` at positions `start..start + l`.
     fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (_, _, l, d) = x.dims4()?;
+        let (_, _, l, _) = x.dims4()?;
         if start + l > self.cos.dim(0)? {
             return Err(CoreError::Param {
                 name: "max_position_embeddings".into(),
                 message: format!("position {} is past the model's {} positions", start + l, self.cos.dim(0)?),
             });
         }
-        let cos = self.cos.narrow(0, start, l)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, start, l)?.to_dtype(x.dtype())?;
-        let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-        let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-        let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-        let b = (x1.broadcast_mul(&sin)? + x2.broadcast_mul(&cos)?)?;
-        Ok(Tensor::cat(&[a, b], D::Minus1)?)
+        let cos = self.cos.narrow(0, start, l)?;
+        let sin = self.sin.narrow(0, start, l)?;
+        crate::layers::fused::rope(x, &cos, &sin)
     }
 }
 

@@ -219,7 +219,9 @@ fn adamw_on_the_gpu_matches_the_cpu_and_resumes_from_its_state() -> Result<()> {
 #[test]
 fn fused_ops_on_the_gpu_match_the_cpu() -> Result<()> {
     use candle_core::Var;
-    use tuneforge_core::layers::fused::{bias_add, cross_entropy, gelu_erf, layer_norm, rms_norm, softmax_scaled};
+    use tuneforge_core::layers::fused::{
+        bias_add, cross_entropy, gelu_erf, layer_norm, rms_norm, rope, softmax_scaled,
+    };
     let gpu = gpu()?;
     let (b, h, q, k) = (2, 3, 5, 37);
     let on = |device: &Device, dtype: DType| -> Result<Vec<(String, Tensor, Vec<Tensor>)>> {
@@ -241,6 +243,15 @@ fn fused_ops_on_the_gpu_match_the_cpu() -> Result<()> {
             ("bias add", bias_add(&xc, beta.as_tensor())?, vec![&x, &beta]),
             ("dropout", ForwardCtx::train(7).dropout(&xc, 0.2)?, vec![&x]),
             ("masked softmax", softmax_scaled(&scores.as_tensor().to_dtype(dtype)?, 0.3, Some(&mask))?, vec![&scores]),
+            (
+                "rope",
+                {
+                    let angles =
+                        Tensor::from_vec((0..q * 18).map(|i| i as f32 * 0.37).collect::<Vec<_>>(), (q, 18), device)?;
+                    rope(&scores.as_tensor().narrow(3, 0, 36)?.to_dtype(dtype)?, &angles.cos()?, &angles.sin()?)?
+                },
+                vec![&scores],
+            ),
             (
                 "cross-entropy",
                 cross_entropy(&xc, &Tensor::new(&[0u32, 36, 5, 17, 3, 9, 30, 1, 2, 22], device)?)?,

@@ -9,6 +9,8 @@
 // - tf_dropout: inverted dropout whose mask is a hash of a seed and the element's index —
 //   the same hash as the CPU's (`fused::kept`), so both draw the same mask.
 // - tf_bias_add: `x + b` with `b` repeated over the rows.
+// - tf_rope: rotary position embeddings of rows (the halves layout), or their inverse (the
+//   backward).
 // - tf_xent_fwd / tf_xent_grad: cross-entropy of rows of logits against u32 targets, and its
 //   gradient (softmax − one-hot) · dy, one warp per row.
 // - tf_adam_moments / tf_adam_apply: one parameter's AdamW update in place, in two passes
@@ -268,6 +270,27 @@ template <typename T> __device__ void bias_add(const T* x, const T* b, T* y, lon
     GRID_STRIDE(i, n) { put(y, i, get(x, i) + get(b, i % w)); }
 }
 
+// ------------------------------------------------------------------ rotary embeddings
+
+// Rows of width 2·half at positions row % positions: y₁ = x₁·cos − x₂·sin, y₂ = x₁·sin + x₂·cos
+// over the pairs (i, i + half), `cos`/`sin` of [positions, half]; `inverse` rotates back
+// (sin negated: the backward). One thread per pair.
+template <typename T>
+__device__ void rope(const T* x, const T* cos_, const T* sin_, T* y, long long pairs, int half, long long positions,
+                     int inverse) {
+    typedef typename Acc<T>::type A;
+    GRID_STRIDE(k, pairs) {
+        long long row = k / half;
+        int i = (int)(k % half);
+        long long at = (row % positions) * half + i;
+        A c = get(cos_, at), s = inverse ? -get(sin_, at) : get(sin_, at);
+        long long a = row * 2 * half + i;
+        A x1 = get(x, a), x2 = get(x, a + half);
+        put(y, a, x1 * c - x2 * s);
+        put(y, a + half, x1 * s + x2 * c);
+    }
+}
+
 // ------------------------------------------------------------------ AdamW
 
 // The moments of one parameter, in place: `mv` holds its m (first n) then its v (next n),
@@ -324,6 +347,10 @@ __device__ void adam_apply(T* p, const float* mv, long long n, double decay, dou
     }                                                                                                                 \
     extern "C" __global__ void tf_bias_add_##NAME(const T* x, const T* b, T* y, long long n, int w) {                \
         bias_add<T>(x, b, y, n, w);                                                                                  \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_rope_##NAME(const T* x, const T* c, const T* s, T* y, long long pairs, int half,   \
+                                              long long positions, int inverse) {                                  \
+        rope<T>(x, c, s, y, pairs, half, positions, inverse);                                                        \
     }                                                                                                                 \
     extern "C" __global__ void tf_xent_fwd_##NAME(const T* x, const unsigned int* t, T* y, long long rows, int w) {    \
         xent_fwd<T>(x, t, y, rows, w);                                                                               \

@@ -217,3 +217,24 @@ pub fn xent_fwd(rows: usize, w: usize) -> Call {
 pub fn xent_grad(rows: usize, w: usize) -> Call {
     row_call("tf_xent_grad", rows, vec![Arg::In(0), Arg::In(1), Arg::In(2), Arg::Out, len(rows), width(w)])
 }
+
+/// Rotary embeddings of `rows` rows of width `2 · half` (the halves layout) at positions
+/// `row % positions`: inputs `x`, `cos` and `sin` (`[positions, half]`); `inverse` rotates
+/// back (the backward).
+pub fn rope(rows: usize, half: usize, positions: usize, inverse: bool) -> Call {
+    let pairs = rows * half;
+    elementwise_call(
+        "tf_rope",
+        pairs,
+        vec![
+            Arg::In(0),
+            Arg::In(1),
+            Arg::In(2),
+            Arg::Out,
+            len(pairs),
+            width(half),
+            len(positions),
+            Arg::I32(inverse.into()),
+        ],
+    )
+}

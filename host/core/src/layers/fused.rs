@@ -531,6 +531,92 @@ impl CustomOp2 for SoftmaxGrad {
     cuda_fwd!(y ly, d ld);
 }
 
+// ---------------------------------------------------------------- rotary embeddings
+
+/// Rotary position embeddings in the halves layout (Llama's, Hugging Face's): for
+/// `x: [b, heads, l, d]` and `cos`, `sin: [l, d/2]` (the rows of the positions),
+/// `[x₁·cos − x₂·sin, x₁·sin + x₂·cos]` with `x₁`, `x₂` the halves of each row. One fused op
+/// where [`fused_here`] (its backward the inverse rotation, one pass), composed elsewhere.
+/// The tables are not differentiated.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_, _, l, d) = x.dims4()?;
+    if d % 2 != 0 || cos.dims() != [l, d / 2] || sin.dims() != [l, d / 2] {
+        return Err(crate::CoreError::Param {
+            name: "rope".into(),
+            message: format!("tables {:?} / {:?} for rows {:?}", cos.dims(), sin.dims(), x.dims()),
+        });
+    }
+    let (cos, sin) = (same_dtype(&cos.detach(), x)?, same_dtype(&sin.detach(), x)?);
+    if fused_here(x) {
+        return Ok(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, RopeOp { inverse: false })?);
+    }
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let b = (x1.broadcast_mul(&sin)? + x2.broadcast_mul(&cos)?)?;
+    Ok(Tensor::cat(&[a, b], D::Minus1)?)
+}
+
+fn rope_rows<T: Float + Send + Sync>(x: &[T], cos: &[T], sin: &[T], d: usize, inverse: bool) -> Vec<T> {
+    let half = d / 2;
+    let positions = (cos.len() / half.max(1)).max(1);
+    let mut out = vec![T::zero(); x.len()];
+    out.par_chunks_mut(d * ROWS_PER_TASK).zip(x.par_chunks(d * ROWS_PER_TASK)).enumerate().for_each(
+        |(task, (o, x))| {
+            for (r, (o, x)) in o.chunks_mut(d).zip(x.chunks(d)).enumerate() {
+                let at = ((task * ROWS_PER_TASK + r) % positions) * half;
+                let (c, s) = (&cos[at..at + half], &sin[at..at + half]);
+                let (o1, o2) = o.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2, s) = (x[i], x[half + i], if inverse { -s[i] } else { s[i] });
+                    o1[i] = x1 * c[i] - x2 * s;
+                    o2[i] = x1 * s + x2 * c[i];
+                }
+            }
+        },
+    );
+    out
+}
+
+/// Inputs `x: [.., l, d]`, `cos`, `sin: [l, d/2]`; `inverse` rotates back.
+struct RopeOp {
+    inverse: bool,
+}
+
+impl CustomOp3 for RopeOp {
+    fn name(&self) -> &'static str {
+        "tuneforge-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        c: &CpuStorage,
+        lc: &Layout,
+        s: &CpuStorage,
+        ls: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = last_dim(lx);
+        let out = float_op!(self.name(); (x, lx), (c, lc), (s, ls); rope_rows(x, c, s, d, self.inverse));
+        Ok((out, lx.shape().clone()))
+    }
+
+    cuda_fwd!(x lx, c lc, s ls);
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let back = grad.contiguous()?.apply_op3_no_bwd(cos, sin, &RopeOp { inverse: !self.inverse })?;
+        Ok((Some(back), None, None))
+    }
+}
+
 // ---------------------------------------------------------------- cross-entropy
 
 /// `−log softmax(x)[t]` for each row of logits `x: [rows, classes]` and targets
@@ -994,6 +1080,15 @@ impl SoftmaxGrad {
 }
 
 #[cfg(any(test, feature = "cuda"))]
+impl RopeOp {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        let (rows, d) = rows(ls);
+        let positions = ls.get(1).map_or(1, |l| l.dims().first().copied().unwrap_or(1));
+        Ok(gpu::rope(rows, d / 2, positions, self.inverse))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
 impl CrossEntropyOp {
     fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
         let (rows, w) = rows(ls);
@@ -1338,6 +1433,52 @@ mod gpu_kernel_tests {
                 tol,
             )
         })
+    }
+
+    /// The rotary-embedding kernel (forward and inverse) against the CPU op: rows over
+    /// several positions, heads and batches; a head size whose half is not a warp.
+    #[test]
+    fn rope_kernel_matches_the_cpu_op() -> Result<()> {
+        in_each_dtype(|dtype, tol| {
+            let cd = cpu_dtype(dtype);
+            let x = randn(&[2, 3, 5, 18], 31)?.to_dtype(cd)?;
+            let angles = (randn(&[5, 9], 32)? * 2.0)?;
+            let (cos, sin) = (angles.cos()?.to_dtype(cd)?, angles.sin()?.to_dtype(cd)?);
+            for inverse in [false, true] {
+                let op = RopeOp { inverse };
+                let want = x.apply_op3_no_bwd(&cos, &sin, &op)?;
+                agree("rope", |ls| op.gpu_call(ls), &[&x, &cos, &sin], &want, dtype, tol)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The fused rotary embeddings against the composed form in value and gradient, and
+    /// the inverse rotation undoing the forward one.
+    #[test]
+    fn rope_matches_the_composed_form() -> Result<()> {
+        use candle_core::Var;
+        let x = Var::from_tensor(&randn(&[2, 3, 4, 8], 33)?)?;
+        let angles = randn(&[4, 4], 34)?;
+        let (cos, sin) = (angles.cos()?, angles.sin()?);
+        let fused = rope(x.as_tensor(), &cos, &sin)?;
+        let (x1, x2) = (x.as_tensor().narrow(D::Minus1, 0, 4)?, x.as_tensor().narrow(D::Minus1, 4, 4)?);
+        let composed = Tensor::cat(
+            &[
+                (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?,
+                (x1.broadcast_mul(&sin)? + x2.broadcast_mul(&cos)?)?,
+            ],
+            D::Minus1,
+        )?;
+        close("rope", &fused, &composed, 1e-12)?;
+        let w = randn(&[2, 3, 4, 8], 35)?;
+        let grad = |y: &Tensor| -> Result<Tensor> {
+            Ok((y * &w)?.sum_all()?.backward()?.get(x.as_tensor()).expect("a gradient").clone())
+        };
+        close("rope gradient", &grad(&fused)?, &grad(&composed)?, 1e-12)?;
+        let back = fused.apply_op3_no_bwd(&cos, &sin, &RopeOp { inverse: true })?;
+        close("rope, then its inverse", &back, x.as_tensor(), 1e-12)?;
+        Ok(())
     }
 
     /// The cross-entropy kernels (u32 targets beside the logits, an output of one value
