@@ -105,6 +105,30 @@ async fn seed(db: &str, model_dir: &std::path::Path) {
     store.close().await;
 }
 
+/// Training-loss points of `run` at `steps`.
+fn loss_points(run: &str, steps: std::ops::RangeInclusive<i64>) -> Vec<MetricPoint> {
+    steps
+        .map(|s| MetricPoint {
+            run_id: run.into(),
+            key: "train/loss".into(),
+            step: s,
+            value: 2.0 / s as f64,
+            time_ms: 0,
+        })
+        .collect()
+}
+
+/// A third run, `gamma-3`, still running after 10 of its 40 steps.
+async fn start_live_run(db: &str) {
+    let store = Store::open(db).await.expect("store");
+    store
+        .start_run(&NewRun { total_steps: 40, ..NewRun::new("gamma-3", "gamma", "[train]\nlr = 0.002\n") })
+        .await
+        .expect("start");
+    store.append_metrics(&loss_points("gamma-3", 1..=10)).await.expect("metrics");
+    store.close().await;
+}
+
 async fn production(db: &str) -> i64 {
     let store = Store::open(db).await.expect("store");
     let v = store.production("triage").await.expect("production").expect("one").version;
@@ -294,6 +318,35 @@ fn the_dashboard_in_a_real_browser() {
         ("angina", "fever cough hot <b>bold?</b>")
     );
 
+    // A run in progress is followed in place: new loss points and then its end appear on
+    // its page without a reload (the refresh for browsers without JavaScript is in a
+    // <noscript>, inert here).
+    rt.block_on(start_live_run(&db));
+    s.goto(&format!("{base}/runs/gamma-3"));
+    s.wait_for("body[data-hydrated=true]");
+    s.wait_for("h1 span.badge.running");
+    assert!(s.text(&s.find("p.live")).contains("In progress"));
+    rt.block_on(async {
+        let store = Store::open(&db).await.expect("store");
+        store.append_metrics(&loss_points("gamma-3", 11..=40)).await.expect("metrics");
+        store
+            .finish_run(
+                "gamma-3",
+                RunStatus::Succeeded,
+                Some(&summary(0.88)),
+                Some("hash"),
+                Some(0.88),
+                Some(0.87),
+                None,
+            )
+            .await
+            .expect("finish");
+        store.close().await;
+    });
+    s.wait_for("h1 span.badge.succeeded");
+    assert!(s.find_all("p.live").is_empty(), "an ended run is no longer followed");
+    assert!(s.text(&s.find("main")).contains("0.8800"), "the ended run's figures");
+
     // A missing run says so.
     s.goto(&format!("{base}/runs/nope"));
     s.wait_for("p.error");
@@ -325,6 +378,13 @@ fn without_javascript_pages_read_and_forms_work() {
     assert_eq!(s.find_all("table.runs tbody tr").len(), 2);
     s.goto(&format!("{base}/runs/alpha-1"));
     s.wait_for("svg polyline");
+    assert!(!s.source().contains("http-equiv=\"refresh\""), "a finished run's page stays put");
+    // A run in progress: its page reloads itself.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(start_live_run(&db));
+    s.goto(&format!("{base}/runs/gamma-3"));
+    s.wait_for("h1 span.badge.running");
+    assert!(s.source().contains("http-equiv=\"refresh\""), "a running run's page refreshes without JavaScript");
 
     // A plain form post: the server redirects back with the error in the address.
     s.goto(&format!("{base}/models"));
@@ -338,5 +398,5 @@ fn without_javascript_pages_read_and_forms_work() {
     s.click(&s.find("tr.stage-candidate form input[name=confirm]"));
     s.click(&s.find("tr.stage-candidate form button"));
     s.wait_for_text("tr.stage-production", "triage@2");
-    assert_eq!(tokio::runtime::Runtime::new().expect("runtime").block_on(production(&db)), 2);
+    assert_eq!(rt.block_on(production(&db)), 2);
 }

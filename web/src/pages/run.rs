@@ -107,7 +107,14 @@ fn detail(d: RunDetail) -> impl IntoView {
                 .collect()
         })
         .unwrap_or_default();
+    let live = r.status == "running";
     view! {
+        // In progress: the browser fetches the page's data again every few seconds (see
+        // `RunPage`); without JavaScript the page reloads itself.
+        {live.then(|| view! {
+            <noscript><meta http-equiv="refresh" content="10"/></noscript>
+            <p class="sub live">"In progress: this page follows the run as it trains."</p>
+        })}
         <h1>{r.name.clone()} " " <span class=format!("badge {}", r.status)>{r.status.clone()}</span></h1>
         <p class="sub">{r.id.clone()}" · "{r.method.clone()}" · "{r.model_source.clone()}" · started "{when(r.started_ms)}" UTC · "{duration(r.started_ms, r.finished_ms)}</p>
         {r.error.clone().map(|e| view! { <p class="error">{e}</p> })}
@@ -169,9 +176,17 @@ fn detail(d: RunDetail) -> impl IntoView {
 pub fn RunPage() -> impl IntoView {
     let params = use_params_map();
     let data = Resource::new(move || params.read().get("id").unwrap_or_default(), get_run);
+    // A run in progress is followed in place: its data is fetched again every 3 s until it
+    // ends (the effect runs in the browser only; each answer re-arms or stops the timer).
+    Effect::new(move |_| {
+        let running = data.get().and_then(Result::ok).is_some_and(|d| d.run.status == "running");
+        if running && let Ok(timer) = set_interval_with_handle(move || data.refetch(), LIVE_EVERY) {
+            on_cleanup(move || timer.clear());
+        }
+    });
     view! {
         <p><a href="/">"← all runs"</a></p>
-        <Suspense fallback=|| view! { <p>"Loading…"</p> }>
+        <Transition fallback=|| view! { <p>"Loading…"</p> }>
             {move || Suspend::new(async move {
                 match data.await {
                     Ok(d) => detail(d).into_any(),
@@ -187,6 +202,9 @@ pub fn RunPage() -> impl IntoView {
                     }
                 }
             })}
-        </Suspense>
+        </Transition>
     }
 }
+
+/// How often the page of a run in progress fetches its data again.
+const LIVE_EVERY: std::time::Duration = std::time::Duration::from_secs(3);
