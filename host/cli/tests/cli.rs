@@ -767,6 +767,52 @@ fn instruction_tuning_runs_are_recorded_in_the_store() {
     assert_eq!(json(&env.run(&["runs", "ls", "--json"]))["total"], 2, "the resumed run is the same record");
 }
 
+/// `eval` scores a language model on instruction data: a tuned adapter gets the validation
+/// loss its run recorded, the base model (its GGUF file) the base loss the run started from;
+/// gates are refused, and bad data is named.
+#[test]
+fn eval_scores_language_models_on_instruction_data() {
+    let env = Env::new();
+    tuneforge_core::testing::write_tiny_decoder(env.dir.path(), "llama").expect("tiny decoder");
+    let lines = |range: std::ops::Range<usize>| -> String {
+        range
+            .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
+            .collect()
+    };
+    std::fs::write(env.path("sft.jsonl"), lines(0..16)).expect("data");
+    std::fs::write(env.path("val.jsonl"), lines(16..21)).expect("validation");
+    let exp = "[experiment]\nname = \"sft\"\n[model]\nsource = \"model.gguf\"\ntask = \"causal-lm\"\nmax_len = 32\n\
+               [data]\ntrain = \"sft.jsonl\"\nvalidation = \"val.jsonl\"\n\
+               [peft]\nmethod = \"lora\"\nrank = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
+               [train]\nepochs = 2\nbatch_size = 4\nlr = 1e-2\n";
+    std::fs::write(env.path("sft.toml"), exp).expect("experiment");
+    let o = env.run(&["train", "--config", "sft.toml", "--quiet", "--json", "--no-db"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = json(&o);
+    let best = summary["best_model_dir"].as_str().expect("best");
+    let score = |model: &str| -> serde_json::Value {
+        let o = env.run(&["eval", "--model", model, "--data", "val.jsonl", "--max-len", "32", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        json(&o)
+    };
+    let (tuned, base) = (score(best), score("model.gguf"));
+    let close = |a: &serde_json::Value, b: &serde_json::Value| {
+        (a.as_f64().expect("a number") - b.as_f64().expect("a number")).abs() < 1e-4
+    };
+    assert!(close(&tuned["loss"], &summary["validation_loss"]), "{tuned} vs {summary}");
+    assert!(close(&base["loss"], &summary["base_validation_loss"]), "{base} vs {summary}");
+    assert!(tuned["loss"].as_f64() < base["loss"].as_f64());
+    assert_eq!((tuned["examples"].as_u64(), tuned["skipped_too_long"].as_u64()), (Some(5), Some(0)));
+    let o = env.run(&["eval", "--model", best, "--data", "val.jsonl"]);
+    assert!(o.status.success() && stdout(&o).contains("perplexity:"), "{}", stdout(&o));
+    let o = env.run(&["eval", "--model", best, "--data", "val.jsonl", "--min-accuracy", "0.5"]);
+    assert!(!o.status.success() && stderr(&o).contains("for classifiers"), "{}", stderr(&o));
+    std::fs::write(env.path("bad.jsonl"), "{\"prompt\": \"x\", \"response\": \"y\"}\nnot json\n").expect("bad");
+    let o = env.run(&["eval", "--model", best, "--data", "bad.jsonl"]);
+    assert!(!o.status.success() && stderr(&o).contains("bad.jsonl") && stderr(&o).contains('2'), "{}", stderr(&o));
+    assert_no_panic(&o);
+}
+
 /// Device choices that this machine or this build cannot honour are refused with a message
 /// that says why, before anything is trained or written; `cpu` works as given.
 #[test]

@@ -38,8 +38,8 @@ mod weights;
 
 pub use checkpoint::{CheckpointState, Checkpoints, LoadedCheckpoint};
 pub use classifier::{
-    ClassifierModel, ClassifierOptions, FrozenPrefix, Fusion, MODEL_PLUGINS_FILE, ModelMeta, Pooling, Prediction,
-    Trainability,
+    ClassifierModel, ClassifierOptions, FrozenPrefix, Fusion, META_FILE, MODEL_PLUGINS_FILE, ModelMeta, Pooling,
+    Prediction, Trainability, is_decoder_source,
 };
 pub use device::{DeviceSpec, Precision};
 pub use error::CoreError;

@@ -344,6 +344,62 @@ fn evaluate(model: &DecoderModel, data: &[SftTokens], batch: usize, pad: u32) ->
     Ok((sum / n.max(1) as f64, n))
 }
 
+/// How a language model does on instruction data ([`evaluate_lm`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct LmReport {
+    /// Examples scored, and those with no response token within `max_len` (not scored).
+    pub examples: usize,
+    pub skipped_too_long: usize,
+    /// The tokens the loss is over (responses and their end markers).
+    pub response_tokens: usize,
+    /// Mean cross-entropy over the response tokens (nats), and its exponential.
+    pub loss: f64,
+    pub perplexity: f64,
+    pub seconds: f64,
+    /// Every token read (prompts included) per second.
+    pub tokens_per_s: f64,
+}
+
+/// Scores `model` (with its tokenizer and chat format) on `examples` as instruction tuning
+/// validates: the mean loss over the response tokens of each conversation rendered with the
+/// chat template and cut to `max_len` tokens, in batches of `batch` (length-sorted).
+pub fn evaluate_lm(
+    model: &DecoderModel,
+    tok: &Tokenizer,
+    chat: ChatFormat,
+    examples: &[SftExample],
+    max_len: usize,
+    batch: usize,
+) -> Result<LmReport> {
+    let started = std::time::Instant::now();
+    let mut data = Vec::with_capacity(examples.len());
+    for ex in examples {
+        data.extend(encode_example(tok, chat, ex, max_len)?);
+    }
+    if data.is_empty() {
+        return Err(CoreError::Config {
+            file: "data".into(),
+            field: "max_len".into(),
+            message: format!("{max_len} tokens leave no response token in any of the {} examples", examples.len()),
+        });
+    }
+    // The mean is over tokens: the order does not matter, and sorted batches pad less.
+    data.sort_by_key(|t| t.ids.len());
+    let pad = model.config().eos_ids().first().copied().unwrap_or(0);
+    let (loss, response_tokens) = evaluate(model, &data, batch, pad)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let tokens: usize = data.iter().map(|t| t.ids.len()).sum();
+    Ok(LmReport {
+        examples: data.len(),
+        skipped_too_long: examples.len() - data.len(),
+        response_tokens,
+        loss,
+        perplexity: loss.exp(),
+        seconds,
+        tokens_per_s: tokens as f64 / seconds.max(1e-9),
+    })
+}
+
 /// One epoch's batches of example indices, in a seeded random order. With `group`, the
 /// shuffled examples are cut into windows of 50 batches and sorted by length inside each
 /// window, so a batch holds examples of similar length (less padding) while the order of

