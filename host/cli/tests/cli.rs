@@ -805,6 +805,9 @@ fn eval_scores_language_models_on_instruction_data() {
     assert_eq!((tuned["examples"].as_u64(), tuned["skipped_too_long"].as_u64()), (Some(5), Some(0)));
     let o = env.run(&["eval", "--model", best, "--data", "val.jsonl"]);
     assert!(o.status.success() && stdout(&o).contains("perplexity:"), "{}", stdout(&o));
+    // The adapter generates (its base named in its metadata).
+    let o = env.run(&["generate", "--model", best, "--max-tokens", "3", "--json", "the cat 3"]);
+    assert!(o.status.success() && json(&o)["ids"].as_array().is_some(), "{}", stderr(&o));
     let o = env.run(&["eval", "--model", best, "--data", "val.jsonl", "--min-accuracy", "0.5"]);
     assert!(!o.status.success() && stderr(&o).contains("for classifiers"), "{}", stderr(&o));
     std::fs::write(env.path("bad.jsonl"), "{\"prompt\": \"x\", \"response\": \"y\"}\nnot json\n").expect("bad");

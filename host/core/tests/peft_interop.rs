@@ -71,3 +71,57 @@ fn an_exported_lora_adapter_gives_the_same_probabilities_in_hugging_face_peft() 
     assert!(moved, "LoRA B matrices are still zero");
     Ok(())
 }
+
+/// An instruction-tuned decoder (a tiny Llama, LoRA on four projections) exported with
+/// `tuneforge export --peft` loads with PEFT on the Hugging Face base, and exported with
+/// `--merged` loads in transformers by itself; both give tuneforge's logits (within 1e-4).
+#[test]
+fn an_instruction_tuned_adapter_gives_the_same_logits_in_hugging_face_transformers() -> Result<()> {
+    let Some(python) = python_with_peft() else {
+        eprintln!("skipped: no Python with torch, transformers and peft (set TUNEFORGE_BENCH_PYTHON)");
+        return Ok(());
+    };
+    let tmp = tempfile::tempdir()?;
+    let root = tmp.path();
+    tuneforge_core::testing::write_tiny_decoder(&root.join("m"), "llama")?;
+    let data: String = (0..24)
+        .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
+        .collect();
+    std::fs::write(root.join("sft.jsonl"), data)?;
+    let text = format!(
+        "[experiment]\noutput_dir = \"{root}/runs\"\nseed = 4\n[model]\nsource = \"{root}/m/hf\"\ntask = \"causal-lm\"\n\
+         max_len = 32\n[data]\ntrain = \"{root}/sft.jsonl\"\nvalidation_split = 0.2\n\
+         [peft]\nmethod = \"lora\"\nrank = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"k_proj\", \"o_proj\", \"down_proj\"]\n\
+         [train]\nepochs = 3\nbatch_size = 8\nlr = 3e-2\n",
+        root = root.display()
+    );
+    let s = tuneforge_core::sft::train_causal_lm(ExperimentConfig::from_toml(&text, "sft.toml", &[])?, &mut |_| {})?;
+    let (peft, merged) = (root.join("peft"), root.join("merged"));
+    tuneforge_core::export::export_peft(&s.best_model_dir, &peft)?;
+    tuneforge_core::export::export_merged(&s.best_model_dir, &merged)?;
+    let lm = tuneforge_core::generate::LanguageModel::load(&s.best_model_dir)?;
+    let ids: Vec<u32> = vec![1, 40, 77, 12, 200, 5, 9, 31];
+    let input = candle_core::Tensor::new(ids.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?;
+    let ours = lm.model.forward(&input, None, &tuneforge_core::ForwardCtx::eval())?.squeeze(0)?.to_vec2::<f32>()?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/peft_lm_check.py");
+    let o = Command::new(&python)
+        .arg(&script)
+        .arg(root.join("m/hf"))
+        .arg(&peft)
+        .arg(&merged)
+        .args(ids.iter().map(u32::to_string))
+        .output()?;
+    assert!(o.status.success(), "peft_lm_check.py failed: {}", String::from_utf8_lossy(&o.stderr));
+    let theirs: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    for way in ["peft", "merged"] {
+        let mut worst = 0f64;
+        for (i, row) in ours.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                let t = theirs[way][i][j].as_f64().ok_or_else(|| format!("{way}: no logit [{i}][{j}]"))?;
+                worst = worst.max((t - *v as f64).abs());
+            }
+        }
+        assert!(worst < 1e-4, "{way}: logits differ by {worst}");
+    }
+    Ok(())
+}

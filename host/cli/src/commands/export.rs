@@ -1,4 +1,5 @@
-//! `tuneforge export`: a LoRA model in Hugging Face PEFT's layout, or with LoRA merged.
+//! `tuneforge export`: a LoRA model (a classifier, or an instruction-tuned decoder) in
+//! Hugging Face PEFT's layout, or with LoRA merged.
 
 use std::path::PathBuf;
 
@@ -27,13 +28,13 @@ pub struct ExportArgs {
 pub fn run(args: ExportArgs) -> anyhow::Result<Outcome> {
     if args.peft {
         export_peft(&args.model, &args.out)?;
-        println!(
-            "wrote {} (adapter_config.json, adapter_model.safetensors, classifier_head.safetensors)",
-            args.out.display()
-        );
     } else {
         export_merged(&args.model, &args.out)?;
-        println!("wrote {} (a model directory with LoRA merged)", args.out.display());
     }
+    let mut files: Vec<String> =
+        std::fs::read_dir(&args.out)?.filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok())).collect();
+    files.sort();
+    let kind = if args.peft { "Hugging Face PEFT's layout" } else { "a model directory with LoRA merged" };
+    println!("wrote {} ({kind}): {}", args.out.display(), files.join(", "));
     Ok(Outcome::Success)
 }
