@@ -465,6 +465,8 @@ pub struct SftSummary {
     pub best_step: u64,
     pub train_seconds: f64,
     pub tokens_per_s: f64,
+    /// The step where early stopping (`train.early_stopping_patience`) ended the run.
+    pub early_stopped_at: Option<u64>,
 }
 
 /// Runs a `causal-lm` experiment; `on_line` receives progress lines.
@@ -679,32 +681,68 @@ pub fn train_causal_lm_in(
             if step.is_multiple_of(10) || step == total {
                 on_line(&format!("step {step}/{total} loss {value:.4} lr {lr:.2e} {tokens_per_s:.0} tok/s"));
             }
-        }
-        let step = state.step;
-        let (val, _) = evaluate(&model, &val_tok, eval_bs, pad)?;
-        log.append(&serde_json::json!({"kind": "eval", "step": step, "epoch": state.epoch, "validation_loss": val,
-            "perplexity": val.exp()}))?;
-        let better = state.best_metric.is_none_or(|b| -val > b);
-        on_event(crate::TrainEvent::LmEvaluated { step, loss: val, perplexity: val.exp(), improved: better });
-        on_line(&format!(
-            "eval at step {step}: validation loss {val:.4}, perplexity {:.2}{}",
-            val.exp(),
-            if better { " (best so far, saved)" } else { "" }
-        ));
-        if better {
-            state.best_metric = Some(-val);
-            state.best_step = Some(step);
-            save_best(
-                &model,
-                &best_dir,
-                &AdapterMeta { task: Task::CausalLm, base_model: source.spec(), peft: peft.clone() },
+            // Validation after each epoch, or every `eval_every_steps` steps (and at the end).
+            let epoch_done = state.batch_in_epoch >= steps.len();
+            let eval_due = if t.eval_every_steps > 0 {
+                step.is_multiple_of(t.eval_every_steps) || step == total
+            } else {
+                epoch_done
+            };
+            if !eval_due {
+                continue;
+            }
+            if epoch_done {
+                state.epoch += 1;
+                state.batch_in_epoch = 0;
+            }
+            let (val, _) = evaluate(&model, &val_tok, eval_bs, pad)?;
+            log.append(
+                &serde_json::json!({"kind": "eval", "step": step, "epoch": state.epoch, "validation_loss": val,
+                "perplexity": val.exp()}),
             )?;
+            // The best metric is minus the validation loss (higher is better, as for classifiers).
+            let better = state.best_metric.is_none_or(|b| -val > b);
+            if state.best_metric.is_none_or(|b| -val > b + t.early_stopping_min_delta) {
+                state.evals_without_improvement = 0;
+            } else {
+                state.evals_without_improvement += 1;
+            }
+            if t.early_stopping_patience.is_some_and(|p| state.evals_without_improvement >= p) {
+                state.early_stopped_at = Some(step);
+            }
+            on_event(crate::TrainEvent::LmEvaluated { step, loss: val, perplexity: val.exp(), improved: better });
+            on_line(&format!(
+                "eval at step {step}: validation loss {val:.4}, perplexity {:.2}{}",
+                val.exp(),
+                if better { " (best so far, saved)" } else { "" }
+            ));
+            if better {
+                state.best_metric = Some(-val);
+                state.best_step = Some(step);
+                save_best(
+                    &model,
+                    &best_dir,
+                    &AdapterMeta { task: Task::CausalLm, base_model: source.spec(), peft: peft.clone() },
+                )?;
+            }
+            let dir = save(&state, &opt)?;
+            checkpointed_at = Some(state.step);
+            on_event(crate::TrainEvent::Checkpointed { step: state.step, dir: &dir });
+            if let Some(at) = state.early_stopped_at {
+                on_line(&format!(
+                    "early stopping at step {at}: no improvement of the validation loss by more than {} in {} \
+                     evaluations",
+                    t.early_stopping_min_delta, state.evals_without_improvement
+                ));
+                break 'epochs;
+            }
+            if epoch_done {
+                continue 'epochs;
+            }
         }
+        // An epoch that ended between evaluations.
         state.epoch += 1;
         state.batch_in_epoch = 0;
-        let dir = save(&state, &opt)?;
-        checkpointed_at = Some(state.step);
-        on_event(crate::TrainEvent::Checkpointed { step: state.step, dir: &dir });
     }
     if checkpointed_at != Some(state.step) {
         let dir = save(&state, &opt)?;
@@ -734,6 +772,7 @@ pub fn train_causal_lm_in(
         best_step: state.best_step.unwrap_or(0),
         train_seconds: state.train_seconds,
         tokens_per_s: state.tokens_seen as f64 / state.train_seconds.max(1e-9),
+        early_stopped_at: state.early_stopped_at,
         dataset_hash,
     };
     let json = serde_json::to_vec_pretty(&summary).map_err(|e| CoreError::file(run.summary(), e.to_string()))?;

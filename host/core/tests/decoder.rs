@@ -460,3 +460,46 @@ fn decoder_gradients_match_finite_differences() -> Result<()> {
     }
     Ok(())
 }
+
+/// Instruction tuning honours `eval_every_steps` (validation at its multiples and at the
+/// end, not at epoch ends) and early stopping (patience and minimum improvement on the
+/// validation loss), as classification does.
+#[test]
+fn instruction_tuning_evaluates_every_n_steps_and_stops_early() -> Result<()> {
+    use tuneforge_core::ExperimentConfig;
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_model(tmp.path(), "llama")?;
+    let data: String = (0..40)
+        .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
+        .collect();
+    std::fs::write(tmp.path().join("sft.jsonl"), data).expect("data");
+    let run = |train: &str| -> Result<(tuneforge_core::sft::SftSummary, Vec<u64>)> {
+        let text = format!(
+            "[experiment]\noutput_dir = \"{root}/runs\"\nseed = 3\n[model]\nsource = \"{root}/model.gguf\"\n\
+             task = \"causal-lm\"\nmax_len = 32\n[data]\ntrain = \"{root}/sft.jsonl\"\nvalidation_split = 0.2\n\
+             [peft]\nmethod = \"lora\"\nrank = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
+             [train]\nepochs = 2\nbatch_size = 8\nlr = 1e-2\n{train}\n",
+            root = tmp.path().display()
+        );
+        let s =
+            tuneforge_core::sft::train_causal_lm(ExperimentConfig::from_toml(&text, "sft.toml", &[])?, &mut |_| {})?;
+        let metrics = std::fs::read_to_string(s.run_dir.join("metrics.jsonl")).expect("metrics");
+        let evals = metrics
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "eval")
+            .filter_map(|v| v["step"].as_u64())
+            .collect();
+        Ok((s, evals))
+    };
+    // 32 training examples in batches of 8: 4 steps an epoch, 8 in all.
+    let (s, evals) = run("eval_every_steps = 3")?;
+    assert_eq!((s.steps, s.early_stopped_at), (8, None));
+    assert_eq!(evals, [0, 3, 6, 8], "the base model, every 3 steps, the end");
+    // Any gain under 100 nats counts as none: the second evaluation stops the run.
+    let (s, evals) = run("eval_every_steps = 2\nearly_stopping_patience = 1\nearly_stopping_min_delta = 100.0")?;
+    assert_eq!((s.steps, s.early_stopped_at, s.status.as_str()), (4, Some(4), "completed"));
+    assert_eq!(evals, [0, 2, 4]);
+    assert!(s.best_model_dir.join("adapter_model.safetensors").is_file());
+    Ok(())
+}

@@ -256,6 +256,9 @@ fn train_causal_lm(config: ExperimentConfig, args: &TrainArgs, primary: bool) ->
             100.0 * s.trainable_ratio
         );
         println!("training:   {} steps, {:.1} s, {:.0} tokens/s", s.steps, s.train_seconds, s.tokens_per_s);
+        if let Some(at) = s.early_stopped_at {
+            println!("stopped early at step {at} (no better validation loss within the patience)");
+        }
         println!(
             "validation: loss {:.4} -> {:.4}, perplexity {:.2} -> {:.2} (base -> best, step {}) on {} examples",
             s.base_validation_loss, s.validation_loss, s.base_perplexity, s.perplexity, s.best_step, s.n_validation
