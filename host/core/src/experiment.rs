@@ -623,6 +623,60 @@ impl ExperimentConfig {
         {
             return Err(("gates.max_trainable_ratio", format!("must be in [0, 1], got {r}")));
         }
+        if self.model.task == Task::CausalLm {
+            self.validate_causal_lm()?;
+        }
+        Ok(())
+    }
+
+    /// Instruction tuning reads JSONL conversations and picks the adapter with the lowest
+    /// validation loss: the classification settings it would not honour are refused, not
+    /// ignored.
+    fn validate_causal_lm(&self) -> std::result::Result<(), (&'static str, String)> {
+        let for_classification =
+            |what: &str| format!("{what} for classification; `task = \"causal-lm\"` does not use it");
+        if self.distill.is_some() {
+            return Err(("distill", for_classification("is")));
+        }
+        if !self.plugins.is_empty() {
+            return Err(("plugins", for_classification("are")));
+        }
+        let g = &self.gates;
+        let gates = [
+            ("gates.min_accuracy", g.min_accuracy.is_some()),
+            ("gates.min_macro_f1", g.min_macro_f1.is_some()),
+            ("gates.max_s_per_1k_tokens", g.max_s_per_1k_tokens.is_some()),
+            ("gates.max_trainable_ratio", g.max_trainable_ratio.is_some()),
+        ];
+        if let Some((key, _)) = gates.iter().find(|(_, set)| *set) {
+            return Err((key, for_classification("is a gate")));
+        }
+        let d = &self.data;
+        if d.extra_tokens.is_some() {
+            return Err(("data.extra_tokens", for_classification("is")));
+        }
+        if d.format.is_some_and(|f| f != DataFormat::Jsonl) {
+            return Err(("data.format", "must be jsonl (conversations) for `task = \"causal-lm\"`".into()));
+        }
+        if d.text_column != default_text_column() || d.label_column != default_label_column() {
+            return Err(("data.text_column", for_classification("is (with data.label_column)")));
+        }
+        if d.encoding != TextEncoding::default() {
+            return Err(("data.encoding", "must be utf-8 for `task = \"causal-lm\"` (JSONL is UTF-8)".into()));
+        }
+        if d.on_error != OnError::Fail {
+            return Err((
+                "data.on_error",
+                "must be \"fail\" for `task = \"causal-lm\"`: a bad line stops the run".into(),
+            ));
+        }
+        let t = &self.train;
+        if t.metric_for_best == BestMetric::MacroF1 {
+            return Err(("train.metric_for_best", "is the validation loss for `task = \"causal-lm\"`".into()));
+        }
+        if self.model.fusion != FusionKind::None {
+            return Err(("model.fusion", for_classification("is")));
+        }
         Ok(())
     }
 }
@@ -729,6 +783,44 @@ lr = 1e-3
     fn err(text: &str, overrides: &[&str]) -> String {
         let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
         ExperimentConfig::from_toml(text, "exp.toml", &ov).expect_err("must fail").to_string()
+    }
+
+    /// Classification settings that instruction tuning would not honour are refused, each
+    /// naming its key; the ones it honours pass.
+    #[test]
+    fn causal_lm_refuses_classification_settings() {
+        let lm = ["model.task=\"causal-lm\""];
+        fn with(extra: &str) -> [&str; 2] {
+            ["model.task=\"causal-lm\"", extra]
+        }
+        ExperimentConfig::from_toml(GOOD, "exp.toml", &lm.map(String::from)).expect("a plain causal-lm experiment");
+        for ok in [
+            "train.grad_accum=4",
+            "train.eval_every_steps=10",
+            "train.early_stopping_patience=2",
+            "train.metric_for_best=\"loss\"",
+        ] {
+            let ov = with(ok).map(String::from);
+            ExperimentConfig::from_toml(GOOD, "exp.toml", &ov).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for (set, key) in [
+            ("gates.min_accuracy=0.9", "gates.min_accuracy"),
+            ("gates.max_trainable_ratio=0.5", "gates.max_trainable_ratio"),
+            ("data.extra_tokens=\"terms.txt\"", "data.extra_tokens"),
+            ("data.format=\"csv\"", "data.format"),
+            ("data.text_column=\"body\"", "data.text_column"),
+            ("data.on_error=\"skip\"", "data.on_error"),
+            ("data.encoding=\"latin1\"", "data.encoding"),
+            ("train.metric_for_best=\"macro_f1\"", "train.metric_for_best"),
+            ("model.fusion=\"concat\"", "model.fusion"),
+        ] {
+            let e = err(GOOD, &with(set));
+            assert!(e.contains(key), "{set}: {e}");
+        }
+        let distill = format!("{GOOD}\n[distill]\nteacher = \"runs/t\"\n");
+        assert!(err(&distill, &lm).contains("distill"));
+        let plugins = format!("{GOOD}\n[[plugins]]\nname = \"text-clean\"\n");
+        assert!(err(&plugins, &lm).contains("plugins"));
     }
 
     #[test]

@@ -277,42 +277,57 @@ pub fn sft_step(
     lr: f64,
 ) -> Result<SftStep> {
     let group = DataParallel::single();
-    sft_step_in(model, trainable, opt, Some((ids, loss_mask)), ctx, max_grad_norm, lr, &group)
+    sft_step_in(model, trainable, opt, &[(ids, loss_mask)], &[ctx], max_grad_norm, lr, &group)
 }
 
-/// [`sft_step`] as one rank of a data-parallel `group`, on this rank's batch (`None` when a
-/// step has fewer batches than the group has ranks). Each rank weights its mean loss by its
-/// share of the step's response tokens (times the world size), so the gradients averaged
-/// over the group are those of the mean loss over all the ranks' rows, and the reported loss
-/// is that mean: the same step as one process on all those rows in one batch.
+/// The response tokens a batch's loss is over: the masked-in positions after the first.
+fn predicted_tokens(loss_mask: &Tensor) -> Result<usize> {
+    let l = loss_mask.dim(1)?;
+    if l < 2 {
+        return Ok(0);
+    }
+    Ok(loss_mask.narrow(1, 1, l - 1)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?.round() as usize)
+}
+
+/// [`sft_step`] as one rank of a data-parallel `group`, on this rank's micro-batches of the
+/// step (gradient accumulation: none when a step has fewer batches than the group has
+/// ranks), each computed in its own `ctxs[i]`. Every micro-batch's mean loss is weighted by
+/// its share of the step's response tokens over all ranks (times the world size), so the
+/// gradients averaged over the group are those of the mean loss over all the step's rows,
+/// and the reported loss is that mean: the same step as one process on all those rows in one
+/// batch.
 #[allow(clippy::too_many_arguments)]
 pub fn sft_step_in(
     model: &DecoderModel,
     trainable: &[(String, candle_core::Var)],
     opt: &mut AdamW,
-    batch: Option<(&Tensor, &Tensor)>,
-    ctx: &ForwardCtx,
+    batches: &[(&Tensor, &Tensor)],
+    ctxs: &[&ForwardCtx],
     max_grad_norm: f64,
     lr: f64,
     group: &DataParallel,
 ) -> Result<SftStep> {
+    if ctxs.len() != batches.len() {
+        return Err(CoreError::Param {
+            name: "ctxs".into(),
+            message: format!("{} contexts for {} micro-batches", ctxs.len(), batches.len()),
+        });
+    }
     let device = model.device();
-    let local = match batch {
-        Some((ids, mask)) => Some(model.lm_loss(ids, mask, ctx)?),
-        None => None,
-    };
-    let n_local = local.as_ref().map_or(0, |(_, n)| *n);
+    let counts = batches.iter().map(|(_, mask)| predicted_tokens(mask)).collect::<Result<Vec<_>>>()?;
+    let n_local: usize = counts.iter().sum();
     let n_total = group.sum_scalar(n_local as f64, device)?.round() as usize;
     let mut grads = HashMap::new();
     let mut weighted = 0.0;
-    if let Some((loss, n)) = &local {
+    for (((ids, mask), ctx), &n) in batches.iter().zip(ctxs).zip(&counts) {
+        let (loss, _) = model.lm_loss(ids, mask, ctx)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
             return Err(CoreError::Diverged { step: opt.step_count() + 1, loss: value as f32 });
         }
         let weight = (n * group.world()) as f64 / n_total.max(1) as f64;
-        weighted = value * weight;
-        let loss = if group.is_distributed() { (loss * weight)? } else { loss.clone() };
+        weighted += value * weight;
+        let loss = if weight == 1.0 { loss } else { (loss * weight)? };
         let store = loss.backward()?;
         crate::train::accumulate_grads(&store, trainable, &mut grads)?;
         model.checkpointed_backward(ctx, &store, trainable, &mut grads)?;
@@ -593,7 +608,9 @@ pub fn train_causal_lm_in(
     let trainable = model.params().trainable();
     let mut opt = AdamW::new(trainable.clone(), AdamWConfig { weight_decay: t.weight_decay, ..Default::default() })?;
     // A step takes one batch per rank: `batch_size × ranks` rows.
-    let steps_per_epoch = train_tok.len().div_ceil(t.batch_size.max(1) * group.world()) as u64;
+    // A step takes `grad_accum` batches on every rank.
+    let per_step = group.world() * t.grad_accum.max(1);
+    let steps_per_epoch = train_tok.len().div_ceil(t.batch_size.max(1) * per_step) as u64;
     let total = steps_per_epoch * t.epochs;
     let warmup = t.warmup_steps.unwrap_or((t.warmup_ratio * total as f64).round() as u64);
     let schedule = crate::LrSchedule { kind: t.schedule, peak_lr: t.lr, warmup_steps: warmup, total_steps: total };
@@ -642,23 +659,33 @@ pub fn train_causal_lm_in(
     let mut checkpointed_at = resumed.as_ref().map(|_| state.step);
     'epochs: while state.epoch < t.epochs {
         let batches = length_grouped_batches(&lengths, t.batch_size, t.group_by_length, seed.wrapping_add(state.epoch));
-        let steps: Vec<&[Vec<usize>]> = batches.chunks(group.world()).collect();
+        let steps: Vec<&[Vec<usize>]> = batches.chunks(per_step).collect();
         while let Some(step_batches) = steps.get(state.batch_in_epoch) {
             if options.stop_after_steps.is_some_and(|s| state.step >= s) {
                 stopped = true;
                 break 'epochs;
             }
             let started = Instant::now();
-            // This rank's batch of the step (none in an epoch's last step with fewer batches
-            // left than ranks).
-            let rows: Vec<&SftTokens> =
-                step_batches.get(group.rank()).map(|b| b.iter().map(|&i| &train_tok[i]).collect()).unwrap_or_default();
-            let batch = if rows.is_empty() { None } else { Some(collate(&rows, pad)?) };
-            let ctx = crate::StepMode::from_config(&t).ctx(seed.wrapping_mul(31).wrapping_add(state.step));
+            // This rank's batches of the step: every `world`-th (none in an epoch's last step
+            // with fewer batches left than ranks), each with its own dropout seed.
+            let collated = step_batches
+                .iter()
+                .skip(group.rank())
+                .step_by(group.world())
+                .map(|b| collate(&b.iter().map(|&i| &train_tok[i]).collect::<Vec<_>>(), pad))
+                .collect::<Result<Vec<_>>>()?;
+            let step_seed = seed.wrapping_mul(31).wrapping_add(state.step);
+            let ctxs: Vec<ForwardCtx> = (0..collated.len())
+                .map(|m| {
+                    let micro_seed = if m == 0 { step_seed } else { step_seed ^ (m as u64).wrapping_mul(0x9E37_79B9) };
+                    crate::StepMode::from_config(&t).ctx(micro_seed)
+                })
+                .collect();
             let lr = schedule.lr(state.step);
-            let batch = batch.as_ref().map(|(ids, mask)| (ids, mask));
+            let batches: Vec<(&Tensor, &Tensor)> = collated.iter().map(|(ids, mask)| (ids, mask)).collect();
+            let ctx_refs: Vec<&ForwardCtx> = ctxs.iter().collect();
             let SftStep { loss: value, response_tokens: n, grad_norm } =
-                sft_step_in(&model, &trainable, &mut opt, batch, &ctx, t.max_grad_norm, lr, group).map_err(
+                sft_step_in(&model, &trainable, &mut opt, &batches, &ctx_refs, t.max_grad_norm, lr, group).map_err(
                     |e| match e {
                         CoreError::Diverged { loss, .. } => CoreError::Diverged { step: state.step + 1, loss },
                         other => other,

@@ -503,3 +503,47 @@ fn instruction_tuning_evaluates_every_n_steps_and_stops_early() -> Result<()> {
     assert!(s.best_model_dir.join("adapter_model.safetensors").is_file());
     Ok(())
 }
+
+/// Gradient accumulation in instruction tuning: batches of 4 accumulated two at a time take
+/// the steps of batches of 8 (the same losses at every step, the same adapter), with
+/// dropout off and batches in plain shuffled order (so that the rows match).
+#[test]
+fn instruction_tuning_accumulates_gradients_like_a_bigger_batch() -> Result<()> {
+    use tuneforge_core::ExperimentConfig;
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_model(tmp.path(), "llama")?;
+    let data: String = (0..40)
+        .map(|i| {
+            let response = if i % 3 == 0 { "in the hat" } else { "on the mat by the cat" };
+            serde_json::json!({"prompt": format!("the cat {i}"), "response": response}).to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(tmp.path().join("sft.jsonl"), data).expect("data");
+    let run = |batch: &str| -> Result<(u64, Vec<f64>)> {
+        let text = format!(
+            "[experiment]\noutput_dir = \"{root}/runs\"\nseed = 5\n[model]\nsource = \"{root}/model.gguf\"\n\
+             task = \"causal-lm\"\nmax_len = 32\n[data]\ntrain = \"{root}/sft.jsonl\"\nvalidation_split = 0.2\n\
+             [peft]\nmethod = \"lora\"\nrank = 4\nalpha = 8\nlora_dropout = 0.0\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
+             [train]\nepochs = 2\nlr = 1e-2\ngroup_by_length = false\n{batch}\n",
+            root = tmp.path().display()
+        );
+        let s =
+            tuneforge_core::sft::train_causal_lm(ExperimentConfig::from_toml(&text, "sft.toml", &[])?, &mut |_| {})?;
+        let metrics = std::fs::read_to_string(s.run_dir.join("metrics.jsonl")).expect("metrics");
+        let losses = metrics
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "train")
+            .filter_map(|v| v["loss"].as_f64())
+            .collect();
+        Ok((s.steps, losses))
+    };
+    let (steps, accumulated) = run("batch_size = 4\ngrad_accum = 2")?;
+    let (big_steps, big) = run("batch_size = 8")?;
+    assert_eq!((steps, big_steps), (8, 8), "32 rows, 8 a step, 2 epochs");
+    for (i, (a, b)) in accumulated.iter().zip(&big).enumerate() {
+        assert!((a - b).abs() < 1e-5, "step {}: accumulated {a} vs one batch {b}", i + 1);
+    }
+    assert!(big.last() < big.first(), "it learns: {big:?}");
+    Ok(())
+}
