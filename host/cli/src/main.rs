@@ -24,6 +24,9 @@ struct Cli {
 enum Command {
     /// Fine-tune a model as an experiment file says; writes a run directory.
     Train(commands::train::TrainArgs),
+    /// A grid search: one run per combination of values for some keys of an experiment
+    /// file, each recorded like `train`, then ranked by the metric that picks the best model.
+    Sweep(commands::sweep::SweepArgs),
     /// Evaluate a trained model on a labelled file.
     Eval(commands::eval::EvalArgs),
     /// Classify texts with a trained model.
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => commands::train::run(args),
+        Command::Sweep(args) => commands::sweep::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Predict(args) => commands::predict::run(args),
         Command::Export(args) => commands::export::run(args),

@@ -816,6 +816,60 @@ fn eval_scores_language_models_on_instruction_data() {
     assert_no_panic(&o);
 }
 
+/// `sweep` runs every combination of the grid, records each run, ranks them by the metric
+/// that picks the best model; a combination the file would refuse stops it before anything
+/// trains; a run that fails at run time is reported and the others go on.
+#[test]
+fn sweep_trains_every_combination_and_ranks_the_runs() {
+    let env = Env::new();
+    env.experiment("");
+    let o = env.run(&[
+        "sweep",
+        "--config",
+        "exp.toml",
+        "--grid",
+        "train.lr=1e-4,1e-2",
+        "--grid",
+        "train.epochs=1,8",
+        "--quiet",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let runs = json(&o);
+    let runs = runs.as_array().expect("runs");
+    assert_eq!(runs.len(), 4);
+    let values: Vec<f64> = runs.iter().map(|r| r["value"].as_f64().expect("a value")).collect();
+    assert!(values.windows(2).all(|w| w[0] >= w[1]), "best first: {values:?}");
+    assert_eq!(runs[0]["metric"], "accuracy");
+    assert_eq!(runs[0]["settings"], serde_json::json!(["train.lr=1e-2", "train.epochs=8"]), "{runs:?}");
+    let o = env.run(&["runs", "ls", "--json"]);
+    assert_eq!(json(&o)["total"], 4, "every run is in the store");
+    let shown = env.run(&["runs", "show", runs[3]["run_id"].as_str().expect("id"), "--json"]);
+    assert!(stdout(&shown).contains("lr = 0.0001") || stdout(&shown).contains("1e-4"), "{}", stdout(&shown));
+    // A value the file refuses is named before anything trains.
+    let o = env.run(&["sweep", "--config", "exp.toml", "--grid", "train.lr=1e-3,-1", "--no-db", "--quiet"]);
+    assert!(!o.status.success() && stderr(&o).contains("train.lr"), "{}", stderr(&o));
+    assert_eq!(json(&env.run(&["runs", "ls", "--json"]))["total"], 4);
+    // A run that fails as it trains is reported; the others still run.
+    let o = env.run(&[
+        "sweep",
+        "--config",
+        "exp.toml",
+        "--grid",
+        "model.source=\"model\",\"nowhere\"",
+        "--set",
+        "train.epochs=1",
+        "--no-db",
+        "--quiet",
+    ]);
+    assert!(!o.status.success(), "{}", stdout(&o));
+    assert!(stdout(&o).contains("nowhere") && stderr(&o).contains("1 of 2 sweep runs failed"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("best by accuracy: model.source=\"model\""), "{}", stdout(&o));
+    let o = env.run(&["sweep", "--config", "exp.toml", "--grid", "train.lr"]);
+    assert!(!o.status.success() && stderr(&o).contains("KEY=V1,V2"), "{}", stderr(&o));
+    assert_no_panic(&o);
+}
+
 /// Device choices that this machine or this build cannot honour are refused with a message
 /// that says why, before anything is trained or written; `cpu` works as given.
 #[test]

@@ -11,6 +11,7 @@ pub mod quantize;
 pub mod retrain;
 pub mod runs;
 pub mod serve;
+pub mod sweep;
 pub mod train;
 
 use tuneforge_core::GateResult;
@@ -27,6 +28,29 @@ pub struct DbArgs {
 impl DbArgs {
     pub fn url(&self) -> String {
         self.db.clone().unwrap_or_else(|| tuneforge_store::default_db_path().display().to_string())
+    }
+}
+
+/// How a training command reports and records its runs (`train`, `sweep`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RecordArgs {
+    /// Print the result as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Do not record the run(s) in the experiment store.
+    #[arg(long, conflicts_with = "db")]
+    pub no_db: bool,
+}
+
+impl RecordArgs {
+    /// The store to record in, unless `--no-db`.
+    pub fn store(&self) -> Option<String> {
+        (!self.no_db).then(|| self.db.url())
     }
 }
 

@@ -7,7 +7,7 @@ use clap::Args;
 use tuneforge_core::{ExperimentConfig, RunOptions, train_experiment_with};
 use tuneforge_plugin_runtime::{RuntimeHooks, plugin_home};
 
-use super::{DbArgs, Outcome, report_gates};
+use super::{Outcome, RecordArgs, report_gates};
 use crate::progress::TrainProgress;
 use crate::recorder::Recorder;
 
@@ -25,17 +25,8 @@ pub struct TrainArgs {
     /// Stop with a checkpoint after this many optimizer steps in total (resume later).
     #[arg(long, value_name = "N")]
     stop_after_steps: Option<u64>,
-    /// Print the run summary as JSON on stdout.
-    #[arg(long)]
-    json: bool,
-    /// No progress output.
-    #[arg(long, short)]
-    quiet: bool,
     #[command(flatten)]
-    db: DbArgs,
-    /// Do not record the run in the experiment store.
-    #[arg(long, conflicts_with = "db")]
-    no_db: bool,
+    record: RecordArgs,
     /// Where to compute: `cpu`, `cuda` or `cuda:N` (overrides `[run] device`).
     #[arg(long, value_name = "DEVICE", value_parser = |s: &str| s.parse::<tuneforge_core::DeviceSpec>())]
     device: Option<tuneforge_core::DeviceSpec>,
@@ -106,11 +97,11 @@ pub fn run(args: TrainArgs) -> anyhow::Result<Outcome> {
         return train_causal_lm(config, &args, primary);
     }
     let options = RunOptions { resume: args.resume.clone(), stop_after_steps: args.stop_after_steps };
-    let db = (!args.no_db && primary).then(|| args.db.url());
-    let outcome = train_recorded(config, &options, db.as_deref(), args.quiet || !primary);
+    let db = (!args.record.no_db && primary).then(|| args.record.db.url());
+    let outcome = train_recorded(config, &options, db.as_deref(), args.record.quiet || !primary);
     let outcome = outcome?;
     let s = &outcome.summary;
-    if args.json {
+    if args.record.json {
         println!("{}", serde_json::to_string_pretty(s)?);
     } else {
         println!("run:        {}", outcome.run.root().display());
@@ -209,16 +200,18 @@ fn group_id() -> anyhow::Result<String> {
     anyhow::bail!("--gpus needs a tuneforge built with `--features nccl` (CUDA and NCCL)")
 }
 
-/// `task = "causal-lm"`: instruction tuning of a decoder, on one device or as a rank of
-/// `--gpus N` (rank 0 reports and records the run in the store).
-fn train_causal_lm(config: ExperimentConfig, args: &TrainArgs, primary: bool) -> anyhow::Result<Outcome> {
-    let quiet = args.quiet || !primary;
-    let db = (!args.no_db && primary).then(|| args.db.url());
-    let mut recorder = recorder(db.as_deref(), &config, args.resume.is_some());
-    let options = RunOptions { resume: args.resume.clone(), stop_after_steps: args.stop_after_steps };
+/// Instruction tuning with progress lines on stderr (unless `quiet`) and (unless `db` is
+/// `None`) the run recorded in the experiment store.
+pub fn causal_lm_recorded(
+    config: ExperimentConfig,
+    options: &RunOptions,
+    db: Option<&str>,
+    quiet: bool,
+) -> tuneforge_core::Result<tuneforge_core::sft::SftSummary> {
+    let mut recorder = recorder(db, &config, options.resume.is_some());
     let outcome = tuneforge_core::sft::train_causal_lm_in(
         config,
-        &options,
+        options,
         None,
         &mut |line| {
             if !quiet {
@@ -237,11 +230,20 @@ fn train_causal_lm(config: ExperimentConfig, args: &TrainArgs, primary: bool) ->
             Err(e) => r.finish_lm(Err(&format!("{e:#}"))),
         }
     }
-    let s = outcome?;
+    outcome
+}
+
+/// `task = "causal-lm"`: instruction tuning of a decoder, on one device or as a rank of
+/// `--gpus N` (rank 0 reports and records the run in the store).
+fn train_causal_lm(config: ExperimentConfig, args: &TrainArgs, primary: bool) -> anyhow::Result<Outcome> {
+    let quiet = args.record.quiet || !primary;
+    let db = (!args.record.no_db && primary).then(|| args.record.db.url());
+    let options = RunOptions { resume: args.resume.clone(), stop_after_steps: args.stop_after_steps };
+    let s = causal_lm_recorded(config, &options, db.as_deref(), quiet)?;
     if !primary {
         return Ok(Outcome::Success);
     }
-    if args.json {
+    if args.record.json {
         println!("{}", serde_json::to_string_pretty(&s)?);
     } else {
         println!("run:        {}", s.run_dir.display());
