@@ -578,16 +578,14 @@ impl DecoderModel {
         }
         let total = k.dim(2)?;
         let rep = nh / kv;
-        let expand = |t: &Tensor| -> Result<Tensor> {
-            if rep == 1 {
-                return Ok(t.clone());
-            }
-            Ok(t.unsqueeze(2)?.broadcast_as((b, kv, rep, total, d))?.reshape((b, nh, total, d))?)
-        };
-        let (k, v) = (expand(&k)?, expand(&v)?);
-        let scores = q.matmul(&k.t()?.contiguous()?)?;
+        // Grouped-query attention without copying keys and values for each query head: the
+        // `rep` query heads that share a key/value head are one batch of `rep · l` rows
+        // against it (query head `h` reads key/value head `h / rep`, as Hugging Face's
+        // `repeat_kv` arranges them).
+        let scores = q.reshape((b, kv, rep * l, d))?.matmul(&k.t()?)?.reshape((b, nh, l, total))?;
         let probs = softmax_scaled(&scores, 1.0 / (d as f64).sqrt(), mask)?;
-        let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, nh * d))?;
+        let attn = probs.reshape((b, kv, rep * l, total))?.matmul(&v)?.reshape((b, nh, l, d))?;
+        let attn = attn.transpose(1, 2)?.reshape((b, l, nh * d))?;
         let x = (x + blk.o.forward_t(&attn, ctx)?)?;
         let xn = blk.post_norm.forward(&x)?;
         let gate = blk.gate.forward_t(&xn, ctx)?;
