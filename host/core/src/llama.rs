@@ -588,9 +588,8 @@ impl DecoderModel {
         let attn = attn.transpose(1, 2)?.reshape((b, l, nh * d))?;
         let x = (x + blk.o.forward_t(&attn, ctx)?)?;
         let xn = blk.post_norm.forward(&x)?;
-        let gate = blk.gate.forward_t(&xn, ctx)?;
-        let act = (gate.clone() * candle_nn::ops::sigmoid(&gate)?)?;
-        let mlp = blk.down.forward_t(&(act * blk.up.forward_t(&xn, ctx)?)?, ctx)?;
+        let act = crate::layers::fused::swiglu(&blk.gate.forward_t(&xn, ctx)?, &blk.up.forward_t(&xn, ctx)?)?;
+        let mlp = blk.down.forward_t(&act, ctx)?;
         Ok((x + mlp)?)
     }
 }

@@ -220,7 +220,7 @@ fn adamw_on_the_gpu_matches_the_cpu_and_resumes_from_its_state() -> Result<()> {
 fn fused_ops_on_the_gpu_match_the_cpu() -> Result<()> {
     use candle_core::Var;
     use tuneforge_core::layers::fused::{
-        bias_add, cross_entropy, gelu_erf, layer_norm, rms_norm, rope, softmax_scaled,
+        bias_add, cross_entropy, gelu_erf, layer_norm, rms_norm, rope, softmax_scaled, swiglu,
     };
     let gpu = gpu()?;
     let (b, h, q, k) = (2, 3, 5, 37);
@@ -240,6 +240,11 @@ fn fused_ops_on_the_gpu_match_the_cpu() -> Result<()> {
             ("layer norm", layer_norm(&xc, g.as_tensor(), beta.as_tensor(), 1e-5)?, vec![&x, &g, &beta]),
             ("rms norm", rms_norm(&xc, g.as_tensor(), 1e-6)?, vec![&x, &g]),
             ("gelu", gelu_erf(&xc)?, vec![&x]),
+            (
+                "swiglu",
+                swiglu(&xc, &scores.as_tensor().reshape((b * q, h * k))?.narrow(1, 0, k)?.to_dtype(dtype)?)?,
+                vec![&x, &scores],
+            ),
             ("bias add", bias_add(&xc, beta.as_tensor())?, vec![&x, &beta]),
             ("dropout", ForwardCtx::train(7).dropout(&xc, 0.2)?, vec![&x]),
             ("masked softmax", softmax_scaled(&scores.as_tensor().to_dtype(dtype)?, 0.3, Some(&mask))?, vec![&scores]),

@@ -13,6 +13,9 @@
         {"tf_gelu_grad_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_gelu_grad_##NAME, g, b, a); }}, \
         {"tf_dropout_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_dropout_##NAME, g, b, a); }},     \
         {"tf_bias_add_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_bias_add_##NAME, g, b, a); }}, \
+        {"tf_swiglu_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_swiglu_##NAME, g, b, a); }},       \
+        {"tf_swiglu_grad_gate_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_swiglu_grad_gate_##NAME, g, b, a); }}, \
+        {"tf_swiglu_grad_up_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_swiglu_grad_up_##NAME, g, b, a); }}, \
         {"tf_rope_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_rope_##NAME, g, b, a); }},           \
         {"tf_xent_fwd_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_xent_fwd_##NAME, g, b, a); }},   \
         {"tf_xent_grad_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_xent_grad_##NAME, g, b, a); }}, \

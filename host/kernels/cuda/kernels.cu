@@ -9,6 +9,8 @@
 // - tf_dropout: inverted dropout whose mask is a hash of a seed and the element's index —
 //   the same hash as the CPU's (`fused::kept`), so both draw the same mask.
 // - tf_bias_add: `x + b` with `b` repeated over the rows.
+// - tf_swiglu / tf_swiglu_grad_gate / tf_swiglu_grad_up: `silu(g) · u` (Llama's MLP) and the
+//   gradients of its two inputs.
 // - tf_rope: rotary position embeddings of rows (the halves layout), or their inverse (the
 //   backward).
 // - tf_xent_fwd / tf_xent_grad: cross-entropy of rows of logits against u32 targets, and its
@@ -270,6 +272,37 @@ template <typename T> __device__ void bias_add(const T* x, const T* b, T* y, lon
     GRID_STRIDE(i, n) { put(y, i, get(x, i) + get(b, i % w)); }
 }
 
+// ------------------------------------------------------------------ SwiGLU
+
+template <typename A> __device__ __forceinline__ A sigmoid_of(A v) { return (A)1 / ((A)1 + exp(-v)); }
+
+// y = silu(g) · u = g σ(g) u.
+template <typename T> __device__ void swiglu(const T* g, const T* u, T* y, long long n) {
+    typedef typename Acc<T>::type A;
+    GRID_STRIDE(i, n) {
+        A v = get(g, i);
+        put(y, i, v * sigmoid_of(v) * get(u, i));
+    }
+}
+
+// dg = dy · u · σ(g) (1 + g (1 − σ(g))).
+template <typename T> __device__ void swiglu_grad_gate(const T* g, const T* u, const T* dy, T* dg, long long n) {
+    typedef typename Acc<T>::type A;
+    GRID_STRIDE(i, n) {
+        A v = get(g, i), s = sigmoid_of(v);
+        put(dg, i, get(dy, i) * get(u, i) * s * ((A)1 + v * ((A)1 - s)));
+    }
+}
+
+// du = dy · silu(g).
+template <typename T> __device__ void swiglu_grad_up(const T* g, const T* dy, T* du, long long n) {
+    typedef typename Acc<T>::type A;
+    GRID_STRIDE(i, n) {
+        A v = get(g, i);
+        put(du, i, get(dy, i) * v * sigmoid_of(v));
+    }
+}
+
 // ------------------------------------------------------------------ rotary embeddings
 
 // Rows of width 2·half at positions row % positions: y₁ = x₁·cos − x₂·sin, y₂ = x₁·sin + x₂·cos
@@ -347,6 +380,13 @@ __device__ void adam_apply(T* p, const float* mv, long long n, double decay, dou
     }                                                                                                                 \
     extern "C" __global__ void tf_bias_add_##NAME(const T* x, const T* b, T* y, long long n, int w) {                \
         bias_add<T>(x, b, y, n, w);                                                                                  \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_swiglu_##NAME(const T* g, const T* u, T* y, long long n) { swiglu<T>(g, u, y, n); } \
+    extern "C" __global__ void tf_swiglu_grad_gate_##NAME(const T* g, const T* u, const T* dy, T* dg, long long n) {  \
+        swiglu_grad_gate<T>(g, u, dy, dg, n);                                                                        \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_swiglu_grad_up_##NAME(const T* g, const T* dy, T* du, long long n) {                \
+        swiglu_grad_up<T>(g, dy, du, n);                                                                             \
     }                                                                                                                 \
     extern "C" __global__ void tf_rope_##NAME(const T* x, const T* c, const T* s, T* y, long long pairs, int half,   \
                                               long long positions, int inverse) {                                  \

@@ -238,3 +238,18 @@ pub fn rope(rows: usize, half: usize, positions: usize, inverse: bool) -> Call {
         ],
     )
 }
+
+/// `silu(g) · u` over `n` elements: inputs `g`, `u`.
+pub fn swiglu(n: usize) -> Call {
+    elementwise_call("tf_swiglu", n, vec![Arg::In(0), Arg::In(1), Arg::Out, len(n)])
+}
+
+/// The gradient of SwiGLU's gate: inputs `g`, `u`, `dy`.
+pub fn swiglu_grad_gate(n: usize) -> Call {
+    elementwise_call("tf_swiglu_grad_gate", n, vec![Arg::In(0), Arg::In(1), Arg::In(2), Arg::Out, len(n)])
+}
+
+/// The gradient of SwiGLU's up projection: inputs `g`, `dy`.
+pub fn swiglu_grad_up(n: usize) -> Call {
+    elementwise_call("tf_swiglu_grad_up", n, vec![Arg::In(0), Arg::In(1), Arg::Out, len(n)])
+}

@@ -924,6 +924,107 @@ impl CustomOp2 for GeluGrad {
     cuda_fwd!(x lx, d ld);
 }
 
+// ---------------------------------------------------------------- SwiGLU
+
+/// `silu(g) · u = g σ(g) u` (the gated MLP of Llama and Qwen2), differentiable in both. One
+/// fused op where [`fused_here`] (the backward one pass for each input), composed elsewhere.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if fused_here(g) && g.dtype() == u.dtype() && g.dims() == u.dims() {
+        return Ok(g.contiguous()?.apply_op2(&u.contiguous()?, SwiGluOp)?);
+    }
+    Ok(((g * candle_nn::ops::sigmoid(g)?)? * u)?)
+}
+
+fn sigmoid<T: Float>(v: T) -> T {
+    (T::one() + (-v).exp()).recip()
+}
+
+/// `d (silu(g) u) / dg · dy`.
+fn gate_grad<T: Float>(g: T, u: T, dy: T) -> T {
+    let s = sigmoid(g);
+    dy * u * s * (T::one() + g * (T::one() - s))
+}
+
+/// Inputs `g`, `u`.
+struct SwiGluOp;
+
+impl CustomOp2 for SwiGluOp {
+    fn name(&self) -> &'static str {
+        "tuneforge-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        lg: &Layout,
+        u: &CpuStorage,
+        lu: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = float_op!(self.name(); (g, lg), (u, lu); map_elems([g, u], |[g, u]| g * sigmoid(g) * u));
+        Ok((out, lg.shape().clone()))
+    }
+
+    cuda_fwd!(g lg, u lu);
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = grad.contiguous()?;
+        Ok((Some(g.apply_op3_no_bwd(u, &dy, &SwiGluGradGate)?), Some(g.apply_op2_no_bwd(&dy, &SwiGluGradUp)?)))
+    }
+}
+
+/// `dg = dy · u · σ(g) (1 + g (1 − σ(g)))`; inputs `g`, `u`, `dy`.
+struct SwiGluGradGate;
+
+impl CustomOp3 for SwiGluGradGate {
+    fn name(&self) -> &'static str {
+        "tuneforge-swiglu-grad-gate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        lg: &Layout,
+        u: &CpuStorage,
+        lu: &Layout,
+        d: &CpuStorage,
+        ld: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out =
+            float_op!(self.name(); (g, lg), (u, lu), (d, ld); map_elems([g, u, d], |[g, u, d]| gate_grad(g, u, d)));
+        Ok((out, lg.shape().clone()))
+    }
+
+    cuda_fwd!(g lg, u lu, d ld);
+}
+
+/// `du = dy · silu(g)`; inputs `g`, `dy`.
+struct SwiGluGradUp;
+
+impl CustomOp2 for SwiGluGradUp {
+    fn name(&self) -> &'static str {
+        "tuneforge-swiglu-grad-up"
+    }
+
+    fn cpu_fwd(
+        &self,
+        g: &CpuStorage,
+        lg: &Layout,
+        d: &CpuStorage,
+        ld: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = float_op!(self.name(); (g, lg), (d, ld); map_elems([g, d], |[g, d]| d * g * sigmoid(g)));
+        Ok((out, lg.shape().clone()))
+    }
+
+    cuda_fwd!(g lg, d ld);
+}
+
 // ---------------------------------------------------------------- dropout
 
 /// Whether element `key` of a dropout drawn with `seed` is kept: a counter-based hash
@@ -1076,6 +1177,27 @@ impl SoftmaxGrad {
     fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
         let (rows, w) = rows(ls);
         Ok(gpu::softmax_grad(rows, w, self.scale))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl SwiGluOp {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        Ok(gpu::swiglu(elems(ls)))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl SwiGluGradGate {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        Ok(gpu::swiglu_grad_gate(elems(ls)))
+    }
+}
+
+#[cfg(any(test, feature = "cuda"))]
+impl SwiGluGradUp {
+    fn gpu_call(&self, ls: &[&Layout]) -> candle_core::Result<gpu::Call> {
+        Ok(gpu::swiglu_grad_up(elems(ls)))
     }
 }
 
@@ -1433,6 +1555,43 @@ mod gpu_kernel_tests {
                 tol,
             )
         })
+    }
+
+    /// The SwiGLU kernels (value and both input gradients) against the CPU ops.
+    #[test]
+    fn swiglu_kernels_match_the_cpu_ops() -> Result<()> {
+        in_each_dtype(|dtype, tol| {
+            let cd = cpu_dtype(dtype);
+            let (g, u, dy) = (
+                randn(&[3001], 41)?.to_dtype(cd)?,
+                randn(&[3001], 42)?.to_dtype(cd)?,
+                randn(&[3001], 43)?.to_dtype(cd)?,
+            );
+            agree("SwiGLU", |ls| SwiGluOp.gpu_call(ls), &[&g, &u], &g.apply_op2_no_bwd(&u, &SwiGluOp)?, dtype, tol)?;
+            let want = g.apply_op3_no_bwd(&u, &dy, &SwiGluGradGate)?;
+            agree("SwiGLU gate gradient", |ls| SwiGluGradGate.gpu_call(ls), &[&g, &u, &dy], &want, dtype, tol)?;
+            let want = g.apply_op2_no_bwd(&dy, &SwiGluGradUp)?;
+            agree("SwiGLU up gradient", |ls| SwiGluGradUp.gpu_call(ls), &[&g, &dy], &want, dtype, tol)
+        })
+    }
+
+    /// The fused SwiGLU against `g σ(g) u` composed, in value and in both gradients.
+    #[test]
+    fn swiglu_matches_the_composed_form() -> Result<()> {
+        use candle_core::Var;
+        let g = Var::from_tensor(&(randn(&[4, 9], 44)? * 2.0)?)?;
+        let u = Var::from_tensor(&randn(&[4, 9], 45)?)?;
+        let w = randn(&[4, 9], 46)?;
+        let fused = swiglu(g.as_tensor(), u.as_tensor())?;
+        let composed = ((g.as_tensor() * candle_nn::ops::sigmoid(g.as_tensor())?)? * u.as_tensor())?;
+        close("SwiGLU", &fused, &composed, 1e-12)?;
+        let grads = |y: &Tensor| -> Result<(Tensor, Tensor)> {
+            let s = (y * &w)?.sum_all()?.backward()?;
+            Ok((s.get(g.as_tensor()).expect("dg").clone(), s.get(u.as_tensor()).expect("du").clone()))
+        };
+        let ((fg, fu), (cg, cu)) = (grads(&fused)?, grads(&composed)?);
+        close("SwiGLU gate gradient", &fg, &cg, 1e-12)?;
+        close("SwiGLU up gradient", &fu, &cu, 1e-12)
     }
 
     /// The rotary-embedding kernel (forward and inverse) against the CPU op: rows over
