@@ -805,6 +805,14 @@ fn eval_scores_language_models_on_instruction_data() {
     assert_eq!((tuned["examples"].as_u64(), tuned["skipped_too_long"].as_u64()), (Some(5), Some(0)));
     let o = env.run(&["eval", "--model", best, "--data", "val.jsonl"]);
     assert!(o.status.success() && stdout(&o).contains("perplexity:"), "{}", stdout(&o));
+    // A sweep of instruction tuning ranks by the validation loss, lowest first.
+    let o = env.run(&["sweep", "--config", "sft.toml", "--grid", "train.lr=1e-4,1e-2", "--no-db", "--quiet", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let swept = json(&o);
+    let swept = swept.as_array().expect("runs");
+    assert_eq!(swept.len(), 2);
+    assert!(swept.iter().all(|r| r["metric"] == "validation_loss" && r["higher_is_better"] == false));
+    assert!(swept[0]["value"].as_f64() <= swept[1]["value"].as_f64(), "{swept:?}");
     // The adapter generates (its base named in its metadata).
     let o = env.run(&["generate", "--model", best, "--max-tokens", "3", "--json", "the cat 3"]);
     assert!(o.status.success() && json(&o)["ids"].as_array().is_some(), "{}", stderr(&o));
