@@ -211,6 +211,22 @@ pub struct DataSection {
     /// tokens.
     #[serde(default)]
     pub extra_tokens: Option<PathBuf>,
+    /// Instruction tuning: which assistant turns of a conversation carry loss (`all`, the
+    /// default, or `last`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub assistant_turns: Option<AssistantTurns>,
+}
+
+/// Which assistant turns of a multi-turn conversation instruction tuning learns from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AssistantTurns {
+    /// Every assistant turn (its words and end marker); the rest of the conversation is
+    /// context.
+    #[default]
+    All,
+    /// Only the final answer; earlier assistant turns are context.
+    Last,
 }
 
 impl DataSection {
@@ -625,6 +641,8 @@ impl ExperimentConfig {
         }
         if self.model.task == Task::CausalLm {
             self.validate_causal_lm()?;
+        } else if self.data.assistant_turns.is_some() {
+            return Err(("data.assistant_turns", "is for `task = \"causal-lm\"`".into()));
         }
         Ok(())
     }
@@ -821,6 +839,11 @@ lr = 1e-3
         assert!(err(&distill, &lm).contains("distill"));
         let plugins = format!("{GOOD}\n[[plugins]]\nname = \"text-clean\"\n");
         assert!(err(&plugins, &lm).contains("plugins"));
+        // And the other way round: which assistant turns carry loss is an instruction-tuning key.
+        let ov = with("data.assistant_turns=\"last\"").map(String::from);
+        let c = ExperimentConfig::from_toml(GOOD, "exp.toml", &ov).expect("causal-lm");
+        assert_eq!(c.data.assistant_turns, Some(AssistantTurns::Last));
+        assert!(err(GOOD, &["data.assistant_turns=\"last\""]).contains("data.assistant_turns"));
     }
 
     #[test]

@@ -135,6 +135,28 @@ impl ChatFormat {
         out
     }
 
+    /// The conversation `context` then `response` as [`ChatFormat::render`] and the end
+    /// marker write it, in pieces: `(text, true)` for an assistant's words with their end
+    /// marker (the final response's last), `(text, false)` for everything else.
+    pub fn pieces(&self, context: &[(String, String)], response: &str) -> Vec<(String, bool)> {
+        let mut out = Vec::new();
+        let (header, end, after_end) = match self {
+            Self::ChatMl => ("<|im_start|>{role}\n", "<|im_end|>", "\n"),
+            Self::Llama3 => ("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", ""),
+        };
+        if *self == Self::Llama3 {
+            out.push(("<|begin_of_text|>".to_owned(), false));
+        }
+        for (role, content) in context {
+            out.push((header.replace("{role}", role), false));
+            out.push((format!("{content}{end}"), role == "assistant"));
+            out.push((after_end.to_owned(), false));
+        }
+        out.push((header.replace("{role}", "assistant"), false));
+        out.push((format!("{response}{end}"), true));
+        out
+    }
+
     /// A Jinja chat template of this format, as Hugging Face's `tokenizer_config.json`
     /// carries one (what [`ChatFormat::render`] writes, `add_generation_prompt` adding the
     /// assistant's header); [`ChatFormat::from_template`] reads it back as this format.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::checkpoint::{CheckpointState, Checkpoints};
-use crate::experiment::Task;
+use crate::experiment::{AssistantTurns, Task};
 use crate::fs_atomic::{replace_dir, write_synced};
 use crate::generate::ChatFormat;
 use crate::gguf::GgufFile;
@@ -128,10 +128,23 @@ pub struct SftTokens {
     pub loss_mask: Vec<u8>,
 }
 
-/// Renders and tokenizes one example: the prompt (chat template up to the assistant's
-/// header) carries no loss; the response and the end-of-turn marker do. Truncated to
+/// Renders and tokenizes one example: the conversation through the chat template, every
+/// assistant turn's words and end marker carrying loss (the rest does not). Truncated to
 /// `max_len`; `None` when nothing of the response fits.
 pub fn encode_example(tok: &Tokenizer, chat: ChatFormat, ex: &SftExample, max_len: usize) -> Result<Option<SftTokens>> {
+    encode_example_with(tok, chat, ex, max_len, AssistantTurns::All)
+}
+
+/// [`encode_example`] with `turns` saying which assistant turns carry loss. Runs of pieces
+/// that carry loss alike are tokenized together (a single-turn example is its prompt, then
+/// its answer), so pieces meet only at the chat template's markers.
+pub fn encode_example_with(
+    tok: &Tokenizer,
+    chat: ChatFormat,
+    ex: &SftExample,
+    max_len: usize,
+    turns: AssistantTurns,
+) -> Result<Option<SftTokens>> {
     let enc = |t: &str| -> Result<Vec<u32>> {
         Ok(tok
             .encode(t, false)
@@ -139,13 +152,26 @@ pub fn encode_example(tok: &Tokenizer, chat: ChatFormat, ex: &SftExample, max_le
             .get_ids()
             .to_vec())
     };
-    let prompt = enc(&chat.render(&ex.context))?;
-    let end = chat.stop_strings()[0];
-    let answer = enc(&format!("{}{end}", ex.response))?;
-    let mut ids = prompt.clone();
-    ids.extend(&answer);
-    let mut mask = vec![0u8; prompt.len()];
-    mask.extend(std::iter::repeat_n(1u8, answer.len()));
+    let pieces = chat.pieces(&ex.context, &ex.response);
+    let last = pieces.len() - 1;
+    let (mut ids, mut mask) = (Vec::new(), Vec::new());
+    let mut flush = |text: &str, loss: bool| -> Result<()> {
+        let piece = enc(text)?;
+        mask.extend(std::iter::repeat_n(u8::from(loss), piece.len()));
+        ids.extend(piece);
+        Ok(())
+    };
+    let (mut run, mut run_loss) = (String::new(), false);
+    for (i, (text, assistant)) in pieces.iter().enumerate() {
+        let loss = *assistant && (i == last || turns == AssistantTurns::All);
+        if loss != run_loss && !run.is_empty() {
+            flush(&run, run_loss)?;
+            run.clear();
+        }
+        run_loss = loss;
+        run.push_str(text);
+    }
+    flush(&run, run_loss)?;
     ids.truncate(max_len);
     mask.truncate(max_len);
     // Position 0 never carries loss (nothing predicts it); one response token must remain.
@@ -385,11 +411,12 @@ pub fn evaluate_lm(
     examples: &[SftExample],
     max_len: usize,
     batch: usize,
+    turns: AssistantTurns,
 ) -> Result<LmReport> {
     let started = std::time::Instant::now();
     let mut data = Vec::with_capacity(examples.len());
     for ex in examples {
-        data.extend(encode_example(tok, chat, ex, max_len)?);
+        data.extend(encode_example_with(tok, chat, ex, max_len, turns)?);
     }
     if data.is_empty() {
         return Err(CoreError::Config {
@@ -577,10 +604,11 @@ pub fn train_causal_lm_in(
         train.truncate(m);
     }
     let mut skipped = 0;
+    let turns = cfg.data.assistant_turns.unwrap_or_default();
     let mut encode_all = |rows: &[SftExample]| -> Result<Vec<SftTokens>> {
         let mut out = Vec::new();
         for r in rows {
-            match encode_example(&base.tokenizer, base.chat, r, cfg.model.max_len)? {
+            match encode_example_with(&base.tokenizer, base.chat, r, cfg.model.max_len, turns)? {
                 Some(e) => out.push(e),
                 None => skipped += 1,
             }

@@ -135,6 +135,49 @@ fn only_response_tokens_carry_loss() -> Result<()> {
     Ok(())
 }
 
+/// A multi-turn conversation learns from every assistant turn (its words and end marker) by
+/// default, from the last only with `AssistantTurns::Last`; the pieces tokenize as the
+/// whole conversation does, in both chat formats.
+#[test]
+fn every_assistant_turn_carries_loss_unless_only_the_last_should() -> Result<()> {
+    use tuneforge_core::experiment::AssistantTurns;
+    use tuneforge_core::generate::ChatFormat;
+    use tuneforge_core::sft::{SftExample, encode_example_with};
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_model(tmp.path(), "llama")?;
+    let lm = LanguageModel::load(&tmp.path().join("model.gguf"))?;
+    let turn = |r: &str, c: &str| (r.to_owned(), c.to_owned());
+    let ex = SftExample {
+        context: vec![
+            turn("system", "be brief"),
+            turn("user", "the cat"),
+            turn("assistant", "in the hat"),
+            turn("user", "the hat"),
+        ],
+        response: "on the cat".into(),
+    };
+    for chat in [ChatFormat::ChatMl, ChatFormat::Llama3] {
+        let end = chat.stop_strings()[0];
+        let whole = format!("{}{}{end}", chat.render(&ex.context), ex.response);
+        let learned = |turns| -> Result<(Vec<u32>, String)> {
+            let e = encode_example_with(&lm.tokenizer, chat, &ex, 4096, turns)?.expect("fits");
+            let masked: Vec<u32> = e.ids.iter().zip(&e.loss_mask).filter(|(_, m)| **m == 1).map(|(t, _)| *t).collect();
+            Ok((
+                e.ids,
+                lm.tokenizer
+                    .decode(&masked, false)
+                    .map_err(|e| tuneforge_core::CoreError::Param { name: "decode".into(), message: e.to_string() })?,
+            ))
+        };
+        let (ids, all) = learned(AssistantTurns::All)?;
+        assert_eq!(ids, lm.encode(&whole)?, "{chat:?}: the pieces tokenize as the whole conversation");
+        assert_eq!(all, format!("in the hat{end}on the cat{end}"), "{chat:?}");
+        let (_, last) = learned(AssistantTurns::Last)?;
+        assert_eq!(last, format!("on the cat{end}"), "{chat:?}");
+    }
+    Ok(())
+}
+
 /// A short LoRA instruction tuning run on the tiny decoder lowers validation loss below the
 /// base model's, saves an adapter, and the adapter generates.
 #[test]

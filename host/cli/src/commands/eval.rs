@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use tuneforge_core::experiment::GatesConfig;
+use tuneforge_core::experiment::{AssistantTurns, GatesConfig};
 use tuneforge_core::generate::LanguageModel;
 use tuneforge_core::sft::{evaluate_lm, read_sft};
 use tuneforge_core::{ExperimentConfig, META_FILE, ModelSource, check_gates, is_decoder_source};
@@ -14,6 +14,13 @@ use tuneforge_data::{DataFormat, OnError, ReadOptions, read_examples};
 use tuneforge_plugin_runtime::{PluginRuntime, Predictor};
 
 use super::{Outcome, report_gates};
+
+/// `--assistant-turns`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Turns {
+    All,
+    Last,
+}
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -29,6 +36,9 @@ pub struct EvalArgs {
     /// A language model's context: longer conversations are cut to this many tokens.
     #[arg(long, default_value_t = 512)]
     max_len: usize,
+    /// A language model's loss: over every assistant turn of a conversation, or the last.
+    #[arg(long, value_enum, default_value = "all")]
+    assistant_turns: Turns,
     /// The data format (default: from the file extension).
     #[arg(long, value_parser = ["csv", "jsonl", "phrasebank"])]
     format: Option<String>,
@@ -141,7 +151,12 @@ fn run_lm(args: &EvalArgs, path: &Path) -> anyhow::Result<Outcome> {
     let lm = LanguageModel::load_on(path, &args.device.open()?)
         .with_context(|| format!("loading the language model {}", path.display()))?;
     let examples = read_sft(&args.data)?;
-    let r = evaluate_lm(&lm.model, &lm.tokenizer, lm.chat, &examples, args.max_len, args.batch_size.unwrap_or(8))?;
+    let turns = match args.assistant_turns {
+        Turns::All => AssistantTurns::All,
+        Turns::Last => AssistantTurns::Last,
+    };
+    let r =
+        evaluate_lm(&lm.model, &lm.tokenizer, lm.chat, &examples, args.max_len, args.batch_size.unwrap_or(8), turns)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
