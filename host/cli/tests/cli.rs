@@ -852,12 +852,29 @@ fn sweep_trains_every_combination_and_ranks_the_runs() {
     assert_eq!(runs[0]["settings"], serde_json::json!(["train.lr=1e-2", "train.epochs=8"]), "{runs:?}");
     let o = env.run(&["runs", "ls", "--json"]);
     assert_eq!(json(&o)["total"], 4, "every run is in the store");
+    // The table, and how to see the runs side by side (the best five).
+    let o = env.run(&[
+        "sweep",
+        "--config",
+        "exp.toml",
+        "--grid",
+        "train.lr=1e-4,1e-2",
+        "--set",
+        "train.epochs=1",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let compare = stdout(&o).lines().find_map(|l| l.strip_prefix("side by side: ")).map(str::to_owned);
+    let compare = compare.unwrap_or_else(|| panic!("no compare hint: {}", stdout(&o)));
+    let args: Vec<&str> = compare.split_whitespace().skip(1).collect();
+    assert_eq!(args.len(), 4, "{compare}");
+    assert!(env.run(&args).status.success());
     let shown = env.run(&["runs", "show", runs[3]["run_id"].as_str().expect("id"), "--json"]);
     assert!(stdout(&shown).contains("lr = 0.0001") || stdout(&shown).contains("1e-4"), "{}", stdout(&shown));
     // A value the file refuses is named before anything trains.
     let o = env.run(&["sweep", "--config", "exp.toml", "--grid", "train.lr=1e-3,-1", "--no-db", "--quiet"]);
     assert!(!o.status.success() && stderr(&o).contains("train.lr"), "{}", stderr(&o));
-    assert_eq!(json(&env.run(&["runs", "ls", "--json"]))["total"], 4);
+    assert_eq!(json(&env.run(&["runs", "ls", "--json"]))["total"], 6);
     // A run that fails as it trains is reported; the others still run.
     let o = env.run(&[
         "sweep",

@@ -198,6 +198,10 @@ pub fn run(args: SweepArgs) -> anyhow::Result<Outcome> {
                 best.run_id.as_deref().unwrap_or("—")
             );
         }
+        let ids: Vec<&str> = runs.iter().filter_map(|r| r.run_id.as_deref()).take(5).collect();
+        if db.is_some() && ids.len() >= 2 {
+            println!("side by side: tuneforge runs compare {}", ids.join(" "));
+        }
     }
     let failed = runs.iter().filter(|r| r.error.is_some()).count();
     if failed > 0 {
