@@ -279,6 +279,31 @@ pub fn load_adapter_on(dir: &Path, device: &Device) -> Result<(DecoderModel, Tok
     Ok((model, base.tokenizer, base.chat))
 }
 
+/// When `path` is an instruction-tuned adapter: its base model and its LoRA weights, to go
+/// on tuning from. The experiment's LoRA must have the adapter's shape (rank, alpha, target
+/// modules, first layer; the dropout may differ).
+fn adapter_start(path: &Path, peft: &PeftSpec) -> Result<Option<(ModelSource, HashMap<String, Tensor>)>> {
+    if !path.join(ADAPTER_FILE).is_file() {
+        return Ok(None);
+    }
+    let meta: AdapterMeta = crate::classifier::read_json(&path.join(crate::classifier::META_FILE))?;
+    let shape = |p: &PeftSpec| match p {
+        PeftSpec::Lora { rank, alpha, target_modules, first_layer, .. } => {
+            Some((*rank, alpha.to_bits(), target_modules.clone(), *first_layer))
+        }
+        _ => None,
+    };
+    if shape(peft).is_none() || shape(peft) != shape(&meta.peft) {
+        return Err(CoreError::Config {
+            file: "experiment".into(),
+            field: "peft".into(),
+            message: format!("must be the LoRA of the adapter {} to go on tuning it: {:?}", path.display(), meta.peft),
+        });
+    }
+    let weights = crate::weights::load_safetensors(&path.join(ADAPTER_FILE))?;
+    Ok(Some((ModelSource::parse(&meta.base_model)?, weights)))
+}
+
 /// What one SFT optimizer step measured.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SftStep {
@@ -571,10 +596,19 @@ pub fn train_causal_lm_in(
             run
         }
     };
-    let source = ModelSource::parse(&cfg.model.source)?;
-    let base = Base::load(&source.resolve()?, DType::F32)?;
+    let given = ModelSource::parse(&cfg.model.source)?;
     let peft = cfg.peft.spec();
-    let model = base.model_on(&peft, HashMap::new(), seed, &device)?;
+    // An adapter as the source: tuning goes on from its LoRA weights, over its base model
+    // (which the new adapter names too).
+    let (source, start) = match adapter_start(&given.resolve()?, &peft)? {
+        Some((base_source, weights)) => {
+            on_line(&format!("starting from the adapter {} (base {})", given.spec(), base_source.spec()));
+            (base_source, weights)
+        }
+        None => (given, HashMap::new()),
+    };
+    let base = Base::load(&source.resolve()?, DType::F32)?;
+    let model = base.model_on(&peft, start, seed, &device)?;
     let (n_trainable, n_total) = (model.params().n_trainable(), model.params().n_params());
     on_line(&format!(
         "model: {} ({} layers), {n_trainable} of {n_total} parameters train ({:.2}%)",

@@ -590,3 +590,45 @@ fn instruction_tuning_accumulates_gradients_like_a_bigger_batch() -> Result<()> 
     assert!(big.last() < big.first(), "it learns: {big:?}");
     Ok(())
 }
+
+/// An adapter as `[model] source`: tuning goes on from its LoRA weights over its base (the
+/// new run's first validation is the adapter's best), the new adapter names the original
+/// base, and a LoRA of another shape is refused naming `peft`.
+#[test]
+fn instruction_tuning_goes_on_from_an_adapter() -> Result<()> {
+    use tuneforge_core::ExperimentConfig;
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_model(tmp.path(), "llama")?;
+    let data: String = (0..30)
+        .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
+        .collect();
+    std::fs::write(tmp.path().join("sft.jsonl"), data).expect("data");
+    let config = |source: &str, rank: usize| -> Result<ExperimentConfig> {
+        let text = format!(
+            "[experiment]\noutput_dir = \"{root}/runs\"\nseed = 3\n[model]\nsource = \"{source}\"\ntask = \"causal-lm\"\n\
+             max_len = 32\n[data]\ntrain = \"{root}/sft.jsonl\"\nvalidation_split = 0.2\n\
+             [peft]\nmethod = \"lora\"\nrank = {rank}\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
+             [train]\nepochs = 2\nbatch_size = 8\nlr = 1e-2\n",
+            root = tmp.path().display()
+        );
+        ExperimentConfig::from_toml(&text, "sft.toml", &[])
+    };
+    let gguf = tmp.path().join("model.gguf").display().to_string();
+    let first = tuneforge_core::sft::train_causal_lm(config(&gguf, 4)?, &mut |_| {})?;
+    let adapter = first.best_model_dir.display().to_string();
+    let mut lines = Vec::new();
+    let second = tuneforge_core::sft::train_causal_lm(config(&adapter, 4)?, &mut |l| lines.push(l.to_owned()))?;
+    assert!(lines.iter().any(|l| l.contains("starting from the adapter")), "{lines:?}");
+    assert!(
+        (second.base_validation_loss - first.validation_loss).abs() < 1e-5,
+        "the second run starts where the first ended: {} vs {}",
+        second.base_validation_loss,
+        first.validation_loss
+    );
+    assert!(second.base_validation_loss < first.base_validation_loss);
+    assert_eq!(second.base_model, first.base_model, "the new adapter is over the original base");
+    LanguageModel::load(&second.best_model_dir)?;
+    let e = tuneforge_core::sft::train_causal_lm(config(&adapter, 8)?, &mut |_| {}).expect_err("another rank");
+    assert!(e.to_string().contains("peft"), "{e}");
+    Ok(())
+}
