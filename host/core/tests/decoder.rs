@@ -9,6 +9,18 @@ use tuneforge_core::llama::DecoderModel;
 use tuneforge_core::testing::write_tiny_decoder as write_model;
 use tuneforge_core::{ForwardCtx, Result};
 
+/// A temporary directory with the tiny Llama (`model.gguf`, `hf/`) and `sft.jsonl` of `n`
+/// conversations ("the cat {i}" → "in the hat").
+fn tiny_sft_task(n: usize) -> Result<tempfile::TempDir> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_model(tmp.path(), "llama")?;
+    let data: String = (0..n)
+        .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
+        .collect();
+    std::fs::write(tmp.path().join("sft.jsonl"), data).expect("data");
+    Ok(tmp)
+}
+
 #[test]
 fn gguf_and_safetensors_give_the_same_logits() -> Result<()> {
     for kind in ["llama", "qwen2"] {
@@ -348,12 +360,7 @@ fn data_parallel_sft_takes_the_steps_of_one_process_with_twice_the_batch() -> Re
 #[test]
 fn a_stopped_and_resumed_sft_run_follows_the_uninterrupted_one() -> Result<()> {
     use tuneforge_core::{ExperimentConfig, RunOptions};
-    let tmp = tempfile::tempdir().expect("tmp");
-    write_model(tmp.path(), "llama")?;
-    let data: String = (0..30)
-        .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
-        .collect();
-    std::fs::write(tmp.path().join("sft.jsonl"), data).expect("data");
+    let tmp = tiny_sft_task(30)?;
     let text = format!(
         "[experiment]\noutput_dir = \"{root}/runs\"\nseed = 9\n[model]\nsource = \"{root}/model.gguf\"\ntask = \"causal-lm\"\nmax_len = 32\n\
          [data]\ntrain = \"{root}/sft.jsonl\"\nvalidation_split = 0.2\n\
@@ -510,12 +517,7 @@ fn decoder_gradients_match_finite_differences() -> Result<()> {
 #[test]
 fn instruction_tuning_evaluates_every_n_steps_and_stops_early() -> Result<()> {
     use tuneforge_core::ExperimentConfig;
-    let tmp = tempfile::tempdir().expect("tmp");
-    write_model(tmp.path(), "llama")?;
-    let data: String = (0..40)
-        .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
-        .collect();
-    std::fs::write(tmp.path().join("sft.jsonl"), data).expect("data");
+    let tmp = tiny_sft_task(40)?;
     let run = |train: &str| -> Result<(tuneforge_core::sft::SftSummary, Vec<u64>)> {
         let text = format!(
             "[experiment]\noutput_dir = \"{root}/runs\"\nseed = 3\n[model]\nsource = \"{root}/model.gguf\"\n\
@@ -597,12 +599,7 @@ fn instruction_tuning_accumulates_gradients_like_a_bigger_batch() -> Result<()> 
 #[test]
 fn instruction_tuning_goes_on_from_an_adapter() -> Result<()> {
     use tuneforge_core::ExperimentConfig;
-    let tmp = tempfile::tempdir().expect("tmp");
-    write_model(tmp.path(), "llama")?;
-    let data: String = (0..30)
-        .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
-        .collect();
-    std::fs::write(tmp.path().join("sft.jsonl"), data).expect("data");
+    let tmp = tiny_sft_task(30)?;
     let config = |source: &str, rank: usize| -> Result<ExperimentConfig> {
         let text = format!(
             "[experiment]\noutput_dir = \"{root}/runs\"\nseed = 3\n[model]\nsource = \"{source}\"\ntask = \"causal-lm\"\n\
