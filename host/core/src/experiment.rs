@@ -679,8 +679,8 @@ impl ExperimentConfig {
         if d.text_column != default_text_column() || d.label_column != default_label_column() {
             return Err(("data.text_column", for_classification("is (with data.label_column)")));
         }
-        if d.encoding != TextEncoding::default() {
-            return Err(("data.encoding", "must be utf-8 for `task = \"causal-lm\"` (JSONL is UTF-8)".into()));
+        if d.encoding == TextEncoding::Latin1 {
+            return Err(("data.encoding", "must be utf-8 or auto for `task = \"causal-lm\"` (JSONL is UTF-8)".into()));
         }
         if d.on_error != OnError::Fail {
             return Err((
@@ -813,6 +813,7 @@ lr = 1e-3
         }
         ExperimentConfig::from_toml(GOOD, "exp.toml", &lm.map(String::from)).expect("a plain causal-lm experiment");
         for ok in [
+            "data.encoding=\"utf-8\"",
             "train.grad_accum=4",
             "train.eval_every_steps=10",
             "train.early_stopping_patience=2",
@@ -828,6 +829,7 @@ lr = 1e-3
             ("data.format=\"csv\"", "data.format"),
             ("data.text_column=\"body\"", "data.text_column"),
             ("data.on_error=\"skip\"", "data.on_error"),
+            ("data.encoding=\"latin-1\"", "data.encoding"),
             ("data.encoding=\"latin1\"", "data.encoding"),
             ("train.metric_for_best=\"macro_f1\"", "train.metric_for_best"),
             ("model.fusion=\"concat\"", "model.fusion"),

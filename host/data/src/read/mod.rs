@@ -64,7 +64,11 @@ pub enum TextEncoding {
     /// UTF-8 when the bytes are valid UTF-8, Latin-1 otherwise.
     #[default]
     Auto,
+    /// `utf8` or `utf-8`.
+    #[serde(alias = "utf-8")]
     Utf8,
+    /// `latin1` or `latin-1`.
+    #[serde(alias = "latin-1")]
     Latin1,
 }
 
