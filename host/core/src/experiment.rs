@@ -904,3 +904,49 @@ lr = 1e-3
         assert_eq!(c, again);
     }
 }
+
+/// The README's annotated experiment file parses, and every alternative its comments list
+/// for a string value (`a | b | c`) is a value the key takes (the README once documented
+/// `utf-8` where only `utf8` parsed).
+#[cfg(test)]
+mod readme_tests {
+    use super::*;
+
+    #[test]
+    fn the_readme_experiment_file_and_its_listed_values_parse() {
+        let readme =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md")).expect("README.md");
+        let section = &readme[readme.find("### The experiment file").expect("the section")..];
+        let start = section.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let block = &section[start..start + section[start..].find("```").expect("its end")];
+        ExperimentConfig::from_toml(block, "README.md", &[]).expect("the README's experiment file");
+        let mut tried = 0;
+        for line in block.lines() {
+            let Some((assign, comment)) = line.split_once('#') else { continue };
+            let Some((key, value)) = assign.split_once('=') else { continue };
+            let (key, value) = (key.trim(), value.trim());
+            if !value.starts_with('"') || !comment.contains('|') {
+                continue;
+            }
+            let section_name = block[..block.find(line).unwrap_or(0)]
+                .lines()
+                .rev()
+                .find_map(|l| l.trim().strip_prefix('[').and_then(|l| l.strip_suffix(']')))
+                .expect("a section");
+            // `a | b (note) | c`: the first word of each alternative.
+            for alt in comment.split('|') {
+                let Some(word) = alt.split_whitespace().next() else { continue };
+                let word = word.trim_matches(|c: char| !(c.is_alphanumeric() || c == '-' || c == '_' || c == ':'));
+                if word.is_empty() {
+                    continue;
+                }
+                let setting = format!("{section_name}.{key}=\"{word}\"");
+                if let Err(e) = ExperimentConfig::from_toml(block, "README.md", &[setting.clone()]) {
+                    assert!(!e.to_string().contains("unknown variant"), "{setting}: {e}");
+                }
+                tried += 1;
+            }
+        }
+        assert!(tried >= 15, "only {tried} listed values found");
+    }
+}
