@@ -941,7 +941,7 @@ mod readme_tests {
                     continue;
                 }
                 let setting = format!("{section_name}.{key}=\"{word}\"");
-                if let Err(e) = ExperimentConfig::from_toml(block, "README.md", &[setting.clone()]) {
+                if let Err(e) = ExperimentConfig::from_toml(block, "README.md", std::slice::from_ref(&setting)) {
                     assert!(!e.to_string().contains("unknown variant"), "{setting}: {e}");
                 }
                 tried += 1;
