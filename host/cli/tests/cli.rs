@@ -816,6 +816,12 @@ fn eval_scores_language_models_on_instruction_data() {
     // The adapter generates (its base named in its metadata).
     let o = env.run(&["generate", "--model", best, "--max-tokens", "3", "--json", "the cat 3"]);
     assert!(o.status.success() && json(&o)["ids"].as_array().is_some(), "{}", stderr(&o));
+    // So does its run directory (its best adapter).
+    let run_dir = summary["run_dir"].as_str().expect("run dir");
+    let o = env.run(&["generate", "--model", run_dir, "--max-tokens", "3", "--json", "the cat 3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = env.run(&["eval", "--model", run_dir, "--data", "val.jsonl", "--max-len", "32", "--json"]);
+    assert!(o.status.success() && close(&json(&o)["loss"], &summary["validation_loss"]), "{}", stderr(&o));
     let o = env.run(&["eval", "--model", best, "--data", "val.jsonl", "--min-accuracy", "0.5"]);
     assert!(!o.status.success() && stderr(&o).contains("for classifiers"), "{}", stderr(&o));
     std::fs::write(env.path("bad.jsonl"), "{\"prompt\": \"x\", \"response\": \"y\"}\nnot json\n").expect("bad");

@@ -63,12 +63,17 @@ impl ModelSource {
                 if dir.is_file() && dir.extension().is_some_and(|x| x == "gguf") {
                     return Ok(dir.clone());
                 }
-                // An instruction-tuned adapter names its base in its own metadata.
+                // An instruction-tuned adapter names its base in its own metadata; a run
+                // directory of one stands for its best adapter.
                 if dir.join(crate::sft::ADAPTER_FILE).is_file() {
                     return Ok(dir.clone());
                 }
+                if dir.join("best").join(crate::sft::ADAPTER_FILE).is_file() {
+                    return Ok(dir.join("best"));
+                }
                 if !dir.join("config.json").is_file() {
-                    return Err(CoreError::file(dir, "is not a model directory (no config.json)"));
+                    let hint = if dir.join("best").is_dir() { "; a run directory's model is in its best/" } else { "" };
+                    return Err(CoreError::file(dir, format!("is not a model directory (no config.json){hint}")));
                 }
                 Ok(dir.clone())
             }

