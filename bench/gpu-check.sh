@@ -31,9 +31,10 @@ for lib in libcuda.so.1 libcublas.so.13 libcurand.so.10 libcudart.so.13 libnccl.
 done
 export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
 
-# The whole check keeps within a time budget (the device's per-call limit): the optional steps
-# are skipped when too little of it is left, the most important results coming first.
-budget=${GPU_CHECK_BUDGET_S:-560}
+# The whole check keeps within a time budget (7.5 minutes: the issue asks for under 8, and the
+# device's time is scarce): later steps are skipped when too little of it is left, the most
+# important results coming first.
+budget=${GPU_CHECK_BUDGET_S:-450}
 left() { [ $((budget - SECONDS)) -ge "$1" ] || { echo "(skipped: $((budget - SECONDS)) s of the budget left)"; return 1; }; }
 
 echo "== GPU"
