@@ -59,6 +59,15 @@ struct Message {
     content: String,
 }
 
+/// A turn in ShareGPT's layout: `from` is `system`, `human` or `gpt` (also `user`,
+/// `assistant`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShareGptTurn {
+    from: String,
+    value: String,
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum Line {
@@ -71,10 +80,27 @@ enum Line {
     Chat {
         messages: Vec<Message>,
     },
+    /// Alpaca's `instruction`, optional `input`, `output`.
+    Alpaca {
+        instruction: String,
+        #[serde(default)]
+        input: Option<String>,
+        output: String,
+        #[serde(default)]
+        system: Option<String>,
+    },
+    /// ShareGPT's `conversations`.
+    ShareGpt {
+        conversations: Vec<ShareGptTurn>,
+    },
 }
 
-/// Reads JSONL with `{"prompt": ..., "response": ...}` (optional `"system"`) or
-/// `{"messages": [{"role": ..., "content": ...}, ...]}` ending with the assistant's turn.
+/// Reads JSONL conversations, one a line, in any of the common layouts:
+/// `{"prompt": ..., "response": ...}` (optional `"system"`),
+/// `{"messages": [{"role": ..., "content": ...}, ...]}` ending with the assistant's turn,
+/// Alpaca's `{"instruction": ..., "input": ..., "output": ...}` (the input, when not empty,
+/// after the instruction and a blank line) and ShareGPT's
+/// `{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}`.
 pub fn read_sft(path: &Path) -> Result<Vec<SftExample>> {
     let f = std::fs::File::open(path).map_err(CoreError::io(path))?;
     let mut out = Vec::new();
@@ -85,29 +111,55 @@ pub fn read_sft(path: &Path) -> Result<Vec<SftExample>> {
         }
         let at = |m: String| CoreError::file(path, format!("line {}: {m}", i + 1));
         let parsed: Line = serde_json::from_str(&line).map_err(|_| {
-            at("expected {\"prompt\": ..., \"response\": ...} or {\"messages\": [{\"role\": ..., \"content\": ...}]}".into())
+            at("expected {\"prompt\": ..., \"response\": ...}, {\"messages\": [{\"role\": ..., \"content\": ...}]}, \
+                {\"instruction\": ..., \"input\": ..., \"output\": ...} or {\"conversations\": [{\"from\": ..., \"value\": ...}]}"
+                .into())
         })?;
-        let ex = match parsed {
-            Line::Pair { prompt, response, system } => {
-                let mut context = Vec::new();
-                if let Some(s) = system {
-                    context.push(("system".to_owned(), s));
-                }
-                context.push(("user".to_owned(), prompt));
-                SftExample { context, response }
+        let pair = |prompt: String, response: String, system: Option<String>| {
+            let mut context = Vec::new();
+            if let Some(s) = system {
+                context.push(("system".to_owned(), s));
             }
-            Line::Chat { mut messages } => {
-                let last = messages.pop().ok_or_else(|| at("`messages` is empty".into()))?;
-                if last.role != "assistant" {
-                    return Err(at(format!("the last message must be the assistant's, not `{}`", last.role)));
-                }
-                if let Some(m) = messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant")) {
-                    return Err(at(format!("unknown role `{}`", m.role)));
-                }
-                SftExample {
-                    context: messages.into_iter().map(|m| (m.role, m.content)).collect(),
-                    response: last.content,
-                }
+            context.push(("user".to_owned(), prompt));
+            SftExample { context, response }
+        };
+        let chat = |mut messages: Vec<Message>| -> Result<SftExample> {
+            let last = messages.pop().ok_or_else(|| at("the conversation is empty".into()))?;
+            if last.role != "assistant" {
+                return Err(at(format!("the last message must be the assistant's, not `{}`", last.role)));
+            }
+            if let Some(m) = messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant")) {
+                return Err(at(format!("unknown role `{}`", m.role)));
+            }
+            Ok(SftExample {
+                context: messages.into_iter().map(|m| (m.role, m.content)).collect(),
+                response: last.content,
+            })
+        };
+        let ex = match parsed {
+            Line::Pair { prompt, response, system } => pair(prompt, response, system),
+            Line::Alpaca { instruction, input, output, system } => {
+                let prompt = match input.as_deref().map(str::trim) {
+                    Some(i) if !i.is_empty() => format!("{instruction}\n\n{i}"),
+                    _ => instruction,
+                };
+                pair(prompt, output, system)
+            }
+            Line::Chat { messages } => chat(messages)?,
+            Line::ShareGpt { conversations } => {
+                let messages = conversations
+                    .into_iter()
+                    .map(|t| {
+                        let role = match t.from.as_str() {
+                            "human" | "user" => "user",
+                            "gpt" | "assistant" => "assistant",
+                            "system" => "system",
+                            other => return Err(at(format!("unknown `from` `{other}` (human, gpt or system)"))),
+                        };
+                        Ok(Message { role: role.to_owned(), content: t.value })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                chat(messages)?
             }
         };
         if ex.response.trim().is_empty() {
@@ -884,6 +936,45 @@ fn save_best(model: &DecoderModel, dir: &Path, meta: &AdapterMeta) -> Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The common JSONL layouts read into the same conversations; a bad line is named.
+    #[test]
+    fn every_common_jsonl_layout_reads() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(CoreError::io("tmp"))?;
+        let path = dir.path().join("mixed.jsonl");
+        let lines = [
+            r#"{"prompt": "p1", "response": "r1", "system": "s"}"#,
+            r#"{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}"#,
+            r#"{"instruction": "Translate", "input": "chat", "output": "cat"}"#,
+            r#"{"instruction": "Say hi", "input": "", "output": "hi"}"#,
+            r#"{"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q1"}, {"from": "gpt", "value": "a1"}, {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a2"}]}"#,
+        ];
+        std::fs::write(&path, lines.join("\n")).map_err(CoreError::io(&path))?;
+        let read = read_sft(&path)?;
+        let turn = |r: &str, c: &str| (r.to_owned(), c.to_owned());
+        let want = [
+            SftExample { context: vec![turn("system", "s"), turn("user", "p1")], response: "r1".into() },
+            SftExample { context: vec![turn("user", "u")], response: "a".into() },
+            SftExample { context: vec![turn("user", "Translate\n\nchat")], response: "cat".into() },
+            SftExample { context: vec![turn("user", "Say hi")], response: "hi".into() },
+            SftExample {
+                context: vec![turn("system", "s"), turn("user", "q1"), turn("assistant", "a1"), turn("user", "q2")],
+                response: "a2".into(),
+            },
+        ];
+        assert_eq!(read, want);
+        for (bad, says) in [
+            (r#"{"conversations": [{"from": "bot", "value": "x"}]}"#, "unknown `from` `bot`"),
+            (r#"{"conversations": []}"#, "the conversation is empty"),
+            (r#"{"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]}"#, "assistant's"),
+            (r#"{"instruction": "x"}"#, "expected"),
+        ] {
+            std::fs::write(&path, format!("{}\n{bad}\n", lines[0])).map_err(CoreError::io(&path))?;
+            let e = read_sft(&path).expect_err(bad).to_string();
+            assert!(e.contains("line 2") && e.contains(says), "{bad}: {e}");
+        }
+        Ok(())
+    }
 
     fn padded(lengths: &[usize], batches: &[Vec<usize>]) -> usize {
         batches.iter().map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap_or(0)).sum()
