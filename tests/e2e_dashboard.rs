@@ -66,15 +66,7 @@ async fn seed(db: &str, model_dir: &std::path::Path) {
             })
             .await
             .expect("start");
-        let mut points: Vec<MetricPoint> = (1..=60)
-            .map(|s| MetricPoint {
-                run_id: id.into(),
-                key: "train/loss".into(),
-                step: s,
-                value: 2.0 / s as f64,
-                time_ms: 0,
-            })
-            .collect();
+        let mut points = loss_points(id, 1..=60);
         points.extend((1..=3).map(|e| MetricPoint {
             run_id: id.into(),
             key: "val/accuracy".into(),

@@ -66,6 +66,27 @@ impl CheckpointState {
             files: BTreeMap::new(),
         }
     }
+
+    /// Records an evaluation at the current step of the metric that picks the best model
+    /// (`value`, higher is better): a new best takes `best_metric` and `best_step`; less than
+    /// `min_delta` above the best counts toward early stopping, which ends the run once
+    /// `patience` such evaluations come in a row. Returns whether `value` is a new best.
+    pub fn record_evaluation(&mut self, value: f64, min_delta: f64, patience: Option<u64>) -> bool {
+        let improved = self.best_metric.is_none_or(|b| value > b);
+        if self.best_metric.is_none_or(|b| value > b + min_delta) {
+            self.evals_without_improvement = 0;
+        } else {
+            self.evals_without_improvement += 1;
+        }
+        if patience.is_some_and(|p| self.evals_without_improvement >= p) {
+            self.early_stopped_at = Some(self.step);
+        }
+        if improved {
+            self.best_metric = Some(value);
+            self.best_step = Some(self.step);
+        }
+        improved
+    }
 }
 
 /// Resumes training from `run`'s latest checkpoint (`keep`: how many the run keeps):

@@ -63,7 +63,7 @@ fn method_name(spec: &PeftSpec) -> &'static str {
 /// `model` is a model directory or a run directory (its `best/`).
 pub fn export_peft(model: &Path, out: &Path) -> Result<()> {
     let model_dir = &model_dir_of(model);
-    if is_lm_adapter(model_dir) {
+    if crate::sft::is_adapter_dir(model_dir) {
         return export_lm_peft(model_dir, out);
     }
     let (meta, tensors) = read_model(model_dir)?;
@@ -122,7 +122,7 @@ pub fn export_peft(model: &Path, out: &Path) -> Result<()> {
 /// model directory or a run directory (its `best/`).
 pub fn export_merged(model: &Path, out: &Path) -> Result<()> {
     let model_dir = &model_dir_of(model);
-    if is_lm_adapter(model_dir) {
+    if crate::sft::is_adapter_dir(model_dir) {
         return export_lm_merged(model_dir, out);
     }
     let (mut meta, mut tensors) = read_model(model_dir)?;
@@ -168,11 +168,6 @@ fn fold_lora(tensors: &mut BTreeMap<String, Tensor>, scale: f64) -> Result<()> {
         tensors.insert(format!("{m}.weight"), merged);
     }
     Ok(())
-}
-
-/// Whether `dir` is an instruction-tuned adapter (`task = "causal-lm"`'s `best/`).
-fn is_lm_adapter(dir: &Path) -> bool {
-    dir.join(crate::sft::ADAPTER_FILE).is_file()
 }
 
 /// An instruction-tuned adapter: its base model (a source), its LoRA settings and tensors.

@@ -203,7 +203,7 @@ impl LanguageModel {
 
     /// [`LanguageModel::load`] onto `device`.
     pub fn load_on(path: &Path, device: &candle_core::Device) -> Result<Self> {
-        if path.join(crate::sft::ADAPTER_FILE).is_file() {
+        if crate::sft::is_adapter_dir(path) {
             let (model, tokenizer, chat) = crate::sft::load_adapter_on(path, device)?;
             return Ok(Self::assemble(model, tokenizer, chat));
         }

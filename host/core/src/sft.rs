@@ -245,6 +245,11 @@ pub struct AdapterMeta {
 
 pub const ADAPTER_FILE: &str = "adapter_model.safetensors";
 
+/// Whether `dir` is an instruction-tuned adapter (a `causal-lm` run's `best/`).
+pub fn is_adapter_dir(dir: &Path) -> bool {
+    dir.join(ADAPTER_FILE).is_file()
+}
+
 /// The base model's parts: config, weights, tokenizer, chat format.
 pub struct Base {
     pub config: LlamaConfig,
@@ -335,7 +340,7 @@ pub fn load_adapter_on(dir: &Path, device: &Device) -> Result<(DecoderModel, Tok
 /// on tuning from. The experiment's LoRA must have the adapter's shape (rank, alpha, target
 /// modules, first layer; the dropout may differ).
 fn adapter_start(path: &Path, peft: &PeftSpec) -> Result<Option<(ModelSource, HashMap<String, Tensor>)>> {
-    if !path.join(ADAPTER_FILE).is_file() {
+    if !is_adapter_dir(path) {
         return Ok(None);
     }
     let meta: AdapterMeta = crate::classifier::read_json(&path.join(crate::classifier::META_FILE))?;
@@ -842,15 +847,7 @@ pub fn train_causal_lm_in(
                 "perplexity": val.exp()}),
             )?;
             // The best metric is minus the validation loss (higher is better, as for classifiers).
-            let better = state.best_metric.is_none_or(|b| -val > b);
-            if state.best_metric.is_none_or(|b| -val > b + t.early_stopping_min_delta) {
-                state.evals_without_improvement = 0;
-            } else {
-                state.evals_without_improvement += 1;
-            }
-            if t.early_stopping_patience.is_some_and(|p| state.evals_without_improvement >= p) {
-                state.early_stopped_at = Some(step);
-            }
+            let better = state.record_evaluation(-val, t.early_stopping_min_delta, t.early_stopping_patience);
             on_event(crate::TrainEvent::LmEvaluated { step, loss: val, perplexity: val.exp(), improved: better });
             on_line(&format!(
                 "eval at step {step}: validation loss {val:.4}, perplexity {:.2}{}",
@@ -858,8 +855,6 @@ pub fn train_causal_lm_in(
                 if better { " (best so far, saved)" } else { "" }
             ));
             if better {
-                state.best_metric = Some(-val);
-                state.best_step = Some(step);
                 save_best(
                     &model,
                     &best_dir,

@@ -65,10 +65,10 @@ impl ModelSource {
                 }
                 // An instruction-tuned adapter names its base in its own metadata; a run
                 // directory of one stands for its best adapter.
-                if dir.join(crate::sft::ADAPTER_FILE).is_file() {
+                if crate::sft::is_adapter_dir(dir) {
                     return Ok(dir.clone());
                 }
-                if dir.join("best").join(crate::sft::ADAPTER_FILE).is_file() {
+                if crate::sft::is_adapter_dir(&dir.join("best")) {
                     return Ok(dir.join("best"));
                 }
                 if !dir.join("config.json").is_file() {

@@ -515,18 +515,8 @@ pub fn train_experiment_in(
                 }
                 let report = evaluate_with(&model, &validation, eval_bs, &mut hooks)?;
                 let value = metric_value(t.metric_for_best, &report);
-                let improved = state.best_metric.is_none_or(|b| value > b);
-                if state.best_metric.is_none_or(|b| value > b + t.early_stopping_min_delta) {
-                    state.evals_without_improvement = 0;
-                } else {
-                    state.evals_without_improvement += 1;
-                }
-                if t.early_stopping_patience.is_some_and(|p| state.evals_without_improvement >= p) {
-                    state.early_stopped_at = Some(state.step);
-                }
+                let improved = state.record_evaluation(value, t.early_stopping_min_delta, t.early_stopping_patience);
                 if improved {
-                    state.best_metric = Some(value);
-                    state.best_step = Some(state.step);
                     model.save_with_plugins(&run.best(), &hooks.inference)?;
                 }
                 let mut record = serde_json::json!({

@@ -9,6 +9,17 @@ use tuneforge_core::llama::DecoderModel;
 use tuneforge_core::testing::write_tiny_decoder as write_model;
 use tuneforge_core::{ForwardCtx, Result};
 
+/// The `field` of every `kind` line of a run's metrics.jsonl, in order.
+fn logged(run_dir: &std::path::Path, kind: &str, field: &str) -> Vec<f64> {
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).expect("metrics");
+    metrics
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == kind)
+        .filter_map(|v| v[field].as_f64())
+        .collect()
+}
+
 /// A temporary directory with the tiny Llama (`model.gguf`, `hf/`) and `sft.jsonl` of `n`
 /// conversations ("the cat {i}" → "in the hat").
 fn tiny_sft_task(n: usize) -> Result<tempfile::TempDir> {
@@ -528,13 +539,7 @@ fn instruction_tuning_evaluates_every_n_steps_and_stops_early() -> Result<()> {
         );
         let s =
             tuneforge_core::sft::train_causal_lm(ExperimentConfig::from_toml(&text, "sft.toml", &[])?, &mut |_| {})?;
-        let metrics = std::fs::read_to_string(s.run_dir.join("metrics.jsonl")).expect("metrics");
-        let evals = metrics
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["kind"] == "eval")
-            .filter_map(|v| v["step"].as_u64())
-            .collect();
+        let evals = logged(&s.run_dir, "eval", "step").iter().map(|v| *v as u64).collect();
         Ok((s, evals))
     };
     // 32 training examples in batches of 8: 4 steps an epoch, 8 in all.
@@ -574,14 +579,7 @@ fn instruction_tuning_accumulates_gradients_like_a_bigger_batch() -> Result<()> 
         );
         let s =
             tuneforge_core::sft::train_causal_lm(ExperimentConfig::from_toml(&text, "sft.toml", &[])?, &mut |_| {})?;
-        let metrics = std::fs::read_to_string(s.run_dir.join("metrics.jsonl")).expect("metrics");
-        let losses = metrics
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["kind"] == "train")
-            .filter_map(|v| v["loss"].as_f64())
-            .collect();
-        Ok((s.steps, losses))
+        Ok((s.steps, logged(&s.run_dir, "train", "loss")))
     };
     let (steps, accumulated) = run("batch_size = 4\ngrad_accum = 2")?;
     let (big_steps, big) = run("batch_size = 8")?;

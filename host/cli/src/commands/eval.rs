@@ -132,15 +132,12 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
 /// `pypi:` source; `None` for a classifier.
 fn language_model(model: &Path) -> anyhow::Result<Option<PathBuf>> {
     let text = model.to_string_lossy();
-    if text.starts_with("pypi:") {
+    let adapter = |dir: &Path| tuneforge_core::sft::is_adapter_dir(dir);
+    if text.starts_with("pypi:") || adapter(model) || adapter(&model.join("best")) {
         return Ok(Some(ModelSource::parse(&text)?.resolve()?));
     }
-    if model.join("best").join(tuneforge_core::sft::ADAPTER_FILE).is_file() {
-        return Ok(Some(model.join("best")));
-    }
-    let adapter = model.join(tuneforge_core::sft::ADAPTER_FILE).is_file();
     let bare_decoder = is_decoder_source(model) && !model.join(META_FILE).exists();
-    Ok((adapter || bare_decoder).then(|| model.to_path_buf()))
+    Ok(bare_decoder.then(|| model.to_path_buf()))
 }
 
 /// `eval` of a language model: loss and perplexity over the response tokens of `args.data`.
