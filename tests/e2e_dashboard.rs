@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use tuneforge_server::{Application, ServerConfig};
 use tuneforge_store::{MetricPoint, NewRun, RunPlugin, RunStatus, Store};
-use tuneforge_tests::webdriver::Driver;
+use tuneforge_tests::webdriver::{Driver, Session};
 
 fn summary(accuracy: f64) -> serde_json::Value {
     serde_json::json!({
@@ -149,6 +149,16 @@ fn serve(db: String) -> u16 {
     rx.recv().expect("port")
 }
 
+/// Puts `text` to `model` in the playground and waits for the answer's page.
+fn try_in_playground(s: &Session, base: &str, model: &str, text: &str) {
+    s.goto(&format!("{base}/playground"));
+    s.click(&s.wait_for(&format!("form.try select[name=model] option[value={model}]")));
+    s.type_text(&s.find("form.try textarea"), text);
+    s.type_text(&s.find("form.try input[name=token]"), "e2e-token-0123456789");
+    s.click(&s.find("form.try button"));
+    s.wait_for_url("prediction=");
+}
+
 fn shots() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("e2e-screenshots")
 }
@@ -275,12 +285,7 @@ fn the_dashboard_in_a_real_browser() {
     // The playground: classify a text, call the answer wrong and correct it; the feedback
     // reaches the queue, the database and the REST API; marking it reviewed sticks; the export
     // is a JSONL dataset that tuneforge reads.
-    s.goto(&format!("{base}/playground"));
-    let text = s.wait_for("form.try textarea");
-    s.type_text(&text, "fever cough hot <b>bold?</b>");
-    s.type_text(&s.find("form.try input[name=token]"), "e2e-token-0123456789");
-    s.click(&s.find("form.try button"));
-    s.wait_for_url("prediction=");
+    try_in_playground(&s, &base, "triage", "fever cough hot <b>bold?</b>");
     s.wait_for("section.answer");
     assert!(s.text(&s.find("blockquote")).contains("<b>bold?</b>"), "the text is shown as text");
     assert_eq!(s.find_all("table.probs tbody tr").len(), 3);
@@ -308,6 +313,35 @@ fn the_dashboard_in_a_real_browser() {
     assert_eq!(
         (read.examples[0].label.as_str(), read.examples[0].text.as_str()),
         ("angina", "fever cough hot <b>bold?</b>")
+    );
+
+    // A language model in the playground: it answers (recorded), and its correction is a
+    // text that becomes instruction data.
+    let decoder = dir.path().join("decoder");
+    tuneforge_core::testing::write_tiny_decoder(&decoder, "llama").expect("tiny decoder");
+    rt.block_on(async {
+        let store = Store::open(&db).await.expect("store");
+        let gguf = decoder.join("model.gguf").display().to_string();
+        store.register_model("chat", "alpha-1", &gguf, None, "e2e").await.expect("register");
+        store.promote("chat", 1, "e2e").await.expect("promote");
+        store.close().await;
+    });
+    try_in_playground(&s, &base, "chat", "the cat");
+    s.wait_for("section.answer blockquote.generated");
+    assert!(s.find_all("table.probs").is_empty(), "no label table for a language model");
+    s.screenshot(&shots().join("playground-language-model.png"));
+    s.click(&s.find("input[name=rating][value=wrong]"));
+    s.type_text(&s.find("form.feedback textarea[name=corrected_label]"), "In the <i>hat</i>.");
+    s.type_text(&s.find("form.feedback input[name=token]"), "e2e-token-0123456789");
+    s.click(&s.find("form.feedback button"));
+    s.wait_for_url("/feedback?model=chat");
+    s.wait_for_text("table.feedback", "In the <i>hat</i>.");
+    let export = http_get(&format!("{base}/api/v1/feedback/export?model=chat"));
+    let line: serde_json::Value = serde_json::from_str(export.trim()).expect("one JSON line");
+    assert_eq!(
+        line["messages"],
+        serde_json::json!([{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "In the <i>hat</i>."}]),
+        "{export}"
     );
 
     // A run in progress is followed in place: new loss points and then its end appear on

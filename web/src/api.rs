@@ -373,9 +373,12 @@ pub struct PredictionView {
     pub model: String,
     pub version: i64,
     pub input: String,
+    /// A classifier's label, or a language model's answer.
     pub label: String,
-    /// Labels and probabilities, most likely first.
+    /// Labels and probabilities, most likely first (none for a language model).
     pub probabilities: Vec<(String, f64)>,
+    /// Whether a language model wrote the answer (its correction is a text, not a label).
+    pub generated: bool,
 }
 
 /// A feedback row of the queue.
@@ -399,8 +402,8 @@ pub async fn served_models() -> Result<Vec<(String, i64)>, ServerFnError> {
     Ok(models.into_iter().filter(|m| m.stage.as_str() == "production").map(|m| (m.name, m.version)).collect())
 }
 
-/// Classifies a text with a model's production version, records the prediction, and sends
-/// the browser to it.
+/// Puts a text to a model's production version (a classifier labels it, a language model
+/// answers it), records the prediction, and sends the browser to it.
 #[server(prefix = "/dashboard/api", endpoint = "try_model")]
 pub async fn try_model(model: String, text: String, token: String) -> Result<(), ServerFnError> {
     check_token(&token)?;
@@ -428,6 +431,7 @@ pub async fn prediction(id: String) -> Result<PredictionView, ServerFnError> {
         version: row.model_version,
         input: row.input,
         label: row.output,
+        generated: probs.get("messages").is_some_and(|m| m.is_array()),
         probabilities,
     })
 }
@@ -448,6 +452,9 @@ pub async fn give_feedback(
     let comment = comment.filter(|c| !c.trim().is_empty());
     if comment.as_ref().is_some_and(|c| c.len() > 10_000) {
         return Err(ServerFnError::new("the comment is longer than 10000 bytes"));
+    }
+    if corrected_label.as_ref().is_some_and(|c| c.len() > 20_000) {
+        return Err(ServerFnError::new("the correction is longer than 20000 bytes"));
     }
     store
         .record_feedback(&tuneforge_store::NewFeedback {

@@ -45,6 +45,12 @@ impl Env {
         self.command().args(args).output().expect("run tuneforge")
     }
 
+    /// The data directory of the latest `tuneforge retrain`.
+    fn latest_retrain_data(&self) -> PathBuf {
+        let dirs = std::fs::read_dir(self.path("runs/retrain-data")).expect("retrain data");
+        dirs.flatten().map(|e| e.path()).max().expect("a retrain data directory")
+    }
+
     /// `tuneforge` in the temp dir, with its own experiment store.
     fn command(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_tuneforge"));
@@ -669,12 +675,7 @@ fn retrain_builds_a_dataset_from_feedback_trains_registers_and_starts_an_ab_test
         out.contains("registered triage@3 (candidate)") && out.contains("serves 30% of sessions against @1"),
         "{out}"
     );
-    let data = std::fs::read_dir(env.path("runs/retrain-data"))
-        .expect("retrain data")
-        .flatten()
-        .map(|e| e.path())
-        .max()
-        .expect("dir");
+    let data = env.latest_retrain_data();
     let lines = std::fs::read_to_string(data.join("train.jsonl")).expect("train.jsonl");
     let corrected = lines.lines().find(|l| l.contains("itch chest pain tired")).expect("the correction is in");
     assert!(corrected.contains("\"label\":\"angina\"") && corrected.contains("\"source\":\"feedback:"), "{corrected}");
@@ -682,6 +683,82 @@ fn retrain_builds_a_dataset_from_feedback_trains_registers_and_starts_an_ab_test
     let o = env.run(&["ab", "status", "--model", "triage", "--json"]);
     let t = &json(&o)[0]["test"];
     assert_eq!((t["status"].as_str(), t["candidate_version"].as_i64()), (Some("running"), Some(3)), "{t}");
+}
+
+/// The feedback loop of a language model through the command line and the server: an
+/// instruction-tuned adapter is registered and promoted, `serve` answers and records
+/// `/api/v1/generate` with `"model"`, a user corrects an answer, `retrain` turns the
+/// correction into instruction data (replacing the original example that asks the same
+/// thing, leaving validation alone), trains, registers the candidate and starts an A/B test
+/// that the server then routes sessions through.
+#[test]
+fn a_language_model_learns_from_corrected_answers() {
+    let env = Env::new();
+    tuneforge_core::testing::write_tiny_decoder(env.dir.path(), "llama").expect("tiny decoder");
+    let data: String = (0..10)
+        .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
+        .collect();
+    std::fs::write(env.path("sft.jsonl"), data).expect("data");
+    std::fs::write(env.path("val.jsonl"), "{\"prompt\": \"a hat\", \"response\": \"on the cat\"}\n").expect("data");
+    let exp = "[experiment]\nname = \"sft\"\n[model]\nsource = \"model.gguf\"\ntask = \"causal-lm\"\nmax_len = 32\n\
+               [data]\ntrain = \"sft.jsonl\"\nvalidation = \"val.jsonl\"\n\
+               [peft]\nmethod = \"lora\"\nrank = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
+               [train]\nepochs = 1\nbatch_size = 4\nlr = 1e-2\n";
+    std::fs::write(env.path("sft.toml"), exp).expect("experiment");
+    let o = env.run(&["train", "--config", "sft.toml", "--quiet", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let trained = json(&o);
+    let id = trained["run_id"].as_str().expect("id").to_owned();
+    let o = env.run(&["models", "register", &id, "--name", "chat"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(env.run(&["models", "promote", "chat", "1"]).status.success());
+    let o = env.run(&["models", "ls", "--json"]);
+    let metrics = &json(&o)[0]["metrics"];
+    assert!((metrics["loss"].as_f64().expect("loss") - trained["validation_loss"].as_f64().expect("val")).abs() < 1e-9);
+    assert!(metrics["perplexity"].is_number(), "{metrics}");
+
+    let ask = |server: &Served, prompt: &str, session: &str| {
+        server.post(
+            "/api/v1/generate",
+            &serde_json::json!({"model": "chat", "prompt": prompt, "max_tokens": 3, "session": session}),
+        )
+    };
+    let server = Served::start(&env);
+    let corrections = [("the cat 3", "a correction"), ("a brand new question", "a new answer"), ("a hat", "x")];
+    for (prompt, better) in corrections {
+        let answer = ask(&server, prompt, "u0");
+        assert_eq!(answer["version"], 1, "{answer}");
+        let pid = answer["id"].as_str().expect("id");
+        server.post(
+            "/api/v1/feedback",
+            &serde_json::json!({"prediction_id": pid, "rating": "wrong", "corrected_label": better}),
+        );
+    }
+    drop(server);
+
+    let o = env.run(&["retrain", "--model", "chat", "--all-feedback", "--share", "0.5", "--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("dataset: 11 examples (10 original, 1 added and 1 answered anew from 3 feedback"), "{out}");
+    assert!(out.contains("1 in the validation set left out"), "{out}");
+    assert!(
+        out.contains("registered chat@2 (candidate)") && out.contains("serves 50% of sessions against @1"),
+        "{out}"
+    );
+    let data = env.latest_retrain_data();
+    let examples = tuneforge_core::sft::read_sft(&data.join("train.jsonl")).expect("instruction data");
+    let answer_to =
+        |q: &str| examples.iter().find(|e| e.context.last().is_some_and(|t| t.1 == q)).map(|e| e.response.clone());
+    assert_eq!(answer_to("the cat 3").as_deref(), Some("a correction"));
+    assert_eq!(answer_to("a brand new question").as_deref(), Some("a new answer"));
+    assert_eq!(answer_to("a hat"), None, "a validation question stays out of training");
+    assert_eq!(answer_to("the cat 4").as_deref(), Some("in the hat"));
+
+    // The server routes sessions between production and the candidate.
+    let server = Served::start(&env);
+    let versions: std::collections::HashSet<i64> =
+        (0..12).map(|i| ask(&server, "hi", &format!("s{i}"))["version"].as_i64().expect("v")).collect();
+    assert_eq!(versions, [1, 2].into_iter().collect(), "both arms answer");
 }
 
 /// `tuneforge generate` on a tiny GGUF decoder: streams text, or prints JSON with counts;

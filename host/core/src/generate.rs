@@ -184,6 +184,21 @@ impl ChatFormat {
     }
 }
 
+/// Whether `path` holds a language model that [`LanguageModel::load`] takes rather than a
+/// classifier: an instruction-tuned adapter, a `.gguf` file, or a Hugging Face decoder
+/// directory (a `config.json` of a Llama or Qwen2 model, without a classifier's
+/// `tuneforge.json`).
+pub fn is_language_model(path: &Path) -> bool {
+    let decoder_dir = || {
+        let Ok(text) = std::fs::read_to_string(path.join("config.json")) else { return false };
+        let Ok(config) = serde_json::from_str::<serde_json::Value>(&text) else { return false };
+        matches!(config["model_type"].as_str(), Some("llama" | "qwen2")) && !path.join("tuneforge.json").exists()
+    };
+    crate::sft::is_adapter_dir(path)
+        || (path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")))
+        || decoder_dir()
+}
+
 /// A decoder ready to generate: model, tokenizer, chat format and stop tokens.
 #[derive(Debug)]
 pub struct LanguageModel {

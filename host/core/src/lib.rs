@@ -53,7 +53,7 @@ pub use optim::{AdamW, AdamWConfig};
 pub use params::{Init, ParamBuilder, ParamStore};
 pub use peft::{AdapterPlacement, PeftSpec};
 pub use prefix_cache::PrefixCache;
-pub use run::{RunDir, new_run_id};
+pub use run::{RunDir, is_model_dir, new_run_id, registration_metrics};
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use source::{ModelSource, cache_dir};
 pub use train::{

@@ -9,6 +9,22 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::{CoreError, Result};
 
+/// Whether `dir` holds a model that a run keeps as its best: a classifier
+/// (`tuneforge.json`) or an instruction-tuned adapter.
+pub fn is_model_dir(dir: &Path) -> bool {
+    dir.join("tuneforge.json").is_file() || crate::sft::is_adapter_dir(dir)
+}
+
+/// The metrics a registered model carries from its run's summary (`summary.json`): a
+/// classifier's validation figures, or a language model's validation `loss` and `perplexity`.
+pub fn registration_metrics(summary: &serde_json::Value) -> Option<serde_json::Value> {
+    if let Some(v) = summary.get("validation").filter(|v| v.is_object()) {
+        return Some(v.clone());
+    }
+    let (loss, perplexity) = (summary.get("validation_loss")?.as_f64()?, summary.get("perplexity")?.as_f64()?);
+    Some(serde_json::json!({"loss": loss, "perplexity": perplexity}))
+}
+
 #[derive(Debug, Clone)]
 pub struct RunDir {
     root: PathBuf,

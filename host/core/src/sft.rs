@@ -173,6 +173,55 @@ pub fn read_sft(path: &Path) -> Result<Vec<SftExample>> {
     Ok(out)
 }
 
+/// The training and validation conversations of a `causal-lm` experiment (paths as given, or
+/// relative to the working directory): a separate validation file, or a split of the training
+/// file seeded by `experiment.seed` (the same split every time); `max_train_examples` applies.
+pub fn load_sft_data(cfg: &ExperimentConfig) -> Result<(Vec<SftExample>, Vec<SftExample>)> {
+    let mut train = read_sft(&cfg.data.train)?;
+    let validation = match &cfg.data.validation {
+        Some(v) => read_sft(v)?,
+        None => {
+            train.shuffle(&mut StdRng::seed_from_u64(cfg.experiment.seed));
+            let n_val = ((train.len() as f64) * cfg.data.validation_split).round().max(1.0) as usize;
+            if n_val >= train.len() {
+                return Err(CoreError::Config {
+                    file: "experiment".into(),
+                    field: "data.validation_split".into(),
+                    message: format!("leaves no training examples out of {}", train.len()),
+                });
+            }
+            train.split_off(train.len() - n_val)
+        }
+    };
+    if let Some(m) = cfg.data.max_train_examples {
+        train.truncate(m);
+    }
+    Ok((train, validation))
+}
+
+impl SftExample {
+    /// The conversation as `{"messages": [{"role", "content"}, ...]}` with the response as the
+    /// assistant's last turn: a line [`read_sft`] reads back as this example.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut messages: Vec<serde_json::Value> =
+            self.context.iter().map(|(role, content)| serde_json::json!({"role": role, "content": content})).collect();
+        messages.push(serde_json::json!({"role": "assistant", "content": self.response}));
+        serde_json::json!({ "messages": messages })
+    }
+
+    /// The turns before the answer, normalised for comparison (case and spacing do not
+    /// matter): two examples with the same key ask the same thing.
+    pub fn context_key(&self) -> String {
+        self.context
+            .iter()
+            .map(|(role, text)| {
+                format!("{role}\u{1f}{}", text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase())
+            })
+            .collect::<Vec<_>>()
+            .join("\u{1e}")
+    }
+}
+
 /// Token ids and which of them carry loss (the response and its end marker).
 #[derive(Debug, Clone)]
 pub struct SftTokens {
@@ -674,26 +723,7 @@ pub fn train_causal_lm_in(
         100.0 * n_trainable as f64 / n_total.max(1) as f64
     ));
 
-    // Data: a separate validation file, or a seeded split of the training file.
-    let mut train = read_sft(&cfg.data.train)?;
-    let validation = match &cfg.data.validation {
-        Some(v) => read_sft(v)?,
-        None => {
-            train.shuffle(&mut StdRng::seed_from_u64(seed));
-            let n_val = ((train.len() as f64) * cfg.data.validation_split).round().max(1.0) as usize;
-            if n_val >= train.len() {
-                return Err(CoreError::Config {
-                    file: "experiment".into(),
-                    field: "data.validation_split".into(),
-                    message: format!("leaves no training examples out of {}", train.len()),
-                });
-            }
-            train.split_off(train.len() - n_val)
-        }
-    };
-    if let Some(m) = cfg.data.max_train_examples {
-        train.truncate(m);
-    }
+    let (train, validation) = load_sft_data(&cfg)?;
     let mut skipped = 0;
     let turns = cfg.data.assistant_turns.unwrap_or_default();
     let mut encode_all = |rows: &[SftExample]| -> Result<Vec<SftTokens>> {

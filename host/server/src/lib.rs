@@ -84,13 +84,7 @@ impl Application {
         let for_dashboard = state.clone();
         let predict = tuneforge_web::api::PredictService(std::sync::Arc::new(move |model: String, text: String| {
             let state = for_dashboard.clone();
-            Box::pin(async move {
-                let (_, recorded) = routes::predict_and_record(&state, &model, None, vec![text], None)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                state.counters.prediction(&model, 1);
-                recorded.into_iter().next().map(|r| r.0).ok_or_else(|| "no prediction".to_string())
-            })
+            Box::pin(async move { routes::try_recorded(&state, &model, text).await.map_err(|e| e.to_string()) })
         }));
         let server = HttpServer::new(move || {
             let app = App::new()

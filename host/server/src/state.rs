@@ -16,7 +16,10 @@ pub struct AppState {
     pub counters: Arc<Counters>,
     /// Runs the cleaners and feature plugins that models carry; started on first use.
     pub plugins: std::sync::OnceLock<PluginRuntime>,
-    /// The decoder behind `/api/v1/generate` (`serve --generator`), and its source.
+    /// Registered language models loaded once and kept warm, by (name, version).
+    pub generators: Mutex<HashMap<(String, i64), Arc<tuneforge_core::generate::LanguageModel>>>,
+    /// The decoder behind `/api/v1/generate` without a `model` (`serve --generator`), and its
+    /// source.
     pub generator: Option<Arc<tuneforge_core::generate::LanguageModel>>,
     pub generator_name: Option<String>,
     /// One generation at a time.
@@ -33,6 +36,7 @@ impl AppState {
             store,
             token,
             models: Mutex::new(HashMap::new()),
+            generators: Mutex::new(HashMap::new()),
             counters: Arc::new(Counters::default()),
             plugins: std::sync::OnceLock::new(),
             generator: None,

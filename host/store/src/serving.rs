@@ -65,6 +65,33 @@ pub struct FeedbackRow {
     pub input: String,
     pub output: String,
     pub model_name: String,
+    /// What the model gave beside its answer: a classifier's probabilities, a language
+    /// model's conversation (`messages`, the turns it answered) and token counts.
+    #[serde(default)]
+    pub details: serde_json::Value,
+}
+
+impl FeedbackRow {
+    /// What the model should have answered: the correction, else its own answer when rated
+    /// correct; `None` for a wrong answer without a correction (or an empty one).
+    pub fn target(&self) -> Option<&str> {
+        let target = match (&self.corrected_label, self.rating.as_str()) {
+            (Some(c), _) => c,
+            (None, "correct") => &self.output,
+            _ => return None,
+        };
+        (!target.trim().is_empty()).then_some(target.as_str())
+    }
+
+    /// The conversation a language model answered (`role`, `content` turns), when the
+    /// prediction is a generation.
+    pub fn conversation(&self) -> Option<Vec<(String, String)>> {
+        self.details["messages"]
+            .as_array()?
+            .iter()
+            .map(|m| Some((m["role"].as_str()?.to_owned(), m["content"].as_str()?.to_owned())))
+            .collect()
+    }
 }
 
 impl Store {
@@ -131,7 +158,7 @@ impl Store {
         let rows = sqlx::query(
             "SELECT f.id, f.prediction_id, f.rating, f.corrected_label, f.comment, f.author, \
              CAST(CASE WHEN f.reviewed THEN 1 ELSE 0 END AS BIGINT) AS reviewed, f.time_ms, \
-             p.input, p.output, p.model_name FROM feedback f JOIN predictions p ON p.id = f.prediction_id \
+             p.input, p.output, p.model_name, p.probabilities FROM feedback f JOIN predictions p ON p.id = f.prediction_id \
              WHERE (CAST($1 AS TEXT) IS NULL OR p.model_name = $1) \
              AND (CAST($3 AS TEXT) IS NULL OR COALESCE(f.corrected_label, p.output) = $3) \
              AND (CAST($4 AS TEXT) IS NULL OR f.rating = $4) \
@@ -160,6 +187,8 @@ impl Store {
                     input: r.try_get("input")?,
                     output: r.try_get("output")?,
                     model_name: r.try_get("model_name")?,
+                    details: serde_json::from_str(&r.try_get::<String, _>("probabilities")?)
+                        .unwrap_or(serde_json::Value::Null),
                 })
             })
             .collect()
@@ -199,5 +228,49 @@ impl Store {
             },
             serde_json::from_str(&probabilities).unwrap_or(serde_json::Value::Null),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(rating: &str, output: &str, corrected: Option<&str>, details: serde_json::Value) -> FeedbackRow {
+        FeedbackRow {
+            id: "f".into(),
+            prediction_id: "p".into(),
+            rating: rating.into(),
+            corrected_label: corrected.map(str::to_owned),
+            comment: None,
+            author: None,
+            reviewed: true,
+            time_ms: 0,
+            input: "q".into(),
+            output: output.into(),
+            model_name: "m".into(),
+            details,
+        }
+    }
+
+    #[test]
+    fn the_target_is_the_correction_or_an_approved_answer() {
+        let none = serde_json::Value::Null;
+        assert_eq!(row("wrong", "flu", Some("acne"), none.clone()).target(), Some("acne"));
+        assert_eq!(row("correct", "flu", None, none.clone()).target(), Some("flu"));
+        assert_eq!(row("wrong", "flu", None, none.clone()).target(), None);
+        // An empty answer teaches nothing, approved or written.
+        assert_eq!(row("correct", " ", None, none.clone()).target(), None);
+        assert_eq!(row("wrong", "flu", Some(""), none).target(), None);
+    }
+
+    #[test]
+    fn a_generation_carries_its_conversation() {
+        let details =
+            serde_json::json!({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]});
+        let turns = row("correct", "a", None, details).conversation().expect("turns");
+        assert_eq!(turns, vec![("system".to_owned(), "s".to_owned()), ("user".to_owned(), "u".to_owned())]);
+        // A classifier's probabilities, or a malformed turn, are no conversation.
+        assert_eq!(row("correct", "a", None, serde_json::json!({"flu": 0.9})).conversation(), None);
+        assert_eq!(row("correct", "a", None, serde_json::json!({"messages": [{"role": 1}]})).conversation(), None);
     }
 }

@@ -1,6 +1,7 @@
-//! `/playground`: pick a served model, type a text, see the label and every probability; then
-//! rate the answer (correct or wrong), give the right label and a comment — stored as feedback
-//! that the next fine-tune can use. Plain forms; each step is a page of its own.
+//! `/playground`: pick a served model, type a text, see the label and every probability (or a
+//! language model's answer); then rate the answer (correct or wrong), give the right label (or
+//! write the better answer) and a comment — stored as feedback that the next fine-tune can
+//! use. Plain forms; each step is a page of its own.
 
 use leptos::prelude::*;
 use leptos::server::ServerAction;
@@ -10,35 +11,56 @@ use super::models::error_message;
 use crate::api::{GiveFeedback, PredictionView, TryModel, prediction, served_models};
 
 fn answer(p: PredictionView, feedback: ServerAction<GiveFeedback>) -> impl IntoView {
-    let labels: Vec<String> = p.probabilities.iter().map(|(l, _)| l.clone()).collect();
-    let bars = p
-        .probabilities
-        .iter()
-        .take(10)
-        .map(|(l, v)| {
-            view! {
-                <tr><td>{l.clone()}</td><td class="num">{format!("{v:.3}")}</td>
-                <td class="wide"><div class="bar"><div style=format!("width:{:.1}%", v * 100.0)></div></div></td></tr>
-            }
-        })
-        .collect_view();
+    let shown = if p.generated {
+        view! { <blockquote class="generated">{p.label.clone()}</blockquote> }.into_any()
+    } else {
+        let bars = p
+            .probabilities
+            .iter()
+            .take(10)
+            .map(|(l, v)| {
+                view! {
+                    <tr><td>{l.clone()}</td><td class="num">{format!("{v:.3}")}</td>
+                    <td class="wide"><div class="bar"><div style=format!("width:{:.1}%", v * 100.0)></div></div></td></tr>
+                }
+            })
+            .collect_view();
+        view! {
+            <p class="label">"→ "<b>{p.label.clone()}</b></p>
+            <table class="probs"><tbody>{bars}</tbody></table>
+        }
+        .into_any()
+    };
+    // A label is chosen from the model's; an answer is written out.
+    let correction = if p.generated {
+        view! {
+            <label><input type="radio" name="rating" value="wrong"/>" wrong — a better answer is:"</label>
+            <textarea name="corrected_label" rows="4" maxlength="20000" placeholder="the answer it should have given (optional)"></textarea>
+        }
+        .into_any()
+    } else {
+        let labels: Vec<String> = p.probabilities.iter().map(|(l, _)| l.clone()).collect();
+        view! {
+            <label><input type="radio" name="rating" value="wrong"/>" wrong — the right label is "</label>
+            <select name="corrected_label">
+                <option value="">"(choose)"</option>
+                {labels.into_iter().map(|l| view! { <option value=l.clone()>{l.clone()}</option> }).collect_view()}
+            </select>
+        }
+        .into_any()
+    };
     view! {
         <section class="answer">
             <p class="sub">{format!("{}@{} answered", p.model, p.version)}</p>
             <blockquote>{p.input.clone()}</blockquote>
-            <p class="label">"→ "<b>{p.label.clone()}</b></p>
-            <table class="probs"><tbody>{bars}</tbody></table>
+            {shown}
         </section>
         <section>
             <h2>"Was it right?"</h2>
             <ActionForm action=feedback attr:class="feedback">
                 <input type="hidden" name="prediction_id" value=p.id.clone()/>
                 <label><input type="radio" name="rating" value="correct" required/>" correct"</label>
-                <label><input type="radio" name="rating" value="wrong"/>" wrong — the right label is "</label>
-                <select name="corrected_label">
-                    <option value="">"(choose)"</option>
-                    {labels.into_iter().map(|l| view! { <option value=l.clone()>{l.clone()}</option> }).collect_view()}
-                </select>
+                {correction}
                 <input type="text" name="comment" placeholder="comment (optional)" maxlength="10000"/>
                 <input type="password" name="token" placeholder="write token" required autocomplete="off"/>
                 <button type="submit">"Send feedback"</button>
@@ -81,9 +103,9 @@ pub fn PlaygroundPage() -> impl IntoView {
                                 {served.into_iter().map(|(n, v)| view! { <option value=n.clone()>{format!("{n} (v{v})")}</option> }).collect_view()}
                             </select>
                         </label>
-                        <textarea name="text" rows="3" required placeholder="Type a text to classify"></textarea>
+                        <textarea name="text" rows="3" required placeholder="Type a text to classify (or a question for a language model)"></textarea>
                         <input type="password" name="token" placeholder="write token" required autocomplete="off"/>
-                        <button type="submit">"Classify"</button>
+                        <button type="submit">"Try it"</button>
                     </ActionForm>
                     {match current {
                         Ok(Some(p)) => answer(p, feedback).into_any(),

@@ -83,12 +83,20 @@ pub fn run(cmd: ModelsCommand) -> anyhow::Result<Outcome> {
                 Some(dir) => std::path::absolute(&dir)?,
                 None => std::path::Path::new(&r.run_dir).join("best"),
             };
-            if !best.join("tuneforge.json").exists() {
-                anyhow::bail!("{} is not a model directory of run {run} (tuneforge.json is missing)", best.display());
+            if !tuneforge_core::is_model_dir(&best) {
+                anyhow::bail!(
+                    "{} is not a model directory of run {run} (neither a classifier's tuneforge.json nor an \
+                     instruction-tuned adapter)",
+                    best.display()
+                );
             }
             // Refuse what would fail at serving time.
-            tuneforge_core::ClassifierModel::load(&best)?;
-            let metrics = r.summary.as_ref().and_then(|s| s.get("validation").cloned());
+            if tuneforge_core::sft::is_adapter_dir(&best) {
+                tuneforge_core::generate::LanguageModel::load(&best)?;
+            } else {
+                tuneforge_core::ClassifierModel::load(&best)?;
+            }
+            let metrics = r.summary.as_ref().and_then(tuneforge_core::registration_metrics);
             let v = rt.block_on(store.register_model(
                 &name,
                 &run,

@@ -5,18 +5,25 @@
 //! stays out of training. Each example keeps its provenance (`source`). The run goes through
 //! the normal pipeline; if its gates pass, it is registered as a candidate and an A/B test
 //! against production starts (it decides on its own unless `--manual`).
+//!
+//! A language model (an instruction-tuned adapter) is retrained the same way on
+//! conversations: each corrected generation (the turns it answered, the correction as the
+//! assistant's answer; a generation rated correct with its own answer) joins the original
+//! instruction data, replacing an example that asks the same thing.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use tuneforge_core::experiment::Task;
+use tuneforge_core::sft::{SftExample, load_sft_data};
 use tuneforge_core::{ExperimentConfig, RunOptions, load_experiment_data};
 use tuneforge_data::DataFormat;
-use tuneforge_store::FeedbackFilter;
+use tuneforge_store::{FeedbackFilter, FeedbackRow};
 
 use super::models::actor;
-use super::train::train_recorded;
+use super::train::{causal_lm_recorded, train_recorded};
 use super::{DbArgs, Outcome, report_gates};
 use crate::recorder::{open_store, runtime};
 
@@ -54,6 +61,155 @@ fn key(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
 }
 
+/// What building the dataset did, for the report.
+#[derive(Default)]
+struct Merge {
+    original: usize,
+    duplicates: usize,
+    added: usize,
+    overridden: usize,
+    skipped_validation: usize,
+    unusable: usize,
+}
+
+/// Originals first (exact duplicates dropped), then the feedback's examples, oldest first so
+/// the newest wins: an example whose key is in `held_out` stays out, one whose key is taken
+/// replaces that row. `same` says whether two examples teach the same thing.
+fn merge<T: Clone>(
+    originals: &[T],
+    feedback: &[(T, String)],
+    held_out: &std::collections::HashSet<String>,
+    key_of: impl Fn(&T) -> String,
+    same: impl Fn(&T, &T) -> bool,
+) -> (Vec<(T, String)>, Merge) {
+    let mut rows: Vec<(T, String)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut m = Merge::default();
+    for e in originals {
+        let k = key_of(e);
+        match index.get(&k) {
+            Some(&i) if same(&rows[i].0, e) => m.duplicates += 1,
+            _ => {
+                index.insert(k, rows.len());
+                rows.push((e.clone(), "original".into()));
+            }
+        }
+    }
+    m.original = rows.len();
+    for (e, source) in feedback {
+        let k = key_of(e);
+        if held_out.contains(&k) {
+            m.skipped_validation += 1;
+            continue;
+        }
+        match index.get(&k) {
+            Some(&i) => {
+                if !same(&rows[i].0, e) {
+                    m.overridden += 1;
+                }
+                rows[i] = (e.clone(), source.clone());
+            }
+            None => {
+                index.insert(k, rows.len());
+                rows.push((e.clone(), source.clone()));
+                m.added += 1;
+            }
+        }
+    }
+    (rows, m)
+}
+
+/// The data files of the candidate's run, and what building them did.
+struct Dataset {
+    train: PathBuf,
+    validation: PathBuf,
+    merge: Merge,
+    rows: usize,
+}
+
+fn write_jsonl(
+    dir: &std::path::Path,
+    name: &str,
+    lines: impl Iterator<Item = serde_json::Value>,
+) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    let text: String = lines.map(|l| format!("{l}\n")).collect();
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Classification: texts with labels; a correction relabels the same text.
+fn labelled_dataset(
+    cfg: &ExperimentConfig,
+    feedback: &[FeedbackRow],
+    dir: &std::path::Path,
+) -> anyhow::Result<Dataset> {
+    let (train, validation, _) = load_experiment_data(cfg)?;
+    let originals: Vec<(String, String)> = train.iter().map(|e| (e.text.clone(), e.label.clone())).collect();
+    let mut unusable = 0;
+    let from_feedback: Vec<((String, String), String)> = feedback
+        .iter()
+        .rev()
+        .filter_map(|f| match f.target() {
+            Some(label) => Some(((f.input.clone(), label.to_owned()), format!("feedback:{}", f.id))),
+            None => {
+                unusable += 1;
+                None
+            }
+        })
+        .collect();
+    let held_out = validation.iter().map(|e| key(&e.text)).collect();
+    let (rows, mut merge) = merge(&originals, &from_feedback, &held_out, |e| key(&e.0), |a, b| a.1 == b.1);
+    merge.unusable = unusable;
+    let train = write_jsonl(
+        dir,
+        "train.jsonl",
+        rows.iter().map(|((t, l), s)| serde_json::json!({"text": t, "label": l, "source": s})),
+    )?;
+    let validation = write_jsonl(
+        dir,
+        "validation.jsonl",
+        validation.iter().map(|e| serde_json::json!({"text": e.text, "label": e.label, "source": "original"})),
+    )?;
+    Ok(Dataset { train, validation, merge, rows: rows.len() })
+}
+
+/// Instruction tuning: conversations; a corrected answer replaces an example that asks the
+/// same thing.
+fn conversation_dataset(
+    cfg: &ExperimentConfig,
+    feedback: &[FeedbackRow],
+    dir: &std::path::Path,
+) -> anyhow::Result<Dataset> {
+    let (train, validation) = load_sft_data(cfg)?;
+    let mut unusable = 0;
+    let from_feedback: Vec<(SftExample, String)> = feedback
+        .iter()
+        .rev()
+        .filter_map(|f| match (f.conversation(), f.target()) {
+            (Some(context), Some(answer)) => {
+                Some((SftExample { context, response: answer.to_owned() }, format!("feedback:{}", f.id)))
+            }
+            _ => {
+                unusable += 1;
+                None
+            }
+        })
+        .collect();
+    let held_out = validation.iter().map(SftExample::context_key).collect();
+    let (rows, mut merge) =
+        merge(&train, &from_feedback, &held_out, SftExample::context_key, |a, b| a.response == b.response);
+    merge.unusable = unusable;
+    let with_source = |e: &SftExample, source: &str| {
+        let mut line = e.to_json();
+        line["source"] = serde_json::json!(source);
+        line
+    };
+    let train = write_jsonl(dir, "train.jsonl", rows.iter().map(|(e, s)| with_source(e, s)))?;
+    let validation = write_jsonl(dir, "validation.jsonl", validation.iter().map(|e| with_source(e, "original")))?;
+    Ok(Dataset { train, validation, merge, rows: rows.len() })
+}
+
 pub fn run(args: RetrainArgs) -> anyhow::Result<Outcome> {
     let rt = runtime()?;
     let db = args.db.url();
@@ -72,7 +228,6 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<Outcome> {
     if let Some(device) = args.device {
         cfg.run.device = device;
     }
-    let (train, validation, _) = load_experiment_data(&cfg)?;
     let filter = FeedbackFilter {
         model: Some(args.model.clone()),
         reviewed: if args.all_feedback { None } else { Some(true) },
@@ -80,103 +235,64 @@ pub fn run(args: RetrainArgs) -> anyhow::Result<Outcome> {
         ..Default::default()
     };
     let feedback = rt.block_on(store.feedback(&filter))?;
-
-    // Originals first (exact duplicates dropped), then corrections, oldest first so the newest wins.
-    let mut rows: Vec<(String, String, String)> = Vec::new();
-    let mut index: HashMap<String, usize> = HashMap::new();
-    let mut duplicates = 0usize;
-    for e in &train {
-        match index.get(&key(&e.text)) {
-            Some(&i) if rows[i].1 == e.label => duplicates += 1,
-            _ => {
-                index.insert(key(&e.text), rows.len());
-                rows.push((e.text.clone(), e.label.clone(), "original".into()));
-            }
-        }
-    }
-    let held_out: std::collections::HashSet<String> = validation.iter().map(|e| key(&e.text)).collect();
-    let (mut added, mut overridden, mut skipped_validation, mut unusable) = (0usize, 0usize, 0usize, 0usize);
-    for f in feedback.iter().rev() {
-        let label = match (&f.corrected_label, f.rating.as_str()) {
-            (Some(l), _) => l.clone(),
-            (None, "correct") => f.output.clone(),
-            _ => {
-                unusable += 1;
-                continue;
-            }
-        };
-        let k = key(&f.input);
-        if held_out.contains(&k) {
-            skipped_validation += 1;
-            continue;
-        }
-        let source = format!("feedback:{}", f.id);
-        match index.get(&k) {
-            Some(&i) => {
-                if rows[i].1 != label {
-                    overridden += 1;
-                }
-                rows[i] = (f.input.clone(), label, source);
-            }
-            None => {
-                index.insert(k, rows.len());
-                rows.push((f.input.clone(), label, source));
-                added += 1;
-            }
-        }
-    }
-
     let stamp = tuneforge_store::now_ms();
     let dir = cfg.experiment.output_dir.join("retrain-data").join(format!("{}-{stamp}", args.model));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let write = |name: &str, lines: Vec<serde_json::Value>| -> anyhow::Result<PathBuf> {
-        let path = dir.join(name);
-        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-        Ok(path)
+    let lm = cfg.model.task == Task::CausalLm;
+    let data = if lm { conversation_dataset(&cfg, &feedback, &dir)? } else { labelled_dataset(&cfg, &feedback, &dir)? };
+    let m = &data.merge;
+    let (changed, unusable) = if lm {
+        ("answered anew", "answers without a correction (or not generations)")
+    } else {
+        ("relabelled", "wrong answers without a correction")
     };
-    let train_file = write(
-        "train.jsonl",
-        rows.iter().map(|(t, l, s)| serde_json::json!({"text": t, "label": l, "source": s})).collect(),
-    )?;
-    let validation_file = write(
-        "validation.jsonl",
-        validation
-            .iter()
-            .map(|e| serde_json::json!({"text": e.text, "label": e.label, "source": "original"}))
-            .collect(),
-    )?;
     println!(
-        "dataset: {} examples ({} original, {added} added and {overridden} relabelled from {} feedback; {duplicates} \
-         duplicates dropped, {skipped_validation} in the validation set left out, {unusable} wrong answers without a \
-         correction ignored) in {}",
-        rows.len(),
-        rows.iter().filter(|r| r.2 == "original").count(),
+        "dataset: {} examples ({} original, {} added and {} {changed} from {} feedback; {} duplicates dropped, {} in \
+         the validation set left out, {} {unusable} ignored) in {}",
+        data.rows,
+        m.original,
+        m.added,
+        m.overridden,
         feedback.len(),
+        m.duplicates,
+        m.skipped_validation,
+        m.unusable,
         dir.display()
     );
 
     cfg.experiment.name = Some(format!("{}-retrain", args.model));
-    cfg.data.train = train_file;
-    cfg.data.validation = Some(validation_file);
-    cfg.data.format = Some(DataFormat::Jsonl);
-    cfg.data.text_column = "text".into();
-    cfg.data.label_column = "label".into();
+    cfg.data.train = data.train;
+    cfg.data.validation = Some(data.validation);
     cfg.data.max_train_examples = None;
-    let outcome = train_recorded(cfg, &RunOptions::default(), Some(&db), args.quiet)?;
-    let s = &outcome.summary;
-    if let Some(v) = &s.validation {
-        println!("candidate run {}: validation accuracy {:.4}, macro-F1 {:.4}", s.run_id, v.accuracy, v.macro_f1);
-    }
-    if report_gates(&s.gates) == Outcome::GateFailed {
-        eprintln!("the candidate failed its gates: not registered");
-        return Ok(Outcome::GateFailed);
-    }
-    let best = s.best_model_dir.clone().context("the run kept no best model")?;
-    let metrics = s.validation.as_ref().map(|v| serde_json::json!({"accuracy": v.accuracy, "macro_f1": v.macro_f1}));
+    let (run_id, best, metrics) = if lm {
+        let s = causal_lm_recorded(cfg, &RunOptions::default(), Some(&db), args.quiet)?;
+        println!(
+            "candidate run {}: validation loss {:.4} -> {:.4}, perplexity {:.2} -> {:.2} (base -> best)",
+            s.run_id, s.base_validation_loss, s.validation_loss, s.base_perplexity, s.perplexity
+        );
+        let metrics = tuneforge_core::registration_metrics(&serde_json::to_value(&s)?);
+        (s.run_id.clone(), s.best_model_dir.clone(), metrics)
+    } else {
+        cfg.data.format = Some(DataFormat::Jsonl);
+        cfg.data.text_column = "text".into();
+        cfg.data.label_column = "label".into();
+        let outcome = train_recorded(cfg, &RunOptions::default(), Some(&db), args.quiet)?;
+        let s = &outcome.summary;
+        if let Some(v) = &s.validation {
+            println!("candidate run {}: validation accuracy {:.4}, macro-F1 {:.4}", s.run_id, v.accuracy, v.macro_f1);
+        }
+        if report_gates(&s.gates) == Outcome::GateFailed {
+            eprintln!("the candidate failed its gates: not registered");
+            return Ok(Outcome::GateFailed);
+        }
+        let best = s.best_model_dir.clone().context("the run kept no best model")?;
+        let metrics =
+            s.validation.as_ref().map(|v| serde_json::json!({"accuracy": v.accuracy, "macro_f1": v.macro_f1}));
+        (s.run_id.clone(), best, metrics)
+    };
     let v = rt.block_on(store.register_model(
         &args.model,
-        &s.run_id,
+        &run_id,
         &best.display().to_string(),
         metrics.as_ref(),
         &actor(),

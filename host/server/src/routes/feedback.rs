@@ -30,6 +30,9 @@ pub async fn create(req: HttpRequest, state: State, body: web::Bytes) -> Result<
     if b.comment.as_ref().is_some_and(|c| c.len() > 10_000) {
         return Err(ApiError::BadRequest("comment: at most 10000 bytes".into()));
     }
+    if b.corrected_label.as_ref().is_some_and(|c| c.len() > 20_000) {
+        return Err(ApiError::BadRequest("corrected_label: at most 20000 bytes".into()));
+    }
     let id = state
         .store
         .record_feedback(&NewFeedback {
@@ -68,7 +71,9 @@ pub struct ExportQuery {
 
 /// One JSONL line per usable piece of feedback: `{"text", "label", "rating", "prediction_id"}`
 /// with the corrected label for a wrong answer and the model's answer for a correct one
-/// (wrong answers without a correction are left out).
+/// (wrong answers without a correction are left out). A language model's answer becomes a
+/// conversation instead, `{"messages": [..., {"role": "assistant", "content": answer}],
+/// "rating", "prediction_id"}`: instruction data for `tuneforge train`.
 pub async fn export(state: State, q: web::Query<ExportQuery>) -> Result<HttpResponse, ApiError> {
     let filter = tuneforge_store::FeedbackFilter {
         model: q.model.clone().filter(|m| !m.is_empty()),
@@ -78,12 +83,18 @@ pub async fn export(state: State, q: web::Query<ExportQuery>) -> Result<HttpResp
     };
     let mut out = String::new();
     for f in state.store.feedback(&filter).await? {
-        let label = match (f.rating.as_str(), f.corrected_label) {
-            (_, Some(l)) => l,
-            ("correct", None) => f.output,
-            _ => continue,
+        let Some(answer) = f.target() else { continue };
+        let line = match f.conversation() {
+            Some(turns) => {
+                let mut messages: Vec<serde_json::Value> =
+                    turns.iter().map(|(role, content)| serde_json::json!({"role": role, "content": content})).collect();
+                messages.push(serde_json::json!({"role": "assistant", "content": answer}));
+                serde_json::json!({ "messages": messages, "rating": f.rating, "prediction_id": f.prediction_id })
+            }
+            None => {
+                serde_json::json!({ "text": f.input, "label": answer, "rating": f.rating, "prediction_id": f.prediction_id })
+            }
         };
-        let line = serde_json::json!({ "text": f.input, "label": label, "rating": f.rating, "prediction_id": f.prediction_id });
         out.push_str(&line.to_string());
         out.push('\n');
     }

@@ -1,17 +1,22 @@
-//! `POST /api/v1/generate`: text from the decoder the server was started with
-//! (`tuneforge serve --generator SOURCE`). One generation runs at a time (they are CPU-bound);
-//! others wait their turn. With `"stream": true` the answer comes as server-sent events: one
-//! `data: {"text": …}` event per piece of settled text, then `data: {"done": true, …}` with the
-//! counts (or `data: {"error": …}`).
+//! `POST /api/v1/generate`: text from a registered language model (`"model": NAME`: its
+//! production version, the version a session's A/B arm gives, or a pinned `version`; loaded
+//! once and kept warm; every answer recorded as a prediction that feedback can correct), or
+//! from the decoder the server was started with (`tuneforge serve --generator SOURCE`; not
+//! recorded). One generation runs at a time (they are CPU-bound); others wait their turn.
+//! With `"stream": true` the answer comes as server-sent events: one `data: {"text": …}` event
+//! per piece of settled text, then `data: {"done": true, …}` with the counts and the
+//! prediction's id (or `data: {"error": …}`).
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
-use tuneforge_core::generate::{LanguageModel, Sampling};
+use tuneforge_core::generate::{Generated, LanguageModel, Sampling};
+use tuneforge_store::NewPrediction;
 
 use super::State;
+use super::predict::{model_version, route};
 use crate::ApiError;
 use crate::auth::require_token;
 use crate::error::parse_json;
@@ -29,6 +34,16 @@ pub struct Message {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateBody {
+    /// A registered language model; without it, the server's `--generator`.
+    #[serde(default)]
+    model: Option<String>,
+    /// A version of `model` instead of production (or the session's arm).
+    #[serde(default)]
+    version: Option<i64>,
+    /// A stable key of the user's session: with an A/B test of `model` running, it decides
+    /// (stickily) whether the production or the candidate version answers.
+    #[serde(default)]
+    session: Option<String>,
     /// A user message (put through the chat template unless `raw`).
     #[serde(default)]
     prompt: Option<String>,
@@ -63,14 +78,39 @@ fn default_penalty() -> f64 {
     1.1
 }
 
+/// A registered model's answer to record: which version answered, in which arm, to which
+/// conversation.
+struct Recording {
+    name: String,
+    version: i64,
+    arm: Option<&'static str>,
+    turns: Vec<(String, String)>,
+}
+
+/// Loads a registered language model's version once and keeps it warm.
+async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, Arc<LanguageModel>), ApiError> {
+    let v = model_version(state, name, version).await?;
+    let key = (v.name.clone(), v.version);
+    if let Some(m) = state.generators.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return Ok((v.version, m.clone()));
+    }
+    let path = std::path::PathBuf::from(&v.path);
+    if !tuneforge_core::generate::is_language_model(&path) {
+        return Err(ApiError::BadRequest(format!("model `{name}` is a classifier: ask it with POST /api/v1/predict")));
+    }
+    let device = state.device.clone();
+    let lm = web::block(move || LanguageModel::load_on(&path, &device))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(format!("cannot load {name}@{}: {e}", v.version)))?;
+    let lm = Arc::new(lm);
+    state.generators.lock().unwrap_or_else(|e| e.into_inner()).insert(key, lm.clone());
+    Ok((v.version, lm))
+}
+
 pub async fn generate(req: HttpRequest, state: State, body: web::Bytes) -> Result<HttpResponse, ApiError> {
     require_token(&req, &state)?;
     let body: GenerateBody = parse_json(&body)?;
-    let Some(generator) = state.generator.clone() else {
-        return Err(ApiError::NotFound(
-            "no text generator is loaded: start the server with `tuneforge serve --generator SOURCE`".into(),
-        ));
-    };
     if body.max_tokens == 0 || body.max_tokens > MAX_NEW_TOKENS {
         return Err(ApiError::BadRequest(format!("max_tokens: give 1 to {MAX_NEW_TOKENS}, got {}", body.max_tokens)));
     }
@@ -83,9 +123,10 @@ pub async fn generate(req: HttpRequest, state: State, body: web::Bytes) -> Resul
         seed: body.seed,
     };
     sampling.validate().map_err(ApiError::BadRequest)?;
-    let prompt = match (body.prompt, body.messages) {
-        (Some(p), None) if body.raw => p,
-        (Some(p), None) => generator.chat.render(&[("user".to_owned(), p)]),
+    // The conversation (None: a raw prompt).
+    let turns = match (body.prompt.as_ref(), body.messages) {
+        (Some(_), None) if body.raw => None,
+        (Some(p), None) => Some(vec![("user".to_owned(), p.clone())]),
         (None, Some(m)) if !body.raw => {
             if m.is_empty() {
                 return Err(ApiError::BadRequest("messages: give at least one message".into()));
@@ -93,32 +134,129 @@ pub async fn generate(req: HttpRequest, state: State, body: web::Bytes) -> Resul
             if let Some(bad) = m.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant")) {
                 return Err(ApiError::BadRequest(format!("messages: unknown role `{}`", bad.role)));
             }
-            generator.chat.render(&m.into_iter().map(|m| (m.role, m.content)).collect::<Vec<_>>())
+            Some(m.into_iter().map(|m| (m.role, m.content)).collect::<Vec<_>>())
         }
         (None, Some(_)) => return Err(ApiError::BadRequest("raw: applies to `prompt`, not `messages`".into())),
         _ => return Err(ApiError::BadRequest("give exactly one of `prompt` and `messages`".into())),
+    };
+    let (generator, recording) = match body.model {
+        Some(name) => {
+            let Some(turns) = turns.clone() else {
+                return Err(ApiError::BadRequest(
+                    "raw: a registered model answers conversations (its corrected answers become instruction \
+                     data); send `prompt` or `messages` without `raw`"
+                        .into(),
+                ));
+            };
+            let (version, arm) = route(&state, &name, body.version, body.session.as_deref()).await?;
+            let (version, lm) = load(&state, &name, version).await?;
+            (lm, Some(Recording { name, version, arm, turns }))
+        }
+        None => {
+            if body.version.is_some() || body.session.is_some() {
+                return Err(ApiError::BadRequest("version, session: apply to a registered `model`".into()));
+            }
+            let Some(generator) = state.generator.clone() else {
+                return Err(ApiError::NotFound(
+                    "no text generator is loaded: give a registered `model`, or start the server with \
+                     `tuneforge serve --generator SOURCE`"
+                        .into(),
+                ));
+            };
+            (generator, None)
+        }
+    };
+    let prompt = match &turns {
+        Some(turns) => generator.chat.render(turns),
+        None => body.prompt.unwrap_or_default(),
     };
     if prompt.trim().is_empty() {
         return Err(ApiError::BadRequest("prompt: is empty".into()));
     }
     if body.stream {
-        return Ok(stream_events(state, generator, prompt, sampling));
+        return Ok(stream_events(state, generator, prompt, sampling, recording));
     }
+    let (out, seconds) = run_turn(&state, generator, prompt, sampling).await?;
+    let mut answer = summary(&state, &out, seconds, recording).await?;
+    answer["text"] = serde_json::json!(out.text);
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+/// One generation in its turn, on the blocking pool; the seconds it took.
+async fn run_turn(
+    state: &State,
+    lm: Arc<LanguageModel>,
+    prompt: String,
+    sampling: Sampling,
+) -> Result<(Generated, f64), ApiError> {
     let _turn = state.generate_turn.lock().await;
     let started = Instant::now();
-    let out = web::block(move || generator.generate(&prompt, &sampling, &mut |_| {}))
+    let out = web::block(move || lm.generate(&prompt, &sampling, &mut |_| {}))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({
+    Ok((out, started.elapsed().as_secs_f64()))
+}
+
+/// The dashboard's playground: one user message answered by a registered language model's
+/// production version (greedy, the API's default length and repetition penalty), recorded;
+/// the prediction's id.
+pub(crate) async fn answer_recorded(state: &State, name: &str, text: String) -> Result<String, ApiError> {
+    let (version, lm) = load(state, name, None).await?;
+    let turns = vec![("user".to_owned(), text)];
+    let prompt = lm.chat.render(&turns);
+    let sampling =
+        Sampling { max_new_tokens: default_max_tokens(), repetition_penalty: default_penalty(), ..Sampling::default() };
+    let (out, seconds) = run_turn(state, lm, prompt, sampling).await?;
+    let recording = Recording { name: name.to_owned(), version, arm: None, turns };
+    let answer = summary(state, &out, seconds, Some(recording)).await?;
+    Ok(answer["id"].as_str().unwrap_or_default().to_owned())
+}
+
+/// The counts of a finished generation, recorded as a prediction (its `id` in the answer)
+/// when a registered model gave it.
+async fn summary(
+    state: &State,
+    out: &Generated,
+    seconds: f64,
+    recording: Option<Recording>,
+) -> Result<serde_json::Value, ApiError> {
+    let mut answer = serde_json::json!({
         "model": state.generator_name,
-        "text": out.text,
         "prompt_tokens": out.prompt_tokens,
         "completion_tokens": out.ids.len(),
         "stopped": out.stopped,
         "tokens_per_s": out.tokens_per_s(),
-        "seconds": started.elapsed().as_secs_f64(),
-    })))
+        "seconds": seconds,
+    });
+    if let Some(r) = recording {
+        let arm = r.arm.unwrap_or("none");
+        state.counters.inference(&r.name, r.version, arm, seconds);
+        state.counters.prediction(&r.name, 1);
+        let messages: Vec<serde_json::Value> =
+            r.turns.iter().map(|(role, content)| serde_json::json!({"role": role, "content": content})).collect();
+        let id = state
+            .store
+            .record_prediction(&NewPrediction {
+                model_name: r.name.clone(),
+                model_version: r.version,
+                // The question as people read it; the whole conversation in the details.
+                input: r.turns.iter().rev().find(|(role, _)| role == "user").map_or_else(String::new, |t| t.1.clone()),
+                output: out.text.clone(),
+                probabilities: serde_json::json!({
+                    "messages": messages,
+                    "prompt_tokens": out.prompt_tokens,
+                    "completion_tokens": out.ids.len(),
+                }),
+                latency_ms: seconds * 1000.0,
+                arm: r.arm.map(str::to_owned),
+            })
+            .await?;
+        answer["model"] = serde_json::json!(r.name);
+        answer["version"] = serde_json::json!(r.version);
+        answer["id"] = serde_json::json!(id);
+    }
+    Ok(answer)
 }
 
 /// One server-sent event carrying `value`.
@@ -128,7 +266,13 @@ fn event(value: &serde_json::Value) -> web::Bytes {
 
 /// Streams a generation as server-sent events. The generation waits for its turn and runs on
 /// the blocking pool; a client that goes away only loses the rest of the events.
-fn stream_events(state: State, generator: Arc<LanguageModel>, prompt: String, sampling: Sampling) -> HttpResponse {
+fn stream_events(
+    state: State,
+    generator: Arc<LanguageModel>,
+    prompt: String,
+    sampling: Sampling,
+    recording: Option<Recording>,
+) -> HttpResponse {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<web::Bytes>();
     actix_web::rt::spawn(async move {
         let _turn = state.generate_turn.lock().await;
@@ -141,15 +285,13 @@ fn stream_events(state: State, generator: Arc<LanguageModel>, prompt: String, sa
         })
         .await;
         let last = match out {
-            Ok(Ok(out)) => serde_json::json!({
-                "done": true,
-                "model": state.generator_name,
-                "prompt_tokens": out.prompt_tokens,
-                "completion_tokens": out.ids.len(),
-                "stopped": out.stopped,
-                "tokens_per_s": out.tokens_per_s(),
-                "seconds": started.elapsed().as_secs_f64(),
-            }),
+            Ok(Ok(out)) => match summary(&state, &out, started.elapsed().as_secs_f64(), recording).await {
+                Ok(mut counts) => {
+                    counts["done"] = serde_json::json!(true);
+                    counts
+                }
+                Err(e) => serde_json::json!({ "error": e.to_string() }),
+            },
             Ok(Err(e)) => serde_json::json!({ "error": e.to_string() }),
             Err(e) => serde_json::json!({ "error": e.to_string() }),
         };

@@ -9,6 +9,18 @@ mod openapi;
 mod predict;
 
 pub(crate) use predict::predict_and_record;
+
+/// The dashboard's playground: `text` answered by `model`'s production version — a label from
+/// a classifier, an answer from a language model — and recorded; the prediction's id.
+pub(crate) async fn try_recorded(state: &State, model: &str, text: String) -> Result<String, ApiError> {
+    let production = predict::model_version(state, model, None).await?;
+    if tuneforge_core::generate::is_language_model(std::path::Path::new(&production.path)) {
+        return generate::answer_recorded(state, model, text).await;
+    }
+    let (_, recorded) = predict_and_record(state, model, None, vec![text], None).await?;
+    state.counters.prediction(model, 1);
+    recorded.into_iter().next().map(|r| r.0).ok_or_else(|| ApiError::Internal("no prediction".into()))
+}
 mod runs;
 
 use actix_web::{HttpResponse, web};

@@ -33,10 +33,10 @@ pub async fn register(req: HttpRequest, state: State, body: web::Bytes) -> Resul
     let body: Register = parse_json(&body)?;
     let run = state.store.get_run(&body.run_id).await?;
     let best = std::path::Path::new(&run.run_dir).join("best");
-    if !best.join("tuneforge.json").exists() {
+    if !tuneforge_core::is_model_dir(&best) {
         return Err(ApiError::BadRequest(format!("run_id: run {} has no best model", body.run_id)));
     }
-    let metrics = run.summary.as_ref().and_then(|s| s.get("validation").cloned());
+    let metrics = run.summary.as_ref().and_then(tuneforge_core::registration_metrics);
     let actor = body.actor.as_deref().unwrap_or("api");
     let v = state
         .store

@@ -35,18 +35,54 @@ pub struct PredictBody {
     session: Option<String>,
 }
 
-async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, Arc<Batcher>), ApiError> {
-    let v = match version {
+/// The registered version that answers: `version` when given, else production.
+pub(crate) async fn model_version(
+    state: &State,
+    name: &str,
+    version: Option<i64>,
+) -> Result<tuneforge_store::ModelVersion, ApiError> {
+    Ok(match version {
         Some(v) => state.store.model_version(name, v).await?,
         None => state.store.production(name).await?.ok_or_else(|| {
             ApiError::NotFound(format!("model `{name}` has no production version (promote one, or give `version`)"))
         })?,
-    };
+    })
+}
+
+/// Which version answers a session: with a running A/B test, a session key and no pinned
+/// version, the session's arm decides (stickily); otherwise `version` (production when
+/// `None`), outside any arm.
+pub(crate) async fn route(
+    state: &State,
+    name: &str,
+    version: Option<i64>,
+    session: Option<&str>,
+) -> Result<(Option<i64>, Option<&'static str>), ApiError> {
+    Ok(match (version, session) {
+        (None, Some(session)) if !session.is_empty() => match state.store.running_ab(name).await? {
+            Some(test) => {
+                let arm = tuneforge_store::assign_arm(&test.id, session, test.share);
+                let v = if arm == "candidate" { test.candidate_version } else { test.production_version };
+                (Some(v), Some(arm))
+            }
+            None => (None, None),
+        },
+        _ => (version, None),
+    })
+}
+
+async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, Arc<Batcher>), ApiError> {
+    let v = model_version(state, name, version).await?;
     let key = (v.name.clone(), v.version);
     if let Some(m) = state.models.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
         return Ok((v.version, m.clone()));
     }
     let path = std::path::PathBuf::from(&v.path);
+    if tuneforge_core::generate::is_language_model(&path) {
+        return Err(ApiError::BadRequest(format!(
+            "model `{name}` is a language model: ask it with POST /api/v1/generate"
+        )));
+    }
     let runtime = match state.plugins.get() {
         Some(r) => r.clone(),
         None => {
@@ -105,19 +141,7 @@ pub async fn predict_and_record(
     texts: Vec<String>,
     session: Option<&str>,
 ) -> Result<(i64, Vec<Recorded>), ApiError> {
-    // With a running A/B test and a session key (and no pinned version), the session's arm
-    // decides the version.
-    let (version, arm) = match (version, session) {
-        (None, Some(session)) if !session.is_empty() => match state.store.running_ab(model_name).await? {
-            Some(test) => {
-                let arm = tuneforge_store::assign_arm(&test.id, session, test.share);
-                let v = if arm == "candidate" { test.candidate_version } else { test.production_version };
-                (Some(v), Some(arm))
-            }
-            None => (None, None),
-        },
-        _ => (version, None),
-    };
+    let (version, arm) = route(state, model_name, version, session).await?;
     let (version, model) = load(state, model_name, version).await?;
     let started = Instant::now();
     let predictions = model.predict(texts.clone()).await.map_err(ApiError::Internal)?;

@@ -14,7 +14,7 @@ const CSV: &str =
     "label,text\nflu,fever cough\nflu,cough hot\nflu,fever hot\nacne,rash itch\nacne,red rash\nacne,itch red\n";
 
 /// Trains a tiny model and records its run; returns the run id.
-async fn trained_run(app: &TestApp, id_hint: &str) -> String {
+pub(crate) async fn trained_run(app: &TestApp, id_hint: &str) -> String {
     trained_run_on(app, id_hint, CSV).await
 }
 
