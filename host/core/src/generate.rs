@@ -23,11 +23,21 @@ pub struct Sampling {
     /// > 1 makes tokens already in the context less likely (CTRL's penalty; 1: off).
     pub repetition_penalty: f64,
     pub seed: u64,
+    /// The text ends before the first of these strings (generation stops there).
+    pub stop: Vec<String>,
 }
 
 impl Default for Sampling {
     fn default() -> Self {
-        Self { max_new_tokens: 128, temperature: 0.0, top_k: None, top_p: None, repetition_penalty: 1.0, seed: 0 }
+        Self {
+            max_new_tokens: 128,
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            repetition_penalty: 1.0,
+            seed: 0,
+            stop: Vec::new(),
+        }
     }
 }
 
@@ -47,8 +57,25 @@ impl Sampling {
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return Err(format!("repetition_penalty must be positive, got {}", self.repetition_penalty));
         }
+        if self.stop.iter().any(String::is_empty) {
+            return Err("stop: a stop string is empty".into());
+        }
         Ok(())
     }
+}
+
+/// Where the first of the `stop` strings begins in `text`.
+fn first_stop(text: &str, stop: &[String]) -> Option<usize> {
+    stop.iter().filter_map(|s| text.find(s.as_str())).min()
+}
+
+/// How many bytes at the end of `text` might be the start of a stop string, and so cannot
+/// be shown yet.
+fn held_back(text: &str, stop: &[String]) -> usize {
+    stop.iter()
+        .flat_map(|s| (1..s.len()).filter(|&k| s.is_char_boundary(k) && text.ends_with(&s[..k])))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Chooses a token from one row of logits, given the tokens so far.
@@ -284,6 +311,7 @@ impl LanguageModel {
         let mut input = Tensor::new(prompt_ids.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?;
         let mut prompt_s = 0.0;
         let mut stopped = false;
+        let mut cut = None;
         while out.len() < s.max_new_tokens && context.len() < max_pos {
             let logits = self.model.forward(&input, Some(&mut cache), &ctx)?;
             if prompt_s == 0.0 {
@@ -297,15 +325,26 @@ impl LanguageModel {
             }
             out.push(next);
             context.push(next);
-            let text = self.decode(&out)?;
-            // Print only what is settled (a multi-byte character may still be incomplete).
-            if text.len() > printed.len() && text.starts_with(&printed) && !text.ends_with('\u{FFFD}') {
-                on_text(&text[printed.len()..]);
-                printed = text;
+            let mut text = self.decode(&out)?;
+            if let Some(at) = first_stop(&text, &s.stop) {
+                text.truncate(at);
+                cut = Some(text);
+                stopped = true;
+                break;
+            }
+            // Print only what is settled: a multi-byte character may still be incomplete, and
+            // the end may be the start of a stop string.
+            let settled = &text[..text.len() - held_back(&text, &s.stop)];
+            if settled.len() > printed.len() && settled.starts_with(&printed) && !settled.ends_with('\u{FFFD}') {
+                on_text(&settled[printed.len()..]);
+                printed = settled.to_owned();
             }
             input = Tensor::new(&[next], &candle_core::Device::Cpu)?.unsqueeze(0)?;
         }
-        let text = self.decode(&out)?;
+        let text = match cut {
+            Some(text) => text,
+            None => self.decode(&out)?,
+        };
         if text.len() > printed.len() && text.starts_with(&printed) {
             on_text(&text[printed.len()..]);
         }
@@ -327,7 +366,7 @@ pub struct Generated {
     pub prompt_tokens: usize,
     pub ids: Vec<u32>,
     pub text: String,
-    /// Ended on a stop token (not on the length limit).
+    /// Ended on a stop token or a stop string (not on the length limit).
     pub stopped: bool,
     pub prompt_seconds: f64,
     pub generation_seconds: f64,
@@ -343,6 +382,19 @@ impl Generated {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stop_strings_are_found_and_their_starts_held_back() {
+        let stop = vec!["###".to_owned(), "Ünd".to_owned()];
+        assert_eq!(first_stop("ab ### c Ünd", &stop), Some(3));
+        assert_eq!(first_stop("ab Ünd ###", &stop), Some(3));
+        assert_eq!(first_stop("abc", &stop), None);
+        assert_eq!(held_back("text #", &stop), 1);
+        assert_eq!(held_back("text ##", &stop), 2);
+        assert_eq!(held_back("text Ün", &stop), "Ün".len());
+        assert_eq!(held_back("text", &stop), 0);
+        assert_eq!(held_back("anything", &[]), 0);
+    }
 
     #[test]
     fn greedy_top_k_top_p_and_the_repetition_penalty() {

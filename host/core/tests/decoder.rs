@@ -91,6 +91,39 @@ fn generation_streams_and_respects_the_limit() -> Result<()> {
     Ok(())
 }
 
+/// A stop string ends the text before it, and no piece of it is ever streamed (the pieces
+/// that might begin one are held back until they cannot).
+#[test]
+fn generation_ends_before_a_stop_string() -> Result<()> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_model(tmp.path(), "llama")?;
+    let lm = LanguageModel::load(&tmp.path().join("model.gguf"))?;
+    // A long, unstopped answer to cut (random tiny models rarely emit their stop token at once).
+    let long = (0..8)
+        .map(|seed| Sampling { max_new_tokens: 24, temperature: 1.0, seed, ..Sampling::default() })
+        .map(|s| lm.generate("the cat", &s, &mut |_| {}).map(|out| (s, out)))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .max_by_key(|(_, out)| out.text.chars().count())
+        .expect("answers");
+    let (s, full) = long;
+    let chars: Vec<(usize, char)> = full.text.char_indices().collect();
+    assert!(chars.len() >= 6, "an answer long enough to cut: {:?}", full.text);
+    let (at, _) = chars[chars.len() / 2];
+    let stop = full.text[at..].chars().take(3).collect::<String>();
+    let expected = &full.text[..full.text.find(&stop).expect("in the text")];
+    let mut streamed = Vec::new();
+    let cut = lm.generate("the cat", &Sampling { stop: vec!["zzz-never".into(), stop.clone()], ..s }, &mut |t| {
+        streamed.push(t.to_owned())
+    })?;
+    assert_eq!(cut.text, expected, "stop {stop:?} in {:?}", full.text);
+    assert!(cut.stopped && cut.ids.len() < full.ids.len());
+    assert_eq!(streamed.concat(), cut.text);
+    let bad = Sampling { stop: vec![String::new()], ..Sampling::default() };
+    assert!(lm.generate("the cat", &bad, &mut |_| {}).expect_err("empty stop").to_string().contains("stop"));
+    Ok(())
+}
+
 /// LoRA starts as the identity: a decoder with LoRA on every projection computes exactly
 /// the base model, and only the LoRA tensors train.
 #[test]

@@ -31,6 +31,9 @@ pub struct SamplingArgs {
     repetition_penalty: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// End the text before this string (repeatable).
+    #[arg(long, value_name = "TEXT")]
+    stop: Vec<String>,
     /// A system message for the chat template.
     #[arg(long)]
     system: Option<String>,
@@ -51,6 +54,7 @@ impl SamplingArgs {
             top_p: self.top_p,
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
+            stop: self.stop.clone(),
         }
     }
 

@@ -65,9 +65,36 @@ pub struct GenerateBody {
     repetition_penalty: f64,
     #[serde(default)]
     seed: u64,
+    /// The text ends before the first of these strings: one string or a list.
+    #[serde(default)]
+    stop: Option<StopStrings>,
     /// Server-sent events instead of one JSON answer.
     #[serde(default)]
     stream: bool,
+}
+
+/// `stop`: one string or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum StopStrings {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// The most stop strings a request may give.
+pub(crate) const MAX_STOP: usize = 4;
+
+impl StopStrings {
+    pub(crate) fn into_vec(self) -> Result<Vec<String>, ApiError> {
+        let all = match self {
+            Self::One(s) => vec![s],
+            Self::Many(v) => v,
+        };
+        if all.len() > MAX_STOP || all.iter().any(|s| s.is_empty() || s.len() > 200) {
+            return Err(ApiError::BadRequest(format!("stop: give at most {MAX_STOP} strings of 1 to 200 bytes")));
+        }
+        Ok(all)
+    }
 }
 
 fn default_max_tokens() -> usize {
@@ -121,6 +148,7 @@ pub async fn generate(req: HttpRequest, state: State, body: web::Bytes) -> Resul
         top_p: body.top_p,
         repetition_penalty: body.repetition_penalty,
         seed: body.seed,
+        stop: body.stop.map(StopStrings::into_vec).transpose()?.unwrap_or_default(),
     };
     sampling.validate().map_err(ApiError::BadRequest)?;
     // The conversation (None: a raw prompt).

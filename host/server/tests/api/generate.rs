@@ -44,6 +44,10 @@ async fn generate_answers_with_the_loaded_decoder() {
     assert!(pieces.len() >= 2 && !text.is_empty(), "{events:?}");
     let m = json!({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hat"}], "max_tokens": 3});
     assert_eq!(app.post("/api/v1/generate", &m).await.status, 200);
+    for stop in [json!("zq"), json!(["zq", "qz"])] {
+        let r = app.post("/api/v1/generate", &json!({"prompt": "the cat", "max_tokens": 5, "stop": stop})).await;
+        assert_eq!(r.status, 200, "{stop}: {}", r.body);
+    }
     for (bad, what) in [
         (json!({"prompt": "x", "messages": []}), "exactly one"),
         (json!({"max_tokens": 3}), "exactly one"),
@@ -52,6 +56,8 @@ async fn generate_answers_with_the_loaded_decoder() {
         (json!({"prompt": "x", "temperature": -1}), "temperature"),
         (json!({"messages": [{"role": "robot", "content": "x"}]}), "robot"),
         (json!({"prompt": "x", "stream": "yes"}), "stream"),
+        (json!({"prompt": "x", "stop": ["a", ""]}), "stop"),
+        (json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), "stop"),
     ] {
         let r = app.post("/api/v1/generate", &bad).await;
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
