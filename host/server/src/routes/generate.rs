@@ -22,7 +22,7 @@ use crate::auth::require_token;
 use crate::error::parse_json;
 
 /// The most new tokens one request may ask for.
-const MAX_NEW_TOKENS: usize = 1024;
+pub(crate) const MAX_NEW_TOKENS: usize = 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,11 +107,25 @@ fn default_penalty() -> f64 {
 
 /// A registered model's answer to record: which version answered, in which arm, to which
 /// conversation.
-struct Recording {
+pub(crate) struct Recording {
     name: String,
     version: i64,
     arm: Option<&'static str>,
     turns: Vec<(String, String)>,
+}
+
+/// A registered language model's version for a session (see [`route`]), loaded, and how to
+/// record its answer to `turns`.
+pub(crate) async fn registered(
+    state: &State,
+    name: String,
+    version: Option<i64>,
+    session: Option<&str>,
+    turns: Vec<(String, String)>,
+) -> Result<(Arc<LanguageModel>, Recording), ApiError> {
+    let (version, arm) = route(state, &name, version, session).await?;
+    let (version, lm) = load(state, &name, version).await?;
+    Ok((lm, Recording { name, version, arm, turns }))
 }
 
 /// Loads a registered language model's version once and keeps it warm.
@@ -176,9 +190,8 @@ pub async fn generate(req: HttpRequest, state: State, body: web::Bytes) -> Resul
                         .into(),
                 ));
             };
-            let (version, arm) = route(&state, &name, body.version, body.session.as_deref()).await?;
-            let (version, lm) = load(&state, &name, version).await?;
-            (lm, Some(Recording { name, version, arm, turns }))
+            let (lm, recording) = registered(&state, name, body.version, body.session.as_deref(), turns).await?;
+            (lm, Some(recording))
         }
         None => {
             if body.version.is_some() || body.session.is_some() {
@@ -211,7 +224,7 @@ pub async fn generate(req: HttpRequest, state: State, body: web::Bytes) -> Resul
 }
 
 /// One generation in its turn, on the blocking pool; the seconds it took.
-async fn run_turn(
+pub(crate) async fn run_turn(
     state: &State,
     lm: Arc<LanguageModel>,
     prompt: String,
@@ -243,7 +256,7 @@ pub(crate) async fn answer_recorded(state: &State, name: &str, text: String) -> 
 
 /// The counts of a finished generation, recorded as a prediction (its `id` in the answer)
 /// when a registered model gave it.
-async fn summary(
+pub(crate) async fn summary(
     state: &State,
     out: &Generated,
     seconds: f64,
@@ -288,7 +301,7 @@ async fn summary(
 }
 
 /// One server-sent event carrying `value`.
-fn event(value: &serde_json::Value) -> web::Bytes {
+pub(crate) fn event(value: &serde_json::Value) -> web::Bytes {
     web::Bytes::from(format!("data: {value}\n\n"))
 }
 
@@ -301,29 +314,63 @@ fn stream_events(
     sampling: Sampling,
     recording: Option<Recording>,
 ) -> HttpResponse {
+    stream_with(
+        state,
+        generator,
+        (prompt, sampling),
+        recording,
+        Vec::new(),
+        |text| event(&serde_json::json!({ "text": text })),
+        |end| {
+            vec![event(&match end {
+                Ok((_, mut counts)) => {
+                    counts["done"] = serde_json::json!(true);
+                    counts
+                }
+                Err(e) => serde_json::json!({ "error": e }),
+            })]
+        },
+    )
+}
+
+/// Streams a generation as server-sent events: `first` before the generation starts, then
+/// `piece` turns each piece of text into an event, `end` the outcome — the generation and its
+/// [`summary`], or the error — into the last ones. The generation waits for its turn and runs on the blocking pool; a client that
+/// goes away only loses the rest of the events.
+pub(crate) fn stream_with(
+    state: State,
+    generator: Arc<LanguageModel>,
+    (prompt, sampling): (String, Sampling),
+    recording: Option<Recording>,
+    first: Vec<web::Bytes>,
+    piece: impl Fn(&str) -> web::Bytes + Send + 'static,
+    end: impl FnOnce(Result<(Generated, serde_json::Value), String>) -> Vec<web::Bytes> + 'static,
+) -> HttpResponse {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<web::Bytes>();
+    for bytes in first {
+        let _ = tx.send(bytes);
+    }
     actix_web::rt::spawn(async move {
         let _turn = state.generate_turn.lock().await;
         let started = Instant::now();
         let pieces = tx.clone();
         let out = web::block(move || {
             generator.generate(&prompt, &sampling, &mut |text| {
-                let _ = pieces.send(event(&serde_json::json!({ "text": text })));
+                let _ = pieces.send(piece(text));
             })
         })
         .await;
-        let last = match out {
+        let outcome = match out {
             Ok(Ok(out)) => match summary(&state, &out, started.elapsed().as_secs_f64(), recording).await {
-                Ok(mut counts) => {
-                    counts["done"] = serde_json::json!(true);
-                    counts
-                }
-                Err(e) => serde_json::json!({ "error": e.to_string() }),
+                Ok(counts) => Ok((out, counts)),
+                Err(e) => Err(e.to_string()),
             },
-            Ok(Err(e)) => serde_json::json!({ "error": e.to_string() }),
-            Err(e) => serde_json::json!({ "error": e.to_string() }),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
         };
-        let _ = tx.send(event(&last));
+        for bytes in end(outcome) {
+            let _ = tx.send(bytes);
+        }
     });
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|bytes| (Ok::<_, actix_web::Error>(bytes), rx))

@@ -5,6 +5,7 @@ mod feedback;
 mod generate;
 mod health;
 mod models;
+mod openai;
 mod openapi;
 mod predict;
 
@@ -31,6 +32,8 @@ use crate::state::AppState;
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(health::healthz))
         .route("/metrics", web::get().to(health::metrics))
+        .route("/v1/chat/completions", web::post().to(openai::chat_completions))
+        .route("/v1/models", web::get().to(openai::models))
         .service(
             web::scope("/api/v1")
                 .route("/openapi.json", web::get().to(openapi::document))

@@ -75,7 +75,10 @@ async fn without_a_generator_generate_says_how_to_load_one() {
 
 /// Trains a tiny LoRA adapter on a tiny decoder in `root` and records its run; returns the
 /// run id and the adapter directory.
-async fn tuned_adapter(app: &crate::helpers::TestApp, root: &std::path::Path) -> (String, std::path::PathBuf) {
+pub(crate) async fn tuned_adapter(
+    app: &crate::helpers::TestApp,
+    root: &std::path::Path,
+) -> (String, std::path::PathBuf) {
     tuneforge_core::testing::write_tiny_decoder(root, "llama").expect("tiny decoder");
     let data: String = (0..10)
         .map(|i| json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")

@@ -3,4 +3,5 @@
 mod generate;
 mod helpers;
 mod models;
+mod openai;
 mod runs;
