@@ -130,6 +130,46 @@ pub enum ChatFormat {
     ChatMl,
     /// `<|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>` (Llama 3).
     Llama3,
+    /// DeepSeek-R1's distilled models (Qwen2 and Llama): the system prompt after the
+    /// begin-of-sentence token, then `<｜User｜>question<｜Assistant｜>answer<｜end▁of▁sentence｜>`
+    /// (an earlier answer's reasoning, up to its `</think>`, left out); `think`: the answer
+    /// starts with `<think>\n`, as the model's template opens its reasoning.
+    DeepSeek { think: bool },
+}
+
+/// DeepSeek's chat template in Jinja (what [`ChatFormat::render`] writes), ending with `$tail`
+/// (the generation prompt).
+macro_rules! deepseek_jinja {
+    ($tail:literal) => {
+        concat!(
+            "{% set ns = namespace(system='') %}{% for message in messages %}",
+            "{% if message['role'] == 'system' %}{% if ns.system %}{% set ns.system = ns.system + '\\n\\n' %}",
+            "{% endif %}{% set ns.system = ns.system + message['content'] %}{% endif %}{% endfor %}",
+            "{{ '<｜begin▁of▁sentence｜>' + ns.system }}{% for message in messages %}",
+            "{% if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}",
+            "{% elif message['role'] == 'assistant' %}{% set content = message['content'] %}",
+            "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}",
+            "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{% endif %}{% endfor %}",
+            $tail
+        )
+    };
+}
+
+/// DeepSeek's markers.
+const DS_BOS: &str = "<｜begin▁of▁sentence｜>";
+const DS_USER: &str = "<｜User｜>";
+const DS_ASSISTANT: &str = "<｜Assistant｜>";
+const DS_EOS: &str = "<｜end▁of▁sentence｜>";
+
+/// A DeepSeek conversation's system prompt: its system messages, in order, a blank line
+/// between them.
+fn deepseek_system(messages: &[(String, String)]) -> String {
+    messages.iter().filter(|(r, _)| r == "system").map(|(_, c)| c.as_str()).collect::<Vec<_>>().join("\n\n")
+}
+
+/// An earlier answer as DeepSeek's template shows it: without its reasoning.
+fn without_reasoning(content: &str) -> &str {
+    content.rsplit_once("</think>").map_or(content, |(_, answer)| answer)
 }
 
 impl ChatFormat {
@@ -137,6 +177,9 @@ impl ChatFormat {
     pub fn from_template(template: Option<&str>) -> Self {
         match template {
             Some(t) if t.contains("<|start_header_id|>") => Self::Llama3,
+            Some(t) if t.contains(DS_ASSISTANT) => {
+                Self::DeepSeek { think: t.contains(&format!("{DS_ASSISTANT}<think>")) }
+            }
             _ => Self::ChatMl,
         }
     }
@@ -158,6 +201,21 @@ impl ChatFormat {
                 }
                 out.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
             }
+            Self::DeepSeek { think } => {
+                out.push_str(DS_BOS);
+                out.push_str(&deepseek_system(messages));
+                for (role, content) in messages {
+                    match role.as_str() {
+                        "user" => out.push_str(&format!("{DS_USER}{content}")),
+                        "assistant" => out.push_str(&format!("{DS_ASSISTANT}{}{DS_EOS}", without_reasoning(content))),
+                        _ => {}
+                    }
+                }
+                out.push_str(DS_ASSISTANT);
+                if *think {
+                    out.push_str("<think>\n");
+                }
+            }
         }
         out
     }
@@ -170,6 +228,22 @@ impl ChatFormat {
         let (header, end, after_end) = match self {
             Self::ChatMl => ("<|im_start|>{role}\n", "<|im_end|>", "\n"),
             Self::Llama3 => ("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", ""),
+            Self::DeepSeek { .. } => {
+                out.push((format!("{DS_BOS}{}", deepseek_system(context)), false));
+                for (role, content) in context {
+                    match role.as_str() {
+                        "user" => out.push((format!("{DS_USER}{content}"), false)),
+                        "assistant" => {
+                            out.push((DS_ASSISTANT.to_owned(), false));
+                            out.push((format!("{}{DS_EOS}", without_reasoning(content)), true));
+                        }
+                        _ => {}
+                    }
+                }
+                out.push((DS_ASSISTANT.to_owned(), false));
+                out.push((format!("{response}{DS_EOS}"), true));
+                return out;
+            }
         };
         if *self == Self::Llama3 {
             out.push(("<|begin_of_text|>".to_owned(), false));
@@ -199,6 +273,12 @@ impl ChatFormat {
                  '<|end_header_id|>\\n\\n' + message['content'] + '<|eot_id|>' }}{% endfor %}\
                  {% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
             }
+            Self::DeepSeek { think: true } => {
+                deepseek_jinja!("{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}")
+            }
+            Self::DeepSeek { think: false } => {
+                deepseek_jinja!("{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}")
+            }
         }
     }
 
@@ -207,6 +287,7 @@ impl ChatFormat {
         match self {
             Self::ChatMl => &["<|im_end|>", "<|endoftext|>"],
             Self::Llama3 => &["<|eot_id|>", "<|end_of_text|>"],
+            Self::DeepSeek { .. } => &[DS_EOS],
         }
     }
 }
@@ -382,6 +463,45 @@ impl Generated {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// DeepSeek-R1's distilled models: recognised from their template (opening the reasoning
+    /// or not), rendered as that template renders (checked against the published template
+    /// with jinja2 as transformers sets it up), and written back as a template that reads as
+    /// the same format.
+    #[test]
+    fn deepseek_conversations_render_as_their_template_does() {
+        let published_tail =
+            "{% if add_generation_prompt and not ns.is_tool %}{{'<｜Assistant｜><think>\\n'}}{% endif %}";
+        let older_tail = "{% if add_generation_prompt %}{{'<｜Assistant｜>'}}{% endif %}";
+        assert_eq!(ChatFormat::from_template(Some(published_tail)), ChatFormat::DeepSeek { think: true });
+        assert_eq!(ChatFormat::from_template(Some(older_tail)), ChatFormat::DeepSeek { think: false });
+        let t = |r: &str, c: &str| (r.to_owned(), c.to_owned());
+        let conversation = [
+            t("system", "Be brief."),
+            t("user", "Hi"),
+            t("assistant", "<think>\nhmm\n</think>\n\nHello!"),
+            t("user", "Again"),
+        ];
+        assert_eq!(
+            ChatFormat::DeepSeek { think: true }.render(&conversation),
+            "<｜begin▁of▁sentence｜>Be brief.<｜User｜>Hi<｜Assistant｜>\n\nHello!<｜end▁of▁sentence｜><｜User｜>Again\
+             <｜Assistant｜><think>\n"
+        );
+        let two_systems = [t("system", "A"), t("system", "B"), t("user", "q")];
+        assert_eq!(
+            ChatFormat::DeepSeek { think: false }.render(&two_systems),
+            "<｜begin▁of▁sentence｜>A\n\nB<｜User｜>q<｜Assistant｜>"
+        );
+        assert_eq!(ChatFormat::DeepSeek { think: true }.stop_strings(), ["<｜end▁of▁sentence｜>"]);
+        for f in [
+            ChatFormat::ChatMl,
+            ChatFormat::Llama3,
+            ChatFormat::DeepSeek { think: true },
+            ChatFormat::DeepSeek { think: false },
+        ] {
+            assert_eq!(ChatFormat::from_template(Some(f.jinja())), f, "{f:?}");
+        }
+    }
 
     #[test]
     fn stop_strings_are_found_and_their_starts_held_back() {

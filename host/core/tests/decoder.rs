@@ -193,7 +193,7 @@ fn only_response_tokens_carry_loss() -> Result<()> {
 
 /// A multi-turn conversation learns from every assistant turn (its words and end marker) by
 /// default, from the last only with `AssistantTurns::Last`; the pieces tokenize as the
-/// whole conversation does, in both chat formats.
+/// whole conversation does, in every chat format.
 #[test]
 fn every_assistant_turn_carries_loss_unless_only_the_last_should() -> Result<()> {
     use tuneforge_core::experiment::AssistantTurns;
@@ -212,7 +212,7 @@ fn every_assistant_turn_carries_loss_unless_only_the_last_should() -> Result<()>
         ],
         response: "on the cat".into(),
     };
-    for chat in [ChatFormat::ChatMl, ChatFormat::Llama3] {
+    for chat in [ChatFormat::ChatMl, ChatFormat::Llama3, ChatFormat::DeepSeek { think: false }] {
         let end = chat.stop_strings()[0];
         let whole = format!("{}{}{end}", chat.render(&ex.context), ex.response);
         let learned = |turns| -> Result<(Vec<u32>, String)> {
