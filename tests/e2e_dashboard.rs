@@ -253,6 +253,7 @@ fn the_dashboard_in_a_real_browser() {
     assert_eq!(rt.block_on(production(&db)), 1);
     s.goto(&format!("{base}/models"));
     s.wait_for("table.models");
+    assert!(s.text(&s.find("tr.stage-production")).contains("accuracy 0.9100"), "the held-out figure");
     submit("e2e-token-0123456789", "tr.stage-candidate form");
     s.wait_for_text("tr.stage-production", "triage@2");
     assert_eq!(rt.block_on(production(&db)), 2);

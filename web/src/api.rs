@@ -84,6 +84,16 @@ mod server {
         use_context::<Store>().ok_or_else(|| ServerFnError::new("the dashboard has no experiment store"))
     }
 
+    /// A registered version's held-out figures as the registry shows them.
+    pub fn held_out(metrics: Option<&serde_json::Value>) -> String {
+        let get = |k: &str| metrics.and_then(|m| m[k].as_f64());
+        match (get("accuracy"), get("loss"), get("perplexity")) {
+            (Some(a), _, _) => format!("accuracy {a:.4}"),
+            (None, Some(l), Some(p)) => format!("loss {l:.4}, perplexity {p:.2}"),
+            _ => "—".into(),
+        }
+    }
+
     pub fn err(e: impl std::fmt::Display) -> ServerFnError {
         ServerFnError::new(e.to_string())
     }
@@ -242,6 +252,14 @@ mod tests {
     use super::server::*;
 
     #[test]
+    fn held_out_figures_read_for_classifiers_and_language_models() {
+        let m = |v: serde_json::Value| held_out(Some(&v));
+        assert_eq!(m(serde_json::json!({"accuracy": 0.91, "macro_f1": 0.9})), "accuracy 0.9100");
+        assert_eq!(m(serde_json::json!({"loss": 1.10812, "perplexity": 3.0287})), "loss 1.1081, perplexity 3.03");
+        assert_eq!(held_out(None), "—");
+    }
+
+    #[test]
     fn differing_hyper_parameters_are_found_and_paths_ignored() {
         let a = "[experiment]\noutput_dir = \"/a\"\n[train]\nlr = 0.1\nepochs = 3\n".to_string();
         let b =
@@ -268,7 +286,8 @@ pub struct ModelItem {
     pub version: i64,
     pub run_id: String,
     pub stage: String,
-    pub accuracy: Option<f64>,
+    /// Its held-out figures: a classifier's accuracy, a language model's loss and perplexity.
+    pub held_out: String,
     pub created_ms: i64,
     pub promoted_ms: Option<i64>,
 }
@@ -317,7 +336,7 @@ pub async fn registry() -> Result<RegistryView, ServerFnError> {
         .map_err(server::err)?
         .into_iter()
         .map(|m| ModelItem {
-            accuracy: m.metrics.as_ref().and_then(|v| v["accuracy"].as_f64()),
+            held_out: server::held_out(m.metrics.as_ref()),
             name: m.name,
             version: m.version,
             run_id: m.run_id,

@@ -6,7 +6,7 @@ use leptos::prelude::*;
 use leptos::server::ServerAction;
 use leptos_router::hooks::use_query_map;
 
-use super::{metric, when};
+use super::when;
 use crate::api::{AbView, ModelItem, Promote, Rollback, StartAb, StopAb, ab_overview, registry};
 
 /// The message of a server function error carried back in `__err` (URL-safe base64 of
@@ -47,7 +47,7 @@ fn version_row(m: ModelItem, promote: ServerAction<Promote>) -> impl IntoView {
             <td>{format!("{}@{}", m.name, m.version)}</td>
             <td><span class=format!("badge {}", m.stage)>{m.stage.clone()}</span></td>
             <td><a href=format!("/runs/{}", m.run_id)>{m.run_id.clone()}</a></td>
-            <td class="num">{metric(m.accuracy)}</td>
+            <td class="num">{m.held_out.clone()}</td>
             <td>{when(m.created_ms)}</td>
             <td>
                 {(!production).then(|| view! {
@@ -175,7 +175,7 @@ pub fn ModelsPage() -> impl IntoView {
                                 <section class="model">
                                     <h2>{name.clone()}</h2>
                                     <table class="models">
-                                        <thead><tr><th>"Version"</th><th>"Stage"</th><th>"Run"</th><th>"Accuracy"</th><th>"Registered (UTC)"</th><th></th></tr></thead>
+                                        <thead><tr><th>"Version"</th><th>"Stage"</th><th>"Run"</th><th>"Held-out"</th><th>"Registered (UTC)"</th><th></th></tr></thead>
                                         <tbody>{versions.into_iter().map(|m| version_row(m, promote)).collect_view()}</tbody>
                                     </table>
                                     <ActionForm action=rollback attr:class="inline rollback">
