@@ -1,6 +1,7 @@
 //! `/metrics` in Prometheus' text exposition format: requests by route and status, request
-//! latency histograms by route, predictions by model, feedback by rating, and training runs
-//! by status (read from the store).
+//! latency histograms by route, predictions by model, tokens read and generated and the time
+//! to the first token by language model, feedback by rating, and training runs by status
+//! (read from the store).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -56,6 +57,10 @@ pub struct Counters {
     /// Model inference time per batch, by (model, version, arm).
     inference: Mutex<BTreeMap<(String, i64, String), Histogram>>,
     feedback: Mutex<BTreeMap<String, u64>>,
+    /// Prompt and generated tokens by language model.
+    tokens: Mutex<BTreeMap<String, (u64, u64)>>,
+    /// Time to the first new token (the prompt's pass), by language model.
+    first_token: Mutex<BTreeMap<String, Histogram>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -79,6 +84,16 @@ impl Counters {
     /// (the arm is `production`, `candidate` or `none`).
     pub fn inference(&self, model: &str, version: i64, arm: &str, seconds: f64) {
         lock(&self.inference).entry((model.to_owned(), version, arm.to_owned())).or_default().observe(seconds);
+    }
+
+    /// A generation by a language model: the tokens it read and wrote, and the seconds its
+    /// prompt took (the time to the first new token).
+    pub fn generation(&self, model: &str, prompt_tokens: u64, generated: u64, first_token_s: f64) {
+        let mut t = lock(&self.tokens);
+        let e = t.entry(model.to_owned()).or_default();
+        e.0 += prompt_tokens;
+        e.1 += generated;
+        lock(&self.first_token).entry(model.to_owned()).or_default().observe(first_token_s);
     }
 
     pub fn feedback(&self, rating: &str) {
@@ -135,6 +150,21 @@ impl Counters {
         out.push_str("# TYPE tuneforge_predictions_total counter\n");
         for (m, n) in lock(&self.predictions).iter() {
             let _ = writeln!(out, "tuneforge_predictions_total{{model=\"{}\"}} {n}", esc(m));
+        }
+        out.push_str("# HELP tuneforge_prompt_tokens_total Prompt tokens read, by language model.\n");
+        out.push_str("# TYPE tuneforge_prompt_tokens_total counter\n");
+        for (m, (prompt, _)) in lock(&self.tokens).iter() {
+            let _ = writeln!(out, "tuneforge_prompt_tokens_total{{model=\"{}\"}} {prompt}", esc(m));
+        }
+        out.push_str("# HELP tuneforge_generated_tokens_total Tokens generated, by language model.\n");
+        out.push_str("# TYPE tuneforge_generated_tokens_total counter\n");
+        for (m, (_, generated)) in lock(&self.tokens).iter() {
+            let _ = writeln!(out, "tuneforge_generated_tokens_total{{model=\"{}\"}} {generated}", esc(m));
+        }
+        out.push_str("# HELP tuneforge_time_to_first_token_seconds The prompt's pass, by language model.\n");
+        out.push_str("# TYPE tuneforge_time_to_first_token_seconds histogram\n");
+        for (m, h) in lock(&self.first_token).iter() {
+            h.render(out, "tuneforge_time_to_first_token_seconds", &format!("model=\"{}\"", esc(m)));
         }
         out.push_str("# HELP tuneforge_feedback_total Feedback received by rating.\n");
         out.push_str("# TYPE tuneforge_feedback_total counter\n");

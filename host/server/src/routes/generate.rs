@@ -262,6 +262,8 @@ pub(crate) async fn summary(
     seconds: f64,
     recording: Option<Recording>,
 ) -> Result<serde_json::Value, ApiError> {
+    let name = recording.as_ref().map_or_else(|| state.generator_name.clone().unwrap_or_default(), |r| r.name.clone());
+    state.counters.generation(&name, out.prompt_tokens as u64, out.ids.len() as u64, out.prompt_seconds);
     let mut answer = serde_json::json!({
         "model": state.generator_name,
         "prompt_tokens": out.prompt_tokens,

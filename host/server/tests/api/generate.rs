@@ -209,4 +209,13 @@ async fn registered_language_models_answer_and_their_answers_are_corrected() {
     }
     let r = app.post("/api/v1/generate", &json!({"model": "nobody", "prompt": "x"})).await;
     assert_eq!(r.status, 404, "{}", r.body);
+    // The server counts the tokens each language model read and wrote.
+    let metrics = app.get("/metrics").await.body;
+    let count = |series: &str| -> u64 {
+        let line = metrics.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("{series}: {metrics}"));
+        line.rsplit(' ').next().and_then(|n| n.parse().ok()).expect("a count")
+    };
+    assert!(count("tuneforge_prompt_tokens_total{model=\"chat\"}") > 0);
+    assert_eq!(count("tuneforge_time_to_first_token_seconds_count{model=\"chat\"}"), 27, "one per generation");
+    assert!(metrics.contains("tuneforge_generated_tokens_total{model=\"chat\"}"), "{metrics}");
 }
