@@ -368,76 +368,155 @@ impl LanguageModel {
     }
 
     /// Generates after `prompt` (already formatted), calling `on_text` with each new piece
-    /// of text; returns the generated ids (without the stop token).
+    /// of settled text; returns the generated ids (without the stop token).
     pub fn generate(&self, prompt: &str, s: &Sampling, on_text: &mut dyn FnMut(&str)) -> Result<Generated> {
+        let mut results = self.generate_batch(&[(prompt.to_owned(), s.clone())], &mut |_, t| on_text(t))?;
+        results.pop().unwrap_or_else(|| Err(CoreError::Param { name: "prompt".into(), message: "no answer".into() }))
+    }
+
+    /// The prompt's ids, if the request can run.
+    fn prompt_ids(&self, prompt: &str, s: &Sampling) -> Result<Vec<u32>> {
         s.validate().map_err(|message| CoreError::Param { name: "sampling".into(), message })?;
-        let prompt_ids = self.encode(prompt)?;
-        if prompt_ids.is_empty() {
+        let ids = self.encode(prompt)?;
+        if ids.is_empty() {
             return Err(CoreError::Param { name: "prompt".into(), message: "is empty".into() });
         }
         let max_pos = self.model.config().max_position_embeddings;
-        if prompt_ids.len() >= max_pos {
+        if ids.len() >= max_pos {
             return Err(CoreError::Param {
                 name: "prompt".into(),
-                message: format!("{} tokens do not fit the model's {max_pos} positions", prompt_ids.len()),
+                message: format!("{} tokens do not fit the model's {max_pos} positions", ids.len()),
             });
         }
-        let ctx = ForwardCtx::eval();
-        let mut rng = StdRng::seed_from_u64(s.seed);
-        let mut cache = KvCache::new();
-        let mut context = prompt_ids.clone();
-        let mut out: Vec<u32> = Vec::new();
-        let mut printed = String::new();
+        Ok(ids)
+    }
+
+    /// Generates for several formatted prompts at once, each with its own sampling: the
+    /// prompts are left-padded into one batch ([`DecoderModel::last_logits`]: each row
+    /// computes what it would alone) and rows leave it as they finish, so that a batch of
+    /// `n` costs far less than `n` generations (the weights are read once per step for all
+    /// rows). `on_text(i, piece)` hears request `i`'s settled text. One result per request:
+    /// a request that cannot run (an empty or too long prompt, bad sampling) fails alone. A
+    /// batch shares one position range: a short prompt beside a long one reaches the
+    /// model's position limit sooner.
+    pub fn generate_batch(
+        &self,
+        requests: &[(String, Sampling)],
+        on_text: &mut dyn FnMut(usize, &str),
+    ) -> Result<Vec<Result<Generated>>> {
+        struct Row {
+            req: usize,
+            pad: usize,
+            prompt_tokens: usize,
+            context: Vec<u32>,
+            out: Vec<u32>,
+            printed: String,
+            rng: StdRng,
+            stopped: bool,
+            cut: Option<String>,
+            done: bool,
+        }
         let started = std::time::Instant::now();
-        let mut input = Tensor::new(prompt_ids.as_slice(), &candle_core::Device::Cpu)?.unsqueeze(0)?;
-        let mut prompt_s = 0.0;
-        let mut stopped = false;
-        let mut cut = None;
-        while out.len() < s.max_new_tokens && context.len() < max_pos {
-            let logits = self.model.forward(&input, Some(&mut cache), &ctx)?;
-            if prompt_s == 0.0 {
-                prompt_s = started.elapsed().as_secs_f64();
+        let mut results: Vec<Option<Result<Generated>>> = (0..requests.len()).map(|_| None).collect();
+        let mut rows = Vec::new();
+        for (req, (prompt, s)) in requests.iter().enumerate() {
+            match self.prompt_ids(prompt, s) {
+                Ok(ids) => rows.push(Row {
+                    req,
+                    pad: 0,
+                    prompt_tokens: ids.len(),
+                    context: ids,
+                    out: Vec::new(),
+                    printed: String::new(),
+                    rng: StdRng::seed_from_u64(s.seed),
+                    stopped: false,
+                    cut: None,
+                    done: false,
+                }),
+                Err(e) => results[req] = Some(Err(e)),
             }
-            let last = logits.squeeze(0)?.get(logits.dim(1)? - 1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            let next = sample(&last, &context, s, &mut rng);
-            if self.stop.contains(&next) {
-                stopped = true;
-                break;
-            }
-            out.push(next);
-            context.push(next);
-            let mut text = self.decode(&out)?;
-            if let Some(at) = first_stop(&text, &s.stop) {
-                text.truncate(at);
-                cut = Some(text);
-                stopped = true;
-                break;
-            }
-            // Print only what is settled: a multi-byte character may still be incomplete, and
-            // the end may be the start of a stop string.
-            let settled = &text[..text.len() - held_back(&text, &s.stop)];
-            if settled.len() > printed.len() && settled.starts_with(&printed) && !settled.ends_with('\u{FFFD}') {
-                on_text(&settled[printed.len()..]);
-                printed = settled.to_owned();
-            }
-            input = Tensor::new(&[next], &candle_core::Device::Cpu)?.unsqueeze(0)?;
         }
-        let text = match cut {
-            Some(text) => text,
-            None => self.decode(&out)?,
-        };
-        if text.len() > printed.len() && text.starts_with(&printed) {
-            on_text(&text[printed.len()..]);
+        let width = rows.iter().map(|r| r.context.len()).max().unwrap_or(0);
+        let mut padded = Vec::with_capacity(rows.len() * width);
+        for r in &mut rows {
+            r.pad = width - r.context.len();
+            padded.extend(std::iter::repeat_n(0u32, r.pad).chain(r.context.iter().copied()));
         }
-        let total = started.elapsed().as_secs_f64();
-        Ok(Generated {
-            prompt_tokens: prompt_ids.len(),
-            ids: out.clone(),
-            text,
-            stopped,
-            prompt_seconds: prompt_s,
-            generation_seconds: total - prompt_s,
-        })
+        let max_pos = self.model.config().max_position_embeddings;
+        let ctx = ForwardCtx::eval();
+        let mut cache = KvCache::new();
+        let mut input = Tensor::from_vec(padded, (rows.len(), width), &candle_core::Device::Cpu)?;
+        let mut prompt_s = None;
+        let mut positions = width;
+        while !rows.is_empty() {
+            let pads: Vec<usize> = rows.iter().map(|r| r.pad).collect();
+            let logits =
+                self.model.last_logits(&input, &mut cache, &pads, &ctx)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let prompt_s = *prompt_s.get_or_insert_with(|| started.elapsed().as_secs_f64());
+            positions += 1;
+            let mut next_ids = Vec::new();
+            for (row, logits) in rows.iter_mut().zip(&logits) {
+                let s = &requests[row.req].1;
+                let next = sample(logits, &row.context, s, &mut row.rng);
+                if self.stop.contains(&next) {
+                    row.stopped = true;
+                    row.done = true;
+                } else {
+                    row.out.push(next);
+                    row.context.push(next);
+                    let mut text = self.decode(&row.out)?;
+                    if let Some(at) = first_stop(&text, &s.stop) {
+                        text.truncate(at);
+                        row.cut = Some(text);
+                        row.stopped = true;
+                        row.done = true;
+                    } else {
+                        // Only settled text: a multi-byte character may still be incomplete,
+                        // and the end may be the start of a stop string.
+                        let settled = &text[..text.len() - held_back(&text, &s.stop)];
+                        if settled.len() > row.printed.len()
+                            && settled.starts_with(&row.printed)
+                            && !settled.ends_with('\u{FFFD}')
+                        {
+                            on_text(row.req, &settled[row.printed.len()..]);
+                            row.printed = settled.to_owned();
+                        }
+                        row.done = row.out.len() >= s.max_new_tokens || positions >= max_pos;
+                    }
+                }
+                if row.done {
+                    let text = match row.cut.take() {
+                        Some(text) => text,
+                        None => self.decode(&row.out)?,
+                    };
+                    if text.len() > row.printed.len() && text.starts_with(&row.printed) {
+                        on_text(row.req, &text[row.printed.len()..]);
+                    }
+                    results[row.req] = Some(Ok(Generated {
+                        prompt_tokens: row.prompt_tokens,
+                        ids: std::mem::take(&mut row.out),
+                        text,
+                        stopped: row.stopped,
+                        prompt_seconds: prompt_s,
+                        generation_seconds: started.elapsed().as_secs_f64() - prompt_s,
+                    }));
+                } else {
+                    next_ids.push(next);
+                }
+            }
+            if rows.iter().any(|r| r.done) {
+                let keep: Vec<usize> = rows.iter().enumerate().filter(|(_, r)| !r.done).map(|(j, _)| j).collect();
+                rows.retain(|r| !r.done);
+                if !rows.is_empty() {
+                    cache.keep_rows(&keep)?;
+                }
+            }
+            input = Tensor::from_vec(next_ids, (rows.len(), 1), &candle_core::Device::Cpu)?;
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(CoreError::Param { name: "prompt".into(), message: "no answer".into() })))
+            .collect())
     }
 }
 

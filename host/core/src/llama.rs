@@ -216,6 +216,16 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Keeps the sequences `rows` of a batched cache, in that order (the others finished).
+    pub fn keep_rows(&mut self, rows: &[usize]) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect(), rows.len(), k.device())?;
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
 }
 
 /// A Llama/Qwen2 decoder with its language-model head.
@@ -438,7 +448,30 @@ impl DecoderModel {
     /// The last hidden states `[b, l, hidden]` (after the final norm, in the compute dtype),
     /// for `ids: [b, l]` at positions `cache.len()..`: what the language-model head or a
     /// classifier reads.
-    pub fn hidden_states(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
+    pub fn hidden_states(&self, ids: &Tensor, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
+        self.hidden_states_padded(ids, cache, &[], ctx)
+    }
+
+    /// Logits `[b, vocab]` at the last position of left-padded sequences `ids: [b, l]` at
+    /// positions `cache.len()..`, appending to `cache`: the first `pads[r]` positions of row
+    /// `r` (counted over the whole cache) are padding that no real position attends to.
+    /// Rotary embeddings are relative, so shifting a whole row changes nothing: each row
+    /// computes what it would alone. What batched generation runs.
+    pub fn last_logits(&self, ids: &Tensor, cache: &mut KvCache, pads: &[usize], ctx: &ForwardCtx) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        let x = self.hidden_states_padded(ids, Some(cache), pads, ctx)?;
+        let last = x.narrow(1, l - 1, 1)?.reshape((b, self.config.hidden_size))?;
+        self.head_logits(&last, ctx)
+    }
+
+    /// [`DecoderModel::hidden_states`] of left-padded rows (`pads` per row, or none).
+    fn hidden_states_padded(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        pads: &[usize],
+        ctx: &ForwardCtx,
+    ) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |c| c.len());
         let h = self.config.hidden_size;
@@ -449,7 +482,11 @@ impl DecoderModel {
         {
             c.layers = vec![None; self.blocks.len()];
         }
-        let mask = causal_mask(l, start, x.dtype(), x.device())?;
+        let mask = if pads.iter().any(|&p| p > 0) {
+            Some(padded_causal_mask(l, start, pads, x.dtype(), x.device())?)
+        } else {
+            causal_mask(l, start, x.dtype(), x.device())?
+        };
         let x = match cache {
             None if ctx.is_checkpointing() => {
                 let record_start = x.clone();
@@ -622,6 +659,25 @@ fn causal_mask(l: usize, start: usize, dtype: DType, device: &Device) -> Result<
     let v: Vec<f32> =
         (0..l).flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY })).collect();
     Ok(Some(Tensor::from_vec(v, (l, total), device)?.to_dtype(dtype)?))
+}
+
+/// `[b, 1, l, start + l]`: [`causal_mask`] for each row, with the row's first `pads[r]`
+/// positions masked as keys too; a padding position still sees itself, so that no row of
+/// scores is all -inf (its output is never read).
+fn padded_causal_mask(l: usize, start: usize, pads: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    let total = start + l;
+    let v: Vec<f32> = pads
+        .iter()
+        .flat_map(|&pad| {
+            (0..l).flat_map(move |i| {
+                (0..total).map(move |j| {
+                    let q = start + i;
+                    if j <= q && (j >= pad || j == q) { 0.0 } else { f32::NEG_INFINITY }
+                })
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, (pads.len(), 1, l, total), device)?.to_dtype(dtype)?)
 }
 
 #[cfg(test)]

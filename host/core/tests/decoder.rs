@@ -91,6 +91,51 @@ fn generation_streams_and_respects_the_limit() -> Result<()> {
     Ok(())
 }
 
+/// Several prompts generated as one batch give what each gives alone — ids, text, stop —
+/// whatever their lengths and sampling; each request hears only its own pieces; a request
+/// that cannot run fails alone.
+#[test]
+fn a_batch_generates_what_each_request_would_alone() -> Result<()> {
+    let tmp = tempfile::tempdir().expect("tmp");
+    for kind in ["llama", "qwen2"] {
+        write_model(tmp.path(), kind)?;
+        let lm = LanguageModel::load(&tmp.path().join("model.gguf"))?;
+        let base = Sampling { max_new_tokens: 12, ..Sampling::default() };
+        let requests = vec![
+            ("the cat".to_owned(), base.clone()),
+            (
+                "the cat in the hat, the hat on the cat".to_owned(),
+                Sampling { temperature: 1.0, seed: 5, ..base.clone() },
+            ),
+            (String::new(), base.clone()),
+            ("hat".to_owned(), Sampling { max_new_tokens: 3, repetition_penalty: 1.3, ..base.clone() }),
+            (
+                "in the".to_owned(),
+                Sampling { temperature: 0.8, top_k: Some(5), seed: 9, stop: vec!["e".into()], ..base },
+            ),
+        ];
+        let mut pieces = vec![String::new(); requests.len()];
+        let batch = lm.generate_batch(&requests, &mut |i, t| pieces[i].push_str(t))?;
+        assert_eq!(batch.len(), requests.len());
+        for (i, ((prompt, s), got)) in requests.iter().zip(batch).enumerate() {
+            let alone = lm.generate(prompt, s, &mut |_| {});
+            match (got, alone) {
+                (Ok(got), Ok(alone)) => {
+                    assert_eq!(
+                        (&got.ids, &got.text, got.stopped),
+                        (&alone.ids, &alone.text, alone.stopped),
+                        "{kind} request {i}"
+                    );
+                    assert_eq!(pieces[i], got.text, "{kind} request {i}: its own pieces");
+                }
+                (Err(got), Err(alone)) => assert_eq!(got.to_string(), alone.to_string()),
+                (got, alone) => panic!("{kind} request {i}: {got:?} vs {alone:?}"),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A stop string ends the text before it, and no piece of it is ever streamed (the pieces
 /// that might begin one are held back until they cannot).
 #[test]
