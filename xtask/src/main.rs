@@ -40,8 +40,9 @@ commands:
   bench compress --model RUN_DIR [--student RUN_DIR]
                        f32 vs int8 (and a distilled student): held-out accuracy, size,
                        peak memory, inference tokens/s, batch-1 latency
-  bench generate [--tokens N]
-                       SmolLM2-135M generation speed (batch 1, KV cache)
+  bench generate [--tokens N] [--int8] [--batch N]
+                       SmolLM2-135M generation speed (batch 1, KV cache; int8; N prompts
+                       one after another against one batch)
   bench sft [--epochs N] [--per-chapter N]
                        LoRA instruction tuning of SmolLM2 on ICD-10-CM: loss, perplexity and
                        held-out answers before and after, SFT tokens/s

@@ -342,6 +342,7 @@ impl LanguageModel {
     }
 
     fn assemble(model: DecoderModel, tokenizer: Tokenizer, chat: ChatFormat) -> Self {
+        let model = model.keep_transposed();
         let mut stop = model.config().eos_ids();
         for s in chat.stop_strings() {
             if let Some(id) = tokenizer.token_to_id(s) {

@@ -421,6 +421,20 @@ impl DecoderModel {
         Ok(self)
     }
 
+    /// The model for inference only: each projection keeps a contiguous `Wᵀ` for its
+    /// products ([`Linear::keep_transposed`]; the weights never change). Batched generation
+    /// multiplies a few rows at a time, where gemm would otherwise transpose every weight into
+    /// its panels at every step (SmolLM2's MLP down projection for 8 rows: 1.05 → 0.22 ms).
+    pub fn keep_transposed(mut self) -> Self {
+        for b in &mut self.blocks {
+            for l in [&mut b.q, &mut b.k, &mut b.v, &mut b.o, &mut b.gate, &mut b.up, &mut b.down] {
+                *l = l.clone().keep_transposed();
+            }
+        }
+        self.lm_head = self.lm_head.map(Linear::keep_transposed);
+        self
+    }
+
     /// Whether the projections run int8 ([`DecoderModel::quantize_int8`]).
     pub fn is_int8(&self) -> bool {
         self.lm_head.as_ref().is_some_and(Linear::is_int8)

@@ -77,7 +77,10 @@ impl Application {
         app_state.device = device;
         app_state.batch_policy = config.batch;
         if let Some((name, lm)) = generator {
-            app_state.generator = Some(lm);
+            let counters = app_state.counters.clone();
+            let batcher = batcher::GenerationBatcher::start(lm, config.batch, counters, name.clone(), 0)
+                .map_err(|e| ApiError::Internal(format!("cannot start the generation worker: {e}")))?;
+            app_state.generator = Some(std::sync::Arc::new(batcher));
             app_state.generator_name = Some(name);
         }
         let state = web::Data::new(app_state);

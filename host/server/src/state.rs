@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use tuneforge_plugin_runtime::PluginRuntime;
 use tuneforge_store::Store;
 
+use crate::batcher::GenerationBatcher;
 use crate::prometheus::Counters;
 
 pub struct AppState {
@@ -17,13 +18,11 @@ pub struct AppState {
     /// Runs the cleaners and feature plugins that models carry; started on first use.
     pub plugins: std::sync::OnceLock<PluginRuntime>,
     /// Registered language models loaded once and kept warm, by (name, version).
-    pub generators: Mutex<HashMap<(String, i64), Arc<tuneforge_core::generate::LanguageModel>>>,
+    pub generators: Mutex<HashMap<(String, i64), Arc<GenerationBatcher>>>,
     /// The decoder behind `/api/v1/generate` without a `model` (`serve --generator`), and its
     /// source.
-    pub generator: Option<Arc<tuneforge_core::generate::LanguageModel>>,
+    pub generator: Option<Arc<GenerationBatcher>>,
     pub generator_name: Option<String>,
-    /// One generation at a time.
-    pub generate_turn: tokio::sync::Mutex<()>,
     /// Where the classifiers compute (the CPU unless `serve --device` says otherwise).
     pub device: candle_core::Device,
     /// How each model's micro-batches form.
@@ -43,7 +42,6 @@ impl AppState {
             generator_name: None,
             device: candle_core::Device::Cpu,
             batch_policy: Default::default(),
-            generate_turn: tokio::sync::Mutex::new(()),
         }
     }
 }

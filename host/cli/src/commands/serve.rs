@@ -33,6 +33,10 @@ pub struct ServeArgs {
     /// … or this many milliseconds after its first text arrived (0: no waiting).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(0..=1000))]
     batch_wait_ms: u64,
+    /// Concurrent generations of one language model run as one batch of at most this many
+    /// (1: one at a time).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+    batch_max_generations: u64,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
@@ -67,6 +71,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<Outcome> {
         let batch = BatchPolicy {
             max_texts: args.batch_max_texts as usize,
             max_wait: std::time::Duration::from_millis(args.batch_wait_ms),
+            max_generations: args.batch_max_generations as usize,
         };
         let config = ServerConfig { addr: args.addr.clone(), db: db.clone(), token, device: args.device.device, batch };
         let app = Application::build_with_generator(config, generator).await?;

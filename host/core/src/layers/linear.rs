@@ -160,7 +160,11 @@ impl Linear {
     pub fn merged(&self) -> Result<Self> {
         match &self.lora {
             None => Ok(self.clone()),
-            Some(l) => Ok(Self::new((&self.weight + l.delta_weight()?)?.detach(), self.bias.clone())),
+            Some(l) => Ok(Self {
+                // A kept transpose is of the merged weight, made anew.
+                frozen_t: self.frozen_t.as_ref().map(|_| Arc::default()),
+                ..Self::new((&self.weight + l.delta_weight()?)?.detach(), self.bias.clone())
+            }),
         }
     }
 

@@ -2,7 +2,8 @@
 //! production version, the version a session's A/B arm gives, or a pinned `version`; loaded
 //! once and kept warm; every answer recorded as a prediction that feedback can correct), or
 //! from the decoder the server was started with (`tuneforge serve --generator SOURCE`; not
-//! recorded). One generation runs at a time (they are CPU-bound); others wait their turn.
+//! recorded). Concurrent generations of one model run as one batch (`BatchPolicy::
+//! max_generations`, [`GenerationBatcher`]).
 //! With `"stream": true` the answer comes as server-sent events: one `data: {"text": …}` event
 //! per piece of settled text, then `data: {"done": true, …}` with the counts and the
 //! prediction's id (or `data: {"error": …}`).
@@ -13,6 +14,8 @@ use std::time::Instant;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use tuneforge_core::generate::{Generated, LanguageModel, Sampling};
+
+use crate::batcher::GenerationBatcher;
 use tuneforge_store::NewPrediction;
 
 use super::State;
@@ -122,14 +125,14 @@ pub(crate) async fn registered(
     version: Option<i64>,
     session: Option<&str>,
     turns: Vec<(String, String)>,
-) -> Result<(Arc<LanguageModel>, Recording), ApiError> {
+) -> Result<(Arc<GenerationBatcher>, Recording), ApiError> {
     let (version, arm) = route(state, &name, version, session).await?;
     let (version, lm) = load(state, &name, version).await?;
     Ok((lm, Recording { name, version, arm, turns }))
 }
 
 /// Loads a registered language model's version once and keeps it warm.
-async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, Arc<LanguageModel>), ApiError> {
+async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, Arc<GenerationBatcher>), ApiError> {
     let v = model_version(state, name, version).await?;
     let key = (v.name.clone(), v.version);
     if let Some(m) = state.generators.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
@@ -144,9 +147,12 @@ async fn load(state: &State, name: &str, version: Option<i64>) -> Result<(i64, A
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::Internal(format!("cannot load {name}@{}: {e}", v.version)))?;
-    let lm = Arc::new(lm);
-    state.generators.lock().unwrap_or_else(|e| e.into_inner()).insert(key, lm.clone());
-    Ok((v.version, lm))
+    let counters = state.counters.clone();
+    let batcher = GenerationBatcher::start(Arc::new(lm), state.batch_policy, counters, name.to_owned(), v.version)
+        .map_err(|e| ApiError::Internal(format!("cannot start the generation worker: {e}")))?;
+    let batcher = Arc::new(batcher);
+    state.generators.lock().unwrap_or_else(|e| e.into_inner()).insert(key, batcher.clone());
+    Ok((v.version, batcher))
 }
 
 pub async fn generate(req: HttpRequest, state: State, body: web::Bytes) -> Result<HttpResponse, ApiError> {
@@ -208,7 +214,7 @@ pub async fn generate(req: HttpRequest, state: State, body: web::Bytes) -> Resul
         }
     };
     let prompt = match &turns {
-        Some(turns) => generator.chat.render(turns),
+        Some(turns) => generator.lm.chat.render(turns),
         None => body.prompt.unwrap_or_default(),
     };
     if prompt.trim().is_empty() {
@@ -217,25 +223,21 @@ pub async fn generate(req: HttpRequest, state: State, body: web::Bytes) -> Resul
     if body.stream {
         return Ok(stream_events(state, generator, prompt, sampling, recording));
     }
-    let (out, seconds) = run_turn(&state, generator, prompt, sampling).await?;
+    let (out, seconds) = run_turn(generator, prompt, sampling).await?;
     let mut answer = summary(&state, &out, seconds, recording).await?;
     answer["text"] = serde_json::json!(out.text);
     Ok(HttpResponse::Ok().json(answer))
 }
 
-/// One generation in its turn, on the blocking pool; the seconds it took.
+/// One generation (batched with whatever else the model is asked meanwhile); the seconds it
+/// took, waiting included.
 pub(crate) async fn run_turn(
-    state: &State,
-    lm: Arc<LanguageModel>,
+    generator: Arc<GenerationBatcher>,
     prompt: String,
     sampling: Sampling,
 ) -> Result<(Generated, f64), ApiError> {
-    let _turn = state.generate_turn.lock().await;
     let started = Instant::now();
-    let out = web::block(move || lm.generate(&prompt, &sampling, &mut |_| {}))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let out = generator.generate(prompt, sampling, Box::new(|_| {})).await.map_err(ApiError::BadRequest)?;
     Ok((out, started.elapsed().as_secs_f64()))
 }
 
@@ -245,10 +247,10 @@ pub(crate) async fn run_turn(
 pub(crate) async fn answer_recorded(state: &State, name: &str, text: String) -> Result<String, ApiError> {
     let (version, lm) = load(state, name, None).await?;
     let turns = vec![("user".to_owned(), text)];
-    let prompt = lm.chat.render(&turns);
+    let prompt = lm.lm.chat.render(&turns);
     let sampling =
         Sampling { max_new_tokens: default_max_tokens(), repetition_penalty: default_penalty(), ..Sampling::default() };
-    let (out, seconds) = run_turn(state, lm, prompt, sampling).await?;
+    let (out, seconds) = run_turn(lm, prompt, sampling).await?;
     let recording = Recording { name: name.to_owned(), version, arm: None, turns };
     let answer = summary(state, &out, seconds, Some(recording)).await?;
     Ok(answer["id"].as_str().unwrap_or_default().to_owned())
@@ -311,7 +313,7 @@ pub(crate) fn event(value: &serde_json::Value) -> web::Bytes {
 /// the blocking pool; a client that goes away only loses the rest of the events.
 fn stream_events(
     state: State,
-    generator: Arc<LanguageModel>,
+    generator: Arc<GenerationBatcher>,
     prompt: String,
     sampling: Sampling,
     recording: Option<Recording>,
@@ -341,7 +343,7 @@ fn stream_events(
 /// goes away only loses the rest of the events.
 pub(crate) fn stream_with(
     state: State,
-    generator: Arc<LanguageModel>,
+    generator: Arc<GenerationBatcher>,
     (prompt, sampling): (String, Sampling),
     recording: Option<Recording>,
     first: Vec<web::Bytes>,
@@ -353,22 +355,17 @@ pub(crate) fn stream_with(
         let _ = tx.send(bytes);
     }
     actix_web::rt::spawn(async move {
-        let _turn = state.generate_turn.lock().await;
         let started = Instant::now();
         let pieces = tx.clone();
-        let out = web::block(move || {
-            generator.generate(&prompt, &sampling, &mut |text| {
-                let _ = pieces.send(piece(text));
-            })
-        })
-        .await;
-        let outcome = match out {
-            Ok(Ok(out)) => match summary(&state, &out, started.elapsed().as_secs_f64(), recording).await {
+        let on_piece = Box::new(move |text: &str| {
+            let _ = pieces.send(piece(text));
+        });
+        let outcome = match generator.generate(prompt, sampling, on_piece).await {
+            Ok(out) => match summary(&state, &out, started.elapsed().as_secs_f64(), recording).await {
                 Ok(counts) => Ok((out, counts)),
                 Err(e) => Err(e.to_string()),
             },
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(e),
         };
         for bytes in end(outcome) {
             let _ = tx.send(bytes);

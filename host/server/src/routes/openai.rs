@@ -234,7 +234,7 @@ async fn chat(req: HttpRequest, state: State, body: web::Bytes) -> Result<HttpRe
             (lm, Some(r))
         }
     };
-    let prompt = lm.chat.render(&turns);
+    let prompt = lm.lm.chat.render(&turns);
     let id = format!("chatcmpl-{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>());
     let created = unix_seconds();
     let finish = |out: &Generated| if out.stopped { "stop" } else { "length" };
@@ -284,7 +284,7 @@ async fn chat(req: HttpRequest, state: State, body: web::Bytes) -> Result<HttpRe
         };
         return Ok(stream_with(state, lm, (prompt, sampling), recording, vec![first], piece, end));
     }
-    let (out, seconds) = run_turn(&state, lm, prompt, sampling).await?;
+    let (out, seconds) = run_turn(lm, prompt, sampling).await?;
     let counts = summary(&state, &out, seconds, recording).await?;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "id": id,

@@ -219,3 +219,64 @@ async fn registered_language_models_answer_and_their_answers_are_corrected() {
     assert_eq!(count("tuneforge_time_to_first_token_seconds_count{model=\"chat\"}"), 27, "one per generation");
     assert!(metrics.contains("tuneforge_generated_tokens_total{model=\"chat\"}"), "{metrics}");
 }
+
+/// Concurrent generations run as one batch (the metrics count one batch of four), each
+/// answer — streamed or not — the one its prompt gets alone; with `max_generations = 1`
+/// every generation is its own batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_generations_share_a_batch() {
+    for (max, batches) in [(4, 1), (1, 4)] {
+        let policy = tuneforge_server::BatchPolicy {
+            max_wait: std::time::Duration::from_millis(400),
+            max_generations: max,
+            ..Default::default()
+        };
+        let app = std::sync::Arc::new(
+            crate::helpers::spawn_app_configured(
+                |dir| {
+                    tuneforge_core::testing::write_tiny_decoder(dir, "llama").expect("tiny decoder");
+                    Some(("tiny".to_owned(), Arc::new(LanguageModel::load(&dir.join("model.gguf")).expect("load"))))
+                },
+                policy,
+            )
+            .await,
+        );
+        let alone = LanguageModel::load(&app.dir.path().join("model.gguf")).expect("load");
+        let prompts = ["the cat", "a hat on the cat in the hat", "in", "the hat, the cat"];
+        let mut set = tokio::task::JoinSet::new();
+        for (i, prompt) in prompts.into_iter().enumerate() {
+            let app = app.clone();
+            set.spawn(async move {
+                let body = json!({"prompt": prompt, "max_tokens": 6, "stream": i % 2 == 1});
+                let r = app.post("/api/v1/generate", &body).await;
+                assert_eq!(r.status, 200, "{}", r.body);
+                let text = if i % 2 == 1 {
+                    r.body
+                        .split("\n\n")
+                        .filter_map(|e| e.strip_prefix("data: "))
+                        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+                        .filter_map(|e| e["text"].as_str().map(str::to_owned))
+                        .collect::<String>()
+                } else {
+                    r.json()["text"].as_str().expect("text").to_owned()
+                };
+                (prompt, text)
+            });
+        }
+        while let Some(done) = set.join_next().await {
+            let (prompt, text) = done.expect("task");
+            let s =
+                tuneforge_core::generate::Sampling { max_new_tokens: 6, repetition_penalty: 1.1, ..Default::default() };
+            let expected =
+                alone.generate(&alone.chat.render(&[("user".into(), prompt.into())]), &s, &mut |_| {}).expect("alone");
+            assert_eq!(text, expected.text, "max {max}: `{prompt}` got another answer");
+        }
+        let metrics = app.get("/metrics").await.body;
+        let value = |name: &str| -> u64 {
+            let prefix = format!("{name}{{model=\"tiny\",version=\"0\"}} ");
+            metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.parse().ok()).expect(name)
+        };
+        assert_eq!(value("tuneforge_inference_batch_texts_total"), 4);
+        assert_eq!(value("tuneforge_inference_batches_total"), batches, "max {max}: {metrics}");
+    }
+}

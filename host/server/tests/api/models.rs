@@ -278,7 +278,11 @@ async fn concurrent_predictions_share_micro_batches() {
 /// `serve --batch-max-texts 1`: every text is its own batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_micro_batching_policy_is_the_servers_to_set() {
-    let one = tuneforge_server::BatchPolicy { max_texts: 1, max_wait: std::time::Duration::from_millis(5) };
+    let one = tuneforge_server::BatchPolicy {
+        max_texts: 1,
+        max_wait: std::time::Duration::from_millis(5),
+        ..Default::default()
+    };
     let (texts, batches) = concurrent_predictions(spawn_app_configured(|_| None, one).await).await;
     assert_eq!((texts, batches), (49, 49));
 }
