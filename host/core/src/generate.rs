@@ -392,132 +392,263 @@ impl LanguageModel {
         Ok(ids)
     }
 
-    /// Generates for several formatted prompts at once, each with its own sampling: the
-    /// prompts are left-padded into one batch ([`DecoderModel::last_logits`]: each row
-    /// computes what it would alone) and rows leave it as they finish, so that a batch of
-    /// `n` costs far less than `n` generations (the weights are read once per step for all
-    /// rows). `on_text(i, piece)` hears request `i`'s settled text. One result per request:
-    /// a request that cannot run (an empty or too long prompt, bad sampling) fails alone. A
-    /// batch shares one position range: a short prompt beside a long one reaches the
-    /// model's position limit sooner.
+    /// Generates for several formatted prompts at once, each with its own sampling, as one
+    /// [`BatchRun`]: each row generates what it would alone, at a fraction of the cost of
+    /// `n` generations (the weights are read once per step for all rows). `on_text(i, piece)`
+    /// hears request `i`'s settled text. One result per request: a request that cannot run
+    /// (an empty or too long prompt, bad sampling) fails alone.
     pub fn generate_batch(
         &self,
         requests: &[(String, Sampling)],
         on_text: &mut dyn FnMut(usize, &str),
     ) -> Result<Vec<Result<Generated>>> {
-        struct Row {
-            req: usize,
-            pad: usize,
-            prompt_tokens: usize,
-            context: Vec<u32>,
-            out: Vec<u32>,
-            printed: String,
-            rng: StdRng,
-            stopped: bool,
-            cut: Option<String>,
-            done: bool,
-        }
-        let started = std::time::Instant::now();
         let mut results: Vec<Option<Result<Generated>>> = (0..requests.len()).map(|_| None).collect();
-        let mut rows = Vec::new();
-        for (req, (prompt, s)) in requests.iter().enumerate() {
-            match self.prompt_ids(prompt, s) {
-                Ok(ids) => rows.push(Row {
-                    req,
-                    pad: 0,
-                    prompt_tokens: ids.len(),
-                    context: ids,
-                    out: Vec::new(),
-                    printed: String::new(),
-                    rng: StdRng::seed_from_u64(s.seed),
-                    stopped: false,
-                    cut: None,
-                    done: false,
-                }),
-                Err(e) => results[req] = Some(Err(e)),
-            }
-        }
-        let width = rows.iter().map(|r| r.context.len()).max().unwrap_or(0);
-        let mut padded = Vec::with_capacity(rows.len() * width);
-        for r in &mut rows {
-            r.pad = width - r.context.len();
-            padded.extend(std::iter::repeat_n(0u32, r.pad).chain(r.context.iter().copied()));
-        }
-        let max_pos = self.model.config().max_position_embeddings;
-        let ctx = ForwardCtx::eval();
-        let mut cache = KvCache::new();
-        let mut input = Tensor::from_vec(padded, (rows.len(), width), &candle_core::Device::Cpu)?;
-        let mut prompt_s = None;
-        let mut positions = width;
-        while !rows.is_empty() {
-            let pads: Vec<usize> = rows.iter().map(|r| r.pad).collect();
-            let logits =
-                self.model.last_logits(&input, &mut cache, &pads, &ctx)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-            let prompt_s = *prompt_s.get_or_insert_with(|| started.elapsed().as_secs_f64());
-            positions += 1;
-            let mut next_ids = Vec::new();
-            for (row, logits) in rows.iter_mut().zip(&logits) {
-                let s = &requests[row.req].1;
-                let next = sample(logits, &row.context, s, &mut row.rng);
-                if self.stop.contains(&next) {
-                    row.stopped = true;
-                    row.done = true;
-                } else {
-                    row.out.push(next);
-                    row.context.push(next);
-                    let mut text = self.decode(&row.out)?;
-                    if let Some(at) = first_stop(&text, &s.stop) {
-                        text.truncate(at);
-                        row.cut = Some(text);
-                        row.stopped = true;
-                        row.done = true;
-                    } else {
-                        // Only settled text: a multi-byte character may still be incomplete,
-                        // and the end may be the start of a stop string.
-                        let settled = &text[..text.len() - held_back(&text, &s.stop)];
-                        if settled.len() > row.printed.len()
-                            && settled.starts_with(&row.printed)
-                            && !settled.ends_with('\u{FFFD}')
-                        {
-                            on_text(row.req, &settled[row.printed.len()..]);
-                            row.printed = settled.to_owned();
-                        }
-                        row.done = row.out.len() >= s.max_new_tokens || positions >= max_pos;
-                    }
-                }
-                if row.done {
-                    let text = match row.cut.take() {
-                        Some(text) => text,
-                        None => self.decode(&row.out)?,
-                    };
-                    if text.len() > row.printed.len() && text.starts_with(&row.printed) {
-                        on_text(row.req, &text[row.printed.len()..]);
-                    }
-                    results[row.req] = Some(Ok(Generated {
-                        prompt_tokens: row.prompt_tokens,
-                        ids: std::mem::take(&mut row.out),
-                        text,
-                        stopped: row.stopped,
-                        prompt_seconds: prompt_s,
-                        generation_seconds: started.elapsed().as_secs_f64() - prompt_s,
-                    }));
-                } else {
-                    next_ids.push(next);
-                }
-            }
-            if rows.iter().any(|r| r.done) {
-                let keep: Vec<usize> = rows.iter().enumerate().filter(|(_, r)| !r.done).map(|(j, _)| j).collect();
-                rows.retain(|r| !r.done);
-                if !rows.is_empty() {
-                    cache.keep_rows(&keep)?;
-                }
-            }
-            input = Tensor::from_vec(next_ids, (rows.len(), 1), &candle_core::Device::Cpu)?;
+        let mut run = BatchRun::new(self);
+        let mut on_done = |i: usize, r: Result<Generated>| results[i] = Some(r);
+        let mut on_piece = |i: &mut usize, t: &str| on_text(*i, t);
+        let all = requests.iter().enumerate().map(|(i, (p, s))| (i, p.clone(), s.clone())).collect();
+        run.admit(all, &mut on_piece, &mut on_done)?;
+        while !run.is_empty() {
+            run.step(&mut on_piece, &mut on_done)?;
         }
         Ok(results
             .into_iter()
             .map(|r| r.unwrap_or_else(|| Err(CoreError::Param { name: "prompt".into(), message: "no answer".into() })))
             .collect())
+    }
+}
+
+/// One generation of a [`BatchRun`].
+struct Row<K> {
+    key: K,
+    sampling: Sampling,
+    /// Leading cache positions that are not this row's.
+    pad: usize,
+    prompt_tokens: usize,
+    context: Vec<u32>,
+    out: Vec<u32>,
+    printed: String,
+    rng: StdRng,
+    stopped: bool,
+    cut: Option<String>,
+    /// The token to feed at the next step.
+    pending: u32,
+    admitted: std::time::Instant,
+    prompt_s: f64,
+}
+
+/// Generations running as one batch that requests join at any step (continuous batching):
+/// [`BatchRun::admit`] prefills new prompts together and merges them into the running
+/// batch's KV cache (left-padding whichever is shorter), [`BatchRun::step`] gives every row
+/// its next token, and rows leave as they finish (the cache's columns that no row needs any
+/// more are dropped). Each row counts its own positions and masks the others' columns, so it
+/// generates what it would alone. `K` is the caller's key for a request.
+pub struct BatchRun<'m, K> {
+    lm: &'m LanguageModel,
+    rows: Vec<Row<K>>,
+    cache: KvCache,
+}
+
+/// Hears a row's settled text.
+pub type OnPiece<'a, K> = dyn FnMut(&mut K, &str) + 'a;
+/// Hears that a row finished (or could not start).
+pub type OnDone<'a, K> = dyn FnMut(K, Result<Generated>) + 'a;
+
+impl<'m, K> BatchRun<'m, K> {
+    pub fn new(lm: &'m LanguageModel) -> Self {
+        Self { lm, rows: Vec::new(), cache: KvCache::new() }
+    }
+
+    /// Rows running.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Prefills `requests` (formatted prompts) as one left-padded batch, samples each one's
+    /// first token and adds them to the run. A request that cannot run, or that ends at its
+    /// first token, goes to `on_done` at once.
+    pub fn admit(
+        &mut self,
+        requests: Vec<(K, String, Sampling)>,
+        on_text: &mut OnPiece<'_, K>,
+        on_done: &mut OnDone<'_, K>,
+    ) -> Result<()> {
+        let admitted = std::time::Instant::now();
+        let mut fresh = Vec::new();
+        for (key, prompt, sampling) in requests {
+            match self.lm.prompt_ids(&prompt, &sampling) {
+                Ok(ids) => fresh.push(Row {
+                    key,
+                    rng: StdRng::seed_from_u64(sampling.seed),
+                    sampling,
+                    pad: 0,
+                    prompt_tokens: ids.len(),
+                    context: ids,
+                    out: Vec::new(),
+                    printed: String::new(),
+                    stopped: false,
+                    cut: None,
+                    pending: 0,
+                    admitted,
+                    prompt_s: 0.0,
+                }),
+                Err(e) => on_done(key, Err(e)),
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        let width = fresh.iter().map(|r| r.context.len()).max().unwrap_or(0);
+        let mut padded = Vec::with_capacity(fresh.len() * width);
+        for r in &mut fresh {
+            r.pad = width - r.context.len();
+            padded.extend(std::iter::repeat_n(0u32, r.pad).chain(r.context.iter().copied()));
+        }
+        let input = Tensor::from_vec(padded, (fresh.len(), width), &candle_core::Device::Cpu)?;
+        let mut cache = KvCache::new();
+        let pads: Vec<usize> = fresh.iter().map(|r| r.pad).collect();
+        let logits = self.lm.model.last_logits(&input, &mut cache, &pads, &ForwardCtx::eval())?;
+        let prompt_s = admitted.elapsed().as_secs_f64();
+        for r in &mut fresh {
+            r.prompt_s = prompt_s;
+        }
+        self.next_tokens(&mut fresh, &mut cache, &logits, on_text, on_done)?;
+        if fresh.is_empty() {
+            return Ok(());
+        }
+        if self.rows.is_empty() {
+            self.cache = cache;
+            self.rows = fresh;
+            return Ok(());
+        }
+        // One cache for all: the shorter side is left-padded.
+        let (running, joining) = (self.cache.len(), cache.len());
+        if running > joining {
+            cache.pad_front(running - joining)?;
+            fresh.iter_mut().for_each(|r| r.pad += running - joining);
+        } else if joining > running {
+            self.cache.pad_front(joining - running)?;
+            self.rows.iter_mut().for_each(|r| r.pad += joining - running);
+        }
+        self.cache.append_rows(&cache)?;
+        self.rows.extend(fresh);
+        Ok(())
+    }
+
+    /// The next token of every row.
+    pub fn step(&mut self, on_text: &mut OnPiece<'_, K>, on_done: &mut OnDone<'_, K>) -> Result<()> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<u32> = self.rows.iter().map(|r| r.pending).collect();
+        let input = Tensor::from_vec(ids, (self.rows.len(), 1), &candle_core::Device::Cpu)?;
+        let pads: Vec<usize> = self.rows.iter().map(|r| r.pad).collect();
+        let logits = self.lm.model.last_logits(&input, &mut self.cache, &pads, &ForwardCtx::eval())?;
+        let mut rows = std::mem::take(&mut self.rows);
+        let mut cache = std::mem::take(&mut self.cache);
+        let done = self.next_tokens(&mut rows, &mut cache, &logits, on_text, on_done);
+        // Columns that are padding for every remaining row go.
+        let common = rows.iter().map(|r| r.pad).min().unwrap_or(0);
+        if common > 0 {
+            cache.trim_front(common)?;
+            rows.iter_mut().for_each(|r| r.pad -= common);
+        }
+        self.rows = rows;
+        self.cache = cache;
+        done
+    }
+
+    /// The keys of the rows still running, giving up on them (after an error).
+    pub fn abandon(self) -> Vec<K> {
+        self.rows.into_iter().map(|r| r.key).collect()
+    }
+
+    /// Samples each row's next token from its `logits` row; finished rows leave `rows` (and
+    /// `cache`) through `on_done`.
+    fn next_tokens(
+        &self,
+        rows: &mut Vec<Row<K>>,
+        cache: &mut KvCache,
+        logits: &Tensor,
+        on_text: &mut OnPiece<'_, K>,
+        on_done: &mut OnDone<'_, K>,
+    ) -> Result<()> {
+        let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let mut finished = Vec::new();
+        for (j, (row, logits)) in rows.iter_mut().zip(&logits).enumerate() {
+            let next = sample(logits, &row.context, &row.sampling, &mut row.rng);
+            if self.take(row, next, on_text)? {
+                finished.push(j);
+            }
+        }
+        if finished.is_empty() {
+            return Ok(());
+        }
+        let keep: Vec<usize> = (0..rows.len()).filter(|j| !finished.contains(j)).collect();
+        if !keep.is_empty() {
+            cache.keep_rows(&keep)?;
+        }
+        let mut all = std::mem::take(rows);
+        for (j, mut row) in all.drain(..).enumerate().rev() {
+            if keep.contains(&j) {
+                rows.push(row);
+            } else {
+                let done = self.finish(&mut row, on_text);
+                on_done(row.key, done);
+            }
+        }
+        rows.reverse();
+        Ok(())
+    }
+
+    /// Takes `next` into `row`, streaming what settled; whether the row is done.
+    fn take(&self, row: &mut Row<K>, next: u32, on_text: &mut OnPiece<'_, K>) -> Result<bool> {
+        if self.lm.stop.contains(&next) {
+            row.stopped = true;
+            return Ok(true);
+        }
+        row.out.push(next);
+        row.context.push(next);
+        row.pending = next;
+        let mut text = self.lm.decode(&row.out)?;
+        if let Some(at) = first_stop(&text, &row.sampling.stop) {
+            text.truncate(at);
+            row.cut = Some(text);
+            row.stopped = true;
+            return Ok(true);
+        }
+        // Only settled text: a multi-byte character may still be incomplete, and the end may
+        // be the start of a stop string.
+        let settled = &text[..text.len() - held_back(&text, &row.sampling.stop)];
+        if settled.len() > row.printed.len() && settled.starts_with(&row.printed) && !settled.ends_with('\u{FFFD}') {
+            on_text(&mut row.key, &settled[row.printed.len()..]);
+            row.printed = settled.to_owned();
+        }
+        let max_pos = self.lm.model.config().max_position_embeddings;
+        Ok(row.out.len() >= row.sampling.max_new_tokens || row.context.len() >= max_pos)
+    }
+
+    /// A finished row's generation, the rest of its text streamed.
+    fn finish(&self, row: &mut Row<K>, on_text: &mut OnPiece<'_, K>) -> Result<Generated> {
+        let text = match row.cut.take() {
+            Some(text) => text,
+            None => self.lm.decode(&row.out)?,
+        };
+        if text.len() > row.printed.len() && text.starts_with(&row.printed) {
+            on_text(&mut row.key, &text[row.printed.len()..]);
+        }
+        Ok(Generated {
+            prompt_tokens: row.prompt_tokens,
+            ids: std::mem::take(&mut row.out),
+            text,
+            stopped: row.stopped,
+            prompt_seconds: row.prompt_s,
+            generation_seconds: row.admitted.elapsed().as_secs_f64() - row.prompt_s,
+        })
     }
 }
 

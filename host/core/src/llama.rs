@@ -117,7 +117,7 @@ impl LlamaConfig {
             num_key_value_heads: Some(2),
             rms_norm_eps: 1e-6,
             rope_theta: 10_000.0,
-            max_position_embeddings: 64,
+            max_position_embeddings: 512,
             tie_word_embeddings: model_type == "llama",
             attention_bias: None,
             bos_token_id: None,
@@ -183,6 +183,30 @@ impl Rope {
         let sin = self.sin.narrow(0, start, l)?;
         crate::layers::fused::rope(x, &cos, &sin)
     }
+
+    /// `x: [b, heads, l, d]` at cache indices `start..start + l` of left-padded rows: row `r`
+    /// counts its positions from its first real index `pads[r]` (a padding index takes
+    /// position 0; it is never attended to), so each row is embedded as it would be alone.
+    fn apply_padded(&self, x: &Tensor, start: usize, pads: &[usize]) -> Result<Tensor> {
+        if pads.iter().all(|&p| p == 0) {
+            return self.apply(x, start);
+        }
+        let (_, _, l, _) = x.dims4()?;
+        let rows = pads
+            .iter()
+            .enumerate()
+            .map(|(r, &pad)| {
+                let row = x.narrow(0, r, 1)?;
+                if start >= pad {
+                    return self.apply(&row, start - pad);
+                }
+                let at: Vec<u32> = (start..start + l).map(|i| i.saturating_sub(pad) as u32).collect();
+                let at = Tensor::from_vec(at, l, self.cos.device())?;
+                crate::layers::fused::rope(&row, &self.cos.index_select(&at, 0)?, &self.sin.index_select(&at, 0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&rows, 0)?)
+    }
 }
 
 struct Block {
@@ -215,6 +239,44 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Puts `n` zero positions before every sequence (left padding, to be masked).
+    pub fn pad_front(&mut self, n: usize) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            for t in [k, v] {
+                let (b, h, _, d) = t.dims4()?;
+                let zeros = Tensor::zeros((b, h, n, d), t.dtype(), t.device())?;
+                *t = Tensor::cat(&[&zeros, &*t], 2)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the first `n` positions of every sequence (padding that no row needs).
+    pub fn trim_front(&mut self, n: usize) -> Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            for t in [k, v] {
+                let len = t.dim(2)?;
+                *t = t.narrow(2, n.min(len), len - n.min(len))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the sequences of `other` (of the same length) after this cache's.
+    pub fn append_rows(&mut self, other: &KvCache) -> Result<()> {
+        if self.layers.is_empty() {
+            self.layers = other.layers.clone();
+            return Ok(());
+        }
+        for (mine, theirs) in self.layers.iter_mut().zip(&other.layers) {
+            if let (Some((k, v)), Some((ok, ov))) = (mine.as_mut(), theirs) {
+                *k = Tensor::cat(&[&*k, ok], 0)?;
+                *v = Tensor::cat(&[&*v, ov], 0)?;
+            }
+        }
+        Ok(())
     }
 
     /// Keeps the sequences `rows` of a batched cache, in that order (the others finished).
@@ -468,9 +530,9 @@ impl DecoderModel {
 
     /// Logits `[b, vocab]` at the last position of left-padded sequences `ids: [b, l]` at
     /// positions `cache.len()..`, appending to `cache`: the first `pads[r]` positions of row
-    /// `r` (counted over the whole cache) are padding that no real position attends to.
-    /// Rotary embeddings are relative, so shifting a whole row changes nothing: each row
-    /// computes what it would alone. What batched generation runs.
+    /// `r` (counted over the whole cache) are padding that no real position attends to, and
+    /// the row counts its positions from its first real one: each row computes what it
+    /// would alone. What batched generation runs.
     pub fn last_logits(&self, ids: &Tensor, cache: &mut KvCache, pads: &[usize], ctx: &ForwardCtx) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
         let x = self.hidden_states_padded(ids, Some(cache), pads, ctx)?;
@@ -509,7 +571,7 @@ impl DecoderModel {
                 for (i, block) in self.blocks.iter().enumerate() {
                     ctx.enter_layer(i);
                     inputs.push((i, x.clone()));
-                    x = self.block_forward(block, &x, 0, mask.as_ref(), None, ctx)?.detach();
+                    x = self.block_forward(block, &x, (0, &[]), mask.as_ref(), None, ctx)?.detach();
                 }
                 let top = candle_core::Var::from_tensor(&x)?;
                 let out = top.as_tensor().clone();
@@ -526,7 +588,7 @@ impl DecoderModel {
                 for (i, block) in self.blocks.iter().enumerate() {
                     ctx.enter_layer(i);
                     let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-                    x = self.block_forward(block, &x, start, mask.as_ref(), slot, ctx)?;
+                    x = self.block_forward(block, &x, (start, pads), mask.as_ref(), slot, ctx)?;
                 }
                 x
             }
@@ -555,7 +617,7 @@ impl DecoderModel {
         grads: &mut HashMap<String, Tensor>,
     ) -> Result<()> {
         ctx.checkpointed_backward(store, trainable, grads, |i, x, extras| {
-            self.block_forward(&self.blocks[i], x, 0, extras.first(), None, ctx)
+            self.block_forward(&self.blocks[i], x, (0, &[]), extras.first(), None, ctx)
         })
     }
 
@@ -607,7 +669,8 @@ impl DecoderModel {
         &self,
         blk: &Block,
         x: &Tensor,
-        start: usize,
+        // The first cache index of `x`, and each row's padding (none: no padding).
+        (start, pads): (usize, &[usize]),
         mask: Option<&Tensor>,
         slot: Option<&mut Option<(Tensor, Tensor)>>,
         ctx: &ForwardCtx,
@@ -617,8 +680,8 @@ impl DecoderModel {
         let xn = blk.in_norm.forward(x)?;
         let heads =
             |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, l, n, d))?.transpose(1, 2)?.contiguous()?) };
-        let q = self.rope.apply(&heads(blk.q.forward_t(&xn, ctx)?, nh)?, start)?;
-        let mut k = self.rope.apply(&heads(blk.k.forward_t(&xn, ctx)?, kv)?, start)?;
+        let q = self.rope.apply_padded(&heads(blk.q.forward_t(&xn, ctx)?, nh)?, start, pads)?;
+        let mut k = self.rope.apply_padded(&heads(blk.k.forward_t(&xn, ctx)?, kv)?, start, pads)?;
         let mut v = heads(blk.v.forward_t(&xn, ctx)?, kv)?;
         if let Some(slot) = slot {
             if let Some((pk, pv)) = slot.take() {

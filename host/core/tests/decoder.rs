@@ -136,6 +136,62 @@ fn a_batch_generates_what_each_request_would_alone() -> Result<()> {
     Ok(())
 }
 
+/// Continuous batching: requests that join a running batch — longer than what it holds, or
+/// shorter — and rows that leave it early all generate what they would alone, streaming
+/// only their own pieces (f32 and int8 weights).
+#[test]
+fn requests_join_a_running_batch_and_generate_what_they_would_alone() -> Result<()> {
+    use tuneforge_core::generate::BatchRun;
+    let tmp = tempfile::tempdir().expect("tmp");
+    for (kind, int8) in [("llama", false), ("qwen2", false), ("llama", true)] {
+        write_model(tmp.path(), kind)?;
+        let mut lm = LanguageModel::load(&tmp.path().join("model.gguf"))?;
+        if int8 {
+            lm = lm.quantize_int8()?;
+        }
+        let s = |max: usize, seed: u64| Sampling {
+            max_new_tokens: max,
+            temperature: if seed > 0 { 1.0 } else { 0.0 },
+            seed,
+            ..Sampling::default()
+        };
+        let requests = [
+            ("the cat".to_owned(), s(10, 0)),
+            ("in the hat the cat on the hat, a cat in the hat".to_owned(), s(8, 3)),
+            ("hat".to_owned(), s(3, 0)),
+            ("the".to_owned(), s(9, 7)),
+        ];
+        let mut results: Vec<Option<Result<tuneforge_core::generate::Generated>>> = vec![None, None, None, None];
+        let mut pieces = vec![String::new(); requests.len()];
+        {
+            let mut run = BatchRun::new(&lm);
+            let mut on_text = |i: &mut usize, t: &str| pieces[*i].push_str(t);
+            let mut on_done = |i: usize, r| results[i] = Some(r);
+            let join = |idx: &[usize]| idx.iter().map(|&i| (i, requests[i].0.clone(), requests[i].1.clone())).collect();
+            run.admit(join(&[0]), &mut on_text, &mut on_done)?;
+            run.step(&mut on_text, &mut on_done)?;
+            run.step(&mut on_text, &mut on_done)?;
+            // One longer than the running cache, one shorter.
+            run.admit(join(&[1, 2]), &mut on_text, &mut on_done)?;
+            assert_eq!(run.len(), 3);
+            for _ in 0..3 {
+                run.step(&mut on_text, &mut on_done)?;
+            }
+            run.admit(join(&[3]), &mut on_text, &mut on_done)?;
+            while !run.is_empty() {
+                run.step(&mut on_text, &mut on_done)?;
+            }
+        }
+        for (i, ((prompt, s), got)) in requests.iter().zip(results).enumerate() {
+            let got = got.expect("finished")?;
+            let alone = lm.generate(prompt, s, &mut |_| {})?;
+            assert_eq!((&got.ids, &got.text), (&alone.ids, &alone.text), "{kind} int8 {int8}: request {i}");
+            assert_eq!(pieces[i], got.text, "{kind}: request {i} heard only its own pieces");
+        }
+    }
+    Ok(())
+}
+
 /// A stop string ends the text before it, and no piece of it is ever streamed (the pieces
 /// that might begin one are held back until they cannot).
 #[test]

@@ -2,8 +2,9 @@
 //! and answered together — a batch closes when it holds `max_texts` texts or `max_wait` after
 //! its first request, whichever comes first — so many small requests share one forward pass.
 //! One worker thread per loaded model version runs the (CPU-bound) inference. Language models
-//! batch the same way: concurrent generations (up to `max_generations`) run as one batch
-//! ([`LanguageModel::generate_batch`]), each streaming its own pieces.
+//! batch continuously: up to `max_generations` generations run as one [`BatchRun`], a new
+//! request joining it at the next step (not after the batch ends), each streaming its own
+//! pieces.
 
 use std::sync::Arc;
 use std::sync::mpsc;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tuneforge_core::Prediction;
-use tuneforge_core::generate::{Generated, LanguageModel, Sampling};
+use tuneforge_core::generate::{BatchRun, Generated, LanguageModel, Sampling};
 use tuneforge_plugin_runtime::Predictor;
 
 use crate::prometheus::Counters;
@@ -109,6 +110,9 @@ impl Batcher {
 /// Hears a generation's pieces of text as they settle.
 pub type OnPiece = Box<dyn FnMut(&str) + Send>;
 
+/// A generation's stream and reply, as the batch run keeps them.
+type Running = (OnPiece, oneshot::Sender<Result<Generated, String>>);
+
 struct Generation {
     prompt: String,
     sampling: Sampling,
@@ -129,6 +133,14 @@ impl std::fmt::Debug for GenerationBatcher {
     }
 }
 
+/// A failed step loses the batch's state: every running generation fails with `e`, and the
+/// worker goes on with an empty run.
+fn fail_all<'m>(run: &mut BatchRun<'m, Running>, lm: &'m LanguageModel, e: &tuneforge_core::CoreError) {
+    for job in std::mem::replace(run, BatchRun::new(lm)).abandon() {
+        let _ = job.1.send(Err(e.to_string()));
+    }
+}
+
 impl GenerationBatcher {
     /// Starts the worker for `lm` (`model`@`version` in the metrics, which count its batches
     /// and the generations in them).
@@ -142,29 +154,32 @@ impl GenerationBatcher {
         let (tx, rx) = mpsc::channel::<Generation>();
         let worker_lm = lm.clone();
         std::thread::Builder::new().name(format!("tuneforge-generate-{model}-{version}")).spawn(move || {
-            while let Ok(first) = rx.recv() {
-                let jobs = gather(&rx, first, policy.max_generations.max(1), policy.max_wait, |_| 1);
-                counters.batch(&model, version, jobs.len() as u64);
-                let mut requests = Vec::with_capacity(jobs.len());
-                let mut pieces = Vec::with_capacity(jobs.len());
-                let mut replies = Vec::with_capacity(jobs.len());
-                for job in jobs {
-                    requests.push((job.prompt, job.sampling));
-                    pieces.push(job.on_piece);
-                    replies.push(job.reply);
+            let mut run = BatchRun::new(&worker_lm);
+            let mut on_text = |job: &mut Running, text: &str| (job.0)(text);
+            let mut on_done = |job: Running, result: tuneforge_core::Result<Generated>| {
+                let _ = job.1.send(result.map_err(|e| e.to_string()));
+            };
+            loop {
+                // Idle, wait for work and gather what comes with it; running, take whatever
+                // is waiting, without delaying the rows that run.
+                let jobs = if run.is_empty() {
+                    let Ok(first) = rx.recv() else { break };
+                    gather(&rx, first, policy.max_generations.max(1), policy.max_wait, |_| 1)
+                } else {
+                    std::iter::from_fn(|| rx.try_recv().ok())
+                        .take(policy.max_generations.saturating_sub(run.len()))
+                        .collect()
+                };
+                if !jobs.is_empty() {
+                    counters.batch(&model, version, jobs.len() as u64);
+                    let requests = jobs.into_iter().map(|g| ((g.on_piece, g.reply), g.prompt, g.sampling)).collect();
+                    if let Err(e) = run.admit(requests, &mut on_text, &mut on_done) {
+                        fail_all(&mut run, &worker_lm, &e);
+                        continue;
+                    }
                 }
-                match worker_lm.generate_batch(&requests, &mut |i, text| pieces[i](text)) {
-                    Ok(results) => {
-                        for (reply, result) in replies.into_iter().zip(results) {
-                            let _ = reply.send(result.map_err(|e| e.to_string()));
-                        }
-                    }
-                    Err(e) => {
-                        let message = e.to_string();
-                        for reply in replies {
-                            let _ = reply.send(Err(message.clone()));
-                        }
-                    }
+                if let Err(e) = run.step(&mut on_text, &mut on_done) {
+                    fail_all(&mut run, &worker_lm, &e);
                 }
             }
         })?;
@@ -178,5 +193,50 @@ impl GenerationBatcher {
         let stopped = || "the language model's batch worker has stopped".to_string();
         self.tx.send(Generation { prompt, sampling, on_piece, reply }).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request that arrives while a long generation runs joins it at the next step and is
+    /// answered long before the long one ends (it does not wait for the batch); both answers
+    /// are what each prompt gets alone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_joins_a_running_generation() {
+        let dir = tempfile::tempdir().expect("tmp");
+        tuneforge_core::testing::write_tiny_decoder(dir.path(), "llama").expect("tiny decoder");
+        let lm = Arc::new(LanguageModel::load(&dir.path().join("model.gguf")).expect("load"));
+        // A seeded answer that runs long (a random model may stop early).
+        let (long, alone_long) = (0..20)
+            .map(|seed| {
+                let s = Sampling { max_new_tokens: 400, temperature: 1.0, seed, ..Sampling::default() };
+                let g = lm.generate("the cat", &s, &mut |_| {}).expect("alone");
+                (s, g)
+            })
+            .find(|(_, g)| g.ids.len() >= 300)
+            .expect("a long answer among the seeds");
+        let prompt = "the cat".to_owned();
+        let short = Sampling { max_new_tokens: 2, ..Sampling::default() };
+        let alone_short = lm.generate("hat", &short, &mut |_| {}).expect("alone");
+
+        let policy = BatchPolicy { max_wait: Duration::from_millis(0), ..Default::default() };
+        let batcher = Arc::new(GenerationBatcher::start(lm, policy, Arc::default(), "t".into(), 1).expect("start"));
+        let (started_tx, started) = oneshot::channel();
+        let mut started_tx = Some(started_tx);
+        let first = Box::new(move |_: &str| {
+            if let Some(tx) = started_tx.take() {
+                let _ = tx.send(());
+            }
+        });
+        let b = batcher.clone();
+        let running = tokio::spawn(async move { b.generate(prompt, long, first).await });
+        started.await.expect("the long generation started");
+        let joined = batcher.generate("hat".into(), short, Box::new(|_| {})).await.expect("short");
+        assert!(!running.is_finished(), "the short answer came after the long one ended: it did not join");
+        assert_eq!(joined.ids, alone_short.ids);
+        let long_done = running.await.expect("task").expect("long");
+        assert_eq!(long_done.ids, alone_long.ids);
     }
 }
