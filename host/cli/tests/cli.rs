@@ -882,6 +882,37 @@ fn eval_scores_language_models_on_instruction_data() {
     assert_eq!((tuned["examples"].as_u64(), tuned["skipped_too_long"].as_u64()), (Some(5), Some(0)));
     let o = env.run(&["eval", "--model", best, "--data", "val.jsonl"]);
     assert!(o.status.success() && stdout(&o).contains("perplexity:"), "{}", stdout(&o));
+    // --generate answers every conversation and scores exact matches; the answers file holds
+    // what was compared.
+    let o = env.run(&[
+        "eval",
+        "--model",
+        best,
+        "--data",
+        "val.jsonl",
+        "--generate",
+        "--max-tokens",
+        "6",
+        "--answers",
+        "answers.jsonl",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let scored = json(&o);
+    let answers: Vec<serde_json::Value> = std::fs::read_to_string(env.path("answers.jsonl"))
+        .expect("answers")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(answers.len(), 5);
+    assert!(answers.iter().all(|a| a["reference"] == "in the hat" && a["messages"][0]["role"] == "user"));
+    let matched = answers.iter().filter(|a| a["match"] == true).count();
+    assert!(
+        answers.iter().all(|a| (a["match"] == true) == (a["answer"].as_str().map(str::trim) == Some("in the hat")))
+    );
+    assert!(close(&scored["exact_match"], &serde_json::json!(matched as f64 / 5.0)), "{scored}");
+    let o = env.run(&["eval", "--model", "model.gguf", "--data", "val.jsonl", "--generate", "--max-tokens", "6"]);
+    assert!(o.status.success() && stdout(&o).contains("exact match:     0.0000 (0 of 5"), "{}", stdout(&o));
     // A sweep of instruction tuning ranks by the validation loss, lowest first.
     let o = env.run(&["sweep", "--config", "sft.toml", "--grid", "train.lr=1e-4,1e-2", "--no-db", "--quiet", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));

@@ -573,6 +573,56 @@ pub fn evaluate_lm(
     })
 }
 
+/// What a language model answered to each conversation, against the reference answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationReport {
+    pub examples: usize,
+    /// The share of answers equal to the reference (case and spacing aside).
+    pub exact_match: f64,
+    /// Each conversation's generated answer and whether it matched, in the order given.
+    pub answers: Vec<(String, bool)>,
+    pub seconds: f64,
+    /// New tokens per second over all answers.
+    pub tokens_per_s: f64,
+}
+
+/// Text as answers are compared: case and spacing do not matter.
+pub fn normalise_answer(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+}
+
+/// Greedy answers of `lm` to the conversations of `examples` (at most `max_new_tokens` each,
+/// `batch` at a time), scored by exact match against their responses.
+pub fn generation_scores(
+    lm: &crate::generate::LanguageModel,
+    examples: &[SftExample],
+    max_new_tokens: usize,
+    batch: usize,
+) -> Result<GenerationReport> {
+    let started = std::time::Instant::now();
+    let sampling = crate::generate::Sampling { max_new_tokens, ..Default::default() };
+    let mut answers = Vec::with_capacity(examples.len());
+    let mut generated = 0;
+    for chunk in examples.chunks(batch.max(1)) {
+        let requests: Vec<_> = chunk.iter().map(|e| (lm.chat.render(&e.context), sampling.clone())).collect();
+        for (e, out) in chunk.iter().zip(lm.generate_batch(&requests, &mut |_, _| {})?) {
+            let out = out?;
+            generated += out.ids.len();
+            let matched = normalise_answer(&out.text) == normalise_answer(&e.response);
+            answers.push((out.text, matched));
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let matched = answers.iter().filter(|(_, m)| *m).count();
+    Ok(GenerationReport {
+        examples: answers.len(),
+        exact_match: matched as f64 / answers.len().max(1) as f64,
+        answers,
+        seconds,
+        tokens_per_s: generated as f64 / seconds.max(1e-9),
+    })
+}
+
 /// One epoch's batches of example indices, in a seeded random order. With `group`, the
 /// shuffled examples are cut into windows of 50 batches and sorted by length inside each
 /// window, so a batch holds examples of similar length (less padding) while the order of

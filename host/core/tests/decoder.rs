@@ -369,6 +369,15 @@ fn lora_instruction_tuning_lowers_validation_loss() -> Result<()> {
     let lm = LanguageModel::load(&s.best_model_dir)?;
     let out = lm.generate(&lm.chat.render(&[("user".into(), "the cat".into())]), &Sampling::default(), &mut |_| {})?;
     assert!(!out.ids.is_empty());
+    // The tuned adapter answers as taught (at least the first question), the base model not
+    // at all; the score is the share of answers that match.
+    let heldout = tuneforge_core::sft::read_sft(&tmp.path().join("sft.jsonl"))?;
+    let tuned = tuneforge_core::sft::generation_scores(&lm, &heldout[..4], 16, 3)?;
+    assert_eq!(tuned.answers[0], ("in the hat".to_owned(), true), "{:?}", tuned.answers);
+    let matched = tuned.answers.iter().zip(&heldout).filter(|((a, _), e)| a.trim() == e.response).count();
+    assert_eq!((tuned.examples, tuned.exact_match), (4, matched as f64 / 4.0), "{:?}", tuned.answers);
+    let base = LanguageModel::load(&tmp.path().join("model.gguf"))?;
+    assert_eq!(tuneforge_core::sft::generation_scores(&base, &heldout[..4], 16, 3)?.exact_match, 0.0);
     check_lm_exports(&s.best_model_dir, &lm, tmp.path()).expect("the exports");
     // The bad data line names the file and line.
     std::fs::write(tmp.path().join("bad.jsonl"), "{\"prompt\": \"x\", \"response\": \"y\"}\n{\"text\": 1}\n")

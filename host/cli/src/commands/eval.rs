@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 use tuneforge_core::experiment::{AssistantTurns, GatesConfig};
 use tuneforge_core::generate::LanguageModel;
-use tuneforge_core::sft::{evaluate_lm, read_sft};
+use tuneforge_core::sft::{evaluate_lm, generation_scores, read_sft};
 use tuneforge_core::{ExperimentConfig, META_FILE, ModelSource, check_gates, is_decoder_source};
 use tuneforge_data::{DataFormat, OnError, ReadOptions, read_examples};
 use tuneforge_plugin_runtime::{PluginRuntime, Predictor};
@@ -61,6 +61,17 @@ pub struct EvalArgs {
     /// Gate: fail when inference takes longer than this per 1,000 tokens.
     #[arg(long)]
     max_s_per_1k_tokens: Option<f64>,
+    /// A language model: also answer each conversation (greedy) and score the answers by
+    /// exact match with the references (case and spacing aside).
+    #[arg(long)]
+    generate: bool,
+    /// With --generate: new tokens per answer at most.
+    #[arg(long, default_value_t = 64, requires = "generate")]
+    max_tokens: usize,
+    /// With --generate: write every answer here as JSONL (the conversation, the reference, the
+    /// answer, whether it matched).
+    #[arg(long, value_name = "FILE", requires = "generate")]
+    answers: Option<PathBuf>,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -74,6 +85,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<Outcome> {
     }
     if let Some(path) = language_model(&args.model)? {
         return run_lm(&args, &path);
+    }
+    if args.generate {
+        anyhow::bail!("--generate is for language models; {} is a classifier", args.model.display());
     }
     let batch_size = args.batch_size.unwrap_or(64);
     let mut gates = match &args.config {
@@ -155,10 +169,37 @@ fn run_lm(args: &EvalArgs, path: &Path) -> anyhow::Result<Outcome> {
         Turns::All => AssistantTurns::All,
         Turns::Last => AssistantTurns::Last,
     };
-    let r =
-        evaluate_lm(&lm.model, &lm.tokenizer, lm.chat, &examples, args.max_len, args.batch_size.unwrap_or(8), turns)?;
+    let batch = args.batch_size.unwrap_or(8);
+    let r = evaluate_lm(&lm.model, &lm.tokenizer, lm.chat, &examples, args.max_len, batch, turns)?;
+    let generated = if args.generate {
+        if args.max_tokens == 0 {
+            anyhow::bail!("--max-tokens must be at least 1");
+        }
+        Some(generation_scores(&lm, &examples, args.max_tokens, batch)?)
+    } else {
+        None
+    };
+    if let (Some(g), Some(path)) = (&generated, &args.answers) {
+        let lines: String = examples
+            .iter()
+            .zip(&g.answers)
+            .map(|(e, (answer, matched))| {
+                let messages: Vec<serde_json::Value> =
+                    e.context.iter().map(|(role, content)| serde_json::json!({"role": role, "content": content})).collect();
+                let line = serde_json::json!({"messages": messages, "reference": e.response, "answer": answer, "match": matched});
+                format!("{line}\n")
+            })
+            .collect();
+        std::fs::write(path, lines).with_context(|| format!("writing {}", path.display()))?;
+    }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
+        let mut v = serde_json::to_value(&r)?;
+        if let Some(g) = &generated {
+            v["exact_match"] = serde_json::json!(g.exact_match);
+            v["generated"] =
+                serde_json::json!({"examples": g.examples, "seconds": g.seconds, "tokens_per_s": g.tokens_per_s});
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!("examples:        {}", r.examples);
         if r.skipped_too_long > 0 {
@@ -168,6 +209,11 @@ fn run_lm(args: &EvalArgs, path: &Path) -> anyhow::Result<Outcome> {
         println!("loss:            {:.4}", r.loss);
         println!("perplexity:      {:.3}", r.perplexity);
         println!("speed:           {:.0} tokens/s ({:.1} s)", r.tokens_per_s, r.seconds);
+        if let Some(g) = &generated {
+            let matched = g.answers.iter().filter(|a| a.1).count();
+            println!("exact match:     {:.4} ({matched} of {} greedy answers)", g.exact_match, g.examples);
+            println!("generation:      {:.0} new tokens/s ({:.1} s)", g.tokens_per_s, g.seconds);
+        }
     }
     Ok(Outcome::Success)
 }
