@@ -37,7 +37,8 @@ pub struct ModelRules {
     pub model_name: String,
     /// Rated predictions each arm needs before the feedback verdict or the error-rate bound.
     pub min_rated: i64,
-    /// Roll back when the candidate's held-out accuracy is below production's minus this.
+    /// Roll back when the candidate's held-out accuracy is below production's minus this (a
+    /// language model's: when its held-out loss is above production's plus this).
     pub heldout_delta: Option<f64>,
     /// Roll back when the candidate arm's feedback-rated error rate is above this.
     pub max_error_rate: Option<f64>,
@@ -226,15 +227,24 @@ impl Store {
         let Some(test) = self.running_ab(model).await?.filter(|t| t.auto_decide) else { return Ok(None) };
         let rules = self.model_rules(model).await?;
         let (production, candidate) = self.ab_stats(&test).await?;
-        let heldout = |v: i64| async move {
-            Ok::<_, StoreError>(self.model_version(model, v).await?.metrics.and_then(|m| m["accuracy"].as_f64()))
-        };
+        let heldout = |v: i64| async move { Ok::<_, StoreError>(self.model_version(model, v).await?.metrics) };
         let mut decision: Option<(&str, String)> = None;
         if let (Some(delta), Some(p), Some(c)) =
             (rules.heldout_delta, heldout(test.production_version).await?, heldout(test.candidate_version).await?)
-            && c < p - delta
         {
-            decision = Some(("rollback", format!("held-out accuracy {c:.4} is below production's {p:.4} - {delta}")));
+            // A classifier's held-out accuracy (higher is better), or a language model's
+            // held-out loss (lower is better).
+            let figure = |key: &str| Some((p[key].as_f64()?, c[key].as_f64()?));
+            if let Some((p, c)) = figure("accuracy") {
+                if c < p - delta {
+                    decision =
+                        Some(("rollback", format!("held-out accuracy {c:.4} is below production's {p:.4} - {delta}")));
+                }
+            } else if let Some((p, c)) = figure("loss")
+                && c > p + delta
+            {
+                decision = Some(("rollback", format!("held-out loss {c:.4} is above production's {p:.4} + {delta}")));
+            }
         }
         if decision.is_none()
             && let Some(bound) = rules.max_error_rate

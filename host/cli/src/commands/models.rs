@@ -49,7 +49,8 @@ pub enum ModelsCommand {
         #[arg(long)]
         min_rated: Option<i64>,
         /// Roll back when the candidate's held-out accuracy is below production's minus this
-        /// (a negative value switches the rule off).
+        /// (a language model: its held-out loss above production's plus this; a negative
+        /// value switches the rule off).
         #[arg(long, allow_negative_numbers = true)]
         heldout_delta: Option<f64>,
         /// Roll back when the candidate's feedback-rated error rate is above this (negative: off).

@@ -288,6 +288,22 @@ async fn model_rules_roll_back_on_held_out_accuracy_and_error_rate(url: String) 
     assert_eq!(ended.status, "rolled_back");
     assert!(ended.verdict.as_deref().expect("note").contains("held-out accuracy 0.8000 is below"), "{ended:?}");
 
+    // Language models compare held-out loss, lower being better: 1.3 > 1.1 + 0.05.
+    for (id, loss) in [("r3", 1.1), ("r4", 1.3), ("r5", 1.12)] {
+        s.start_run(&run(id, id)).await.expect("start");
+        let metrics = serde_json::json!({"loss": loss, "perplexity": f64::exp(loss)});
+        s.register_model("lm", id, "/x", Some(&metrics), "t").await.expect("register");
+    }
+    s.promote("lm", 1, "t").await.expect("promote");
+    s.set_model_rules(&tuneforge_store::ModelRules { model_name: "lm".into(), ..rules.clone() }, "t")
+        .await
+        .expect("set");
+    s.start_ab("lm", 2, 0.5, true, "t").await.expect("start");
+    let ended = s.decide_ab("lm").await.expect("decide").expect("decided");
+    assert!(ended.verdict.as_deref().expect("note").contains("held-out loss 1.3000 is above"), "{ended:?}");
+    s.start_ab("lm", 3, 0.5, true, "t").await.expect("start");
+    assert!(s.decide_ab("lm").await.expect("decide").is_none(), "1.12 is within 1.1 + 0.05");
+
     // Error rate: with the held-out rule off, two wrong answers out of two exceed 30%.
     rules.heldout_delta = None;
     rules.max_error_rate = Some(0.3);
