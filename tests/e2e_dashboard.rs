@@ -233,6 +233,7 @@ fn the_dashboard_in_a_real_browser() {
     let page = s.text(&s.find("main"));
     assert!(page.contains("train.lr") && page.contains("0.001") && page.contains("0.01"), "{page}");
     assert!(s.find_all("figure.chart svg polyline").len() >= 4, "two runs on each of two charts");
+    assert!(page.contains("Validation accuracy"), "{page}");
     s.screenshot(&shots().join("compare.png"));
 
     // The registry: a wrong token is refused and changes nothing; the right one promotes;

@@ -69,8 +69,10 @@ pub struct Comparison {
     pub runs: Vec<RunItem>,
     /// Training loss of each run.
     pub loss: Vec<Series>,
-    /// Validation accuracy of each run.
-    pub accuracy: Vec<Series>,
+    /// Each run's validation curve: accuracy, or for instruction tuning (no run has an
+    /// accuracy) validation loss, as `validation_title` says.
+    pub validation: Vec<Series>,
+    pub validation_title: String,
     /// Hyper-parameters that differ: key, then one value per run (`—` when unset).
     pub differences: Vec<(String, Vec<String>)>,
 }
@@ -82,6 +84,16 @@ mod server {
 
     pub fn store() -> Result<Store, ServerFnError> {
         use_context::<Store>().ok_or_else(|| ServerFnError::new("the dashboard has no experiment store"))
+    }
+
+    /// The validation curves a comparison shows: accuracy when a run has it, else (only
+    /// instruction tuning runs) validation loss; with the chart's title.
+    pub fn validation_curves(accuracy: Vec<Series>, loss: Vec<Series>) -> (Vec<Series>, &'static str) {
+        if accuracy.iter().any(|s| !s.points.is_empty()) {
+            (accuracy, "Validation accuracy")
+        } else {
+            (loss, "Validation loss")
+        }
     }
 
     /// A registered version's held-out figures as the registry shows them.
@@ -236,20 +248,39 @@ pub async fn get_run(id: String) -> Result<RunDetail, ServerFnError> {
 #[server(prefix = "/dashboard/api", endpoint = "compare_runs")]
 pub async fn compare_runs(ids: Vec<String>) -> Result<Comparison, ServerFnError> {
     let store = server::store()?;
-    let (mut runs, mut loss, mut accuracy, mut configs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut runs, mut loss, mut accuracy, mut val_loss, mut configs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for id in ids.iter().take(5) {
         let row = store.get_run(id).await.map_err(server::err)?;
         configs.push(row.config.clone().unwrap_or_default());
         loss.push(server::series(&store, id, "train/loss", &row.name).await?);
         accuracy.push(server::series(&store, id, "val/accuracy", &row.name).await?);
+        val_loss.push(server::series(&store, id, "val/loss", &row.name).await?);
         runs.push(server::item(row));
     }
-    Ok(Comparison { runs, loss, accuracy, differences: server::differences(&configs) })
+    let (validation, validation_title) = server::validation_curves(accuracy, val_loss);
+    Ok(Comparison {
+        runs,
+        loss,
+        validation,
+        validation_title: validation_title.into(),
+        differences: server::differences(&configs),
+    })
 }
 
 #[cfg(all(test, feature = "ssr"))]
 mod tests {
     use super::server::*;
+
+    #[test]
+    fn comparisons_show_accuracy_or_else_validation_loss() {
+        let series = |points: Vec<(i64, f64)>| crate::charts::Series { label: "r".into(), points };
+        let (shown, title) =
+            validation_curves(vec![series(vec![(1, 0.5)]), series(vec![])], vec![series(vec![(1, 2.0)])]);
+        assert_eq!((shown[0].points.clone(), title), (vec![(1, 0.5)], "Validation accuracy"));
+        let (shown, title) = validation_curves(vec![series(vec![])], vec![series(vec![(1, 2.0)])]);
+        assert_eq!((shown[0].points.clone(), title), (vec![(1, 2.0)], "Validation loss"));
+    }
 
     #[test]
     fn held_out_figures_read_for_classifiers_and_language_models() {

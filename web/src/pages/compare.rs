@@ -27,7 +27,7 @@ pub fn ComparePage() -> impl IntoView {
                         view! {
                             <div class="charts">
                                 <Chart title="Training loss".to_string() series=c.loss/>
-                                <Chart title="Validation accuracy".to_string() series=c.accuracy/>
+                                <Chart title=c.validation_title.clone() series=c.validation/>
                             </div>
                             <h2>"Final metrics"</h2>
                             <table class="compare">
