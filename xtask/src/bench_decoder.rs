@@ -3,7 +3,7 @@
 //! cache (with `--int8` the int8 model's speed, agreement and perplexity against f32's; with
 //! `--batch N` N different prompts one after another against one batch: aggregate tokens/s);
 //! and
-//! `cargo xtask bench sft` — a short LoRA instruction tuning on public-domain ICD-10-CM
+//! `cargo xtask bench sft [--packing]` — a short LoRA instruction tuning on public-domain ICD-10-CM
 //! descriptions ("Which ICD-10 chapter covers: …?" -> the chapter), with validation loss and
 //! perplexity before and after, held-out answers of the base and the tuned model, and SFT
 //! tokens/s.
@@ -154,11 +154,13 @@ fn score(lm: &LanguageModel, text: &str) -> anyhow::Result<(f64, Vec<u32>)> {
 pub fn sft(args: &[String]) -> anyhow::Result<()> {
     let mut epochs = 2u64;
     let mut per_chapter = 14usize;
+    let mut packing = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--epochs" => epochs = it.next().context("--epochs needs a number")?.parse()?,
             "--per-chapter" => per_chapter = it.next().context("--per-chapter needs a number")?.parse()?,
+            "--packing" => packing = true,
             other => anyhow::bail!("unknown option `{other}`"),
         }
     }
@@ -197,7 +199,7 @@ pub fn sft(args: &[String]) -> anyhow::Result<()> {
          [data]\ntrain = \"{train}\"\nvalidation_split = 0.1\n\
          [peft]\nmethod = \"lora\"\nrank = 16\nalpha = 32\nlora_dropout = 0.05\n\
          target_modules = [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", \"gate_proj\", \"up_proj\", \"down_proj\"]\n\
-         [train]\nepochs = {epochs}\nbatch_size = 8\nlr = 1e-3\nwarmup_ratio = 0.05\nweight_decay = 0.0\n",
+         [train]\nepochs = {epochs}\nbatch_size = 8\nlr = 1e-3\nwarmup_ratio = 0.05\nweight_decay = 0.0\npacking = {packing}\n",
         out = root.join("runs").display(),
         train = train_file.display(),
     );

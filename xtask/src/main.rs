@@ -43,7 +43,7 @@ commands:
   bench generate [--tokens N] [--int8] [--batch N]
                        SmolLM2-135M generation speed (batch 1, KV cache; int8; N prompts
                        one after another against one batch)
-  bench sft [--epochs N] [--per-chapter N]
+  bench sft [--epochs N] [--per-chapter N] [--packing]
                        LoRA instruction tuning of SmolLM2 on ICD-10-CM: loss, perplexity and
                        held-out answers before and after, SFT tokens/s
   bench kernels        the int8 matrix product against f32 on MiniLM's shapes

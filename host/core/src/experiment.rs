@@ -346,6 +346,10 @@ pub struct TrainSection {
     pub keep_checkpoints: usize,
     #[serde(default = "default_true")]
     pub group_by_length: bool,
+    /// Instruction tuning: pack several conversations into each row of `model.max_len`
+    /// tokens (none attends across another, positions restart in each), fewer padded tokens.
+    #[serde(default)]
+    pub packing: bool,
     /// Stop after this many evaluations without an improvement of at least
     /// `early_stopping_min_delta` in `metric_for_best`; absent: never stop early.
     #[serde(default)]
@@ -399,6 +403,7 @@ impl Default for TrainSection {
             metric_for_best: BestMetric::default(),
             keep_checkpoints: default_keep_checkpoints(),
             group_by_length: true,
+            packing: false,
             early_stopping_patience: None,
             early_stopping_min_delta: 0.0,
             cache_frozen_prefix: true,
@@ -643,6 +648,8 @@ impl ExperimentConfig {
             self.validate_causal_lm()?;
         } else if self.data.assistant_turns.is_some() {
             return Err(("data.assistant_turns", "is for `task = \"causal-lm\"`".into()));
+        } else if self.train.packing {
+            return Err(("train.packing", "is for `task = \"causal-lm\"`".into()));
         }
         Ok(())
     }
@@ -846,6 +853,7 @@ lr = 1e-3
         let c = ExperimentConfig::from_toml(GOOD, "exp.toml", &ov).expect("causal-lm");
         assert_eq!(c.data.assistant_turns, Some(AssistantTurns::Last));
         assert!(err(GOOD, &["data.assistant_turns=\"last\""]).contains("data.assistant_turns"));
+        assert!(err(GOOD, &["train.packing=true"]).contains("train.packing"));
     }
 
     #[test]

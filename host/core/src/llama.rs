@@ -184,6 +184,37 @@ impl Rope {
         crate::layers::fused::rope(x, &cos, &sin)
     }
 
+    /// `x: [b, heads, l, d]` where `at` says.
+    fn apply_at(&self, x: &Tensor, at: At<'_>) -> Result<Tensor> {
+        match at {
+            At::Padded(start, pads) => self.apply_padded(x, start, pads),
+            At::Tables(cos, sin) => {
+                let rows = (0..x.dim(0)?)
+                    .map(|r| crate::layers::fused::rope(&x.narrow(0, r, 1)?, &cos.get(r)?, &sin.get(r)?))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::cat(&rows, 0)?)
+            }
+        }
+    }
+
+    /// Per-row tables `[b, l, d/2]` of `positions` (`[b][l]`).
+    fn tables(&self, positions: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+        let (b, l) = (positions.len(), positions.first().map_or(0, Vec::len));
+        let max = self.cos.dim(0)?;
+        if let Some(p) = positions.iter().flatten().find(|&&p| p as usize >= max) {
+            return Err(CoreError::Param {
+                name: "max_position_embeddings".into(),
+                message: format!("position {p} is past the model's {max} positions"),
+            });
+        }
+        let at = Tensor::from_vec(positions.concat(), b * l, self.cos.device())?;
+        let half = self.cos.dim(1)?;
+        Ok((
+            self.cos.index_select(&at, 0)?.reshape((b, l, half))?,
+            self.sin.index_select(&at, 0)?.reshape((b, l, half))?,
+        ))
+    }
+
     /// `x: [b, heads, l, d]` at cache indices `start..start + l` of left-padded rows: row `r`
     /// counts its positions from its first real index `pads[r]` (a padding index takes
     /// position 0; it is never attended to), so each row is embedded as it would be alone.
@@ -207,6 +238,25 @@ impl Rope {
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&rows, 0)?)
     }
+}
+
+/// Where a block's rows sit, for the rotary embeddings.
+#[derive(Clone, Copy)]
+enum At<'a> {
+    /// Cache indices `start..`, row `r`'s first `pads[r]` of them padding (`&[]`: none).
+    Padded(usize, &'a [usize]),
+    /// Per-row tables `[b, l, d/2]` (packed sequences: positions restart in each segment).
+    Tables(&'a Tensor, &'a Tensor),
+}
+
+/// How the rows of a forward pass are laid out.
+#[derive(Clone, Copy)]
+enum Layout<'a> {
+    /// Each row one sequence, left-padded by `pads[r]` (`&[]`: no padding).
+    Padded(&'a [usize]),
+    /// Each row several sequences one after another, of these lengths (the rest of the row
+    /// padding): no position attends across sequences, and positions restart in each.
+    Packed(&'a [Vec<usize>]),
 }
 
 struct Block {
@@ -525,7 +575,7 @@ impl DecoderModel {
     /// for `ids: [b, l]` at positions `cache.len()..`: what the language-model head or a
     /// classifier reads.
     pub fn hidden_states(&self, ids: &Tensor, cache: Option<&mut KvCache>, ctx: &ForwardCtx) -> Result<Tensor> {
-        self.hidden_states_padded(ids, cache, &[], ctx)
+        self.hidden_states_in(ids, cache, Layout::Padded(&[]), ctx)
     }
 
     /// Logits `[b, vocab]` at the last position of left-padded sequences `ids: [b, l]` at
@@ -535,17 +585,17 @@ impl DecoderModel {
     /// would alone. What batched generation runs.
     pub fn last_logits(&self, ids: &Tensor, cache: &mut KvCache, pads: &[usize], ctx: &ForwardCtx) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
-        let x = self.hidden_states_padded(ids, Some(cache), pads, ctx)?;
+        let x = self.hidden_states_in(ids, Some(cache), Layout::Padded(pads), ctx)?;
         let last = x.narrow(1, l - 1, 1)?.reshape((b, self.config.hidden_size))?;
         self.head_logits(&last, ctx)
     }
 
-    /// [`DecoderModel::hidden_states`] of left-padded rows (`pads` per row, or none).
-    fn hidden_states_padded(
+    /// [`DecoderModel::hidden_states`] of rows laid out as `layout` says.
+    fn hidden_states_in(
         &self,
         ids: &Tensor,
         mut cache: Option<&mut KvCache>,
-        pads: &[usize],
+        layout: Layout<'_>,
         ctx: &ForwardCtx,
     ) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
@@ -558,10 +608,27 @@ impl DecoderModel {
         {
             c.layers = vec![None; self.blocks.len()];
         }
-        let mask = if pads.iter().any(|&p| p > 0) {
-            Some(padded_causal_mask(l, start, pads, x.dtype(), x.device())?)
-        } else {
-            causal_mask(l, start, x.dtype(), x.device())?
+        let (mask, tables, pads) = match layout {
+            Layout::Padded(pads) if pads.iter().any(|&p| p > 0) => {
+                (Some(padded_causal_mask(l, start, pads, x.dtype(), x.device())?), None, pads)
+            }
+            Layout::Padded(pads) => (causal_mask(l, start, x.dtype(), x.device())?, None, pads),
+            Layout::Packed(segments) => {
+                if cache.is_some() || segments.len() != b {
+                    return Err(CoreError::Param {
+                        name: "segments".into(),
+                        message: format!("{} rows of segments for {b} rows, without a cache", segments.len()),
+                    });
+                }
+                let (mask, positions) = packed_layout(segments, l, x.dtype(), x.device())?;
+                let (cos, sin) = self.rope.tables(&positions)?;
+                let (cos, sin) = (ctx.cast(&cos)?, ctx.cast(&sin)?);
+                (Some(mask), Some((cos, sin)), &[][..])
+            }
+        };
+        let at = match &tables {
+            Some((cos, sin)) => At::Tables(cos, sin),
+            None => At::Padded(start, pads),
         };
         let x = match cache {
             None if ctx.is_checkpointing() => {
@@ -571,14 +638,15 @@ impl DecoderModel {
                 for (i, block) in self.blocks.iter().enumerate() {
                     ctx.enter_layer(i);
                     inputs.push((i, x.clone()));
-                    x = self.block_forward(block, &x, (0, &[]), mask.as_ref(), None, ctx)?.detach();
+                    x = self.block_forward(block, &x, at, mask.as_ref(), None, ctx)?.detach();
                 }
                 let top = candle_core::Var::from_tensor(&x)?;
                 let out = top.as_tensor().clone();
                 ctx.set_record(CheckpointRecord {
                     start: record_start,
                     inputs,
-                    extras: mask.into_iter().collect(),
+                    // The mask, and a packed batch's position tables.
+                    extras: mask.into_iter().chain(tables.iter().flat_map(|(c, s)| [c.clone(), s.clone()])).collect(),
                     top,
                 });
                 out
@@ -588,7 +656,7 @@ impl DecoderModel {
                 for (i, block) in self.blocks.iter().enumerate() {
                     ctx.enter_layer(i);
                     let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-                    x = self.block_forward(block, &x, (start, pads), mask.as_ref(), slot, ctx)?;
+                    x = self.block_forward(block, &x, at, mask.as_ref(), slot, ctx)?;
                 }
                 x
             }
@@ -617,7 +685,11 @@ impl DecoderModel {
         grads: &mut HashMap<String, Tensor>,
     ) -> Result<()> {
         ctx.checkpointed_backward(store, trainable, grads, |i, x, extras| {
-            self.block_forward(&self.blocks[i], x, (0, &[]), extras.first(), None, ctx)
+            let at = match extras {
+                [_, cos, sin] => At::Tables(cos, sin),
+                _ => At::Padded(0, &[]),
+            };
+            self.block_forward(&self.blocks[i], x, at, extras.first(), None, ctx)
         })
     }
 
@@ -625,6 +697,29 @@ impl DecoderModel {
     /// `ids: [b, l]`, `loss_mask: [b, l]` marks the tokens to predict (response tokens);
     /// position `t`'s logits predict token `t + 1`. Returns `(loss, n_predicted)`.
     pub fn lm_loss(&self, ids: &Tensor, loss_mask: &Tensor, ctx: &ForwardCtx) -> Result<(Tensor, usize)> {
+        self.lm_loss_in(ids, loss_mask, Layout::Padded(&[]), ctx)
+    }
+
+    /// [`DecoderModel::lm_loss`] of packed rows: row `r` holds sequences of the lengths
+    /// `segments[r]` one after another (then padding); no position attends across them and
+    /// positions restart in each, so the loss is that of the sequences in rows of their own.
+    pub fn lm_loss_packed(
+        &self,
+        ids: &Tensor,
+        loss_mask: &Tensor,
+        segments: &[Vec<usize>],
+        ctx: &ForwardCtx,
+    ) -> Result<(Tensor, usize)> {
+        self.lm_loss_in(ids, loss_mask, Layout::Packed(segments), ctx)
+    }
+
+    fn lm_loss_in(
+        &self,
+        ids: &Tensor,
+        loss_mask: &Tensor,
+        layout: Layout<'_>,
+        ctx: &ForwardCtx,
+    ) -> Result<(Tensor, usize)> {
         let (b, l) = ids.dims2()?;
         if l < 2 {
             return Err(CoreError::Param { name: "batch".into(), message: "needs at least 2 tokens".into() });
@@ -658,7 +753,7 @@ impl DecoderModel {
             1.0 / n as f64
         };
         let device = self.device();
-        let x = self.hidden_states(ids, None, ctx)?.reshape((b * l, self.config.hidden_size))?;
+        let x = self.hidden_states_in(ids, None, layout, ctx)?.reshape((b * l, self.config.hidden_size))?;
         let x = x.index_select(&Tensor::new(rows.as_slice(), device)?, 0)?;
         let logits = self.head_logits(&x, ctx)?;
         let nll = crate::layers::fused::cross_entropy(&logits, &Tensor::new(targets.as_slice(), device)?)?;
@@ -669,8 +764,7 @@ impl DecoderModel {
         &self,
         blk: &Block,
         x: &Tensor,
-        // The first cache index of `x`, and each row's padding (none: no padding).
-        (start, pads): (usize, &[usize]),
+        at: At<'_>,
         mask: Option<&Tensor>,
         slot: Option<&mut Option<(Tensor, Tensor)>>,
         ctx: &ForwardCtx,
@@ -680,8 +774,8 @@ impl DecoderModel {
         let xn = blk.in_norm.forward(x)?;
         let heads =
             |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((b, l, n, d))?.transpose(1, 2)?.contiguous()?) };
-        let q = self.rope.apply_padded(&heads(blk.q.forward_t(&xn, ctx)?, nh)?, start, pads)?;
-        let mut k = self.rope.apply_padded(&heads(blk.k.forward_t(&xn, ctx)?, kv)?, start, pads)?;
+        let q = self.rope.apply_at(&heads(blk.q.forward_t(&xn, ctx)?, nh)?, at)?;
+        let mut k = self.rope.apply_at(&heads(blk.k.forward_t(&xn, ctx)?, kv)?, at)?;
         let mut v = heads(blk.v.forward_t(&xn, ctx)?, kv)?;
         if let Some(slot) = slot {
             if let Some((pk, pv)) = slot.take() {
@@ -736,6 +830,34 @@ fn causal_mask(l: usize, start: usize, dtype: DType, device: &Device) -> Result<
     let v: Vec<f32> =
         (0..l).flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY })).collect();
     Ok(Some(Tensor::from_vec(v, (l, total), device)?.to_dtype(dtype)?))
+}
+
+/// A packed batch's mask `[b, 1, l, l]` (causal within each sequence, nothing across) and
+/// positions `[b][l]` (from 0 in each sequence; the padding after the last is one more).
+fn packed_layout(segments: &[Vec<usize>], l: usize, dtype: DType, device: &Device) -> Result<(Tensor, Vec<Vec<u32>>)> {
+    let mut mask = Vec::with_capacity(segments.len() * l * l);
+    let mut positions = Vec::with_capacity(segments.len());
+    for lens in segments {
+        if lens.iter().sum::<usize>() > l {
+            return Err(CoreError::Param {
+                name: "segments".into(),
+                message: format!("lengths {lens:?} exceed the row's {l} positions"),
+            });
+        }
+        let (mut seg, mut pos) = (Vec::with_capacity(l), Vec::with_capacity(l));
+        for (s, &n) in lens.iter().enumerate() {
+            seg.extend(std::iter::repeat_n(s, n));
+            pos.extend(0..n as u32);
+        }
+        let rest = l - seg.len();
+        seg.extend(std::iter::repeat_n(lens.len(), rest));
+        pos.extend(0..rest as u32);
+        for q in 0..l {
+            mask.extend((0..l).map(|k| if k <= q && seg[k] == seg[q] { 0f32 } else { f32::NEG_INFINITY }));
+        }
+        positions.push(pos);
+    }
+    Ok((Tensor::from_vec(mask, (segments.len(), 1, l, l), device)?.to_dtype(dtype)?, positions))
 }
 
 /// `[b, 1, l, start + l]`: [`causal_mask`] for each row, with the row's first `pads[r]`
@@ -802,6 +924,66 @@ mod tests {
         let b = model.forward(&ids(&[1, 2, 3, 39])?, None, &ctx)?.squeeze(0)?.to_vec2::<f64>()?;
         assert_eq!(a[..3], b[..3]);
         assert_ne!(a[3], b[3]);
+        Ok(())
+    }
+
+    /// Sequences packed into one row (then padding) give the loss and the gradients they give
+    /// in rows of their own — with gradient checkpointing too (the recomputed blocks read the
+    /// packed positions) — for Llama and Qwen2.
+    #[test]
+    fn packed_sequences_learn_as_separate_rows() -> Result<()> {
+        use std::collections::HashMap;
+        for kind in ["llama", "qwen2"] {
+            let cfg = LlamaConfig::tiny(kind, 40);
+            let model = DecoderModel::random(&cfg, 4, DType::F64)?;
+            let seqs: [&[u32]; 3] = [&[1, 5, 9, 2, 7], &[3, 3, 8], &[4, 11, 6, 9, 20, 13, 2]];
+            // Loss on every token after each sequence's first (its first is never predicted).
+            let masks: Vec<Vec<f64>> = seqs.iter().map(|s| (0..s.len()).map(|i| f64::from(i > 0)).collect()).collect();
+            let grads_of = |loss: Tensor| -> Result<HashMap<String, Tensor>> {
+                let store = loss.backward()?;
+                let mut grads = HashMap::new();
+                crate::train::accumulate_grads(&store, &model.params().trainable(), &mut grads)?;
+                Ok(grads)
+            };
+            // Separate rows, right-padded.
+            let l = 7;
+            let (mut ids_v, mut mask_v) = (Vec::new(), Vec::new());
+            for (s, m) in seqs.iter().zip(&masks) {
+                ids_v.extend(s.iter().copied().chain(std::iter::repeat_n(0, l - s.len())));
+                mask_v.extend(m.iter().copied().chain(std::iter::repeat_n(0.0, l - s.len())));
+            }
+            let ids_sep = Tensor::from_vec(ids_v, (3, l), &Device::Cpu)?;
+            let mask_sep = Tensor::from_vec(mask_v, (3, l), &Device::Cpu)?;
+            let (loss_sep, n_sep) = model.lm_loss(&ids_sep, &mask_sep, &ForwardCtx::eval_differentiable())?;
+            let grads_sep = grads_of(loss_sep.clone())?;
+            // One packed row of 15 + 2 padding, and a second row with one sequence.
+            let row: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).chain([0, 0]).collect();
+            let row_mask: Vec<f64> = masks.iter().flatten().copied().chain([0.0, 0.0]).collect();
+            let ids_packed = Tensor::from_vec(row, (1, 17), &Device::Cpu)?;
+            let mask_packed = Tensor::from_vec(row_mask, (1, 17), &Device::Cpu)?;
+            let segments = vec![vec![5, 3, 7]];
+            for checkpointing in [false, true] {
+                let ctx = ForwardCtx::train(1).with_checkpointing(checkpointing);
+                let (loss, n) = model.lm_loss_packed(&ids_packed, &mask_packed, &segments, &ctx)?;
+                assert_eq!(n, n_sep);
+                let diff = (loss.to_scalar::<f64>()? - loss_sep.to_scalar::<f64>()?).abs();
+                assert!(diff < 1e-10, "{kind} checkpointing {checkpointing}: loss differs by {diff}");
+                let store = loss.backward()?;
+                let mut grads = HashMap::new();
+                let trainable = model.params().trainable();
+                crate::train::accumulate_grads(&store, &trainable, &mut grads)?;
+                model.checkpointed_backward(&ctx, &store, &trainable, &mut grads)?;
+                for (name, g) in &grads_sep {
+                    let d = (g - &grads[name])?.abs()?.max_all()?.to_scalar::<f64>()?;
+                    assert!(d < 1e-10, "{kind} checkpointing {checkpointing}: {name} differs by {d}");
+                }
+            }
+            // Unpacked, the same row attends across its sequences: another loss.
+            let (crossed, _) = model.lm_loss(&ids_packed, &mask_packed, &ForwardCtx::eval_differentiable())?;
+            assert!((crossed.to_scalar::<f64>()? - loss_sep.to_scalar::<f64>()?).abs() > 1e-6);
+            let bad = model.lm_loss_packed(&ids_packed, &mask_packed, &[vec![10, 10]], &ForwardCtx::eval());
+            assert!(bad.is_err_and(|e| e.to_string().contains("segments")));
+        }
         Ok(())
     }
 

@@ -434,7 +434,46 @@ pub fn sft_step(
     lr: f64,
 ) -> Result<SftStep> {
     let group = DataParallel::single();
-    sft_step_in(model, trainable, opt, &[(ids, loss_mask)], &[ctx], max_grad_norm, lr, &group)
+    let batch = LmBatch { ids: ids.clone(), loss_mask: loss_mask.clone(), segments: None };
+    sft_step_in(model, trainable, opt, &[&batch], &[ctx], max_grad_norm, lr, &group)
+}
+
+/// A batch of causal-LM rows: token ids and the positions that carry loss (`[b, l]`), and
+/// for packed rows the lengths of the conversations in each row.
+#[derive(Debug, Clone)]
+pub struct LmBatch {
+    pub ids: Tensor,
+    pub loss_mask: Tensor,
+    pub segments: Option<Vec<Vec<usize>>>,
+}
+
+impl LmBatch {
+    /// The mean loss over its response tokens ([`DecoderModel::lm_loss`], or
+    /// [`DecoderModel::lm_loss_packed`] for packed rows).
+    pub fn loss(&self, model: &DecoderModel, ctx: &ForwardCtx) -> Result<(Tensor, usize)> {
+        match &self.segments {
+            Some(segments) => model.lm_loss_packed(&self.ids, &self.loss_mask, segments, ctx),
+            None => model.lm_loss(&self.ids, &self.loss_mask, ctx),
+        }
+    }
+}
+
+/// Rows of at most `capacity` tokens holding examples of these `lengths` (first fit, the
+/// longest first): the example indices of each row, in a fixed order.
+pub fn pack(lengths: &[usize], capacity: usize) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i]), i));
+    let mut rows: Vec<(usize, Vec<usize>)> = Vec::new();
+    for i in order {
+        match rows.iter_mut().find(|(used, _)| used + lengths[i] <= capacity) {
+            Some((used, row)) => {
+                *used += lengths[i];
+                row.push(i);
+            }
+            None => rows.push((lengths[i], vec![i])),
+        }
+    }
+    rows.into_iter().map(|(_, row)| row).collect()
 }
 
 /// The response tokens a batch's loss is over: the masked-in positions after the first.
@@ -458,7 +497,7 @@ pub fn sft_step_in(
     model: &DecoderModel,
     trainable: &[(String, candle_core::Var)],
     opt: &mut AdamW,
-    batches: &[(&Tensor, &Tensor)],
+    batches: &[&LmBatch],
     ctxs: &[&ForwardCtx],
     max_grad_norm: f64,
     lr: f64,
@@ -471,13 +510,13 @@ pub fn sft_step_in(
         });
     }
     let device = model.device();
-    let counts = batches.iter().map(|(_, mask)| predicted_tokens(mask)).collect::<Result<Vec<_>>>()?;
+    let counts = batches.iter().map(|b| predicted_tokens(&b.loss_mask)).collect::<Result<Vec<_>>>()?;
     let n_local: usize = counts.iter().sum();
     let n_total = group.sum_scalar(n_local as f64, device)?.round() as usize;
     let mut grads = HashMap::new();
     let mut weighted = 0.0;
-    for (((ids, mask), ctx), &n) in batches.iter().zip(ctxs).zip(&counts) {
-        let (loss, _) = model.lm_loss(ids, mask, ctx)?;
+    for ((batch, ctx), &n) in batches.iter().zip(ctxs).zip(&counts) {
+        let (loss, _) = batch.loss(model, ctx)?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
             return Err(CoreError::Diverged { step: opt.step_count() + 1, loss: value as f32 });
@@ -646,6 +685,25 @@ pub fn length_grouped_batches(lengths: &[usize], batch: usize, group: bool, seed
 
 /// Right-padded `[b, l]` ids and loss mask (pads carry no loss; causal attention keeps real
 /// tokens from seeing them).
+/// The batch of `units` (indices into `units`, each a row of examples): packed rows with
+/// their conversations' lengths, or one example a row.
+fn collate_units(data: &[SftTokens], units: &[Vec<usize>], batch: &[usize], packed: bool, pad: u32) -> Result<LmBatch> {
+    if !packed {
+        let (ids, loss_mask) = collate(&batch.iter().map(|&u| &data[units[u][0]]).collect::<Vec<_>>(), pad)?;
+        return Ok(LmBatch { ids, loss_mask, segments: None });
+    }
+    let rows: Vec<SftTokens> = batch
+        .iter()
+        .map(|&u| SftTokens {
+            ids: units[u].iter().flat_map(|&i| data[i].ids.iter().copied()).collect(),
+            loss_mask: units[u].iter().flat_map(|&i| data[i].loss_mask.iter().copied()).collect(),
+        })
+        .collect();
+    let (ids, loss_mask) = collate(&rows, pad)?;
+    let segments = batch.iter().map(|&u| units[u].iter().map(|&i| data[i].ids.len()).collect()).collect();
+    Ok(LmBatch { ids, loss_mask, segments: Some(segments) })
+}
+
 fn collate<R: std::borrow::Borrow<SftTokens>>(rows: &[R], pad: u32) -> Result<(Tensor, Tensor)> {
     let l = rows.iter().map(|r| r.borrow().ids.len()).max().unwrap_or(2).max(2);
     let mut ids = Vec::with_capacity(rows.len() * l);
@@ -809,7 +867,21 @@ pub fn train_causal_lm_in(
     // A step takes one batch per rank: `batch_size × ranks` rows.
     // A step takes `grad_accum` batches on every rank.
     let per_step = group.world() * t.grad_accum.max(1);
-    let steps_per_epoch = train_tok.len().div_ceil(t.batch_size.max(1) * per_step) as u64;
+    // The rows a batch is made of: one example each, or (packing) several in `max_len`.
+    let units: Vec<Vec<usize>> = if t.packing {
+        pack(&train_tok.iter().map(|e| e.ids.len()).collect::<Vec<_>>(), cfg.model.max_len)
+    } else {
+        (0..train_tok.len()).map(|i| vec![i]).collect()
+    };
+    if t.packing {
+        on_line(&format!(
+            "packing: {} conversations in {} rows of {} tokens",
+            train_tok.len(),
+            units.len(),
+            cfg.model.max_len
+        ));
+    }
+    let steps_per_epoch = units.len().div_ceil(t.batch_size.max(1) * per_step) as u64;
     let total = steps_per_epoch * t.epochs;
     let warmup = t.warmup_steps.unwrap_or((t.warmup_ratio * total as f64).round() as u64);
     let schedule = crate::LrSchedule { kind: t.schedule, peak_lr: t.lr, warmup_steps: warmup, total_steps: total };
@@ -830,7 +902,7 @@ pub fn train_causal_lm_in(
         )?;
     }
     let best_dir = run.best();
-    let lengths: Vec<usize> = train_tok.iter().map(|e| e.ids.len()).collect();
+    let lengths: Vec<usize> = units.iter().map(|u| u.iter().map(|&i| train_tok[i].ids.len()).sum()).collect();
     on_event(crate::TrainEvent::Started {
         run: &run,
         start_step: state.step,
@@ -871,7 +943,7 @@ pub fn train_causal_lm_in(
                 .iter()
                 .skip(group.rank())
                 .step_by(group.world())
-                .map(|b| collate(&b.iter().map(|&i| &train_tok[i]).collect::<Vec<_>>(), pad))
+                .map(|b| collate_units(&train_tok, &units, b, t.packing, pad))
                 .collect::<Result<Vec<_>>>()?;
             let step_seed = seed.wrapping_mul(31).wrapping_add(state.step);
             let ctxs: Vec<ForwardCtx> = (0..collated.len())
@@ -881,7 +953,7 @@ pub fn train_causal_lm_in(
                 })
                 .collect();
             let lr = schedule.lr(state.step);
-            let batches: Vec<(&Tensor, &Tensor)> = collated.iter().map(|(ids, mask)| (ids, mask)).collect();
+            let batches: Vec<&LmBatch> = collated.iter().collect();
             let ctx_refs: Vec<&ForwardCtx> = ctxs.iter().collect();
             let SftStep { loss: value, response_tokens: n, grad_norm } =
                 sft_step_in(&model, &trainable, &mut opt, &batches, &ctx_refs, t.max_grad_norm, lr, group).map_err(
@@ -894,7 +966,7 @@ pub fn train_causal_lm_in(
             state.batch_in_epoch += 1;
             let secs = started.elapsed().as_secs_f64();
             // The whole group's tokens.
-            let batch_tokens: usize = step_batches.iter().flatten().map(|&i| train_tok[i].ids.len()).sum();
+            let batch_tokens: usize = step_batches.iter().flatten().map(|&u| lengths[u]).sum();
             state.tokens_seen += batch_tokens as u64;
             state.train_seconds += secs;
             let step = state.step;

@@ -335,6 +335,49 @@ fn every_assistant_turn_carries_loss_unless_only_the_last_should() -> Result<()>
     Ok(())
 }
 
+/// `train.packing`: conversations packed into rows of `max_len` tokens — fewer steps for the
+/// same epochs, the validation loss (computed unpacked) still falling below the base model's.
+#[test]
+fn packed_instruction_tuning_takes_fewer_steps_and_learns() -> Result<()> {
+    use tuneforge_core::ExperimentConfig;
+    let tmp = tempfile::tempdir().expect("tmp");
+    write_model(tmp.path(), "llama")?;
+    let data: String = (0..40)
+        .map(|i| {
+            let (p, r) = if i % 2 == 0 { ("the cat", "in the hat") } else { ("the hat", "on the cat") };
+            serde_json::json!({"prompt": p, "response": r}).to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(tmp.path().join("sft.jsonl"), data).expect("data");
+    let run = |packing: bool| -> Result<tuneforge_core::sft::SftSummary> {
+        let text = format!(
+            "[experiment]\noutput_dir = \"{root}/runs\"\nseed = 3\n[model]\nsource = \"{root}/model.gguf\"\ntask = \"causal-lm\"\nmax_len = 96\n\
+             [data]\ntrain = \"{root}/sft.jsonl\"\nvalidation_split = 0.2\n\
+             [peft]\nmethod = \"lora\"\nrank = 8\nalpha = 16\nlora_dropout = 0.0\ntarget_modules = [\"q_proj\", \"v_proj\", \"up_proj\", \"down_proj\"]\n\
+             [train]\nepochs = 12\nbatch_size = 2\nlr = 3e-2\nwarmup_steps = 1\npacking = {packing}\n",
+            root = tmp.path().display()
+        );
+        let mut lines = Vec::new();
+        let s = tuneforge_core::sft::train_causal_lm(ExperimentConfig::from_toml(&text, "sft.toml", &[])?, &mut |l| {
+            lines.push(l.to_owned())
+        })?;
+        if packing {
+            assert!(lines.iter().any(|l| l.starts_with("packing: 32 conversations in")), "{lines:?}");
+        }
+        Ok(s)
+    };
+    let (plain, packed) = (run(false)?, run(true)?);
+    assert_eq!(plain.base_validation_loss, packed.base_validation_loss);
+    assert!(packed.total_steps * 2 < plain.total_steps, "{} vs {} steps", packed.total_steps, plain.total_steps);
+    assert!(
+        packed.validation_loss < packed.base_validation_loss * 0.7,
+        "{} -> {}",
+        packed.base_validation_loss,
+        packed.validation_loss
+    );
+    Ok(())
+}
+
 /// A short LoRA instruction tuning run on the tiny decoder lowers validation loss below the
 /// base model's, saves an adapter, and the adapter generates.
 #[test]
