@@ -222,21 +222,11 @@ impl Rope {
         if pads.iter().all(|&p| p == 0) {
             return self.apply(x, start);
         }
-        let (_, _, l, _) = x.dims4()?;
-        let rows = pads
-            .iter()
-            .enumerate()
-            .map(|(r, &pad)| {
-                let row = x.narrow(0, r, 1)?;
-                if start >= pad {
-                    return self.apply(&row, start - pad);
-                }
-                let at: Vec<u32> = (start..start + l).map(|i| i.saturating_sub(pad) as u32).collect();
-                let at = Tensor::from_vec(at, l, self.cos.device())?;
-                crate::layers::fused::rope(&row, &self.cos.index_select(&at, 0)?, &self.sin.index_select(&at, 0)?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&rows, 0)?)
+        let l = x.dim(2)?;
+        let positions: Vec<Vec<u32>> =
+            pads.iter().map(|&pad| (start..start + l).map(|i| i.saturating_sub(pad) as u32).collect()).collect();
+        let (cos, sin) = self.tables(&positions)?;
+        self.apply_at(x, At::Tables(&cos, &sin))
     }
 }
 
