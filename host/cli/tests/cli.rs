@@ -784,6 +784,42 @@ fn generate_runs_a_gguf_decoder() {
     let o = env.run(&["generate", "--model", "missing.gguf", "x"]);
     assert!(!o.status.success() && stderr(&o).contains("missing.gguf"), "{}", stderr(&o));
     assert_no_panic(&o);
+    // A file of prompts: one JSON line per answer in the file's order, each what the prompt
+    // gets alone, batched two at a time; a prompt too long for the model fails alone.
+    let long = "the cat ".repeat(300);
+    let lines = [
+        serde_json::json!({"prompt": "the cat"}),
+        serde_json::json!({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hat"}]}),
+        serde_json::json!({"prompt": long}),
+        serde_json::json!({"prompt": "in the hat", "system": "s"}),
+        serde_json::json!({"prompt": "a"}),
+    ];
+    let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(env.path("prompts.jsonl"), text).expect("prompts");
+    let o = env.run(&[
+        "generate",
+        "--model",
+        "model.gguf",
+        "--max-tokens",
+        "5",
+        "--input",
+        "prompts.jsonl",
+        "--batch",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let answers: Vec<serde_json::Value> =
+        stdout(&o).lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+    assert_eq!(answers.iter().map(|a| a["line"].as_u64().expect("line")).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    assert!(answers[2]["error"].as_str().expect("an error").contains("positions"), "{}", answers[2]);
+    assert!(stderr(&o).contains("5 prompts (1 failed)"), "{}", stderr(&o));
+    let alone = json(&env.run(&["generate", "--model", "model.gguf", "--max-tokens", "5", "--json", "the cat"]));
+    assert_eq!(answers[0]["text"], alone["text"]);
+    assert_eq!(answers[0]["completion_tokens"].as_u64(), alone["ids"].as_array().map(|a| a.len() as u64));
+    std::fs::write(env.path("bad.jsonl"), "{\"prompt\": \"x\"}\n{\"text\": 1}\n").expect("bad");
+    let o = env.run(&["generate", "--model", "model.gguf", "--input", "bad.jsonl"]);
+    assert!(!o.status.success() && stderr(&o).contains("bad.jsonl: line 2"), "{}", stderr(&o));
+    assert_no_panic(&o);
 }
 
 /// Instruction tuning through the command line lands in the experiment store like a
