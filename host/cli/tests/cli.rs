@@ -76,6 +76,14 @@ fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {}\n{}", stdout(o), stderr(o)))
 }
 
+/// Instruction data for the tiny decoder: `{"prompt": "the cat {i}", "response": "in the hat"}`
+/// lines for `i` in `range`.
+fn cat_lines(range: std::ops::Range<usize>) -> String {
+    range
+        .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
+        .collect()
+}
+
 #[test]
 fn train_eval_predict_round_trip() {
     let env = Env::new();
@@ -695,10 +703,7 @@ fn retrain_builds_a_dataset_from_feedback_trains_registers_and_starts_an_ab_test
 fn a_language_model_learns_from_corrected_answers() {
     let env = Env::new();
     tuneforge_core::testing::write_tiny_decoder(env.dir.path(), "llama").expect("tiny decoder");
-    let data: String = (0..10)
-        .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
-        .collect();
-    std::fs::write(env.path("sft.jsonl"), data).expect("data");
+    std::fs::write(env.path("sft.jsonl"), cat_lines(0..10)).expect("data");
     std::fs::write(env.path("val.jsonl"), "{\"prompt\": \"a hat\", \"response\": \"on the cat\"}\n").expect("data");
     let exp = "[experiment]\nname = \"sft\"\n[model]\nsource = \"model.gguf\"\ntask = \"causal-lm\"\nmax_len = 32\n\
                [data]\ntrain = \"sft.jsonl\"\nvalidation = \"val.jsonl\"\n\
@@ -830,10 +835,7 @@ fn generate_runs_a_gguf_decoder() {
 fn instruction_tuning_runs_are_recorded_in_the_store() {
     let env = Env::new();
     tuneforge_core::testing::write_tiny_decoder(env.dir.path(), "llama").expect("tiny decoder");
-    let data: String = (0..20)
-        .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
-        .collect();
-    std::fs::write(env.path("sft.jsonl"), data).expect("data");
+    std::fs::write(env.path("sft.jsonl"), cat_lines(0..20)).expect("data");
     let exp = "[experiment]\nname = \"sft\"\n[model]\nsource = \"model.gguf\"\ntask = \"causal-lm\"\nmax_len = 32\n\
                [data]\ntrain = \"sft.jsonl\"\nvalidation_split = 0.2\n\
                [peft]\nmethod = \"lora\"\nrank = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
@@ -887,13 +889,8 @@ fn instruction_tuning_runs_are_recorded_in_the_store() {
 fn eval_scores_language_models_on_instruction_data() {
     let env = Env::new();
     tuneforge_core::testing::write_tiny_decoder(env.dir.path(), "llama").expect("tiny decoder");
-    let lines = |range: std::ops::Range<usize>| -> String {
-        range
-            .map(|i| serde_json::json!({"prompt": format!("the cat {i}"), "response": "in the hat"}).to_string() + "\n")
-            .collect()
-    };
-    std::fs::write(env.path("sft.jsonl"), lines(0..16)).expect("data");
-    std::fs::write(env.path("val.jsonl"), lines(16..21)).expect("validation");
+    std::fs::write(env.path("sft.jsonl"), cat_lines(0..16)).expect("data");
+    std::fs::write(env.path("val.jsonl"), cat_lines(16..21)).expect("validation");
     let exp = "[experiment]\nname = \"sft\"\n[model]\nsource = \"model.gguf\"\ntask = \"causal-lm\"\nmax_len = 32\n\
                [data]\ntrain = \"sft.jsonl\"\nvalidation = \"val.jsonl\"\n\
                [peft]\nmethod = \"lora\"\nrank = 4\nalpha = 8\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\
