@@ -189,10 +189,14 @@ impl Rope {
         match at {
             At::Padded(start, pads) => self.apply_padded(x, start, pads),
             At::Tables(cos, sin) => {
-                let rows = (0..x.dim(0)?)
-                    .map(|r| crate::layers::fused::rope(&x.narrow(0, r, 1)?, &cos.get(r)?, &sin.get(r)?))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok(Tensor::cat(&rows, 0)?)
+                // The rotation composed over the whole batch, the tables broadcast over heads.
+                let d = x.dim(3)?;
+                let (cos, sin) = (cos.unsqueeze(1)?.to_dtype(x.dtype())?, sin.unsqueeze(1)?.to_dtype(x.dtype())?);
+                let x1 = x.narrow(3, 0, d / 2)?;
+                let x2 = x.narrow(3, d / 2, d / 2)?;
+                let a = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+                let b = (x1.broadcast_mul(&sin)? + x2.broadcast_mul(&cos)?)?;
+                Ok(Tensor::cat(&[a, b], 3)?)
             }
         }
     }
