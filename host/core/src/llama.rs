@@ -187,7 +187,7 @@ impl Rope {
     /// `x: [b, heads, l, d]` where `at` says.
     fn apply_at(&self, x: &Tensor, at: At<'_>) -> Result<Tensor> {
         match at {
-            At::Padded(start, pads) => self.apply_padded(x, start, pads),
+            At::Start(start) => self.apply(x, start),
             At::Tables(cos, sin) => {
                 // The rotation composed over the whole batch, the tables broadcast over heads.
                 let d = x.dim(3)?;
@@ -218,28 +218,15 @@ impl Rope {
             self.sin.index_select(&at, 0)?.reshape((b, l, half))?,
         ))
     }
-
-    /// `x: [b, heads, l, d]` at cache indices `start..start + l` of left-padded rows: row `r`
-    /// counts its positions from its first real index `pads[r]` (a padding index takes
-    /// position 0; it is never attended to), so each row is embedded as it would be alone.
-    fn apply_padded(&self, x: &Tensor, start: usize, pads: &[usize]) -> Result<Tensor> {
-        if pads.iter().all(|&p| p == 0) {
-            return self.apply(x, start);
-        }
-        let l = x.dim(2)?;
-        let positions: Vec<Vec<u32>> =
-            pads.iter().map(|&pad| (start..start + l).map(|i| i.saturating_sub(pad) as u32).collect()).collect();
-        let (cos, sin) = self.tables(&positions)?;
-        self.apply_at(x, At::Tables(&cos, &sin))
-    }
 }
 
 /// Where a block's rows sit, for the rotary embeddings.
 #[derive(Clone, Copy)]
 enum At<'a> {
-    /// Cache indices `start..`, row `r`'s first `pads[r]` of them padding (`&[]`: none).
-    Padded(usize, &'a [usize]),
-    /// Per-row tables `[b, l, d/2]` (packed sequences: positions restart in each segment).
+    /// Positions `start..` in every row.
+    Start(usize),
+    /// Per-row tables `[b, l, d/2]`: left-padded rows counting from their first real index,
+    /// packed sequences restarting in each segment.
     Tables(&'a Tensor, &'a Tensor),
 }
 
@@ -602,11 +589,18 @@ impl DecoderModel {
         {
             c.layers = vec![None; self.blocks.len()];
         }
-        let (mask, tables, pads) = match layout {
+        let (mask, tables) = match layout {
             Layout::Padded(pads) if pads.iter().any(|&p| p > 0) => {
-                (Some(padded_causal_mask(l, start, pads, x.dtype(), x.device())?), None, pads)
+                // Row `r` counts its positions from its first real index `pads[r]` (a padding
+                // index takes position 0; it is never attended to), so it is embedded as it
+                // would be alone. The tables serve every layer.
+                let positions: Vec<Vec<u32>> = pads
+                    .iter()
+                    .map(|&pad| (start..start + l).map(|i| i.saturating_sub(pad) as u32).collect())
+                    .collect();
+                (Some(padded_causal_mask(l, start, pads, x.dtype(), x.device())?), Some(self.rope.tables(&positions)?))
             }
-            Layout::Padded(pads) => (causal_mask(l, start, x.dtype(), x.device())?, None, pads),
+            Layout::Padded(_) => (causal_mask(l, start, x.dtype(), x.device())?, None),
             Layout::Packed(segments) => {
                 if cache.is_some() || segments.len() != b {
                     return Err(CoreError::Param {
@@ -615,14 +609,17 @@ impl DecoderModel {
                     });
                 }
                 let (mask, positions) = packed_layout(segments, l, x.dtype(), x.device())?;
-                let (cos, sin) = self.rope.tables(&positions)?;
-                let (cos, sin) = (ctx.cast(&cos)?, ctx.cast(&sin)?);
-                (Some(mask), Some((cos, sin)), &[][..])
+                (Some(mask), Some(self.rope.tables(&positions)?))
             }
+        };
+        // In the compute dtype once, for every layer.
+        let tables = match tables {
+            Some((cos, sin)) => Some((ctx.cast(&cos)?, ctx.cast(&sin)?)),
+            None => None,
         };
         let at = match &tables {
             Some((cos, sin)) => At::Tables(cos, sin),
-            None => At::Padded(start, pads),
+            None => At::Start(start),
         };
         let x = match cache {
             None if ctx.is_checkpointing() => {
@@ -681,7 +678,7 @@ impl DecoderModel {
         ctx.checkpointed_backward(store, trainable, grads, |i, x, extras| {
             let at = match extras {
                 [_, cos, sin] => At::Tables(cos, sin),
-                _ => At::Padded(0, &[]),
+                _ => At::Start(0),
             };
             self.block_forward(&self.blocks[i], x, at, extras.first(), None, ctx)
         })
