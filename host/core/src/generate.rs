@@ -292,6 +292,22 @@ impl ChatFormat {
     }
 }
 
+/// The roles a conversation's turns take.
+pub fn is_chat_role(role: &str) -> bool {
+    matches!(role, "system" | "user" | "assistant")
+}
+
+/// A conversation's turns as chat APIs and instruction data write them:
+/// `[{"role": ..., "content": ...}, ...]`.
+pub fn messages_json(turns: &[(String, String)]) -> Vec<serde_json::Value> {
+    turns.iter().map(|(role, content)| serde_json::json!({"role": role, "content": content})).collect()
+}
+
+/// Text as answers and questions are compared: case and spacing do not matter.
+pub fn normalise_text(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+}
+
 /// Whether `path` holds a language model that [`LanguageModel::load`] takes rather than a
 /// classifier: an instruction-tuned adapter, a `.gguf` file, or a Hugging Face decoder
 /// directory (a `config.json` of a Llama or Qwen2 model, without a classifier's
@@ -592,16 +608,16 @@ impl<'m, K> BatchRun<'m, K> {
         if !keep.is_empty() {
             cache.keep_rows(&keep)?;
         }
-        let mut all = std::mem::take(rows);
-        for (j, mut row) in all.drain(..).enumerate().rev() {
-            if keep.contains(&j) {
-                rows.push(row);
-            } else {
+        let mut kept = Vec::with_capacity(keep.len());
+        for (j, mut row) in std::mem::take(rows).into_iter().enumerate() {
+            if finished.contains(&j) {
                 let done = self.finish(&mut row, on_text);
                 on_done(row.key, done);
+            } else {
+                kept.push(row);
             }
         }
-        rows.reverse();
+        *rows = kept;
         Ok(())
     }
 

@@ -128,7 +128,7 @@ pub fn read_sft(path: &Path) -> Result<Vec<SftExample>> {
             if last.role != "assistant" {
                 return Err(at(format!("the last message must be the assistant's, not `{}`", last.role)));
             }
-            if let Some(m) = messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant")) {
+            if let Some(m) = messages.iter().find(|m| !crate::generate::is_chat_role(&m.role)) {
                 return Err(at(format!("unknown role `{}`", m.role)));
             }
             Ok(SftExample {
@@ -203,8 +203,7 @@ impl SftExample {
     /// The conversation as `{"messages": [{"role", "content"}, ...]}` with the response as the
     /// assistant's last turn: a line [`read_sft`] reads back as this example.
     pub fn to_json(&self) -> serde_json::Value {
-        let mut messages: Vec<serde_json::Value> =
-            self.context.iter().map(|(role, content)| serde_json::json!({"role": role, "content": content})).collect();
+        let mut messages: Vec<serde_json::Value> = crate::generate::messages_json(&self.context);
         messages.push(serde_json::json!({"role": "assistant", "content": self.response}));
         serde_json::json!({ "messages": messages })
     }
@@ -214,9 +213,7 @@ impl SftExample {
     pub fn context_key(&self) -> String {
         self.context
             .iter()
-            .map(|(role, text)| {
-                format!("{role}\u{1f}{}", text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase())
-            })
+            .map(|(role, text)| format!("{role}\u{1f}{}", crate::generate::normalise_text(text)))
             .collect::<Vec<_>>()
             .join("\u{1e}")
     }
@@ -625,11 +622,6 @@ pub struct GenerationReport {
     pub tokens_per_s: f64,
 }
 
-/// Text as answers are compared: case and spacing do not matter.
-pub fn normalise_answer(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
-}
-
 /// Greedy answers of `lm` to the conversations of `examples` (at most `max_new_tokens` each,
 /// `batch` at a time), scored by exact match against their responses.
 pub fn generation_scores(
@@ -647,7 +639,7 @@ pub fn generation_scores(
         for (e, out) in chunk.iter().zip(lm.generate_batch(&requests, &mut |_, _| {})?) {
             let out = out?;
             generated += out.ids.len();
-            let matched = normalise_answer(&out.text) == normalise_answer(&e.response);
+            let matched = crate::generate::normalise_text(&out.text) == crate::generate::normalise_text(&e.response);
             answers.push((out.text, matched));
         }
     }

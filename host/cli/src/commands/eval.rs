@@ -185,7 +185,7 @@ fn run_lm(args: &EvalArgs, path: &Path) -> anyhow::Result<Outcome> {
             .zip(&g.answers)
             .map(|(e, (answer, matched))| {
                 let messages: Vec<serde_json::Value> =
-                    e.context.iter().map(|(role, content)| serde_json::json!({"role": role, "content": content})).collect();
+                    tuneforge_core::generate::messages_json(&e.context);
                 let line = serde_json::json!({"messages": messages, "reference": e.response, "answer": answer, "match": matched});
                 format!("{line}\n")
             })

@@ -143,7 +143,7 @@ fn read_prompts(path: &std::path::Path, lm: &LanguageModel, args: &GenerateArgs)
             }
             PromptLine::Messages { .. } if args.raw => anyhow::bail!("{}: --raw takes prompts, not messages", at()),
             PromptLine::Messages { messages } => {
-                if let Some(m) = messages.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant")) {
+                if let Some(m) = messages.iter().find(|m| !tuneforge_core::generate::is_chat_role(&m.role)) {
                     anyhow::bail!("{}: unknown role `{}`", at(), m.role);
                 }
                 lm.chat.render(&messages.into_iter().map(|m| (m.role, m.content)).collect::<Vec<_>>())

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use tuneforge_core::experiment::Task;
+use tuneforge_core::generate::normalise_text;
 use tuneforge_core::sft::{SftExample, load_sft_data};
 use tuneforge_core::{ExperimentConfig, RunOptions, load_experiment_data};
 use tuneforge_data::DataFormat;
@@ -54,11 +55,6 @@ pub struct RetrainArgs {
     device: Option<tuneforge_core::DeviceSpec>,
     #[command(flatten)]
     db: DbArgs,
-}
-
-/// Text as compared for overrides and duplicates: case and spacing do not matter.
-fn key(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
 }
 
 /// What building the dataset did, for the report.
@@ -158,8 +154,8 @@ fn labelled_dataset(
             }
         })
         .collect();
-    let held_out = validation.iter().map(|e| key(&e.text)).collect();
-    let (rows, mut merge) = merge(&originals, &from_feedback, &held_out, |e| key(&e.0), |a, b| a.1 == b.1);
+    let held_out = validation.iter().map(|e| normalise_text(&e.text)).collect();
+    let (rows, mut merge) = merge(&originals, &from_feedback, &held_out, |e| normalise_text(&e.0), |a, b| a.1 == b.1);
     merge.unusable = unusable;
     let train = write_jsonl(
         dir,

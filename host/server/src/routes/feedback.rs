@@ -86,8 +86,7 @@ pub async fn export(state: State, q: web::Query<ExportQuery>) -> Result<HttpResp
         let Some(answer) = f.target() else { continue };
         let line = match f.conversation() {
             Some(turns) => {
-                let mut messages: Vec<serde_json::Value> =
-                    turns.iter().map(|(role, content)| serde_json::json!({"role": role, "content": content})).collect();
+                let mut messages: Vec<serde_json::Value> = tuneforge_core::generate::messages_json(&turns);
                 messages.push(serde_json::json!({"role": "assistant", "content": answer}));
                 serde_json::json!({ "messages": messages, "rating": f.rating, "prediction_id": f.prediction_id })
             }

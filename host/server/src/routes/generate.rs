@@ -179,7 +179,7 @@ pub async fn generate(req: HttpRequest, state: State, body: web::Bytes) -> Resul
             if m.is_empty() {
                 return Err(ApiError::BadRequest("messages: give at least one message".into()));
             }
-            if let Some(bad) = m.iter().find(|m| !matches!(m.role.as_str(), "system" | "user" | "assistant")) {
+            if let Some(bad) = m.iter().find(|m| !tuneforge_core::generate::is_chat_role(&m.role)) {
                 return Err(ApiError::BadRequest(format!("messages: unknown role `{}`", bad.role)));
             }
             Some(m.into_iter().map(|m| (m.role, m.content)).collect::<Vec<_>>())
@@ -278,8 +278,7 @@ pub(crate) async fn summary(
         let arm = r.arm.unwrap_or("none");
         state.counters.inference(&r.name, r.version, arm, seconds);
         state.counters.prediction(&r.name, 1);
-        let messages: Vec<serde_json::Value> =
-            r.turns.iter().map(|(role, content)| serde_json::json!({"role": role, "content": content})).collect();
+        let messages: Vec<serde_json::Value> = tuneforge_core::generate::messages_json(&r.turns);
         let id = state
             .store
             .record_prediction(&NewPrediction {
