@@ -52,8 +52,9 @@ commands:
                        a loss plugin's cost per call (32x24 logits) and its share of a
                        MiniLM training step
   gpu-check [--bundle DIR]
-                       build with --features cuda,nccl and run the CUDA tests and the GPU
-                       training benchmark (MiniLM, SmolLM2 LoRA: tokens/s, MFU, memory);
+                       build with --features cuda,nccl and run the CUDA tests, tuneforge
+                       train on the GPU (--device cuda, --gpus 1) and the GPU training
+                       benchmark (MiniLM, SmolLM2 LoRA: tokens/s, MFU, memory);
                        --bundle gathers the binaries and bench/gpu-check.sh for another machine
   bench serve          the server under load: 10,000 feedback posts from 64 clients, reads
                        over 10,000 runs and 1,000,000 metric points";

@@ -7,6 +7,10 @@
 //! weights: throughput does not depend on the weight values, and the device machine has no
 //! copy of the real ones.
 //!
+//! `--write-task DIR` instead writes a tiny classification task there (a random tiny BERT,
+//! its data and `exp.toml`), for `gpu-check.sh` to train end to end with the `tuneforge`
+//! binary on the GPU.
+//!
 //! ```text
 //! cargo run --release -p tuneforge-core --features cuda --example gpu-bench -- \
 //!     --model minilm --device cuda --precision bf16 --batch 32 --seq 128 --steps 20
@@ -105,6 +109,13 @@ fn ids(batch: usize, seq: usize, vocab: usize) -> Vec<u32> {
 }
 
 fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--write-task") {
+        let dir = std::path::PathBuf::from(args.get(1).ok_or("--write-task needs a directory")?);
+        let exp = tuneforge_core::testing::write_tiny_task(&dir, "")?;
+        std::fs::write(dir.join("exp.toml"), exp)?;
+        return Ok(());
+    }
     let a = parse()?;
     let device = a.device.open()?;
     let mode = StepMode { compute_dtype: a.precision.compute_dtype(), checkpointing: a.checkpointing, parallel: None };
