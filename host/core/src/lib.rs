@@ -49,7 +49,7 @@ pub use gates::{GateResult, check_gates};
 pub use hooks::{HookFactory, Hooks, NoHooks, PluginLineage};
 pub use layers::ForwardCtx;
 pub use metrics::{ClassMetrics, ClassificationMetrics};
-pub use optim::{AdamW, AdamWConfig};
+pub use optim::{AdamW, AdamWConfig, grad_norm};
 pub use params::{Init, ParamBuilder, ParamStore};
 pub use peft::{AdapterPlacement, PeftSpec};
 pub use prefix_cache::PrefixCache;

@@ -583,7 +583,7 @@ impl DecoderModel {
         let start = cache.as_ref().map_or(0, |c| c.len());
         let h = self.config.hidden_size;
         let ids = ids.to_device(self.device())?;
-        let x = ctx.cast(&self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((b, l, h))?)?;
+        let x = ctx.cast(&crate::layers::fused::embedding(&self.embed, &ids.flatten_all()?)?.reshape((b, l, h))?)?;
         if let Some(c) = cache.as_mut()
             && c.layers.len() != self.blocks.len()
         {

@@ -320,8 +320,13 @@ impl candle_core::InplaceOp2 for InPlace {
 /// Global L2 norm of the gradients.
 ///
 /// The squared norms are summed where the gradients live and read back once (one device
-/// synchronisation per step on a GPU, not one per parameter).
+/// synchronisation per step on a GPU, not one per parameter); on CUDA each gradient's is one
+/// kernel into its slot of a vector (instead of a cast, a square, a sum and a copy).
 pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if let Some(norm) = device_grad_norm(grads)? {
+        return Ok(norm);
+    }
     let squares = grads
         .values()
         .map(|g| Ok(g.to_dtype(DType::F32)?.sqr()?.sum_all()?.reshape(1)?))
@@ -331,6 +336,23 @@ pub fn grad_norm(grads: &HashMap<String, Tensor>) -> Result<f64> {
     }
     let total = Tensor::cat(&squares, 0)?.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
     Ok(total.sqrt())
+}
+
+/// [`grad_norm`] with `tf_sum_squares` when every gradient is on one CUDA device in f32,
+/// f16 or bf16 (None otherwise).
+#[cfg(feature = "cuda")]
+fn device_grad_norm(grads: &HashMap<String, Tensor>) -> Result<Option<f64>> {
+    let Some(first) = grads.values().next() else { return Ok(None) };
+    let device = first.device();
+    let on_device = |g: &Tensor| g.device().same_device(device) && g.dtype() != DType::F64;
+    if !device.is_cuda() || !grads.values().all(on_device) {
+        return Ok(None);
+    }
+    let sums = Tensor::zeros(grads.len(), DType::F32, device)?;
+    for (slot, g) in grads.values().enumerate() {
+        sums.inplace_op2(&g.contiguous()?, &InPlace(gpu::sum_squares(g.elem_count(), slot)))?;
+    }
+    Ok(Some(sums.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?.sqrt()))
 }
 
 /// The factor that brings gradients of global norm `norm` to at most `max_norm` (1 when
@@ -416,6 +438,44 @@ mod tests {
             Ok(w.as_tensor().to_vec1::<f32>()?)
         };
         assert_eq!(run(true)?, run(false)?);
+        Ok(())
+    }
+
+    /// The gradient-norm kernel (through the CPU emulation, with the calls
+    /// `device_grad_norm` launches) against `grad_norm` on the CPU: gradients of several
+    /// sizes (a partial warp, several blocks) each in its slot, f32 and bf16.
+    #[test]
+    fn the_sum_of_squares_kernel_gives_the_cpu_gradient_norm() -> Result<()> {
+        use tuneforge_kernels::gpu::emulated::{self, Elem, bf16};
+        let sizes = [3usize, 1000, 257];
+        let grads: Vec<Vec<f32>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(k, n)| (0..*n).map(|i| ((i * 7 + k) % 13) as f32 * 0.1 - 0.6).collect())
+            .collect();
+        for bf16_grads in [false, true] {
+            let mut sums = vec![0.0f32; sizes.len()];
+            let mut by_name = HashMap::new();
+            for (slot, g) in grads.iter().enumerate() {
+                let call = gpu::sum_squares(g.len(), slot);
+                let (name, bytes) = if bf16_grads {
+                    let g: Vec<bf16> = g.iter().map(|&x| bf16::from_f32(x)).collect();
+                    ("bf16", bf16::to_bytes(&g))
+                } else {
+                    ("f32", f32::to_bytes(g))
+                };
+                sums = f32::from_bytes(&emulated::run_bytes(&call, name, f32::to_bytes(&sums), vec![bytes]));
+                let t = Tensor::new(g.as_slice(), &Device::Cpu)?;
+                by_name.insert(format!("p{slot}"), if bf16_grads { t.to_dtype(DType::BF16)? } else { t });
+            }
+            let got = sums.iter().map(|&s| s as f64).sum::<f64>().sqrt();
+            let want = grad_norm(&by_name)?;
+            assert!((got - want).abs() <= 1e-5 * want, "bf16 {bf16_grads}: kernel {got}, CPU {want}");
+            for (slot, g) in grads.iter().enumerate() {
+                let want: f64 = by_name[&format!("p{slot}")].to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar()?;
+                assert!((sums[slot] as f64 - want).abs() <= 1e-5 * want, "slot {slot} of {} elements", g.len());
+            }
+        }
         Ok(())
     }
 

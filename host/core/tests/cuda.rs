@@ -1,8 +1,8 @@
 //! CPU and CUDA agree: tiny encoder and decoder logits and gradients in f32, an AdamW step,
 //! bf16 mixed-precision training against f32, gradient checkpointing on the GPU, the NCCL
-//! path with a group of one, and the fused ops (tuneforge's CUDA kernels) one by one. Built
-//! only with `--features cuda` (run by `cargo xtask gpu-check`); without a GPU the first
-//! test fails with the device error.
+//! path with a group of one, the fused ops (tuneforge's CUDA kernels) one by one, and batched
+//! generation. Built only with `--features cuda` (run by `cargo xtask gpu-check`); without a
+//! GPU the first test fails with the device error.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
@@ -212,6 +212,26 @@ fn adamw_on_the_gpu_matches_the_cpu_and_resumes_from_its_state() -> Result<()> {
     Ok(())
 }
 
+/// The global gradient norm on the GPU (one sum-of-squares kernel per gradient, f32 and
+/// bf16 gradients together) is the CPU's.
+#[test]
+fn the_gradient_norm_on_the_gpu_is_the_cpus() -> Result<()> {
+    use std::collections::HashMap;
+    let gpu = gpu()?;
+    let grads = |device: &Device| -> Result<HashMap<String, Tensor>> {
+        let mut grads = HashMap::new();
+        for (k, n) in [3usize, 100_000, 4099].into_iter().enumerate() {
+            let v: Vec<f32> = (0..n).map(|i| ((i * 7 + k) % 13) as f32 * 0.1 - 0.6).collect();
+            let t = Tensor::from_vec(v, n, device)?;
+            grads.insert(format!("p{k}"), if k == 2 { t.to_dtype(DType::BF16)? } else { t });
+        }
+        Ok(grads)
+    };
+    let (cpu, on_gpu) = (tuneforge_core::grad_norm(&grads(&Device::Cpu)?)?, tuneforge_core::grad_norm(&grads(&gpu)?)?);
+    assert!((cpu - on_gpu).abs() <= 1e-5 * cpu, "cpu {cpu} vs gpu {on_gpu}");
+    Ok(())
+}
+
 /// tuneforge's CUDA kernels (`tuneforge_kernels::gpu`) behind the fused ops agree with the
 /// CPU ops in value and gradient, in f32 and in bf16 (the kernels' arithmetic is checked on
 /// the CPU through their emulation; this checks the launches on a real device). Dropout
@@ -220,7 +240,7 @@ fn adamw_on_the_gpu_matches_the_cpu_and_resumes_from_its_state() -> Result<()> {
 fn fused_ops_on_the_gpu_match_the_cpu() -> Result<()> {
     use candle_core::Var;
     use tuneforge_core::layers::fused::{
-        bias_add, cross_entropy, gelu_erf, layer_norm, rms_norm, rope, softmax_scaled, swiglu,
+        bias_add, cross_entropy, embedding, gelu_erf, layer_norm, rms_norm, rope, softmax_scaled, swiglu,
     };
     let gpu = gpu()?;
     let (b, h, q, k) = (2, 3, 5, 37);
@@ -246,6 +266,8 @@ fn fused_ops_on_the_gpu_match_the_cpu() -> Result<()> {
                 vec![&x, &scores],
             ),
             ("bias add", bias_add(&xc, beta.as_tensor())?, vec![&x, &beta]),
+            // Rows looked up several times: their gradients meet in the kernel's atomic adds.
+            ("embedding", embedding(&xc, &Tensor::new(&[3u32, 0, 3, 9, 3, 1, 3], device)?)?, vec![&x]),
             ("dropout", ForwardCtx::train(7).dropout(&xc, 0.2)?, vec![&x]),
             ("masked softmax", softmax_scaled(&scores.as_tensor().to_dtype(dtype)?, 0.3, Some(&mask))?, vec![&scores]),
             (
@@ -292,6 +314,33 @@ fn fused_ops_on_the_gpu_match_the_cpu() -> Result<()> {
                 assert!(d <= tol * scale(a)?, "{name} in {dtype:?}: gradient {i} differs by {d}");
             }
         }
+    }
+    Ok(())
+}
+
+/// Generation on the GPU: tiny Llama and Qwen2 models loaded onto the device answer a batch
+/// of greedy prompts of different lengths (left-padded rows, per-row rotary tables, the KV
+/// cache's row operations) with the ids the CPU gives.
+#[test]
+fn batched_generation_on_the_gpu_matches_the_cpu() -> Result<()> {
+    use tuneforge_core::generate::{LanguageModel, Sampling};
+    let gpu = gpu()?;
+    let tmp = tempfile::tempdir()?;
+    for kind in ["llama", "qwen2"] {
+        tuneforge_core::testing::write_tiny_decoder(tmp.path(), kind)?;
+        let path = tmp.path().join("model.gguf");
+        let s = Sampling { max_new_tokens: 10, ..Sampling::default() };
+        let requests: Vec<(String, Sampling)> = ["the cat", "the cat in the hat, the hat on the cat", "hat"]
+            .iter()
+            .map(|p| (p.to_string(), s.clone()))
+            .collect();
+        let ids = |device: &Device| -> Result<Vec<Vec<u32>>> {
+            let lm = LanguageModel::load_on(&path, device)?;
+            lm.generate_batch(&requests, &mut |_, _| {})?.into_iter().map(|r| Ok(r?.ids)).collect()
+        };
+        let (cpu, on_gpu) = (ids(&Device::Cpu)?, ids(&gpu)?);
+        assert!(cpu.iter().all(|i| !i.is_empty()), "{kind}: {cpu:?}");
+        assert_eq!(cpu, on_gpu, "{kind}: CPU and GPU answers");
     }
     Ok(())
 }

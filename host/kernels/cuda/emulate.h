@@ -10,6 +10,7 @@
 
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -56,6 +57,9 @@ template <typename T> T __shfl_xor_sync(unsigned, T v, int mask) {
     emu_warp->bar.arrive_and_wait();
     return r;
 }
+
+// Threads of a block run at once, so atomics are real ones.
+template <typename A> A atomicAdd(A* p, A v) { return std::atomic_ref<A>(*p).fetch_add(v); }
 
 struct __half {
     uint16_t bits;

@@ -19,6 +19,8 @@
         {"tf_rope_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_rope_##NAME, g, b, a); }},           \
         {"tf_xent_fwd_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_xent_fwd_##NAME, g, b, a); }},   \
         {"tf_xent_grad_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_xent_grad_##NAME, g, b, a); }}, \
+        {"tf_sum_squares_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_sum_squares_##NAME, g, b, a); }}, \
+        {"tf_embedding_grad_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_embedding_grad_##NAME, g, b, a); }}, \
         {"tf_adam_moments_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_adam_moments_##NAME, g, b, a); }}, \
         {"tf_adam_apply_" #NAME, [](dim3 g, dim3 b, EmuArgs& a) { emu_launch(tf_adam_apply_##NAME, g, b, a); }}
 

@@ -15,6 +15,10 @@
 //   backward).
 // - tf_xent_fwd / tf_xent_grad: cross-entropy of rows of logits against u32 targets, and its
 //   gradient (softmax − one-hot) · dy, one warp per row.
+// - tf_sum_squares: Σ g² of one gradient added into its slot of a vector (the global
+//   gradient norm: one launch per parameter, one read-back per step).
+// - tf_embedding_grad: the gradient of an embedding lookup, each looked-up row's gradient
+//   added into its table row with atomic adds (one warp per row).
 // - tf_adam_moments / tf_adam_apply: one parameter's AdamW update in place, in two passes
 //   (the moments from the gradient, then the parameter from the moments), f32 state.
 //
@@ -324,6 +328,38 @@ __device__ void rope(const T* x, const T* cos_, const T* sin_, T* y, long long p
     }
 }
 
+// ------------------------------------------------------------------ sum of squares
+
+// out[slot] += Σ g[i]² over n elements, in the accumulation type: each warp sums its share of
+// a grid-stride loop (a grid of at most a few hundred blocks, so few atomic adds meet).
+template <typename T> __device__ void sum_squares(const T* g, typename Acc<T>::type* out, long long n, long long slot) {
+    typedef typename Acc<T>::type A;
+    A acc = 0;
+    GRID_STRIDE(i, n) {
+        A v = get(g, i);
+        acc += v * v;
+    }
+    acc = warp_sum(acc);
+    if (threadIdx.x % 32 == 0) atomicAdd(out + slot, acc);
+}
+
+// ------------------------------------------------------------------ embedding gradient
+
+// dw[ids[r]] += dy[r] for each of `rows` rows of width `w`, into a zeroed table of `vocab`
+// rows in the accumulation type: rows that look up the same id meet in atomic adds (candle's
+// index_add walks every id in turn in one block). Ids outside the table add nothing.
+template <typename T>
+__device__ void embedding_grad(const unsigned int* ids, const T* dy, typename Acc<T>::type* dw, long long rows, int w,
+                               long long vocab) {
+    long long row = (long long)blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= rows) return;
+    long long id = ids[row];
+    if (id >= vocab) return;
+    const T* src = dy + row * w;
+    typename Acc<T>::type* dst = dw + id * w;
+    for (int i = threadIdx.x; i < w; i += 32) atomicAdd(dst + i, get(src, i));
+}
+
 // ------------------------------------------------------------------ AdamW
 
 // The moments of one parameter, in place: `mv` holds its m (first n) then its v (next n),
@@ -398,6 +434,13 @@ __device__ void adam_apply(T* p, const float* mv, long long n, double decay, dou
     extern "C" __global__ void tf_xent_grad_##NAME(const T* x, const unsigned int* t, const T* dy, T* dx,             \
                                                    long long rows, int w) {                                          \
         xent_grad<T>(x, t, dy, dx, rows, w);                                                                         \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_sum_squares_##NAME(const T* g, Acc<T>::type* out, long long n, long long slot) {    \
+        sum_squares<T>(g, out, n, slot);                                                                             \
+    }                                                                                                                 \
+    extern "C" __global__ void tf_embedding_grad_##NAME(const unsigned int* ids, const T* dy, Acc<T>::type* dw,       \
+                                                        long long rows, int w, long long vocab) {                    \
+        embedding_grad<T>(ids, dy, dw, rows, w, vocab);                                                              \
     }                                                                                                                 \
     extern "C" __global__ void tf_adam_moments_##NAME(const T* g, float* mv, long long n, double beta1, double beta2, \
                                                       double gscale) {                                               \

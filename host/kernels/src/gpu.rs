@@ -173,6 +173,28 @@ pub fn bias_add(n: usize, w: usize) -> Call {
     elementwise_call("tf_bias_add", n, vec![Arg::In(0), Arg::In(1), Arg::Out, len(n), width(w)])
 }
 
+/// Blocks of a [`sum_squares`] grid: enough to keep the memory busy, few enough that the
+/// warps' atomic adds into one slot do not queue.
+const SUM_BLOCKS: usize = 512;
+
+/// `Σ g²` over the `n` elements of input 0 (naming the kernel), added into element `slot` of
+/// the destination (f32, or f64 for f64 input), which holds one slot per gradient.
+pub fn sum_squares(n: usize, slot: usize) -> Call {
+    let mut call = elementwise_call("tf_sum_squares", n, vec![Arg::In(0), Arg::Out, len(n), len(slot)]);
+    call.grid = n.div_ceil(THREADS as usize).clamp(1, SUM_BLOCKS) as u32;
+    call
+}
+
+/// The gradient of looking up `rows` rows of width `w` in a table of `vocab` rows: inputs the
+/// ids (u32) and the rows' gradient `dy` (naming the kernel); the destination, a zeroed table
+/// in `dy`'s accumulation type (f32, or f64 for f64), receives `dy[r]` at row `ids[r]`.
+pub fn embedding_grad(rows: usize, w: usize, vocab: usize) -> Call {
+    let mut call =
+        row_call("tf_embedding_grad", rows, vec![Arg::In(0), Arg::In(1), Arg::Out, len(rows), width(w), len(vocab)]);
+    call.named_by = Arg::In(1);
+    call
+}
+
 /// AdamW's moments of one parameter of `n` elements, in place: the destination holds its
 /// f32 `m` then `v` (2n values), input 0 is the gradient (any float type, naming the kernel),
 /// scaled by `grad_scale` before use.
