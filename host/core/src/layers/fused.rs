@@ -1,6 +1,6 @@
 //! Fused kernels with their own backward pass: layer norm, RMS norm, softmax over the last
-//! dimension (with a scale and an attention mask), GELU (erf form), dropout and the bias
-//! add, as candle custom ops.
+//! dimension (with a scale and an attention mask), GELU (erf form), dropout, the bias add
+//! and (on CUDA) the embedding lookup, as candle custom ops.
 //!
 //! candle 0.11's fused layer norm and softmax have no backward, and the composed versions
 //! cost 8-10 ops, each a pass over memory and a fresh buffer (on a GPU, broadcasting
