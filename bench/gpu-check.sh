@@ -86,7 +86,7 @@ if [ -n "$cli" ] && left 120; then
     one ckpt --no-db --device cuda --set train.gradient_checkpointing=true
     one gpus1 --db "$work/store.db" --gpus 1
     python3 - <<'PY'
-import json, sqlite3
+import json, sqlite3, sys
 def curve(name):
     try:
         run = json.load(open(f"{name}.json"))["run_id"]
@@ -96,23 +96,39 @@ def curve(name):
     return [l["loss"] for l in lines if l.get("kind") == "train"], run
 curves = {n: curve(n) for n in ["cpu", "cuda", "bf16", "ckpt", "gpus1"]}
 base = curves["cpu"][0]
+failures = []
 for name, (c, info) in curves.items():
-    if c is None or base is None:
+    if c is None or base is None or len(c) != len(base):
         print(f"{name:6} {info}")
+        failures.append(f"{name}: no curve as long as the CPU's")
         continue
     d, at = max((abs(a - b), i) for i, (a, b) in enumerate(zip(base, c)))
     print(f"{name:6} {len(c)} steps, loss {c[0]:.4f} -> {c[-1]:.4f}, largest difference from the CPU's curve "
           f"{d:.2e} (step {at + 1}: {base[at]:.4f} on the CPU)")
+    # Within bf16 tolerance of the CPU's curve, as tests/cuda.rs asks of bf16 against f32.
+    if d > 0.05 + 0.05 * abs(base[at]):
+        failures.append(f"{name}: {d:.3g} from the CPU at step {at + 1}")
+    if c[-1] > 0.5 * c[0]:
+        failures.append(f"{name}: did not learn ({c[0]:.4f} -> {c[-1]:.4f})")
 if curves["cuda"][0] and curves["gpus1"][0]:
     d = max(abs(a - b) for a, b in zip(curves["cuda"][0], curves["gpus1"][0]))
     print(f"--gpus 1 against --device cuda: largest loss difference {d:.2e}")
+    if d > 1e-5:
+        failures.append(f"--gpus 1 is {d:.3g} from --device cuda")
 try:
     rows = sqlite3.connect("store.db").execute("select id, status from runs").fetchall()
     print(f"store of the --gpus 1 run: {rows}")
+    if [status for _, status in rows] != ["succeeded"]:
+        failures.append("the --gpus 1 run is not recorded as succeeded")
 except Exception as e:
     print(f"store of the --gpus 1 run: {e}")
+    failures.append(f"store: {e}")
+for f in failures:
+    print(f"FAILED: {f}")
+sys.exit(1 if failures else 0)
 PY
   ) 2>&1 | tee "$out/train-e2e.log"
+  e2e_rc=${PIPESTATUS[0]}
 fi
 
 echo "== training throughput (each configuration in its own process)"
@@ -192,4 +208,6 @@ for key, us in total.most_common(25):
 PY
 fi
 
-exit "$tests_rc"
+# Failing tests or a failed end-to-end check fail the whole check.
+[ "$tests_rc" != 0 ] && exit "$tests_rc"
+exit "${e2e_rc:-0}"
