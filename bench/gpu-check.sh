@@ -90,9 +90,9 @@ import json, sqlite3, sys
 def curve(name):
     try:
         run = json.load(open(f"{name}.json"))["run_id"]
+        lines = [json.loads(l) for l in open(f"runs/{run}/metrics.jsonl")]
     except Exception as e:
-        return None, f"no summary ({e})"
-    lines = [json.loads(l) for l in open(f"runs/{run}/metrics.jsonl")]
+        return None, f"no summary or metrics ({e})"
     return [l["loss"] for l in lines if l.get("kind") == "train"], run
 curves = {n: curve(n) for n in ["cpu", "cuda", "bf16", "ckpt", "gpus1"]}
 base = curves["cpu"][0]
