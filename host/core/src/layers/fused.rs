@@ -842,6 +842,16 @@ pub fn embedding(table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
 
 struct EmbeddingOp;
 
+/// Rows `ids` of `table` on any backend (its `index_select`), with the output's shape.
+fn select_rows<S: candle_core::backend::BackendStorage>(
+    table: &S,
+    lt: &Layout,
+    ids: &S,
+    li: &Layout,
+) -> candle_core::Result<(S, Shape)> {
+    Ok((table.index_select(ids, lt, li, 0)?, Shape::from((li.dims()[0], last_dim(lt)))))
+}
+
 impl CustomOp2 for EmbeddingOp {
     fn name(&self) -> &'static str {
         "tuneforge-embedding"
@@ -854,8 +864,7 @@ impl CustomOp2 for EmbeddingOp {
         ids: &CpuStorage,
         li: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        Ok((table.index_select(ids, lt, li, 0)?, Shape::from((li.dims()[0], last_dim(lt)))))
+        select_rows(table, lt, ids, li)
     }
 
     #[cfg(feature = "cuda")]
@@ -866,8 +875,7 @@ impl CustomOp2 for EmbeddingOp {
         ids: &CudaStorage,
         li: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        Ok((table.index_select(ids, lt, li, 0)?, Shape::from((li.dims()[0], last_dim(lt)))))
+        select_rows(table, lt, ids, li)
     }
 
     fn bwd(
