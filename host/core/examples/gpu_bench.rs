@@ -55,6 +55,8 @@ struct Args {
     warmup: usize,
     checkpointing: bool,
     peak_tflops: f64,
+    /// Names the build in the report (`framework`), e.g. one against a patched candle.
+    label: String,
 }
 
 fn parse() -> Result<Args> {
@@ -68,6 +70,7 @@ fn parse() -> Result<Args> {
         warmup: 3,
         checkpointing: false,
         peak_tflops: 989.0,
+        label: "tuneforge".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -88,6 +91,7 @@ fn parse() -> Result<Args> {
             "--warmup" => a.warmup = value()?.parse()?,
             "--checkpointing" => a.checkpointing = true,
             "--peak-tflops" => a.peak_tflops = value()?.parse()?,
+            "--label" => a.label = value()?,
             other => return Err(format!("unknown flag {other}").into()),
         }
     }
@@ -236,6 +240,7 @@ fn main() -> Result<()> {
     };
     let achieved = flops / step_s / 1e12;
     let mut line = serde_json::json!({
+        "framework": a.label,
         "model": a.model,
         "device": a.device.to_string(),
         "precision": format!("{:?}", a.precision).to_lowercase(),
