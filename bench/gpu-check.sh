@@ -40,6 +40,10 @@ bench=$(unpacked "$bench")
 [ -z "$cli" ] || cli=$(unpacked "$cli")
 [ -z "$variant" ] || variant=$(unpacked "$variant")
 chmod +x "$tests" "$bench" $cli $variant
+# Absolute paths: a bare file name would be looked up on PATH.
+tests=$(realpath "$tests") bench=$(realpath "$bench")
+[ -z "$cli" ] || cli=$(realpath "$cli")
+[ -z "$variant" ] || variant=$(realpath "$variant")
 
 # The CUDA libraries the binaries load, from the system or from Python wheels (PyTorch's);
 # never the toolkit's forward-compatibility driver or its link-time stubs.
@@ -75,7 +79,6 @@ tests_rc=${PIPESTATUS[0]}
 
 if [ -n "$cli" ] && left 120; then
   echo "== tuneforge train end to end: CPU, --device cuda (f32, bf16, checkpointing), --gpus 1"
-  cli=$(realpath "$cli")
   work=$(mktemp -d)
   "$bench" --write-task "$work"
   (

@@ -43,10 +43,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
              nvidia-cuda-nvcc + nvidia-nvvm + nvidia-cuda-runtime + nvidia-cuda-crt + nvidia-cuda-cccl)"
         );
     }
-    let tests = build("tuneforge-core", "test", &["--no-run", "--test", "cuda"])?;
-    let bench = build("tuneforge-core", "build", &["--example", "gpu-bench"])?;
-    let cli = build("tuneforge-cli", "build", &["--bin", "tuneforge"])?;
-    let variant = variant.map(|v| build_variant(&v, &bench)).transpose()?;
+    let tests = build("tuneforge-core", "test", &["--no-run", "--test", "cuda"], "cuda-tests")?;
+    let bench = build("tuneforge-core", "build", &["--example", "gpu-bench"], "gpu-bench")?;
+    let cli = build("tuneforge-cli", "build", &["--bin", "tuneforge"], "tuneforge")?;
+    let variant = variant.map(|v| build_variant(&v)).transpose()?;
     let script = crate::workspace_root().join("bench").join("gpu-check.sh");
     match bundle {
         Some(dir) => {
@@ -77,8 +77,10 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     }
 }
 
-/// Builds one target of `package` with CUDA and NCCL and returns the executable cargo reports.
-fn build(package: &str, verb: &str, target: &[&str]) -> anyhow::Result<PathBuf> {
+/// Builds one target of `package` with CUDA and NCCL and returns a copy of the executable
+/// cargo reports, named `name` in `<target>/cuda/gpu-check`: cargo's own path is shared by
+/// every build of that target (the variant's overwrites the plain benchmark's).
+fn build(package: &str, verb: &str, target: &[&str], name: &str) -> anyhow::Result<PathBuf> {
     let json = output(
         cargo()
             .arg(verb)
@@ -87,18 +89,24 @@ fn build(package: &str, verb: &str, target: &[&str]) -> anyhow::Result<PathBuf> 
             .env("CARGO_TARGET_DIR", crate::target_dir().join("cuda"))
             .current_dir(crate::workspace_root()),
     )?;
-    json.lines()
+    let built = json
+        .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|v| v["executable"].as_str().map(PathBuf::from))
         .next_back()
-        .with_context(|| format!("cargo {verb} {target:?} reported no executable"))
+        .with_context(|| format!("cargo {verb} {target:?} reported no executable"))?;
+    let dir = crate::target_dir().join("cuda").join("gpu-check");
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dest = dir.join(name);
+    std::fs::copy(&built, &dest).with_context(|| format!("cannot copy {} to {}", built.display(), dest.display()))?;
+    Ok(dest)
 }
 
 /// The GPU benchmark built against a copy of the workspace's candle-core with `variant`
 /// applied (a patch file for `patch -p1` in the crate's root, or `upstream`: the vendored
-/// patch reversed), copied beside `bench` as `gpu-bench-variant`. The workspace's
+/// patch reversed), as `gpu-bench-variant`. The workspace's
 /// Cargo.lock, which a `[patch]` rewrites, is put back whatever happens.
-fn build_variant(variant: &str, bench: &Path) -> anyhow::Result<PathBuf> {
+fn build_variant(variant: &str) -> anyhow::Result<PathBuf> {
     let root = crate::workspace_root();
     let (patch, reverse) = match variant {
         "upstream" => (root.join("vendor").join("candle-core.patch"), true),
@@ -130,11 +138,10 @@ fn build_variant(variant: &str, bench: &Path) -> anyhow::Result<PathBuf> {
     let lock = crate::workspace_root().join("Cargo.lock");
     let saved = std::fs::read(&lock).context("cannot read Cargo.lock")?;
     let patched = format!("patch.crates-io.candle-core.path={:?}", copy.display().to_string());
-    let built = build("tuneforge-core", "build", &["--example", "gpu-bench", "--config", &patched]);
+    let built =
+        build("tuneforge-core", "build", &["--example", "gpu-bench", "--config", &patched], "gpu-bench-variant");
     std::fs::write(&lock, saved).context("cannot restore Cargo.lock")?;
-    let dest = bench.with_file_name("gpu-bench-variant");
-    std::fs::copy(built?, &dest).with_context(|| format!("cannot write {}", dest.display()))?;
-    Ok(dest)
+    built
 }
 
 /// A stripped, xz-compressed copy of `bin` at `<dest>.xz` (xz, not gzip: the three binaries
