@@ -126,19 +126,134 @@ where
 
 /// The browser bundle's files, by exact name only.
 #[cfg(feature = "ssr")]
-async fn bundle_file(file: actix_web::web::Path<String>) -> actix_web::HttpResponse {
+async fn bundle_file(req: actix_web::HttpRequest, file: actix_web::web::Path<String>) -> actix_web::HttpResponse {
+    match pkg_dir() {
+        Some(dir) => bundle_response(dir, &file, &req),
+        None => actix_web::HttpResponse::NotFound().finish(),
+    }
+}
+
+/// `file` of the bundle in `dir`: gzip-compressed when the browser accepts it and `cargo
+/// xtask web` left a `.gz` beside the file that is not older than it (the wasm shrinks ~4x),
+/// with an ETag from the file's length and modification time, so a browser revalidates
+/// (`Cache-Control: no-cache`) and gets 304 Not Modified instead of the bundle again.
+#[cfg(feature = "ssr")]
+fn bundle_response(dir: &std::path::Path, file: &str, req: &actix_web::HttpRequest) -> actix_web::HttpResponse {
     use actix_web::HttpResponse;
-    let js = format!("{BUNDLE}.js");
-    let wasm = format!("{BUNDLE}_bg.wasm");
-    let content_type = if *file == js {
+    use actix_web::http::header;
+    let content_type = if file == format!("{BUNDLE}.js") {
         "text/javascript"
-    } else if *file == wasm {
+    } else if file == format!("{BUNDLE}_bg.wasm") {
         "application/wasm"
     } else {
         return HttpResponse::NotFound().finish();
     };
-    match pkg_dir().map(|d| std::fs::read(d.join(file.as_str()))) {
-        Some(Ok(bytes)) => HttpResponse::Ok().content_type(content_type).body(bytes),
-        _ => HttpResponse::NotFound().finish(),
+    let path = dir.join(file);
+    let Ok(meta) = std::fs::metadata(&path) else {
+        return HttpResponse::NotFound().finish();
+    };
+    let modified = meta.modified().ok();
+    let stamp = modified.and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let etag = format!("\"{:x}-{stamp:x}\"", meta.len());
+    let header_has = |name: header::HeaderName, pred: &dyn Fn(&str) -> bool| {
+        req.headers().get_all(name).filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|v| pred(v.trim()))
+    };
+    let mut ok = HttpResponse::Ok();
+    ok.insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header((header::ETAG, etag.clone()))
+        .insert_header((header::VARY, "Accept-Encoding"));
+    if header_has(header::IF_NONE_MATCH, &|v| v == etag || v == "*") {
+        return HttpResponse::NotModified()
+            .insert_header((header::ETAG, etag))
+            .insert_header((header::CACHE_CONTROL, "no-cache"))
+            .finish();
+    }
+    // `gzip` or `gzip;q=…` with a non-zero quality.
+    let accepts_gzip = header_has(header::ACCEPT_ENCODING, &|v| {
+        let mut parts = v.split(';').map(str::trim);
+        parts.next().is_some_and(|e| e.eq_ignore_ascii_case("gzip"))
+            && parts.all(|p| p.strip_prefix("q=").is_none_or(|q| q.parse::<f32>().is_ok_and(|q| q > 0.0)))
+    });
+    let gz = path.with_file_name(format!("{file}.gz"));
+    let fresh_gz = accepts_gzip
+        && std::fs::metadata(&gz)
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .is_some_and(|g| modified.is_some_and(|m| g >= m));
+    if fresh_gz && let Ok(bytes) = std::fs::read(&gz) {
+        return ok.content_type(content_type).insert_header((header::CONTENT_ENCODING, "gzip")).body(bytes);
+    }
+    match std::fs::read(&path) {
+        Ok(bytes) => ok.content_type(content_type).body(bytes),
+        Err(_) => HttpResponse::NotFound().finish(),
+    }
+}
+
+#[cfg(all(test, feature = "ssr"))]
+mod tests {
+    use actix_web::body::MessageBody;
+    use actix_web::http::{StatusCode, header};
+    use actix_web::test::TestRequest;
+
+    use super::*;
+
+    fn get(
+        dir: &std::path::Path,
+        file: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, Vec<(String, String)>, Vec<u8>) {
+        let mut req = TestRequest::get();
+        for &(k, v) in headers {
+            req = req.insert_header((k, v));
+        }
+        let res = bundle_response(dir, file, &req.to_http_request());
+        let status = res.status();
+        let heads = res.headers().iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned())).collect();
+        let body = res.into_body().try_into_bytes().map(|b| b.to_vec()).unwrap_or_default();
+        (status, heads, body)
+    }
+
+    fn header<'a>(heads: &'a [(String, String)], name: &header::HeaderName) -> Option<&'a str> {
+        heads.iter().find(|(k, _)| k == name.as_str()).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn the_bundle_goes_out_compressed_when_accepted_and_revalidates() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let wasm = format!("{BUNDLE}_bg.wasm");
+        std::fs::write(dir.path().join(&wasm), b"plain wasm")?;
+        std::fs::write(dir.path().join(format!("{wasm}.gz")), b"gzipped wasm")?;
+
+        let (status, heads, body) = get(dir.path(), &wasm, &[("accept-encoding", "br, gzip")]);
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body, b"gzipped wasm");
+        assert_eq!(header(&heads, &header::CONTENT_ENCODING), Some("gzip"));
+        assert_eq!(header(&heads, &header::CONTENT_TYPE), Some("application/wasm"));
+        assert_eq!(header(&heads, &header::VARY), Some("Accept-Encoding"));
+        let etag = header(&heads, &header::ETAG).expect("an ETag").to_owned();
+
+        // Not accepted (absent, or refused with q=0): the file itself.
+        for accept in [&[][..], &[("accept-encoding", "gzip;q=0, identity")][..]] {
+            let (status, heads, body) = get(dir.path(), &wasm, accept);
+            assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"plain wasm"[..]));
+            assert_eq!(header(&heads, &header::CONTENT_ENCODING), None);
+        }
+        // The browser's copy is current: 304 and no body.
+        let (status, _, body) = get(dir.path(), &wasm, &[("if-none-match", &etag), ("accept-encoding", "gzip")]);
+        assert_eq!((status, body.len()), (StatusCode::NOT_MODIFIED, 0));
+        let (status, _, _) = get(dir.path(), &wasm, &[("if-none-match", "\"stale\"")]);
+        assert_eq!(status, StatusCode::OK);
+
+        // A .gz older than the file (the file rebuilt since) is not served.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options().write(true).open(dir.path().join(format!("{wasm}.gz")))?.set_modified(old)?;
+        let (_, heads, body) = get(dir.path(), &wasm, &[("accept-encoding", "gzip")]);
+        assert_eq!((body.as_slice(), header(&heads, &header::CONTENT_ENCODING)), (&b"plain wasm"[..], None));
+
+        // Only the bundle's two files, by exact name.
+        for name in ["../secret", "other.js", &format!("{wasm}.gz")] {
+            assert_eq!(get(dir.path(), name, &[]).0, StatusCode::NOT_FOUND, "{name}");
+        }
+        Ok(())
     }
 }
