@@ -13,12 +13,14 @@
 #   4. the same workloads in PyTorch when the machine has it, and the table of both,
 #   5. where the GPU time goes, when the machine has the tools and the time budget allows:
 #      compute-sanitizer's memcheck over the tests of tuneforge's own kernels, and Nsight
-#      Compute's kernel times of one MiniLM bf16 step summed by kernel (kernel-times.txt).
+#      Compute's kernel times of one BERT-base-shaped bf16 32 x 512 step (where MFU is measured
+#      against PyTorch's 23.5%) summed by kernel (kernel-times.txt).
 # GPU_CHECK_BUDGET_S (default 450) bounds the whole check; GPU_CHECK_PYTORCH=0 skips step 4;
 # GPU_CHECK_PROFILE (the benchmark's arguments) picks the step that step 5 profiles.
-# VARIANT_BIN, a second build of the benchmark (`cargo xtask gpu-check --variant PATCH`: against
-# a patched candle-core), runs after the plain one on every throughput workload, labelled
-# `variant`: the change and its baseline measured in the same run, one after the other.
+# VARIANT_BIN, a second build of the benchmark (`cargo xtask gpu-check --variant upstream`:
+# against candle-core as released, without vendor/candle-core.patch; or `--variant PATCH`),
+# runs after the plain one on every throughput workload, labelled `variant`: a change and its
+# baseline measured in the same run, one after the other.
 # usage: gpu-check.sh TESTS_BIN[.xz|.gz] BENCH_BIN[.xz|.gz] [OUT_DIR [TUNEFORGE_BIN[.xz|.gz] [VARIANT_BIN[.xz|.gz]]]]
 set -u
 tests=$1
@@ -188,7 +190,7 @@ if command -v compute-sanitizer >/dev/null && left 150; then
     fused_ops_on_the_gpu encoder_logits decoder_logits 2>&1 | tail -15 | tee "$out/memcheck.log"
 fi
 if command -v ncu >/dev/null && command -v python3 >/dev/null && left 150; then
-  profile=${GPU_CHECK_PROFILE:---model minilm --precision bf16 --batch 32 --seq 128}
+  profile=${GPU_CHECK_PROFILE:---model bert-base --precision bf16 --batch 32 --seq 512}
   echo "== GPU time by kernel: one step of $profile (Nsight Compute)"
   # shellcheck disable=SC2086
   timeout "$(cap 120)" ncu --clock-control none --metrics gpu__time_duration.sum --csv \
