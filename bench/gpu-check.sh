@@ -19,8 +19,8 @@
 # GPU_CHECK_PROFILE (the benchmark's arguments) picks the step that step 5 profiles.
 # VARIANT_BIN, a second build of the benchmark (`cargo xtask gpu-check --variant upstream`:
 # against candle-core as released, without vendor/candle-core.patch; or `--variant PATCH`),
-# runs after the plain one on every throughput workload, labelled `variant`: a change and its
-# baseline measured in the same run, one after the other.
+# runs beside the plain one on every throughput workload (taking turns at going first),
+# labelled `variant`: a change and its baseline measured in the same run.
 # usage: gpu-check.sh TESTS_BIN[.xz|.gz] BENCH_BIN[.xz|.gz] [OUT_DIR [TUNEFORGE_BIN[.xz|.gz] [VARIANT_BIN[.xz|.gz]]]]
 set -u
 tests=$1
@@ -143,9 +143,21 @@ fi
 
 echo "== training throughput (each configuration in its own process)"
 : > "$out/gpu-bench.jsonl"
+one_bench() { # BINARY ARGS...
+  local bin=$1; shift
+  left 30 && timeout "$(cap 120)" "$bin" --device cuda --peak-tflops "$peak" "$@" 2>&1 | tee -a "$out/gpu-bench.jsonl"
+}
+# With a variant, the two builds take turns going first, so neither always runs on a GPU
+# the other has just warmed.
+turn=0
 run() {
-  left 30 && timeout "$(cap 120)" "$bench" --device cuda --peak-tflops "$peak" "$@" 2>&1 | tee -a "$out/gpu-bench.jsonl"
-  [ -z "$variant" ] || { left 30 && timeout "$(cap 120)" "$variant" --device cuda --peak-tflops "$peak" --label variant "$@" 2>&1 | tee -a "$out/gpu-bench.jsonl"; }
+  if [ -z "$variant" ]; then
+    one_bench "$bench" "$@"
+  elif [ $((turn++ % 2)) = 0 ]; then
+    one_bench "$bench" "$@"; one_bench "$variant" --label variant "$@"
+  else
+    one_bench "$variant" --label variant "$@"; one_bench "$bench" "$@"
+  fi
 }
 run --model minilm --precision f32 --batch 32 --seq 128 --steps 20
 run --model minilm --precision bf16 --batch 32 --seq 128 --steps 20
