@@ -56,6 +56,12 @@ enum Command {
     /// WebAssembly plugins: scaffold, build and install, check, list.
     #[command(subcommand)]
     Plugin(commands::plugin::PluginCommand),
+    /// Print a shell completion script, e.g. `tuneforge completions bash >
+    /// ~/.local/share/bash-completion/completions/tuneforge`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -80,6 +86,11 @@ fn main() -> ExitCode {
         Command::Plugin(cmd) => commands::plugin::run(cmd),
         Command::Ab(cmd) => commands::ab::run(cmd),
         Command::Retrain(args) => commands::retrain::run(args),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "tuneforge", &mut std::io::stdout());
+            Ok(commands::Outcome::Success)
+        }
     };
     match result {
         Ok(commands::Outcome::Success) => ExitCode::SUCCESS,

@@ -235,6 +235,43 @@ fn every_command_has_help() {
     }
 }
 
+/// The bash completion script loads in bash and completes commands and flags.
+#[test]
+fn completions_complete_in_bash() {
+    let env = Env::new();
+    let o = env.run(&["completions", "bash"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let script = env.path("tuneforge.bash");
+    std::fs::write(&script, &o.stdout).expect("write the script");
+    // Bash's completion entry point, as the shell calls it for `tuneforge WORD<TAB>`.
+    let complete = |line: &[&str]| -> Vec<String> {
+        let words = line.iter().map(|w| format!("'{w}'")).collect::<Vec<_>>().join(" ");
+        let probe = format!(
+            "source '{}'; COMP_WORDS=({words}); COMP_CWORD={}; COMP_LINE='{}'; COMP_POINT=${{#COMP_LINE}}; \
+             _tuneforge tuneforge '{}' '{}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            script.display(),
+            line.len() - 1,
+            line.join(" "),
+            line[line.len() - 1],
+            line[line.len().saturating_sub(2)],
+        );
+        let out = Command::new("bash").args(["--norc", "-c", &probe]).output().expect("run bash");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect()
+    };
+    let commands = complete(&["tuneforge", "tr"]);
+    assert_eq!(commands, ["train"], "{commands:?}");
+    let flags = complete(&["tuneforge", "train", "--dev"]);
+    assert_eq!(flags, ["--device"], "{flags:?}");
+    // Other shells' scripts come out too; an unknown shell is a usage error.
+    for shell in ["zsh", "fish", "powershell", "elvish"] {
+        let o = env.run(&["completions", shell]);
+        assert!(o.status.success() && stdout(&o).contains("tuneforge"), "{shell}: {}", stderr(&o));
+    }
+    let o = env.run(&["completions", "tcsh"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
 fn train_losses(run_dir: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(run_dir.join("metrics.jsonl"))
         .expect("metrics")
