@@ -135,7 +135,7 @@ async fn bundle_file(req: actix_web::HttpRequest, file: actix_web::web::Path<Str
 
 /// `file` of the bundle in `dir`: gzip-compressed when the browser accepts it and `cargo
 /// xtask web` left a `.gz` beside the file that is not older than it (the wasm shrinks ~4x),
-/// with an ETag from the file's length and modification time, so a browser revalidates
+/// with a (weak) ETag from the file's length and modification time, so a browser revalidates
 /// (`Cache-Control: no-cache`) and gets 304 Not Modified instead of the bundle again.
 #[cfg(feature = "ssr")]
 fn bundle_response(dir: &std::path::Path, file: &str, req: &actix_web::HttpRequest) -> actix_web::HttpResponse {
@@ -154,7 +154,8 @@ fn bundle_response(dir: &std::path::Path, file: &str, req: &actix_web::HttpReque
     };
     let modified = meta.modified().ok();
     let stamp = modified.and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-    let etag = format!("\"{:x}-{stamp:x}\"", meta.len());
+    // Weak: the gzip and the plain response are one resource in two encodings.
+    let etag = format!("W/\"{:x}-{stamp:x}\"", meta.len());
     let header_has = |name: header::HeaderName, pred: &dyn Fn(&str) -> bool| {
         req.headers().get_all(name).filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|v| pred(v.trim()))
     };
@@ -162,10 +163,13 @@ fn bundle_response(dir: &std::path::Path, file: &str, req: &actix_web::HttpReque
     ok.insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header((header::ETAG, etag.clone()))
         .insert_header((header::VARY, "Accept-Encoding"));
-    if header_has(header::IF_NONE_MATCH, &|v| v == etag || v == "*") {
+    // If-None-Match compares weakly: `W/` on either side does not matter.
+    let opaque = etag.trim_start_matches("W/").to_owned();
+    if header_has(header::IF_NONE_MATCH, &|v| v.trim_start_matches("W/") == opaque || v == "*") {
         return HttpResponse::NotModified()
             .insert_header((header::ETAG, etag))
             .insert_header((header::CACHE_CONTROL, "no-cache"))
+            .insert_header((header::VARY, "Accept-Encoding"))
             .finish();
     }
     // `gzip` or `gzip;q=…` with a non-zero quality.
@@ -241,6 +245,9 @@ mod tests {
         // The browser's copy is current: 304 and no body.
         let (status, _, body) = get(dir.path(), &wasm, &[("if-none-match", &etag), ("accept-encoding", "gzip")]);
         assert_eq!((status, body.len()), (StatusCode::NOT_MODIFIED, 0));
+        let strong = etag.trim_start_matches("W/");
+        let (status, _, _) = get(dir.path(), &wasm, &[("if-none-match", &format!("\"other\", {strong}"))]);
+        assert_eq!(status, StatusCode::NOT_MODIFIED, "a list, and the tag without W/, match too");
         let (status, _, _) = get(dir.path(), &wasm, &[("if-none-match", "\"stale\"")]);
         assert_eq!(status, StatusCode::OK);
 

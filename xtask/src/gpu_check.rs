@@ -104,8 +104,8 @@ fn build(package: &str, verb: &str, target: &[&str], name: &str) -> anyhow::Resu
 
 /// The GPU benchmark built against a copy of the workspace's candle-core with `variant`
 /// applied (a patch file for `patch -p1` in the crate's root, or `upstream`: the vendored
-/// patch reversed), as `gpu-bench-variant`. The workspace's
-/// Cargo.lock, which a `[patch]` rewrites, is put back whatever happens.
+/// patch reversed), as `gpu-bench-variant`. The workspace's Cargo.lock, which a `[patch]`
+/// rewrites, is put back whether the build succeeds or fails.
 fn build_variant(variant: &str) -> anyhow::Result<PathBuf> {
     let root = crate::workspace_root();
     let (patch, reverse) = match variant {
