@@ -107,6 +107,9 @@ fn build(package: &str, verb: &str, target: &[&str], name: &str) -> anyhow::Resu
 /// patch reversed), as `gpu-bench-variant`. The workspace's Cargo.lock, which a `[patch]`
 /// rewrites, is put back whether the build succeeds or fails.
 fn build_variant(variant: &str) -> anyhow::Result<PathBuf> {
+    if !crate::process::available("patch", &["--version"]) {
+        bail!("--variant needs the `patch` program (Debian: apt-get install patch)");
+    }
     let root = crate::workspace_root();
     let (patch, reverse) = match variant {
         "upstream" => (root.join("vendor").join("candle-core.patch"), true),
