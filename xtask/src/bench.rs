@@ -2,7 +2,7 @@
 //! reduction 8, LoRA r=8 on query/value) and inference for all-MiniLM-L6-v2 on a
 //! labelled file, measured the way the reference PyTorch figures were: tokenizer padding off
 //! and each batch padded to its longest row, batches of 32 rows in file order, real
-//! (non-pad) tokens counted with [CLS]/[SEP], 2 warm-up then N timed steps of forward + cross
+//! (non-pad) tokens counted with `[CLS]`/`[SEP]`, 2 warm-up then N timed steps of forward + cross
 //! entropy + backward + AdamW (lr 5e-5, weight decay 0.01) with dropout on; inference in
 //! eval mode. Each row runs in its own process so that its peak memory is its own.
 

@@ -14,7 +14,7 @@ pub struct TestPostgres {
     pub url: String,
 }
 
-/// The directory with `initdb` and `pg_ctl` (Debian: /usr/lib/postgresql/<major>/bin).
+/// The directory with `initdb` and `pg_ctl` (Debian: `/usr/lib/postgresql/<major>/bin`).
 fn bin_dir() -> Option<PathBuf> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .ok()?

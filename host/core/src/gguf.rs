@@ -255,7 +255,7 @@ fn unpermute(w: &Tensor, heads: usize) -> Result<Tensor> {
     Ok(w.reshape((heads, half, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
 }
 
-/// The inverse of [`unpermute`] (what llama.cpp's converter does), for writing test files.
+/// The inverse of `unpermute` (what llama.cpp's converter does), for writing test files.
 pub fn permute_for_gguf(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (out, inp) = w.dims2()?;
     let half = out / heads / 2;

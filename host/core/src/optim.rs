@@ -122,7 +122,7 @@ impl AdamW {
     }
 
     /// [`AdamW::step`] with every gradient multiplied by `grad_scale` first (clipping by
-    /// [`clip_scale`] without a pass over the gradients of its own).
+    /// `clip_scale` without a pass over the gradients of its own).
     pub fn step_scaled(&mut self, grads: &HashMap<String, Tensor>, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;

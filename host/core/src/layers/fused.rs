@@ -87,7 +87,7 @@ macro_rules! cuda_fwd {
 
 /// `y = (x - mean) / sqrt(var + eps) * gamma + beta` over the last dimension.
 ///
-/// One fused op where [`fused_here`] (the CPU in f32/f64, CUDA in any float type, with the
+/// One fused op where `fused_here` (the CPU in f32/f64, CUDA in any float type, with the
 /// statistics in f32 there); elsewhere the composed form of differentiable primitives.
 /// A weight or bias of another dtype than `x` (f32 master weights under bf16) is cast.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
@@ -99,7 +99,7 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result
 }
 
 /// `y = x / sqrt(mean(x²) + eps) * gamma` over the last dimension (Llama's RMSNorm); fused
-/// where [`fused_here`], composed elsewhere, like [`layer_norm`].
+/// where `fused_here`, composed elsewhere, like [`layer_norm`].
 pub fn rms_norm(x: &Tensor, gamma: &Tensor, eps: f64) -> Result<Tensor> {
     if !fused_here(x) {
         return rms_norm_composed(x, gamma, eps);
@@ -371,7 +371,7 @@ impl CustomOp3 for NormGradX {
 // ---------------------------------------------------------------- softmax
 
 /// Softmax over the last dimension (max-subtracted), with a backward pass.
-/// Fused where [`fused_here`]; elsewhere composed, in f32 for half types.
+/// Fused where `fused_here`; elsewhere composed, in f32 for half types.
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
     softmax_scaled(x, 1.0, None)
 }
@@ -379,7 +379,7 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 /// `softmax(scale · x + bias)` over the last dimension, the attention's softmax: `x` the
 /// scores `[batch, heads, queries, keys]` (or any shape without a bias), `bias` an additive
 /// mask that broadcasts to them with one value per head (`[batch or 1, 1, queries or 1,
-/// keys]`, or `[queries, keys]`). One fused op where [`fused_here`] (the mask is read in
+/// keys]`, or `[queries, keys]`). One fused op where `fused_here` (the mask is read in
 /// place, not expanded); composed elsewhere. The bias is not differentiated.
 pub fn softmax_scaled(x: &Tensor, scale: f64, bias: Option<&Tensor>) -> Result<Tensor> {
     if fused_here(x) {
@@ -536,7 +536,7 @@ impl CustomOp2 for SoftmaxGrad {
 /// Rotary position embeddings in the halves layout (Llama's, Hugging Face's): for
 /// `x: [b, heads, l, d]` and `cos`, `sin: [l, d/2]` (the rows of the positions),
 /// `[x₁·cos − x₂·sin, x₁·sin + x₂·cos]` with `x₁`, `x₂` the halves of each row. One fused op
-/// where [`fused_here`] (its backward the inverse rotation, one pass), composed elsewhere.
+/// where `fused_here` (its backward the inverse rotation, one pass), composed elsewhere.
 /// The tables are not differentiated.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (_, _, l, d) = x.dims4()?;
@@ -620,7 +620,7 @@ impl CustomOp3 for RopeOp {
 // ---------------------------------------------------------------- cross-entropy
 
 /// `−log softmax(x)[t]` for each row of logits `x: [rows, classes]` and targets
-/// `t: [rows]`: `[rows]` in `x`'s dtype. One fused op where [`fused_here`] — its backward,
+/// `t: [rows]`: `[rows]` in `x`'s dtype. One fused op where `fused_here` — its backward,
 /// `(softmax(x) − one-hot(t)) · dy`, one pass that writes the gradient and nothing else —,
 /// composed elsewhere. A target outside the classes is an error (NaN from a GPU kernel).
 pub fn cross_entropy(x: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -770,7 +770,7 @@ impl CustomOp3 for CrossEntropyGrad {
 // ---------------------------------------------------------------- bias
 
 /// `x + b` with `b: [w]` repeated over the rows of `x: [..., w]`: one op where
-/// [`fused_here`] (its backward sums the gradient's columns with one product), candle's
+/// `fused_here` (its backward sums the gradient's columns with one product), candle's
 /// broadcasting add elsewhere. A bias of another dtype is cast.
 pub fn bias_add(x: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let b = same_dtype(b, x)?;
@@ -1041,7 +1041,7 @@ impl CustomOp2 for GeluGrad {
 // ---------------------------------------------------------------- SwiGLU
 
 /// `silu(g) · u = g σ(g) u` (the gated MLP of Llama and Qwen2), differentiable in both. One
-/// fused op where [`fused_here`] (the backward one pass for each input), composed elsewhere.
+/// fused op where `fused_here` (the backward one pass for each input), composed elsewhere.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
     if fused_here(g) && g.dtype() == u.dtype() && g.dims() == u.dims() {
         return Ok(g.contiguous()?.apply_op2(&u.contiguous()?, SwiGluOp)?);
@@ -1165,7 +1165,7 @@ pub(crate) fn dropout_threshold(p: f64) -> u64 {
 }
 
 /// Inverted dropout with the mask drawn from `seed` (see [`kept`]); the backward pass
-/// applies the same mask to the gradient. Where [`fused_here`]: the CPU in f32/f64 and CUDA
+/// applies the same mask to the gradient. Where `fused_here`: the CPU in f32/f64 and CUDA
 /// draw the same mask.
 pub(crate) fn dropout(x: &Tensor, p: f64, seed: u64) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(DropoutOp { p, seed })?)
