@@ -113,6 +113,9 @@ fn ids(batch: usize, seq: usize, vocab: usize) -> Vec<u32> {
 }
 
 fn main() -> Result<()> {
+    // As the `tuneforge` binary does: on the CPU, buffers stay mapped and one thread pool.
+    tuneforge_kernels::tune_allocator();
+    tuneforge_kernels::tune_threads();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("--write-task") {
         let dir = std::path::PathBuf::from(args.get(1).ok_or("--write-task needs a directory")?);
