@@ -159,19 +159,20 @@ fn bundle_response(dir: &std::path::Path, file: &str, req: &actix_web::HttpReque
     let header_has = |name: header::HeaderName, pred: &dyn Fn(&str) -> bool| {
         req.headers().get_all(name).filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(|v| pred(v.trim()))
     };
-    let mut ok = HttpResponse::Ok();
-    ok.insert_header((header::CACHE_CONTROL, "no-cache"))
-        .insert_header((header::ETAG, etag.clone()))
-        .insert_header((header::VARY, "Accept-Encoding"));
-    // If-None-Match compares weakly: `W/` on either side does not matter.
-    let opaque = etag.trim_start_matches("W/").to_owned();
-    if header_has(header::IF_NONE_MATCH, &|v| v.trim_start_matches("W/") == opaque || v == "*") {
-        return HttpResponse::NotModified()
-            .insert_header((header::ETAG, etag))
+    // The validators and caching rules every answer below carries, 304 included.
+    let with_validators = |mut builder: actix_web::HttpResponseBuilder| {
+        builder
             .insert_header((header::CACHE_CONTROL, "no-cache"))
-            .insert_header((header::VARY, "Accept-Encoding"))
-            .finish();
+            .insert_header((header::ETAG, etag.clone()))
+            .insert_header((header::VARY, "Accept-Encoding"));
+        builder
+    };
+    // If-None-Match compares weakly: `W/` on either side does not matter.
+    let opaque = etag.trim_start_matches("W/");
+    if header_has(header::IF_NONE_MATCH, &|v| v.trim_start_matches("W/") == opaque || v == "*") {
+        return with_validators(HttpResponse::NotModified()).finish();
     }
+    let mut ok = with_validators(HttpResponse::Ok());
     // `gzip` or `gzip;q=…` with a non-zero quality.
     let accepts_gzip = header_has(header::ACCEPT_ENCODING, &|v| {
         let mut parts = v.split(';').map(str::trim);

@@ -138,7 +138,7 @@ fn build_variant(variant: &str) -> anyhow::Result<PathBuf> {
             .arg(&patch),
     )
     .with_context(|| format!("{} does not apply to {}", patch.display(), source.display()))?;
-    let lock = crate::workspace_root().join("Cargo.lock");
+    let lock = root.join("Cargo.lock");
     let saved = std::fs::read(&lock).context("cannot read Cargo.lock")?;
     let patched = format!("patch.crates-io.candle-core.path={:?}", copy.display().to_string());
     let built =
